@@ -1,0 +1,1 @@
+"""Ready plans (YAML) shipped with nextn."""
