@@ -1,0 +1,196 @@
+"""The GLM-4.x (`glm4moe`) model contract: hyperparameters from GGUF metadata and the tensors a
+file must hold, with their shapes. Loading checks a file against this before touching weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType as T
+
+from .errors import ModelFileError
+from .gguf_file import GGUFFile
+
+ARCH = "glm4moe"
+
+# Tensor types accepted anywhere in a model file (issue 2).
+SUPPORTED_TYPES = frozenset({
+    T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL,
+    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS,
+})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_vocab: int
+    hidden: int
+    n_layers: int  # main decoder layers (block_count - nextn_predict_layers)
+    n_nextn: int  # MTP layers present in the file (0 or 1 in practice)
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_dim: int
+    rope_base: float
+    rms_eps: float
+    dense_ffn: int
+    expert_ffn: int
+    n_experts: int
+    n_experts_used: int
+    n_shared: int
+    n_dense: int  # leading dense blocks
+    weights_scale: float
+    weights_norm: bool
+    context_length: int
+    qk_norm: bool
+    attn_bias: bool
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_layers + self.n_nextn
+
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.n_dense
+
+
+def _key(f: GGUFFile, name: str, default=None, required=True):
+    k = f"{ARCH}.{name}"
+    if k in f.metadata:
+        return f.metadata[k]
+    if required and default is None:
+        raise ModelFileError(f"{f.path}: missing metadata key {k}")
+    return default
+
+
+def read_config(f: GGUFFile) -> ModelConfig:
+    arch = f.architecture
+    if arch != ARCH:
+        raise ModelFileError(f"{f.path}: architecture is '{arch}', nextn runs '{ARCH}' (GLM-4.5/4.6/4.7) models")
+    blocks = int(_key(f, "block_count"))
+    n_nextn = int(_key(f, "nextn_predict_layers", 0))
+    hidden = int(_key(f, "embedding_length"))
+    n_heads = int(_key(f, "attention.head_count"))
+    head_dim = int(_key(f, "attention.key_length", hidden // max(n_heads, 1)))
+    gating = int(_key(f, "expert_gating_func", 2))
+    if gating != 2:
+        raise ModelFileError(f"{f.path}: {ARCH}.expert_gating_func is {gating}; GLM-4.x uses 2 (sigmoid)")
+    groups = int(_key(f, "expert_group_count", 1))
+    if groups > 1:
+        raise ModelFileError(f"{f.path}: {ARCH}.expert_group_count {groups} > 1 (grouped routing) is not supported")
+    emb = f.tensors.get("token_embd.weight")
+    if emb is None:
+        raise ModelFileError(f"{f.path}: missing tensor token_embd.weight")
+    n_vocab = emb.shape[0]
+    tokens = f.metadata.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != n_vocab:
+        raise ModelFileError(
+            f"{f.path}: tokenizer has {len(tokens)} tokens but token_embd.weight has {n_vocab} rows")
+    n_layers = blocks - n_nextn
+    if n_layers < 1 or n_nextn < 0:
+        raise ModelFileError(f"{f.path}: block_count {blocks} with nextn_predict_layers {n_nextn} leaves no main layer")
+    cfg = ModelConfig(
+        n_vocab=n_vocab,
+        hidden=hidden,
+        n_layers=n_layers,
+        n_nextn=n_nextn,
+        n_heads=n_heads,
+        n_kv_heads=int(_key(f, "attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        rope_dim=int(_key(f, "rope.dimension_count", head_dim)),
+        rope_base=float(_key(f, "rope.freq_base", 10000.0)),
+        rms_eps=float(_key(f, "attention.layer_norm_rms_epsilon", 1e-5)),
+        dense_ffn=int(_key(f, "feed_forward_length")),
+        expert_ffn=int(_key(f, "expert_feed_forward_length")),
+        n_experts=int(_key(f, "expert_count")),
+        n_experts_used=int(_key(f, "expert_used_count")),
+        n_shared=int(_key(f, "expert_shared_count", 0, required=False) or 0),
+        n_dense=int(_key(f, "leading_dense_block_count", 0, required=False) or 0),
+        weights_scale=float(_key(f, "expert_weights_scale", 1.0)),
+        weights_norm=bool(_key(f, "expert_weights_norm", False, required=False)),
+        context_length=int(_key(f, "context_length", 4096)),
+        qk_norm="blk.0.attn_q_norm.weight" in f.tensors,
+        attn_bias="blk.0.attn_q.bias" in f.tensors,
+    )
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ModelFileError(f"{f.path}: head_count {cfg.n_heads} is not a multiple of head_count_kv {cfg.n_kv_heads}")
+    if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
+        raise ModelFileError(f"{f.path}: rope.dimension_count {cfg.rope_dim} invalid for head dim {cfg.head_dim}")
+    if not 0 < cfg.n_experts_used <= cfg.n_experts:
+        raise ModelFileError(f"{f.path}: expert_used_count {cfg.n_experts_used} not in 1..{cfg.n_experts}")
+    return cfg
+
+
+def block_tensors(cfg: ModelConfig, layer: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Expected tensors of block `layer`: name -> (numpy shape, required)."""
+    H, D = cfg.hidden, cfg.head_dim
+    q, kv = cfg.n_heads * D, cfg.n_kv_heads * D
+    p = f"blk.{layer}."
+    t = {
+        p + "attn_norm.weight": ((H,), True),
+        p + "attn_q.weight": ((q, H), True),
+        p + "attn_k.weight": ((kv, H), True),
+        p + "attn_v.weight": ((kv, H), True),
+        p + "attn_output.weight": ((H, q), True),
+        p + "post_attention_norm.weight": ((H,), True),
+    }
+    if cfg.attn_bias:
+        t.update({p + "attn_q.bias": ((q,), True), p + "attn_k.bias": ((kv,), True), p + "attn_v.bias": ((kv,), True)})
+    if cfg.qk_norm:
+        t.update({p + "attn_q_norm.weight": ((D,), True), p + "attn_k_norm.weight": ((D,), True)})
+    if not cfg.is_moe(layer):
+        F = cfg.dense_ffn
+        t.update({p + "ffn_gate.weight": ((F, H), True), p + "ffn_up.weight": ((F, H), True),
+                  p + "ffn_down.weight": ((H, F), True)})
+        return t
+    E, I = cfg.n_experts, cfg.expert_ffn
+    t.update({
+        p + "ffn_gate_inp.weight": ((E, H), True),
+        p + "exp_probs_b.bias": ((E,), True),
+        p + "ffn_gate_exps.weight": ((E, I, H), True),
+        p + "ffn_up_exps.weight": ((E, I, H), True),
+        p + "ffn_down_exps.weight": ((E, H, I), True),
+    })
+    if cfg.n_shared:
+        S = I * cfg.n_shared
+        t.update({p + "ffn_gate_shexp.weight": ((S, H), True), p + "ffn_up_shexp.weight": ((S, H), True),
+                  p + "ffn_down_shexp.weight": ((H, S), True)})
+    if layer >= cfg.n_layers:  # the nextn (MTP) block
+        t.update({
+            p + "nextn.eh_proj.weight": ((H, 2 * H), True),
+            p + "nextn.enorm.weight": ((H,), True),
+            p + "nextn.hnorm.weight": ((H,), True),
+            p + "nextn.shared_head_norm.weight": ((H,), True),
+            p + "nextn.embed_tokens.weight": ((cfg.n_vocab, H), False),
+            p + "nextn.shared_head_head.weight": ((cfg.n_vocab, H), False),
+        })
+    return t
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    t = {
+        "token_embd.weight": ((cfg.n_vocab, cfg.hidden), True),
+        "output_norm.weight": ((cfg.hidden,), True),
+        "output.weight": ((cfg.n_vocab, cfg.hidden), False),  # absent: tied to token_embd
+    }
+    for layer in range(cfg.n_blocks):
+        t.update(block_tensors(cfg, layer))
+    return t
+
+
+# Tensors that must stay in float (llama.cpp keeps them F32): norms, biases, the router.
+_FLOAT_ONLY = ("norm.weight", ".bias", "ffn_gate_inp.weight")
+
+
+def check_tensors(f: GGUFFile, cfg: ModelConfig) -> None:
+    """Raise a one-line ModelFileError for the first missing, misshapen or unsupported tensor."""
+    for name, (shape, required) in expected_tensors(cfg).items():
+        info = f.tensors.get(name)
+        if info is None:
+            if required:
+                raise ModelFileError(f"{f.path}: missing tensor {name} (expected shape {list(shape)})")
+            continue
+        if info.shape != shape:
+            raise ModelFileError(f"{f.path}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
+        if info.ggml_type not in SUPPORTED_TYPES:
+            raise ModelFileError(f"{f.path}: tensor {name} has unsupported type {info.type_name}")
+        if name.endswith(_FLOAT_ONLY) and info.ggml_type not in (T.F32, T.F16, T.BF16):
+            raise ModelFileError(f"{f.path}: tensor {name} is {info.type_name}; norms, biases and routers must be float")
