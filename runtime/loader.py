@@ -1,0 +1,176 @@
+"""Building a GLM4Model from a GGUF file and a placement: the one place where weights are read.
+
+GPU-side weights are dequantized once, here, to the GPU dtype on the GPU device; CPU-side routed
+experts stay in GGUF form (views of the memory map) behind the C kernels. After this returns no
+weight is read or copied again. `LoadReport` says how many bytes each side actually holds, which
+`placement.estimate_memory` must predict.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import ModelFileError
+from .experts import KernelExperts, TorchExperts
+from .gguf_file import GGUFFile, TensorInfo
+from .model import (Attention, Block, Bus, DenseFFN, Embedding, GLM4Model, Head, MoE, NextnHead, RoPE,
+                    RoutedExperts)
+
+SideOf = Callable[[str], str]
+
+
+def default_side_of(name: str) -> str:
+    """Routed experts (router included) on the CPU side, everything else on the GPU side."""
+    return "cpu" if ("_exps." in name or "ffn_gate_inp" in name or "exp_probs_b" in name) else "gpu"
+
+
+@dataclass
+class LoadReport:
+    bytes_by_side: dict = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
+    kernel_expert_layers: int = 0
+    torch_expert_layers: int = 0
+    mtp_shares_embed: bool = True
+    mtp_shares_head: bool = True
+
+
+def same_tensor(a: TensorInfo, b: TensorInfo) -> bool:
+    return a.ggml_type == b.ggml_type and a.shape == b.shape and np.array_equal(a.raw(), b.raw())
+
+
+class _Builder:
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, side_of: SideOf, gpu_device, gpu_dtype,
+                 use_kernels: bool, threads: int | None, progress: bool):
+        self.f, self.cfg, self.side_of = f, cfg, side_of
+        self.devices = {"gpu": torch.device(gpu_device), "cpu": torch.device("cpu")}
+        self.dtypes = {"gpu": gpu_dtype, "cpu": torch.float32}
+        self.use_kernels, self.threads = use_kernels, threads
+        self.report = LoadReport()
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            total = f.total_bytes()
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr,
+                            disable=not sys.stderr.isatty(), leave=False)
+
+    def _tick(self, info: TensorInfo):
+        if self.bar is not None:
+            self.bar.update(info.nbytes)
+
+    def unit_side(self, names: list[str]) -> str:
+        """All tensors of one op unit must sit on one side (the plan validator enforces it too)."""
+        sides = {self.side_of(n) for n in names if n in self.f.tensors}
+        if len(sides) > 1:
+            raise ModelFileError(f"tensors {names} are split across sides {sorted(sides)}; keep an op unit together")
+        return sides.pop() if sides else "gpu"
+
+    def tensor(self, name: str, side: str, dtype=None) -> torch.Tensor:
+        info = self.f.tensors[name]
+        arr = info.dequantize()
+        t = torch.from_numpy(arr).to(device=self.devices[side], dtype=dtype or self.dtypes[side])
+        self.report.bytes_by_side[side] += t.numel() * t.element_size()
+        self._tick(info)
+        return t
+
+    def opt(self, name: str, side: str, dtype=None):
+        return self.tensor(name, side, dtype) if name in self.f.tensors else None
+
+    def attention(self, p: str) -> Attention:
+        names = [p + s for s in ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                                 "attn_output.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
+                                 "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight")]
+        side = self.unit_side(names)
+        t = [self.opt(n, side) for n in names]
+        return Attention(side, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10])
+
+    def ffn(self, p: str, suffix: str) -> DenseFFN:
+        names = [f"{p}ffn_{w}{suffix}.weight" for w in ("gate", "up", "down")]
+        side = self.unit_side(names)
+        return DenseFFN(side, *(self.tensor(n, side) for n in names))
+
+    def routed(self, p: str) -> RoutedExperts:
+        cfg = self.cfg
+        names = [p + "ffn_gate_inp.weight", p + "exp_probs_b.bias"] + [
+            f"{p}ffn_{w}_exps.weight" for w in ("gate", "up", "down")]
+        side = self.unit_side(names)
+        router = self.tensor(names[0], side, torch.float32)
+        bias = self.tensor(names[1], side, torch.float32)
+        infos = [self.f.tensors[n] for n in names[2:]]
+        if side == "cpu" and self.use_kernels:
+            import cpu_kernels
+
+            ets = [cpu_kernels.ExpertTensor(i.raw(), int(i.ggml_type), i.shape) for i in infos]
+            experts = KernelExperts(*ets, threads=self.threads)
+            for i in infos:
+                self.report.bytes_by_side["cpu"] += i.nbytes
+                self._tick(i)
+            self.report.kernel_expert_layers += 1
+        else:
+            experts = TorchExperts(*(self.tensor(n, side) for n in names[2:]))
+            self.report.torch_expert_layers += 1
+        return RoutedExperts(side, router, bias, experts, cfg.n_experts_used, cfg.weights_norm, cfg.weights_scale)
+
+    def block(self, layer: int) -> Block:
+        p = f"blk.{layer}."
+        attn = self.attention(p)
+        if not self.cfg.is_moe(layer):
+            return Block(attn, self.ffn(p, ""))
+        shared = self.ffn(p, "_shexp") if self.cfg.n_shared else None
+        return Block(attn, MoE(self.routed(p), shared))
+
+
+def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side_of,
+                gpu_device="cpu", gpu_dtype=torch.float32, use_kernels: bool = True,
+                threads: int | None = None, load_mtp: bool = True, max_context: int = 4096,
+                progress: bool = True) -> tuple[GLM4Model, LoadReport]:
+    if use_kernels:
+        try:
+            import cpu_kernels  # noqa: F401
+        except ImportError as e:
+            warnings.warn(f"CPU expert kernels unavailable ({e}); routed experts use the torch path")
+            use_kernels = False
+    b = _Builder(f, cfg, side_of, gpu_device, gpu_dtype, use_kernels, threads, progress)
+    bus = Bus(b.devices["gpu"], gpu_dtype)
+    t = f.tensors
+    embed_side = side_of("token_embd.weight")
+    embed = Embedding(embed_side, b.tensor("token_embd.weight", embed_side))
+    head_name = "output.weight" if "output.weight" in t else "token_embd.weight"  # tied when absent
+    head_side = side_of(head_name)
+    head = embed.table if head_name == "token_embd.weight" and head_side == embed_side else None
+    head = Head(head_side, head if head is not None else b.tensor(head_name, head_side))
+    norm_side = side_of("output_norm.weight")
+    output_norm = b.tensor("output_norm.weight", norm_side)
+    blocks = [b.block(layer) for layer in range(cfg.n_layers)]
+    rope = RoPE(cfg.rope_dim, cfg.rope_base, max_context + 2, b.devices["gpu"])
+
+    nextn = None
+    if load_mtp and cfg.n_nextn > 0:
+        L = cfg.n_layers
+        p = f"blk.{L}.nextn."
+        side = b.unit_side([p + s for s in ("eh_proj.weight", "enorm.weight", "hnorm.weight",
+                                            "shared_head_norm.weight")])
+        own_embed, own_head = t.get(p + "embed_tokens.weight"), t.get(p + "shared_head_head.weight")
+        n_embed = embed
+        if own_embed is not None and not same_tensor(own_embed, t["token_embd.weight"]):
+            b.report.mtp_shares_embed = False
+            s = side_of(own_embed.name)
+            n_embed = Embedding(s, b.tensor(own_embed.name, s))
+        n_head = head
+        if own_head is not None and not same_tensor(own_head, t[head_name]):
+            b.report.mtp_shares_head = False
+            s = side_of(own_head.name)
+            n_head = Head(s, b.tensor(own_head.name, s))
+        nextn = NextnHead(side, b.tensor(p + "eh_proj.weight", side), b.tensor(p + "enorm.weight", side),
+                          b.tensor(p + "hnorm.weight", side), b.tensor(p + "shared_head_norm.weight", side),
+                          n_embed, n_head, b.block(L))
+    if b.bar is not None:
+        b.bar.close()
+    model = GLM4Model(cfg, bus, embed, blocks, output_norm, norm_side, head, rope, nextn)
+    return model, b.report

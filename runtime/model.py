@@ -1,0 +1,306 @@
+"""The GLM-4.x MoE model (`glm4moe`) and its MTP (nextn) layer, in torch.
+
+Everything here is compute on weights that already sit where the placement put them. The model
+is a list of "units" (embedding, attention of layer N, dense FFN, shared expert, routed experts,
+head); each unit lives on one side ("gpu" or "cpu") and runs there. Activations are moved to a
+unit's side before it runs, through `Bus`, which counts every byte that crosses between the sides
+— also on a machine without CUDA, where both sides are the CPU — so "no weight moves after load"
+can be checked anywhere.
+
+Semantics (DESIGN.md §2): x += attn(attn_norm(x)); x += ffn(post_attention_norm(x)); final
+output_norm and output. Attention has q/k/v bias, optional per-head RMSNorm of q and k before RoPE,
+partial NEOX RoPE on the first rope_dim dims of each head, GQA, scale head_dim^-0.5. The router is
+fp32 sigmoid; the selection bias only selects; weights are the unbiased scores, normalised and
+scaled. MTP: eh_proj(concat[enorm(embed(x_{p+1})), hnorm(h_p)]) -> a full MoE block ->
+shared_head_norm -> head; the row sits at position p+1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class Bus:
+    """Moves activations between the two sides and counts the bytes that cross."""
+
+    def __init__(self, gpu_device: torch.device, gpu_dtype: torch.dtype):
+        self.devices = {"gpu": torch.device(gpu_device), "cpu": torch.device("cpu")}
+        self.dtypes = {"gpu": gpu_dtype, "cpu": torch.float32}
+        self.activation_bytes = 0
+        self.weight_bytes = 0  # stays 0: no code path copies a weight after load
+
+    def to(self, x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+        if src == dst:
+            return x
+        self.activation_bytes += x.numel() * x.element_size()
+        # Move in the source dtype, convert on arrival: what crosses is what we count.
+        non_blocking = self.devices[dst].type == "cuda" or self.devices[src].type == "cuda"
+        return x.to(self.devices[dst], non_blocking=non_blocking).to(self.dtypes[dst])
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * w.float()).to(x.dtype)
+
+
+class RoPE:
+    """Partial NEOX rotary embedding: rotate the first `dim` dims of each head, half-split order."""
+
+    def __init__(self, dim: int, base: float, max_pos: int, device):
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        t = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+        self.cos = t.cos().float().to(device)  # [max_pos, dim/2]
+        self.sin = t.sin().float().to(device)
+        self.dim = dim
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # x [T, heads, D]; pos [T]
+        half = self.dim // 2
+        c = self.cos[pos][:, None, :]
+        s = self.sin[pos][:, None, :]
+        x1 = x[..., :half].float()
+        x2 = x[..., half:self.dim].float()
+        rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+        return torch.cat([rot, x[..., self.dim:]], dim=-1)
+
+
+class KVCache:
+    """Preallocated K/V for `n_layers` layers, indexed by slot; `length` slots are valid.
+
+    Truncation is just lowering `length` (speculative rollback); rows past it are overwritten
+    by the next forward.
+    """
+
+    def __init__(self, n_layers: int, max_len: int, n_kv: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(n_layers, max_len, n_kv, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.max_len = max_len
+        self.length = 0
+
+    def truncate(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        self.length = n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class Attention:
+    side: str
+    norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_norm: torch.Tensor | None = None  # post_attention_norm: prepares the FFN input on this side
+
+
+@dataclass
+class DenseFFN:
+    side: str
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.silu(x @ self.gate.T) * (x @ self.up.T)) @ self.down.T
+
+
+@dataclass
+class RoutedExperts:
+    side: str
+    router: torch.Tensor  # [E, H] fp32
+    bias: torch.Tensor  # exp_probs_b [E] fp32: selection only
+    experts: object  # TorchExperts | KernelExperts
+    top_k: int
+    norm: bool
+    scale: float
+    last_ids: torch.Tensor | None = None  # for statistics (distinct experts per step)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(x.float() @ self.router.float().T)
+        ids = torch.topk(scores + self.bias.float(), self.top_k, dim=-1).indices
+        w = scores.gather(-1, ids)
+        if self.norm:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return ids, w * self.scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ids, w = self.route(x)
+        self.last_ids = ids
+        return self.experts(x, ids, w)
+
+
+@dataclass
+class MoE:
+    routed: RoutedExperts
+    shared: DenseFFN | None
+
+
+@dataclass
+class Block:
+    attn: Attention
+    ffn: DenseFFN | MoE
+
+
+@dataclass
+class NextnHead:
+    """The MTP layer's own parts (its decoder block is a regular Block)."""
+
+    side: str
+    eh_proj: torch.Tensor  # [H, 2H]
+    enorm: torch.Tensor
+    hnorm: torch.Tensor
+    shared_head_norm: torch.Tensor
+    embed: "Embedding"
+    head: "Head"
+    block: Block
+
+
+@dataclass
+class Embedding:
+    side: str
+    table: torch.Tensor  # [V, H]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids.to(self.table.device)]
+
+
+@dataclass
+class Head:
+    side: str
+    weight: torch.Tensor  # [V, H]
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return (h @ self.weight.T).float()
+
+
+@dataclass
+class GLM4Model:
+    cfg: ModelConfig
+    bus: Bus
+    embed: Embedding
+    blocks: list[Block]
+    output_norm: torch.Tensor
+    output_norm_side: str
+    head: Head
+    rope: RoPE
+    nextn: NextnHead | None = None
+    hooks: dict = field(default_factory=dict)  # optional callbacks for the scheduler/tracer
+
+    # ---- building blocks -------------------------------------------------------------------
+
+    def _attention(self, a: Attention, x: torch.Tensor, layer: int, cache: KVCache, start: int,
+                   pos: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        T = x.shape[0]
+        h = rms_norm(x, a.norm, cfg.rms_eps)
+        q = h @ a.wq.T
+        k = h @ a.wk.T
+        v = h @ a.wv.T
+        if a.bq is not None:
+            q, k, v = q + a.bq, k + a.bk, v + a.bv
+        q = q.view(T, cfg.n_heads, cfg.head_dim)
+        k = k.view(T, cfg.n_kv_heads, cfg.head_dim)
+        v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
+        if a.q_norm is not None:
+            q = rms_norm(q, a.q_norm, cfg.rms_eps)
+            k = rms_norm(k, a.k_norm, cfg.rms_eps)
+        q = self.rope(q, pos)
+        k = self.rope(k, pos)
+        end = start + T
+        cache.k[layer, start:end] = k.to(cache.k.dtype)
+        cache.v[layer, start:end] = v.to(cache.v.dtype)
+        K = cache.k[layer, :end].transpose(0, 1)  # [kv, S, D]
+        V = cache.v[layer, :end].transpose(0, 1)
+        Q = q.transpose(0, 1)  # [heads, T, D]
+        # Query t (slot start+t) sees slots 0..start+t.
+        mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        o = F.scaled_dot_product_attention(Q[None].to(K.dtype), K[None], V[None], attn_mask=mask,
+                                           scale=cfg.head_dim ** -0.5, enable_gqa=True)[0]
+        o = o.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim).to(x.dtype)
+        return o @ a.wo.T
+
+    def _block(self, b: Block, x: torch.Tensor, x_side: str, layer: int, cache: KVCache, start: int,
+               pos: torch.Tensor) -> tuple[torch.Tensor, str]:
+        bus = self.bus
+        a = b.attn
+        x = bus.to(x, x_side, a.side)
+        x = x + self._attention(a, x, layer, cache, start, pos.to(x.device))
+        h = rms_norm(x, a.post_norm, self.cfg.rms_eps)
+        if isinstance(b.ffn, DenseFFN):
+            y = bus.to(b.ffn(bus.to(h, a.side, b.ffn.side)), b.ffn.side, a.side)
+            return x + y, a.side
+        moe = b.ffn
+        r = moe.routed
+        hook = self.hooks.get("routed")
+        if hook is not None:  # the scheduler may run the CPU experts concurrently with the shared expert
+            y = hook(self, moe, h, a.side)
+        else:
+            y = bus.to(r(bus.to(h, a.side, r.side)), r.side, a.side)
+            if moe.shared is not None:
+                y = y + bus.to(moe.shared(bus.to(h, a.side, moe.shared.side)), moe.shared.side, a.side)
+        return x + y, a.side
+
+    # ---- the main model ----------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Run tokens [T] at slots/positions start..start+T-1; returns h after output_norm [T, H]
+        on the head's side. The cache's valid length becomes start+T."""
+        T = tokens.shape[0]
+        if start + T > cache.max_len:
+            raise ValueError(f"positions {start}..{start + T - 1} exceed the context of {cache.max_len}")
+        pos = torch.arange(start, start + T)
+        x, side = self.embed(tokens), self.embed.side
+        for layer, b in enumerate(self.blocks):
+            x, side = self._block(b, x, side, layer, cache, start, pos)
+        cache.length = start + T
+        x = self.bus.to(x, side, self.output_norm_side)
+        return rms_norm(x, self.output_norm, self.cfg.rms_eps)
+
+    def logits(self, h: torch.Tensor, side: str | None = None) -> torch.Tensor:
+        h = self.bus.to(h, side or self.output_norm_side, self.head.side)
+        return self.head(h)
+
+    # ---- the MTP layer -------------------------------------------------------------------------
+
+    def mtp_forward(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, cache: KVCache,
+                    start: int, h_side: str | None = None) -> torch.Tensor:
+        """MTP rows: (h_p after output_norm, x_{p+1}) for p = start..start+T-1, at positions p+1,
+        cache slots p. `h_prev` lies on `h_side` (default: where output_norm runs). Returns the output
+        AFTER shared_head_norm [T, H] on the MTP side (fed back as h_prev to draft more)."""
+        n = self.nextn
+        T = next_tokens.shape[0]
+        if start + T > cache.max_len:
+            raise ValueError(f"MTP slots {start}..{start + T - 1} exceed the context of {cache.max_len}")
+        bus = self.bus
+        e = bus.to(n.embed(next_tokens), n.embed.side, n.side)
+        h = bus.to(h_prev, h_side or self.output_norm_side, n.side)
+        eps = self.cfg.rms_eps
+        z = torch.cat([rms_norm(e, n.enorm, eps), rms_norm(h, n.hnorm, eps)], dim=-1) @ n.eh_proj.T
+        pos = torch.arange(start + 1, start + T + 1)
+        z, side = self._block(n.block, z, n.side, 0, cache, start, pos)
+        cache.length = start + T
+        z = bus.to(z, side, n.side)
+        return rms_norm(z, n.shared_head_norm, eps)
+
+    def mtp_logits(self, z: torch.Tensor) -> torch.Tensor:
+        n = self.nextn
+        return n.head(self.bus.to(z, n.side, n.head.side))
