@@ -1,0 +1,73 @@
+"""`runtime.load()`: plan (or bare GGUF) + overrides -> a ready Engine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .engine import Defaults, Engine
+from .errors import NextnError
+
+_PKG = Path(__file__).resolve().parent
+DEMO_MODEL = _PKG / "demo" / "demo.gguf"
+DEMO_PLAN = _PKG.parent / "configs" / "demo.yaml"
+
+
+def load(plan_or_gguf_path: str | os.PathLike | None = None, **overrides) -> Engine:
+    """Load a model per a YAML plan, or a GGUF file with the default placement (routed experts on
+    the CPU side, everything else on the GPU side). No path: the bundled demo model and plan.
+    Overrides are plan keys (gpu, threads, gpu_dtype, context, cpu_moe, n_cpu_moe, override_tensor,
+    mtp, draft_max, p_min, adaptive, temperature, top_k, top_p, min_p, seed, max_tokens) plus
+    `progress` (bool) and `use_kernels` (bool, False forces the torch expert path)."""
+    progress = overrides.pop("progress", True)
+    use_kernels = overrides.pop("use_kernels", True)
+    path = Path(plan_or_gguf_path) if plan_or_gguf_path is not None else None
+    if path is None:
+        path = DEMO_PLAN if DEMO_PLAN.exists() else DEMO_MODEL
+    try:
+        import placement
+        placement.load_plan  # noqa: B018
+    except (ImportError, AttributeError):  # no placement package: a bare GGUF, default placement
+        placement = None
+    if placement is None:
+        if path.suffix == ".yaml":
+            raise NextnError(f"{path}: plans need the placement package")
+        return Engine(path, progress=progress, use_kernels=use_kernels, **_engine_kwargs(overrides))
+    if path.suffix in (".yaml", ".yml"):
+        plan = placement.load_plan(path, overrides)
+    else:
+        plan = placement.load_plan(None, {**overrides, "model": str(path)})
+    return engine_from_plan(plan, progress=progress, use_kernels=use_kernels)
+
+
+def _engine_kwargs(o: dict) -> dict:
+    known = {"gpu", "gpu_dtype", "threads", "context"}
+    d = Defaults()
+    for k in list(o):
+        if hasattr(d, k):
+            setattr(d, k, o.pop(k))
+    bad = set(o) - known
+    if bad:
+        raise NextnError(f"unknown override {sorted(bad)[0]!r}")
+    return {**o, "defaults": d}
+
+
+def engine_from_plan(plan, *, progress=True, use_kernels=True) -> Engine:
+    import placement as pl
+
+    from .config import read_config
+    from .gguf_file import GGUFFile
+
+    if plan.model_path is None:
+        raise NextnError(f"{plan.source}: no model given (set `model:` in the plan or pass a .gguf path)")
+    f = GGUFFile(plan.model_path)
+    cfg = read_config(f)
+    resolved = pl.resolve(plan, f, cfg)
+    sp, sa = plan.speculative, plan.sampling
+    defaults = Defaults(max_tokens=sa.max_tokens, temperature=sa.temperature, top_k=sa.top_k, top_p=sa.top_p,
+                        min_p=sa.min_p, seed=sa.seed, mtp=sp.mtp, draft_max=sp.draft_max, p_min=sp.p_min,
+                        adaptive=sp.adaptive)
+    threads = None if plan.threads in (None, "auto") else int(plan.threads)
+    return Engine(plan.model_path, side_of=resolved.side_of, gpu=plan.gpu, gpu_dtype=plan.gpu_dtype,
+                  threads=threads, context=plan.context, use_kernels=use_kernels, defaults=defaults,
+                  progress=progress, plan=plan, placement=resolved)

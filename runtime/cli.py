@@ -1,0 +1,175 @@
+"""The `nextn` command line: run, plan, bench.
+
+Every user error is a NextnError (or a tokenizer/plan error derived from it) and is printed as one
+line, `error: ...`, with exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import NextnError
+from .tokenizer import TokenizerError
+
+DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("placement (override the plan)")
+    g.add_argument("--gpu", help="auto | cpu | cuda:N (auto falls back to the CPU without CUDA)")
+    g.add_argument("--gpu-dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of weights and KV cache on the GPU side")
+    g.add_argument("--threads", help="CPU expert threads (N or auto)")
+    g.add_argument("--ctx", "--context", dest="context", type=int, help="context length (KV cache size)")
+    g.add_argument("--cpu-moe", action="store_true", default=None, help="all routed experts on the CPU side")
+    g.add_argument("--n-cpu-moe", type=int, help="routed experts of the first N MoE layers on the CPU, the rest on the GPU")
+    g.add_argument("-ot", "--override-tensor", action="append", metavar="REGEX=DEVICE",
+                   help="place tensors whose name matches REGEX on gpu or cpu (first match wins; repeatable)")
+
+
+def _overrides(a: argparse.Namespace, keys) -> dict:
+    return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
+
+
+PLACEMENT_KEYS = ("gpu", "gpu_dtype", "threads", "context", "cpu_moe", "n_cpu_moe", "override_tensor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nextn",
+        description="Run GLM-4.x MoE GGUF models on one GPU plus the CPU, with MTP (nextn) speculative decoding. "
+                    "Wherever a model or plan is left out, the bundled demo model and its plan are used.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="generate text from a plan or a GGUF model",
+                       description="Generate text. PLAN.yaml or MODEL.gguf (default: the bundled demo).")
+    r.add_argument("target", nargs="?", metavar="PLAN.yaml|MODEL.gguf")
+    r.add_argument("-p", "--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    r.add_argument("-n", "--max-tokens", type=int, dest="max_tokens", help="tokens to generate")
+    r.add_argument("--temp", "--temperature", type=float, dest="temperature", help="0 = greedy")
+    r.add_argument("--top-k", type=int, dest="top_k")
+    r.add_argument("--top-p", type=float, dest="top_p")
+    r.add_argument("--min-p", type=float, dest="min_p")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
+                   help="MTP speculative decoding with the model's nextn layer (default: on when present)")
+    r.add_argument("--draft-max", type=int, dest="draft_max", help="most drafted tokens per step")
+    r.add_argument("--draft-p-min", type=float, dest="p_min", help="stop drafting below this draft probability")
+    r.add_argument("--quiet", action="store_true", help="print only the generated text")
+    _placement_args(r)
+
+    pl = sub.add_parser("plan", help="validate a plan and print the resolved placement and memory",
+                        description="Validate PLAN.yaml (default: the demo plan) and print where every tensor "
+                                    "group lives, bytes per device, KV cache bytes, and whether it fits the GPU.")
+    pl.add_argument("target", nargs="?", metavar="PLAN.yaml|MODEL.gguf")
+    pl.add_argument("--model", help="model file to resolve the plan against (overrides the plan's model)")
+    _placement_args(pl)
+
+    b = sub.add_parser("bench", help="benchmarks (kernels: the CPU expert kernels; model: decode with/without MTP)",
+                       description="Benchmarks. `nextn bench kernels [...]` runs the CPU expert kernel benchmark; "
+                                   "`nextn bench model [PLAN|MODEL]` compares decoding with and without MTP.")
+    b.add_argument("what", choices=["kernels", "model"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for that benchmark")
+    return p
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .api import load
+
+    overrides = _overrides(a, PLACEMENT_KEYS)
+    eng = load(a.target, **overrides)
+    gen = _overrides(a, ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "mtp", "draft_max",
+                         "p_min", "stop"))
+    prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
+    run_stream = eng.stream(prompt, chat=a.chat, **gen)
+    out = sys.stdout
+    if not a.quiet:
+        out.write(prompt if not a.chat else "")
+    for piece in run_stream:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    if not a.quiet:
+        res = eng.last_result
+        s = res.stats
+        lines = [f"-- {s['generated_tokens']} tokens ({s['finish_reason']}), prompt {s['prompt_tokens']} tokens at "
+                 f"{s['prompt_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s"]
+        if s["mtp"]:
+            pos = ", ".join(f"{r:.0%}" for r in s["acceptance_by_position"])
+            lines.append(f"-- MTP draft_max {s['draft_max']}: drafted {s['drafted']}, accepted {s['accepted']} "
+                         f"({s['acceptance_rate']:.1%}; by position {pos}), {s['mean_tokens_per_step']:.2f} tokens/step, "
+                         f"draft {s['draft_s']:.2f}s verify {s['verify_s']:.2f}s")
+        else:
+            lines.append("-- MTP off")
+        lines.append(f"-- bytes moved between sides: weights {s['weight_bytes_moved']}, "
+                     f"activations {s['activation_bytes_moved']}")
+        print("\n".join(lines), file=sys.stderr)
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import placement
+
+    from .api import DEMO_PLAN
+    from .config import read_config
+    from .engine import resolve_device
+    from .gguf_file import GGUFFile
+
+    overrides = _overrides(a, PLACEMENT_KEYS + ("model",))
+    target = Path(a.target) if a.target else DEMO_PLAN
+    if target.suffix == ".gguf":
+        plan = placement.load_plan(None, {**overrides, "model": str(target)})
+    else:
+        plan = placement.load_plan(target, overrides)
+    if plan.model_path is None:
+        raise NextnError(f"{plan.source}: no model given (set `model:` in the plan or pass --model)")
+    f = GGUFFile(plan.model_path)
+    cfg = read_config(f)
+    res = placement.resolve(plan, f, cfg)
+    est = placement.estimate_memory(res, f, cfg, plan)
+    free = None
+    dev = resolve_device(plan.gpu)
+    if dev.type == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info(dev)[0]
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(placement.format_report(plan, res, est, gpu_free_bytes=free))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(a.what, a.rest)
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.command is None:
+        p.print_help()
+        return 0
+    try:
+        return {"run": cmd_run, "plan": cmd_plan, "bench": cmd_bench}[a.command](a)
+    except NextnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

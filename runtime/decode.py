@@ -1,0 +1,196 @@
+"""Decoding one sequence: prefill, then plain steps or MTP speculative steps.
+
+`Sequence` owns the two KV caches (main model, MTP layer) and the state between steps. Each
+`step()` returns the tokens it emits (one for a plain step; the accepted drafts plus the main
+model's own next token for an MTP step). Stop conditions live in the engine; this file is the
+speculative algorithm of DESIGN.md §2:
+
+- WARMUP: after each prompt chunk, the MTP layer runs the same chunk with rows (h_p, x_{p+1}) at
+  position p+1 (MTP cache slot p), so its cache covers the prompt.
+- DRAFT: the MTP rows still owed (hidden states of tokens the main model has verified but the MTP
+  cache does not hold yet) run as one batch; its last row is the first draft. Further drafts chain
+  through the output after shared_head_norm, greedy, stopping when the draft's probability is
+  below p_min (the first draft is always kept).
+- VERIFY: [pending token, d1..dk] through the main model in one batch.
+- ACCEPT: greedy: drafts equal to the target argmax; sampling: accept d with probability p(d),
+  else sample the replacement from p with d removed and renormalised.
+- UPDATE / ROLLBACK: the main cache keeps the accepted rows; the MTP cache drops every speculative
+  row; the accepted rows' true hidden states become the MTP rows owed for the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import GLM4Model, KVCache
+from .sampling import SamplingParams
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_at: list = field(default_factory=list)  # per draft position
+    accepted_at: list = field(default_factory=list)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    distinct_experts: int = 0  # summed over verify steps (routed layers of the main model)
+
+    def add_position(self, i: int, accepted: bool):
+        while len(self.drafted_at) <= i:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        self.drafted_at[i] += 1
+        self.accepted_at[i] += int(accepted)
+
+
+class Sequence:
+    def __init__(self, model: GLM4Model, context: int, kv_dtype: torch.dtype, use_mtp: bool,
+                 params: SamplingParams, prefill_chunk: int = 512):
+        cfg = model.cfg
+        self.model, self.params, self.chunk = model, params, prefill_chunk
+        dev = model.bus.devices[model.blocks[0].attn.side]
+        self.cache = KVCache(cfg.n_layers, context, cfg.n_kv_heads, cfg.head_dim, kv_dtype, dev)
+        self.use_mtp = use_mtp and model.nextn is not None
+        self.mtp_cache = None
+        if self.use_mtp:
+            mdev = model.bus.devices[model.nextn.block.attn.side]
+            self.mtp_cache = KVCache(1, context, cfg.n_kv_heads, cfg.head_dim, kv_dtype, mdev)
+        self.gen = params.generator()
+        self.tokens: list[int] = []  # every token of the sequence (prompt + emitted)
+        self.owed_h: torch.Tensor | None = None  # hidden states of MTP rows not yet in the MTP cache
+        self.last_logits: torch.Tensor | None = None
+        self.stats = SpecStats()
+
+    @property
+    def context(self) -> int:
+        return self.cache.max_len
+
+    # ---- prefill -----------------------------------------------------------------------------
+
+    def prefill(self, ids: list[int]) -> int:
+        """Run the prompt in chunks (with MTP WARMUP per chunk); returns the first new token."""
+        m = self.model
+        self.tokens = list(ids)
+        n = len(ids)
+        t = torch.tensor(ids, dtype=torch.long)
+        h = None
+        for s in range(0, n, self.chunk):
+            h = m.forward(t[s:s + self.chunk], self.cache, s)
+            if self.use_mtp:
+                # rows p = s .. s+len-1 pair h_p with x_{p+1}; the chunk's last row needs the next
+                # chunk's first token (or, at the end, the first generated token): owe it.
+                rows = h if self.owed_h is None else torch.cat([self.owed_h, h])
+                first = s - (0 if self.owed_h is None else self.owed_h.shape[0])
+                k = rows.shape[0] - 1
+                if k > 0:
+                    m.mtp_forward(rows[:k], t[first + 1:first + 1 + k], self.mtp_cache, first)
+                self.owed_h = rows[k:]
+        self.last_logits = m.logits(h[-1:])[0]
+        return self._sample(self.last_logits)
+
+    def _sample(self, logits: torch.Tensor) -> int:
+        return self.params.sample(logits, self.gen)
+
+    # ---- decode steps -------------------------------------------------------------------------
+
+    def plain_step(self, token: int) -> int:
+        """Feed the pending token; return the next one."""
+        m = self.model
+        start = self.cache.length
+        h = m.forward(torch.tensor([token], dtype=torch.long), self.cache, start)
+        self.tokens.append(token)
+        self.last_logits = m.logits(h)[0]
+        if self.use_mtp:  # owe the MTP row, so drafting can resume at any step
+            self.owed_h = h if self.owed_h is None else torch.cat([self.owed_h, h])
+        return self._sample(self.last_logits)
+
+    def draft(self, token: int, k: int, p_min: float) -> list[tuple[int, float]]:
+        """DRAFT: pay the owed MTP rows (the last one pairs with the pending token) and chain up
+        to k greedy drafts. Returns [(token, prob)]; the MTP cache ends past the drafted rows."""
+        m = self.model
+        mc = self.mtp_cache
+        n_owed = self.owed_h.shape[0]
+        first = len(self.tokens) - n_owed  # slot of the first owed row
+        nxt = torch.tensor(self.tokens[first + 1:] + [token], dtype=torch.long)
+        z = m.mtp_forward(self.owed_h, nxt, mc, first)[-1:]
+        self.owed_h = None
+        drafts = []
+        while True:
+            p = torch.softmax(m.mtp_logits(z)[0], -1)
+            d = int(p.argmax())
+            prob = float(p[d])
+            if drafts and prob < p_min:
+                break
+            drafts.append((d, prob))
+            if len(drafts) >= k:
+                break
+            z = m.mtp_forward(z, torch.tensor([d]), mc, mc.length, h_side=m.nextn.side)
+        return drafts
+
+    def spec_step(self, token: int, k: int, p_min: float) -> list[int]:
+        """One speculative step from pending `token`: returns the emitted tokens (accepted drafts
+        and the main model's own next token); the last one is the new pending token."""
+        m, st = self.model, self.stats
+        start = self.cache.length
+        mtp_start = start  # MTP slots >= this are speculative after drafting
+        t0 = time.perf_counter()
+        drafts = self.draft(token, k, p_min)
+        t1 = time.perf_counter()
+        batch = torch.tensor([token] + [d for d, _ in drafts], dtype=torch.long)
+        h = m.forward(batch, self.cache, start)
+        logits = m.logits(h)
+        st.distinct_experts += self._distinct_experts()
+        t2 = time.perf_counter()
+        st.draft_s += t1 - t0
+        st.verify_s += t2 - t1
+        st.steps += 1
+        out = self._accept(drafts, logits)
+        a = len(out) - 1  # accepted drafts
+        st.drafted += len(drafts)
+        st.accepted += a
+        for i in range(len(drafts)):  # share of drafts at position i that were accepted
+            st.add_position(i, i < a)
+        # ROLLBACK: main keeps [token, d1..da]; MTP drops every speculative row.
+        self.cache.truncate(start + a + 1)
+        self.mtp_cache.truncate(mtp_start)
+        self.tokens.append(token)
+        self.tokens.extend(out[:-1])
+        # UPDATE is owed: rows (h_p, x_{p+1}) for the accepted positions, paid by the next draft.
+        self.owed_h = h[:a + 1]
+        self.last_logits = logits[a]
+        return out
+
+    def _accept(self, drafts: list[tuple[int, float]], logits: torch.Tensor) -> list[int]:
+        params = self.params
+        out = []
+        for i, (d, _) in enumerate(drafts):
+            if params.greedy:
+                t = int(logits[i].argmax())
+                if t != d:
+                    out.append(t)
+                    return out
+                out.append(d)
+                continue
+            p = params.probs(logits[i])
+            if float(torch.rand((), generator=self.gen)) < float(p[d]):
+                out.append(d)
+                continue
+            q = p.clone()
+            q[d] = 0
+            out.append(int(torch.multinomial(q / q.sum(), 1, generator=self.gen)))
+            return out
+        out.append(self._sample(logits[len(drafts)]))
+        return out
+
+    def _distinct_experts(self) -> int:
+        total = 0
+        for b in self.model.blocks:
+            r = getattr(b.ffn, "routed", None)
+            if r is not None and r.last_ids is not None:
+                total += int(torch.unique(r.last_ids).numel())
+        return total

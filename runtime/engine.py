@@ -1,0 +1,327 @@
+"""The Engine: the public Python API over one loaded model (DESIGN.md §6).
+
+    engine = runtime.load("plan.yaml" or "model.gguf", **overrides)
+    engine.generate("def fib(n):", max_tokens=64).text
+
+The engine owns the tokenizer, the model (built by `loader.build_model` per the placement) and
+the generation loop with its stop conditions and statistics; the decoding algorithm itself
+(plain and MTP speculative steps) is in `decode.py`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, check_tensors, read_config
+from .decode import Sequence
+from .errors import NextnError, UnsupportedError
+from .gguf_file import GGUFFile
+from .loader import LoadReport, build_model, default_side_of
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer, TokenizerError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(gpu: str) -> torch.device:
+    if gpu == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if gpu == "cpu":
+        return torch.device("cpu")
+    if gpu.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise NextnError(f"gpu: {gpu} requested but CUDA is not available (use gpu: auto or cpu)")
+        dev = torch.device(gpu)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise NextnError(f"gpu: {gpu} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return dev
+    raise NextnError(f"unknown gpu device {gpu!r}: expected auto, cpu or cuda:N")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise NextnError(f"unknown gpu_dtype {name!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class Defaults:
+    """Generation defaults (from the plan); every generate() argument left as None takes these."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    mtp: bool | None = None  # None: on when the model has a nextn layer
+    draft_max: int = 1
+    p_min: float = 0.0
+    adaptive: bool = True
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    stats: dict = field(default_factory=dict)
+    finish_reason: str = "length"
+
+
+class Engine:
+    def __init__(self, model_path, *, side_of: Callable[[str], str] = default_side_of, gpu: str = "auto",
+                 gpu_dtype: str | None = "auto", threads: int | None = None, context: int | None = None,
+                 use_kernels: bool = True, defaults: Defaults | None = None, progress: bool = True,
+                 prefill_chunk: int = 512, plan=None, placement=None):
+        self.file = GGUFFile(model_path)
+        self.cfg: ModelConfig = read_config(self.file)
+        check_tensors(self.file, self.cfg)
+        try:
+            self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
+        except TokenizerError as e:
+            raise NextnError(f"{self.file.path}: {e}") from None
+        self.device = resolve_device(gpu)
+        self.dtype = resolve_dtype(gpu_dtype, self.device)
+        self.context = min(context or min(self.cfg.context_length, 4096), self.cfg.context_length)
+        if self.context < 2:
+            raise NextnError(f"context {self.context} is too small")
+        self.plan, self.placement = plan, placement
+        self.defaults = defaults or Defaults()
+        self.prefill_chunk = prefill_chunk
+        if threads:
+            try:
+                import cpu_kernels
+
+                cpu_kernels.set_threads(int(threads))
+            except ImportError:
+                pass
+        self.model, self.load_report = build_model(
+            self.file, self.cfg, side_of=side_of, gpu_device=self.device, gpu_dtype=self.dtype,
+            use_kernels=use_kernels, threads=None, max_context=self.context, progress=progress)
+        self._mtp_notice_given = False
+        self.last_result: GenerationResult | None = None
+
+    # ---- basic surface ---------------------------------------------------------------------------
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.model.nextn is not None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def _check_ids(self, ids) -> torch.Tensor:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.cfg.n_vocab]
+        if bad:
+            raise NextnError(f"token id {bad[0]} out of range 0..{self.cfg.n_vocab - 1}")
+        if len(ids) > self.context:
+            raise NextnError(f"prompt of {len(ids)} tokens is longer than the context ({self.context})")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def new_sequence(self, params: SamplingParams, use_mtp: bool) -> Sequence:
+        return Sequence(self.model, self.context, self.dtype, use_mtp, params, self.prefill_chunk)
+
+    @torch.inference_mode()
+    def logits(self, ids) -> np.ndarray:
+        """Main-model logits float32 [len(ids), n_vocab], fresh context, chunked prefill."""
+        t = self._check_ids(ids)
+        if len(t) == 0:
+            raise NextnError("logits() needs at least one token")
+        seq = self.new_sequence(SamplingParams(), use_mtp=False)
+        out = []
+        for s in range(0, len(t), self.prefill_chunk):
+            h = self.model.forward(t[s:s + self.prefill_chunk], seq.cache, s)
+            out.append(self.model.logits(h).cpu())
+        return torch.cat(out).numpy()
+
+    @torch.inference_mode()
+    def mtp_logits(self, ids) -> np.ndarray:
+        """MTP logits float32 [len(ids)-1, n_vocab]: row p from (h_p, ids[p+1]) at position p+1."""
+        if not self.has_mtp:
+            raise UnsupportedError(f"{self.file.path}: the model has no nextn (MTP) layer")
+        t = self._check_ids(ids)
+        if len(t) < 2:
+            raise NextnError("mtp_logits() needs at least two tokens")
+        seq = self.new_sequence(SamplingParams(), use_mtp=True)
+        hs = []
+        for s in range(0, len(t), self.prefill_chunk):
+            hs.append(self.model.forward(t[s:s + self.prefill_chunk], seq.cache, s))
+        h = torch.cat(hs)
+        out = []
+        for s in range(0, len(t) - 1, self.prefill_chunk):
+            e = min(s + self.prefill_chunk, len(t) - 1)
+            z = self.model.mtp_forward(h[s:e], t[s + 1:e + 1], seq.mtp_cache, s)
+            out.append(self.model.mtp_logits(z).cpu())
+        return torch.cat(out).numpy()
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    def _resolve_mtp(self, mtp: bool | None) -> bool:
+        if mtp is True and not self.has_mtp:
+            why = ("nextn_predict_layers is 0" if self.cfg.n_nextn == 0 else "its nextn layer was not loaded")
+            raise UnsupportedError(f"{self.file.path}: MTP requested but the model has no nextn layer ({why})")
+        want = self.defaults.mtp if mtp is None else mtp
+        if want is None:
+            want = True
+        if want and not self.has_mtp:
+            if not self._mtp_notice_given:
+                print(f"note: {self.file.path.name} has no nextn (MTP) layer; decoding without MTP",
+                      file=sys.stderr)
+                self._mtp_notice_given = True
+            return False
+        return bool(want)
+
+    def stream(self, prompt, **kw) -> Iterator[str]:
+        """Yield text pieces as they are produced (never a broken UTF-8 character)."""
+        run = _Run(self, prompt, **kw)
+        yield from run
+        self.last_result = run.result
+
+    def generate(self, prompt, **kw) -> GenerationResult:
+        run = _Run(self, prompt, **kw)
+        for _ in run:
+            pass
+        self.last_result = run.result
+        return run.result
+
+
+class _Run:
+    """One generation: iterate for text pieces; `.result` holds text, tokens and stats after."""
+
+    def __init__(self, engine: Engine, prompt, *, max_tokens=None, temperature=None, top_k=None,
+                 top_p=None, min_p=None, seed=None, mtp=None, draft_max=None, p_min=None,
+                 stop=None, chat: bool = False):
+        d = engine.defaults
+        pick = lambda v, dv: dv if v is None else v  # noqa: E731
+        self.engine = engine
+        self.params = SamplingParams(float(pick(temperature, d.temperature)), pick(top_k, d.top_k),
+                                     pick(top_p, d.top_p), pick(min_p, d.min_p), pick(seed, d.seed))
+        self.max_tokens = pick(max_tokens, d.max_tokens)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise NextnError(f"invalid max_tokens={self.max_tokens!r}: expected an integer >= 0")
+        self.draft_max = pick(draft_max, d.draft_max)
+        if not isinstance(self.draft_max, int) or not 0 <= self.draft_max <= 16:
+            raise NextnError(f"invalid draft_max={self.draft_max!r}: expected an integer in 0..16")
+        self.p_min = float(pick(p_min, d.p_min))
+        if not 0 <= self.p_min <= 1:
+            raise NextnError(f"invalid p_min={self.p_min!r}: expected a number in [0, 1]")
+        self.use_mtp = engine._resolve_mtp(mtp) and self.draft_max > 0
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise NextnError(f"invalid stop={stop!r}: expected non-empty strings")
+        self.stop = stop
+        if isinstance(prompt, str):
+            text = prompt
+            if chat:
+                text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = engine.tokenizer.encode(text)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise NextnError("empty prompt")
+        engine._check_ids(ids)
+        if len(ids) >= engine.context and self.max_tokens > 0:
+            raise NextnError(f"prompt of {len(ids)} tokens leaves no room in the context ({engine.context})")
+        self.prompt_ids = ids
+        self.result = GenerationResult("", [], {})
+
+    def __iter__(self) -> Iterator[str]:
+        e = self.engine
+        bus = e.model.bus
+        bytes0 = (bus.activation_bytes, bus.weight_bytes)
+        tok = e.tokenizer
+        dec = tok.stream_decoder(skip_special=True)
+        eos = tok.eos_ids
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        text, sent, out = "", 0, []
+        finish = "length"
+        with torch.inference_mode():
+            seq = e.new_sequence(self.params, self.use_mtp)
+            t0 = time.perf_counter()
+            pending = seq.prefill(self.prompt_ids) if self.max_tokens > 0 else None
+            t1 = time.perf_counter()
+            done = self.max_tokens == 0
+            while not done:
+                # `pending` is the next token, not yet in the main cache. A speculative step feeds it
+                # with k drafts and returns the accepted drafts plus the new pending token.
+                room = e.context - len(seq.tokens) - 1  # cache slots left after pending's own
+                k = min(self.draft_max, room, self.max_tokens - len(out) - 1)
+                nxt = None
+                emit = [pending]
+                if self.use_mtp and k > 0:
+                    step = seq.spec_step(pending, k, self.p_min)
+                    emit, nxt = emit + step[:-1], step[-1]
+                for t in emit:
+                    if t in eos:
+                        finish, done = "eos", True
+                        break
+                    out.append(t)
+                    text += dec.push(t)
+                    hit = self._find_stop(text)
+                    if hit is not None:
+                        text, finish, done = text[:hit], "stop", True
+                        break
+                    if len(out) >= self.max_tokens:
+                        finish, done = "length", True
+                        break
+                if done:
+                    break
+                if len(text) - hold > sent:
+                    yield text[sent:len(text) - hold]
+                    sent = len(text) - hold
+                if nxt is None:
+                    if len(seq.tokens) >= e.context:
+                        finish = "context"
+                        break
+                    nxt = seq.plain_step(pending)
+                pending = nxt
+            if finish != "stop":
+                text += dec.flush()
+            if len(text) > sent:
+                yield text[sent:]
+            t2 = time.perf_counter()
+        st = seq.stats
+        n = len(out)
+        self.result = GenerationResult(text, out, {
+            "prompt_tokens": len(self.prompt_ids),
+            "generated_tokens": n,
+            "prompt_tokens_per_s": len(self.prompt_ids) / max(t1 - t0, 1e-9),
+            "decode_tokens_per_s": (n - 1) / max(t2 - t1, 1e-9) if n > 1 else 0.0,
+            "prefill_s": t1 - t0,
+            "decode_s": t2 - t1,
+            "mtp": self.use_mtp,
+            "draft_max": self.draft_max if self.use_mtp else 0,
+            "drafted": st.drafted,
+            "accepted": st.accepted,
+            "acceptance_rate": st.accepted / st.drafted if st.drafted else 0.0,
+            "acceptance_by_position": [a / d if d else 0.0 for a, d in zip(st.accepted_at, st.drafted_at)],
+            "verify_steps": st.steps,
+            "mean_tokens_per_step": (st.accepted + st.steps) / st.steps if st.steps else 1.0,
+            "draft_s": st.draft_s,
+            "verify_s": st.verify_s,
+            "weight_bytes_moved": bus.weight_bytes - bytes0[1],
+            "activation_bytes_moved": bus.activation_bytes - bytes0[0],
+            "finish_reason": finish,
+        }, finish)
+
+    def _find_stop(self, text: str) -> int | None:
+        best = None
+        for s in self.stop:
+            i = text.find(s, max(0, len(text) - len(s) - 64))
+            if i == -1:
+                i = text.find(s)
+            if i != -1 and (best is None or i < best):
+                best = i
+        return best
