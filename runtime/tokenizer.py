@@ -17,6 +17,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
+from .errors import NextnError
+
 # Token types (llama.cpp / gguf.TokenType)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -33,8 +35,8 @@ _PRE_GLM4 = {"glm4", "chatglm-bpe"}
 _PRE_LLAMA3 = {"llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"}
 
 
-class TokenizerError(ValueError):
-    """Tokenizer metadata missing or unusable, or a chat template problem."""
+class TokenizerError(NextnError, ValueError):
+    """Tokenizer metadata missing or unusable, a bad token id, or a chat template problem."""
 
 
 @lru_cache(maxsize=1)
@@ -233,7 +235,7 @@ class Tokenizer:
         for i in ids:
             i = int(i)
             if not 0 <= i < n:
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{n - 1})")
+                raise TokenizerError(f"token id {i} is outside the vocabulary (0..{n - 1})")
             out.append(i)
         return out
 

@@ -1,0 +1,61 @@
+"""Shared pytest fixtures.
+
+- ``make_test_model(types="F32", split_max_tensors=None, match_hf=False, **spec_overrides) -> TestModel``:
+  builds a small random GLM-4.x MoE (``runtime.testmodel``) once per distinct arguments per session,
+  in a session tmp dir. The returned objects are shared between tests: treat them as read-only.
+- ``test_model``: the default spec, F32.
+- ``glm4moe_fixture_dir``: ../shared/fixtures/glm4moe-tiny (the llama.cpp-converted file); skips if absent.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _freeze(x):
+    if isinstance(x, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+@pytest.fixture(scope="session")
+def make_test_model(tmp_path_factory):
+    from runtime.testmodel import TestModelSpec, write_test_model
+
+    cache: dict = {}
+
+    def make(types="F32", split_max_tensors=None, match_hf=False, **spec_overrides):
+        spec = TestModelSpec(**spec_overrides)
+        key = (spec, _freeze(types), split_max_tensors, bool(match_hf))
+        if key not in cache:
+            d = tmp_path_factory.mktemp("testmodel")
+            cache[key] = write_test_model(spec, d, types=types, split_max_tensors=split_max_tensors,
+                                          match_hf=match_hf)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def test_model(make_test_model):
+    return make_test_model()
+
+
+def _find_fixture_dir() -> Path | None:
+    here = Path(__file__).resolve()
+    for base in (here.parents[2] / "shared", here.parents[1] / "shared"):
+        d = base / "fixtures" / "glm4moe-tiny"
+        if d.exists():
+            return d
+    return None
+
+
+@pytest.fixture(scope="session")
+def glm4moe_fixture_dir() -> Path:
+    d = _find_fixture_dir()
+    if d is None:
+        pytest.skip("shared fixtures (glm4moe-tiny) not present")
+    return d
