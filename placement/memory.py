@@ -1,15 +1,16 @@
 """Memory estimate of a resolved placement, and the table `nextn plan` prints.
 
 The rules (the engine allocates by the same ones; `tensor_load_bytes` is the single definition):
-  gpu side   every tensor is dequantized once at load to the gpu dtype: n_elements * dtype size.
+  router     ffn_gate_inp and exp_probs_b (part of the routed-experts unit) are float32 on either side.
+  gpu side   every other tensor is dequantized once at load to the gpu dtype: n_elements * dtype size.
              gpu dtype: plan.gpu_dtype, or with "auto" bfloat16 on CUDA and float32 when the gpu side
              resolves to the CPU.
   cpu side   routed experts stay in GGUF form (the CPU kernels read them): nbytes as in the file;
              any other tensor placed on the cpu side is dequantized to float32: n_elements * 4.
   none       duplicates that are not loaded (the nextn embed/head copies of the main ones): 0.
   KV cache   per block (main layers + nextn layers), on the side of that block's attention:
-             context * n_kv_heads * head_dim * 2 (k and v) * dtype size, the dtype of that side's
-             weights (gpu dtype on the gpu side, float32 on the cpu side).
+             context * n_kv_heads * head_dim * 2 (k and v) * gpu dtype size (the KV dtype is the gpu
+             dtype on either side).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from .schema import Plan
 DTYPE_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Headroom a GPU needs beyond weights and KV: the CUDA context, activations, logits, allocator slack.
 GPU_RESERVE_BYTES = 3 << 29  # 1.5 GiB
+
+
+_FLOAT32_ALWAYS = ("ffn_gate_inp.weight", "exp_probs_b.bias")
 
 
 def resolve_gpu_device(plan: Plan) -> str:
@@ -53,6 +57,8 @@ def tensor_load_bytes(info, side: str, role_part: str, gpu_dtype: str) -> int:
     """Bytes a tensor occupies once loaded on `side` (see the module docstring)."""
     if side == "none":
         return 0
+    if info.name.endswith(_FLOAT32_ALWAYS):  # the router runs in float32 on either side
+        return info.n_elements * 4
     if side == "gpu":
         return info.n_elements * DTYPE_SIZE[gpu_dtype]
     if role_part == "routed_experts":
@@ -92,6 +98,8 @@ class MemoryEstimate:
         return self.cpu_weight_bytes + self.cpu_kv_bytes
 
     def fits(self, gpu_free_bytes: int) -> bool:
+        if self.gpu_bytes == 0 or not self.gpu_device.startswith("cuda"):
+            return True
         return self.gpu_bytes + self.reserve_bytes <= gpu_free_bytes
 
 
@@ -99,7 +107,7 @@ def estimate_memory(placement: Placement, gguf_file, cfg: ModelConfig, plan: Pla
                     gpu_device: str | None = None) -> MemoryEstimate:
     """Bytes per side after load. `gpu_device`: what the gpu side runs on ('cpu', 'cuda:0'); by
     default resolved from plan.gpu on this machine (pass 'cuda:0' to size a plan for a GPU elsewhere)."""
-    device = gpu_device or resolve_gpu_device(plan)
+    device = "cpu" if plan.gpu == "cpu" else (gpu_device or resolve_gpu_device(plan))
     dtype = resolve_gpu_dtype(plan, device)
     context = plan.context_for(cfg.context_length)
     per_tensor: dict[str, int] = {}
@@ -115,7 +123,7 @@ def estimate_memory(placement: Placement, gguf_file, cfg: ModelConfig, plan: Pla
     kv = {"gpu": 0, "cpu": 0}
     for b in range(cfg.n_blocks):
         side = placement.units.get(f"blk.{b}.attention", "gpu")
-        kv[side] += kv_bytes_per_block(cfg, context, dtype if side == "gpu" else "float32")
+        kv[side] += kv_bytes_per_block(cfg, context, dtype)
     rows = [sum(per_tensor[n] for n in r.names) for r in placement.rows]
     return MemoryEstimate(gpu_device=device, gpu_dtype=dtype, context=context, gpu_weight_bytes=totals["gpu"],
                           cpu_weight_bytes=totals["cpu"], gpu_kv_bytes=kv["gpu"], cpu_kv_bytes=kv["cpu"],
@@ -168,7 +176,7 @@ def format_report(plan: Plan, placement: Placement, est: MemoryEstimate, gpu_fre
                f"{' (shared)' if placement.mtp_shares_embed else ''}, head {placement.mtp_head_name}"
                f"{' (shared)' if placement.mtp_shares_head else ''}")
     out.append(f"MTP: {mtp}")
-    if gpu_free_bytes is not None:
+    if gpu_free_bytes is not None and est.gpu_device.startswith("cuda"):
         need = est.gpu_bytes + est.reserve_bytes
         verdict = "fits" if est.fits(gpu_free_bytes) else "DOES NOT FIT"
         out.append(f"GPU free {fmt_bytes(gpu_free_bytes)}: {verdict} (needs {fmt_bytes(need)} incl. "

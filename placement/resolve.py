@@ -9,15 +9,16 @@ only. A unit split across sides would need a weight copied at every step, so it 
   token_embd                       token_embd.weight
   output (the head)                output_norm.weight, output.weight (or token_embd when tied)
   blk.N attention                  attn_norm, attn_q/k/v (+bias), attn_q_norm/attn_k_norm, attn_output,
-                                   post_attention_norm, and the MoE router ffn_gate_inp, exp_probs_b
+                                   post_attention_norm
   blk.N dense_ffn                  ffn_gate, ffn_up, ffn_down
   blk.N shared_experts             ffn_gate_shexp, ffn_up_shexp, ffn_down_shexp
-  blk.N routed_experts             ffn_gate_exps, ffn_up_exps, ffn_down_exps
-  blk.L mtp_proj (nextn block)     nextn.eh_proj, nextn.enorm, nextn.hnorm
-  blk.L mtp_head                   nextn.shared_head_norm, nextn.shared_head_head (own copy)
-  blk.L mtp_embed                  nextn.embed_tokens (own copy)
+  blk.N routed_experts             ffn_gate_exps, ffn_up_exps, ffn_down_exps and the router
+                                   (ffn_gate_inp, exp_probs_b): routing runs beside the experts
+  blk.L mtp_nextn (nextn block)    nextn.eh_proj, nextn.enorm, nextn.hnorm, nextn.shared_head_norm
+  blk.L mtp_head                   nextn.shared_head_head (own copy, when not a duplicate)
+  blk.L mtp_embed                  nextn.embed_tokens (own copy, when not a duplicate)
 The MTP layer reads its embedding and head at every draft step, so they must be on the side of
-the MTP layer (mtp_proj); the same holds for the main ones when it shares them.
+the MTP layer (mtp_nextn); the same holds for the main ones when it shares them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _EXPS = re.compile(r"^ffn_(gate|up|down)_exps\.")
 _SHEXP = re.compile(r"^ffn_(gate|up|down)_shexp\.")
 _DENSE = re.compile(r"^ffn_(gate|up|down)\.")
-_ATTN = re.compile(r"^(attn_|post_attention_norm\.|ffn_gate_inp\.|exp_probs_b\.)")
+_ATTN = re.compile(r"^(attn_|post_attention_norm\.)")
+_ROUTER = re.compile(r"^(ffn_gate_inp|exp_probs_b)\.")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class TensorRole:
     group: str  # token_embd | output | attention | dense_ffn | shared_experts | routed_experts | mtp | unknown
     layer: int | None
     unit: str  # op unit id, e.g. "blk.3.attention", "token_embd", "blk.46.mtp_proj"
-    part: str  # the row label within the group (for the MTP layer: attention, routed_experts, proj, ...)
+    part: str  # the row label within the group (for the MTP layer: attention, routed_experts, nextn, ...)
 
 
 def classify(name: str, cfg: ModelConfig) -> TensorRole:
@@ -60,12 +62,12 @@ def classify(name: str, cfg: ModelConfig) -> TensorRole:
         sub = rest[len("nextn."):]
         if sub.startswith("embed_tokens"):
             part = "embed"
-        elif sub.startswith(("shared_head_head", "shared_head_norm")):
+        elif sub.startswith("shared_head_head"):
             part = "head"
         else:
-            part = "proj"
+            part = "nextn"  # eh_proj, enorm, hnorm, shared_head_norm
         return TensorRole("mtp", layer, f"blk.{layer}.mtp_{part}", part)
-    if _EXPS.match(rest):
+    if _EXPS.match(rest) or _ROUTER.match(rest):
         part = "routed_experts"
     elif _SHEXP.match(rest):
         part = "shared_experts"
@@ -291,10 +293,7 @@ def resolve(plan: Plan, gguf_file, cfg: ModelConfig) -> Placement:
             f"blk.{L}.nextn.embed_tokens.weight" not in side else f"blk.{L}.nextn.embed_tokens.weight"
         h_name = head_name if f"blk.{L}.nextn.shared_head_head.weight" in skipped or \
             f"blk.{L}.nextn.shared_head_head.weight" not in side else f"blk.{L}.nextn.shared_head_head.weight"
-        norm = f"blk.{L}.nextn.shared_head_norm.weight"
         checks = [(e_name, "embedding"), (h_name, "head")]
-        if norm in side:
-            checks.append((norm, "head norm"))
         for t, what in checks:
             if side.get(t, ps) == ps:
                 continue
@@ -317,7 +316,7 @@ def resolve(plan: Plan, gguf_file, cfg: ModelConfig) -> Placement:
 
 _ORDER = {"token_embd": 0, "attention": 1, "dense_ffn": 2, "shared_experts": 3, "routed_experts": 4,
           "mtp": 5, "output": 6, "unknown": 7}
-_MTP_PART_ORDER = {"embed": 0, "proj": 1, "attention": 2, "shared_experts": 3, "routed_experts": 4, "head": 5}
+_MTP_PART_ORDER = {"embed": 0, "nextn": 1, "attention": 2, "shared_experts": 3, "routed_experts": 4, "head": 5}
 
 
 def _rows(tensors, side: dict[str, str], roles: dict[str, TensorRole]) -> list[Row]:
