@@ -21,14 +21,14 @@ from .errors import ModelFileError
 from .experts import KernelExperts, TorchExperts
 from .gguf_file import GGUFFile, TensorInfo
 from .model import (Attention, Block, Bus, DenseFFN, Embedding, GLM4Model, Head, MoE, NextnHead, RoPE,
-                    RoutedExperts)
+                    RoutedExperts, Router)
 
 SideOf = Callable[[str], str]
 
 
 def default_side_of(name: str) -> str:
-    """Routed experts (router included) on the CPU side, everything else on the GPU side."""
-    return "cpu" if ("_exps." in name or "ffn_gate_inp" in name or "exp_probs_b" in name) else "gpu"
+    """Routed experts on the CPU side, everything else (the router too) on the GPU side."""
+    return "cpu" if "_exps." in name else "gpu"
 
 
 @dataclass
@@ -95,14 +95,18 @@ class _Builder:
         side = self.unit_side(names)
         return DenseFFN(side, *(self.tensor(n, side) for n in names))
 
-    def routed(self, p: str) -> RoutedExperts:
+    def router(self, p: str) -> Router:
         cfg = self.cfg
-        names = [p + "ffn_gate_inp.weight", p + "exp_probs_b.bias"] + [
-            f"{p}ffn_{w}_exps.weight" for w in ("gate", "up", "down")]
+        names = [p + "ffn_gate_inp.weight", p + "exp_probs_b.bias"]
         side = self.unit_side(names)
-        router = self.tensor(names[0], side, torch.float32)
-        bias = self.tensor(names[1], side, torch.float32)
-        infos = [self.f.tensors[n] for n in names[2:]]
+        return Router(side, self.tensor(p + "ffn_gate_inp.weight", side, torch.float32),
+                      self.tensor(p + "exp_probs_b.bias", side, torch.float32),
+                      cfg.n_experts_used, cfg.weights_norm, cfg.weights_scale)
+
+    def routed(self, p: str) -> RoutedExperts:
+        names = [f"{p}ffn_{w}_exps.weight" for w in ("gate", "up", "down")]
+        side = self.unit_side(names)
+        infos = [self.f.tensors[n] for n in names]
         if side == "cpu" and self.use_kernels:
             import cpu_kernels
 
@@ -113,9 +117,9 @@ class _Builder:
                 self._tick(i)
             self.report.kernel_expert_layers += 1
         else:
-            experts = TorchExperts(*(self.tensor(n, side) for n in names[2:]))
+            experts = TorchExperts(*(self.tensor(n, side) for n in names))
             self.report.torch_expert_layers += 1
-        return RoutedExperts(side, router, bias, experts, cfg.n_experts_used, cfg.weights_norm, cfg.weights_scale)
+        return RoutedExperts(side, experts)
 
     def block(self, layer: int) -> Block:
         p = f"blk.{layer}."
@@ -123,7 +127,7 @@ class _Builder:
         if not self.cfg.is_moe(layer):
             return Block(attn, self.ffn(p, ""))
         shared = self.ffn(p, "_shexp") if self.cfg.n_shared else None
-        return Block(attn, MoE(self.routed(p), shared))
+        return Block(attn, MoE(self.router(p), self.routed(p), shared))
 
 
 def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side_of,

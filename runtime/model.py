@@ -40,7 +40,8 @@ class Bus:
         self.activation_bytes += x.numel() * x.element_size()
         # Move in the source dtype, convert on arrival: what crosses is what we count.
         non_blocking = self.devices[dst].type == "cuda" or self.devices[src].type == "cuda"
-        return x.to(self.devices[dst], non_blocking=non_blocking).to(self.dtypes[dst])
+        x = x.to(self.devices[dst], non_blocking=non_blocking)
+        return x.to(self.dtypes[dst]) if x.is_floating_point() else x
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,32 +125,40 @@ class DenseFFN:
 
 
 @dataclass
-class RoutedExperts:
+class Router:
+    """Sigmoid router (fp32). It runs on its own side: with the attention (ids and weights then
+    cross to the experts) or with the routed experts (the normed input crosses once)."""
+
     side: str
-    router: torch.Tensor  # [E, H] fp32
+    weight: torch.Tensor  # ffn_gate_inp [E, H] fp32
     bias: torch.Tensor  # exp_probs_b [E] fp32: selection only
-    experts: object  # TorchExperts | KernelExperts
     top_k: int
     norm: bool
     scale: float
-    last_ids: torch.Tensor | None = None  # for statistics (distinct experts per step)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(x.float() @ self.router.float().T)
-        ids = torch.topk(scores + self.bias.float(), self.top_k, dim=-1).indices
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(x.float() @ self.weight.T)
+        ids = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
         w = scores.gather(-1, ids)
         if self.norm:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return ids, w * self.scale
+        return ids.to(torch.int32), w * self.scale
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        ids, w = self.route(x)
+
+@dataclass
+class RoutedExperts:
+    side: str
+    experts: object  # TorchExperts | KernelExperts
+    last_ids: torch.Tensor | None = None  # for statistics (distinct experts per step)
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         self.last_ids = ids
         return self.experts(x, ids, w)
 
 
 @dataclass
 class MoE:
+    router: Router
     routed: RoutedExperts
     shared: DenseFFN | None
 
@@ -250,11 +259,16 @@ class GLM4Model:
             return x + y, a.side
         moe = b.ffn
         r = moe.routed
+        rs = moe.router.side
+        hr = bus.to(h, a.side, rs)
+        ids, w = moe.router(hr)
+        he = hr if rs == r.side else bus.to(h, a.side, r.side)
+        ids, w = bus.to(ids, rs, r.side), bus.to(w, rs, r.side)
         hook = self.hooks.get("routed")
         if hook is not None:  # the scheduler may run the CPU experts concurrently with the shared expert
-            y = hook(self, moe, h, a.side)
+            y = hook(self, moe, h, he, ids, w, a.side)
         else:
-            y = bus.to(r(bus.to(h, a.side, r.side)), r.side, a.side)
+            y = bus.to(r(he, ids, w), r.side, a.side)
             if moe.shared is not None:
                 y = y + bus.to(moe.shared(bus.to(h, a.side, moe.shared.side)), moe.shared.side, a.side)
         return x + y, a.side
