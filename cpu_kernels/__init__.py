@@ -1,0 +1,288 @@
+"""nextn CPU expert kernels: one fused, quantized MoE call in C (cffi API mode, OpenMP).
+
+    import cpu_kernels
+    gate = cpu_kernels.ExpertTensor(data, ggml_type, (E, I, H))   # zero-copy view of the GGUF bytes
+    out = cpu_kernels.moe_forward(x, expert_ids, expert_weights, gate, up, down)
+
+out[t] = sum_k w[t,k] * down[e](silu(gate[e] @ x[t]) * (up[e] @ x[t])),  e = expert_ids[t,k].
+
+Weights stay in their GGUF block format (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL Q2_K Q3_K
+Q4_K Q5_K Q6_K IQ4_XS, any mix across gate/up/down).  Activations are quantized once per call to
+8-bit blocks (float types use float activations).  Each distinct expert's weights are read once
+per call, whatever the number of tokens routed to it.
+
+SIMD path: chosen at import from CPUID (avx512 = AVX-512 BW/VL/DQ + VNNI, avx2 = AVX2+FMA+F16C,
+ref = portable C).  ``NEXTN_KERNEL_PATH=ref|avx2|avx512`` forces one (error if the CPU lacks it).
+
+Threads and torch: the kernels run on their own OpenMP pool (``set_threads``; default: the
+``NEXTN_EXPERT_THREADS`` env var, else the number of cores).  torch ships its own OpenMP runtime
+and pool (``torch.set_num_threads``).  The two pools do not know about each other, so never let
+both spin on the same cores at the same time: while an expert call runs, torch CPU ops must either
+not run or be limited to the cores the expert threads leave free (expert threads +
+torch threads <= cores).  With a GPU, torch's CPU threads are mostly idle during decode and
+``torch.set_num_threads(1)`` for the driving thread is enough; on a CPU-only machine run torch ops
+and expert calls one after the other, each with all cores.  The GIL is released during the C call,
+so a Python thread can keep driving the GPU meanwhile.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from .quant import SUPPORTED_TYPES, qtype, row_bytes, block_size, random_blocks, dequantize, reference_moe
+
+try:
+    from ._moe import ffi as _ffi, lib as _lib
+except ImportError as _e:  # pragma: no cover - exercised only without a build
+    _IMPORT_ERROR = _e
+
+    def __getattr__(name):
+        raise ImportError(
+            "cpu_kernels: the compiled extension cpu_kernels._moe is missing or cannot be loaded "
+            f"({_IMPORT_ERROR}). Build it from the repository root with `pip install -e .`"
+        )
+
+    def _missing(*a, **k):
+        __getattr__("")
+
+    moe_forward = set_threads = get_threads = active_path = available_paths = ExpertTensor = _missing
+else:
+    _IMPORT_ERROR = None
+
+__all__ = [
+    "ExpertTensor", "moe_forward", "set_threads", "get_threads", "active_path", "available_paths",
+    "SUPPORTED_TYPES", "random_blocks", "dequantize", "reference_moe", "read_bandwidth", "build_info",
+]
+
+_PATH_IDS = {"ref": 0, "avx2": 1, "avx512": 2}
+_PATH_NAMES = {0: "ref", 1: "avx2", 2: "avx512vnni"}
+
+
+if _IMPORT_ERROR is None:
+
+    def _cpu_mask() -> int:
+        return int(_lib.nx_cpu_paths())
+
+    def available_paths() -> list[str]:
+        """Paths this CPU can run, best last."""
+        m = _cpu_mask()
+        return [_PATH_NAMES[i] for i in range(3) if (m >> i) & 1]
+
+    def _resolve_path(name: str | None) -> int:
+        m = _cpu_mask()
+        if not name:
+            return 2 if m & 4 else 1 if m & 2 else 0
+        key = name.strip().lower()
+        key = {"avx512vnni": "avx512", "reference": "ref", "c": "ref"}.get(key, key)
+        if key not in _PATH_IDS:
+            raise ValueError(f"NEXTN_KERNEL_PATH={name!r}: expected one of ref, avx2, avx512")
+        pid = _PATH_IDS[key]
+        if not (m >> pid) & 1:
+            raise RuntimeError(f"kernel path {name!r} is not supported by this CPU "
+                               f"(available: {', '.join(available_paths())})")
+        return pid
+
+    _state = {"path": _resolve_path(os.environ.get("NEXTN_KERNEL_PATH")), "threads": None}
+
+    def active_path() -> str:
+        """The SIMD path moe_forward uses: 'avx512vnni', 'avx2' or 'ref'."""
+        return _PATH_NAMES[_state["path"]]
+
+    def _set_path(name: str | None) -> str:
+        """Force a path (None: best available). For tests and bug reports; returns the new path."""
+        _state["path"] = _resolve_path(name)
+        return active_path()
+
+    def _default_threads() -> int:
+        env = os.environ.get("NEXTN_EXPERT_THREADS")
+        if env:
+            try:
+                n = int(env)
+            except ValueError:
+                raise ValueError(f"NEXTN_EXPERT_THREADS={env!r} is not an integer") from None
+            if n >= 1:
+                return n
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover
+            return max(1, os.cpu_count() or 1)
+
+    def set_threads(n: int | None) -> None:
+        """Engine-wide number of expert OpenMP threads (None: back to the default)."""
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 1:
+                raise ValueError(f"threads must be a positive integer, got {n!r}")
+            n = int(n)
+        _state["threads"] = n
+
+    def get_threads() -> int:
+        return _state["threads"] or _default_threads()
+
+    class ExpertTensor:
+        """One layer's stacked expert weight [E, rows, cols] as it lies in the GGUF (never copied).
+
+        data: numpy array (any dtype) holding exactly E*rows*row_bytes bytes, C-contiguous;
+        ggml_type: int / gguf.GGMLQuantizationType; shape: logical (E, rows, cols), numpy order
+        (gate/up: (E, I, H), down: (E, H, I)); cols a multiple of the type's block size.
+        """
+
+        __slots__ = ("data", "ggml_type", "shape", "row_bytes", "nbytes", "_ptr", "_c")
+
+        def __init__(self, data, ggml_type, shape):
+            t = qtype(ggml_type)
+            if not isinstance(shape, (tuple, list)) or len(shape) != 3:
+                raise ValueError(f"shape must be (E, rows, cols), got {shape!r}")
+            try:
+                E, rows, cols = (int(s) for s in shape)
+            except (TypeError, ValueError):
+                raise ValueError(f"shape must be three integers, got {shape!r}") from None
+            if E < 1 or rows < 1 or cols < 1:
+                raise ValueError(f"shape must be positive, got {shape!r}")
+            be, _ = block_size(t)
+            if cols % be:
+                raise ValueError(f"cols={cols} is not a multiple of {t.name}'s block size {be}")
+            if hasattr(data, "__array_interface__") or isinstance(data, np.ndarray):
+                arr = np.asarray(data)
+            elif type(data).__module__.startswith("torch"):
+                if data.device.type != "cpu":
+                    raise ValueError("ExpertTensor data must live in CPU memory")
+                arr = data.numpy()
+            else:
+                raise TypeError(f"ExpertTensor data must be a numpy array, got {type(data).__name__}")
+            if not arr.flags.c_contiguous:
+                raise ValueError("ExpertTensor data must be C-contiguous")
+            rb = row_bytes(t, cols)
+            want = E * rows * rb
+            if arr.nbytes != want:
+                raise ValueError(f"ExpertTensor data holds {arr.nbytes} bytes, but {t.name} {tuple(shape)} "
+                                 f"needs {want} ({rows} rows x {rb} bytes x {E} experts)")
+            align = 4 if t == SUPPORTED_TYPES[0] else 2
+            if arr.ctypes.data % align:
+                raise ValueError(f"ExpertTensor data must be {align}-byte aligned (address {arr.ctypes.data:#x})")
+            self.data = arr
+            self.ggml_type = t
+            self.shape = (E, rows, cols)
+            self.row_bytes = rb
+            self.nbytes = want
+            self._ptr = _ffi.from_buffer("uint8_t[]", arr.reshape(-1).view(np.uint8), require_writable=False)
+            c = _ffi.new("nx_tensor *")
+            c.data = self._ptr
+            c.type = int(t)
+            c.n_expert, c.rows, c.cols, c.row_bytes = E, rows, cols, rb
+            self._c = c
+
+        def __repr__(self):
+            return f"ExpertTensor({self.ggml_type.name}, shape={self.shape})"
+
+        def expert_bytes(self) -> int:
+            """Bytes of one expert's matrix."""
+            return self.shape[1] * self.row_bytes
+
+    def _as_f32_2d(name, a):
+        if type(a).__module__.startswith("torch"):
+            if a.device.type != "cpu":
+                raise ValueError(f"{name} must be a CPU tensor (got device {a.device})")
+            if a.requires_grad:
+                a = a.detach()
+            a = a.numpy()
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array or CPU torch tensor, got {type(a).__name__}")
+        return a
+
+    _busy = threading.local()
+
+    def moe_forward(x, expert_ids, expert_weights, gate, up, down, out=None, threads=None):
+        """Fused routed-expert MoE for T tokens; returns `out` float32 [T, H]."""
+        x = _as_f32_2d("x", x)
+        if x.dtype != np.float32:
+            raise TypeError(f"x must be float32, got {x.dtype}")
+        if x.ndim != 2:
+            raise ValueError(f"x must be 2-D [T, H], got shape {x.shape}")
+        if not x.flags.c_contiguous:
+            raise ValueError("x must be C-contiguous")
+        for nm, t in (("gate", gate), ("up", up), ("down", down)):
+            if not isinstance(t, ExpertTensor):
+                raise TypeError(f"{nm} must be a cpu_kernels.ExpertTensor, got {type(t).__name__}")
+        E, I, H = gate.shape
+        if up.shape != gate.shape:
+            raise ValueError(f"up shape {up.shape} != gate shape {gate.shape}")
+        if down.shape != (E, H, I):
+            raise ValueError(f"down shape {down.shape} must be (E, H, I) = {(E, H, I)} given gate {gate.shape}")
+        T = x.shape[0]
+        if x.shape[1] != H:
+            raise ValueError(f"x has H={x.shape[1]} but the expert tensors have H={H}")
+        ids = _as_f32_2d("expert_ids", expert_ids)
+        if ids.dtype not in (np.int32, np.int64):
+            raise TypeError(f"expert_ids must be int32 or int64, got {ids.dtype}")
+        if ids.ndim != 2 or ids.shape[0] != T or ids.shape[1] < 1:
+            raise ValueError(f"expert_ids must be [T, K] = [{T}, K>=1], got shape {ids.shape}")
+        K = ids.shape[1]
+        w = _as_f32_2d("expert_weights", expert_weights)
+        if w.dtype != np.float32:
+            raise TypeError(f"expert_weights must be float32, got {w.dtype}")
+        if w.shape != ids.shape:
+            raise ValueError(f"expert_weights shape {w.shape} != expert_ids shape {ids.shape}")
+        if ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= E:
+                raise ValueError(f"expert_ids out of range [0, {E}): min {lo}, max {hi}")
+        if out is None:
+            out = out_np = np.empty((T, H), dtype=np.float32)
+        else:
+            o = _as_f32_2d("out", out)
+            if o.dtype != np.float32:
+                raise TypeError(f"out must be float32, got {o.dtype}")
+            if o.shape != (T, H):
+                raise ValueError(f"out must have shape {(T, H)}, got {o.shape}")
+            if not o.flags.c_contiguous or not o.flags.writeable:
+                raise ValueError("out must be C-contiguous and writable")
+            if np.shares_memory(o, x):
+                raise ValueError("out must not overlap x")
+            out_np = o
+        if threads is None:
+            nth = get_threads()
+        else:
+            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or int(threads) < 1:
+                raise ValueError(f"threads must be a positive integer, got {threads!r}")
+            nth = int(threads)
+        if T == 0:
+            return out
+        ids32 = np.ascontiguousarray(ids, dtype=np.int32)
+        w32 = np.ascontiguousarray(w)
+        rc = _lib.nx_moe_forward(
+            _state["path"], _ffi.from_buffer("float[]", x), T, _ffi.from_buffer("int32_t[]", ids32),
+            _ffi.from_buffer("float[]", w32), K, gate._c, up._c, down._c,
+            _ffi.from_buffer("float[]", out_np), nth)
+        if rc == -1:
+            raise MemoryError("cpu_kernels.moe_forward: scratch allocation failed")
+        if rc != 0:
+            raise RuntimeError(f"cpu_kernels.moe_forward: kernel path {active_path()} unavailable (rc={rc})")
+        return out
+
+    def read_bandwidth(nbytes: int = 1 << 30, threads: int | None = None, repeats: int = 5) -> float:
+        """Measured read bandwidth in GB/s (best of `repeats`) of a STREAM-like sum over `nbytes`
+        with the expert OpenMP threads."""
+        import time
+        n = max(1, nbytes // 8)
+        buf = np.ones(n, dtype=np.int64)
+        nth = threads or get_threads()
+        p = _ffi.from_buffer("int64_t[]", buf)
+        _lib.nx_read_bw(p, n, nth)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _lib.nx_read_bw(p, n, nth)
+            best = min(best, time.perf_counter() - t0)
+        return n * 8 / best / 1e9
+
+    def build_info() -> dict:
+        return {
+            "active_path": active_path(),
+            "available_paths": available_paths(),
+            "threads": get_threads(),
+            "omp_max_threads": int(_lib.nx_omp_max_threads()),
+            "omp_num_procs": int(_lib.nx_omp_num_procs()),
+            "build_flags": _ffi.string(_lib.nx_build_flags()).decode(),
+        }

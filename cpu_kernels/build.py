@@ -1,0 +1,57 @@
+"""cffi (API mode) build script for the CPU expert kernels: module ``cpu_kernels._moe``.
+
+Built by ``pip install -e .`` through setup.py's ``cffi_modules``; by hand:
+``python cpu_kernels/build.py`` (writes the extension next to this file).
+
+One build runs on any x86-64: no -march=native. The AVX2 and AVX-512 paths are compiled from the
+same template under ``#pragma GCC target`` in their own source files and picked at run time
+(``__builtin_cpu_supports``); the portable C path is always present.
+"""
+import os
+import platform
+import sys
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CDEF = """
+typedef struct {
+    const uint8_t *data;
+    int32_t type;
+    int64_t n_expert, rows, cols, row_bytes;
+} nx_tensor;
+int nx_cpu_paths(void);
+int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, const float *wts, int64_t K,
+                   const nx_tensor *gate, const nx_tensor *up, const nx_tensor *down, float *out,
+                   int nthreads);
+int nx_omp_max_threads(void);
+int nx_omp_num_procs(void);
+const char *nx_build_flags(void);
+int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads);
+"""
+
+SOURCES = ["dispatch.c", "moe_ref.c", "moe_avx2.c", "moe_avx512.c"]
+COMPILE_ARGS = ["-O3", "-fopenmp", "-std=gnu11", "-fno-strict-aliasing"]
+LINK_ARGS = ["-fopenmp"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    COMPILE_ARGS.append("-mtune=generic")
+
+_flags = " ".join(COMPILE_ARGS) + " | link: " + " ".join(LINK_ARGS)
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "cpu_kernels._moe",
+    '#include "dispatch.h"\n',
+    # relative paths: setuptools requires them (the build runs from the repo root)
+    sources=[os.path.relpath(os.path.join(HERE, s)) for s in SOURCES],
+    include_dirs=[os.path.relpath(HERE)],
+    extra_compile_args=COMPILE_ARGS,
+    extra_link_args=LINK_ARGS,
+    define_macros=[("NX_BUILD_FLAGS", '"%s"' % _flags)],
+)
+
+if __name__ == "__main__":
+    os.chdir(os.path.dirname(HERE))
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,49 @@
+/* Run-time path selection, OpenMP thread control, a read-bandwidth probe and build info. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+#include "moe_kernels.h"
+#include "dispatch.h"
+
+#ifndef NX_BUILD_FLAGS
+#define NX_BUILD_FLAGS "unknown"
+#endif
+
+/* bit 0: ref, bit 1: avx2, bit 2: avx512 (with vnni) */
+int nx_cpu_paths(void) {
+    int m = 1;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) m |= 2;
+    if ((m & 2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni"))
+        m |= 4;
+#endif
+    return m;
+}
+
+int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, const float *wts, int64_t K,
+                   const nx_tensor *gate, const nx_tensor *up, const nx_tensor *down, float *out,
+                   int nthreads) {
+    if (!((nx_cpu_paths() >> path) & 1)) return -2;
+    switch (path) {
+    case 0: return nx_moe_forward_ref(x, T, ids, wts, K, gate, up, down, out, nthreads);
+    case 1: return nx_moe_forward_avx2(x, T, ids, wts, K, gate, up, down, out, nthreads);
+    case 2: return nx_moe_forward_avx512(x, T, ids, wts, K, gate, up, down, out, nthreads);
+    }
+    return -2;
+}
+
+int nx_omp_max_threads(void) { return omp_get_max_threads(); }
+int nx_omp_num_procs(void) { return omp_get_num_procs(); }
+const char *nx_build_flags(void) { return NX_BUILD_FLAGS; }
+
+/* STREAM-like read: sum of n int64 words with `nthreads` OpenMP threads (the expert threads).
+ * Returns the sum so the compiler cannot drop the loads. */
+int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads) {
+    int64_t s = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : s) schedule(static)
+    for (int64_t i = 0; i < n; i++) s += p[i];
+    return s;
+}

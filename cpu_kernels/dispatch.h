@@ -1,0 +1,13 @@
+/* Declarations exported to Python through cffi (kept in sync with build.py's cdef). */
+#ifndef NX_DISPATCH_H
+#define NX_DISPATCH_H
+#include "moe_kernels.h"
+int nx_cpu_paths(void);
+int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, const float *wts, int64_t K,
+                   const nx_tensor *gate, const nx_tensor *up, const nx_tensor *down, float *out,
+                   int nthreads);
+int nx_omp_max_threads(void);
+int nx_omp_num_procs(void);
+const char *nx_build_flags(void);
+int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads);
+#endif

@@ -1,0 +1,15 @@
+/* AVX-512 (F/BW/VL/DQ) + VNNI path (x86-64 only); chosen at run time when the CPU reports them. */
+#include "moe_kernels.h"
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")
+#define NX_PATH 2
+#define NX_SFX avx512
+#include "moe_impl.h"
+#else
+int nx_moe_forward_avx512(const float *x, int64_t T, const int32_t *ids, const float *wts, int64_t K,
+                          const nx_tensor *gate, const nx_tensor *up, const nx_tensor *down, float *out,
+                          int nthreads) {
+    (void)x; (void)T; (void)ids; (void)wts; (void)K; (void)gate; (void)up; (void)down; (void)out; (void)nthreads;
+    return -2;
+}
+#endif

@@ -1,0 +1,625 @@
+/* nextn CPU expert kernels: the fused MoE forward, written once and compiled once per SIMD path.
+ *
+ * Included by moe_ref.c (NX_PATH 0, portable C), moe_avx2.c (NX_PATH 1, under
+ * `#pragma GCC target("avx2,fma,f16c")`) and moe_avx512.c (NX_PATH 2, AVX-512 BW/VL/VNNI).
+ * Everything here is `static`, so every path gets its own copy of the row unpackers and the
+ * activation quantizers, auto-vectorised for that path's ISA; only the dot-product cores are
+ * written with intrinsics (#if NX_PATH ...).  NX_SFX names the exported entry point.
+ *
+ * Algorithm of one call (see moe_kernels.h for the canonical block forms):
+ *   1. counting-sort the T*K (token, slot) pairs by expert; experts without tokens are skipped
+ *   2. quantize every token's x once (per weight family of gate/up), reused by all experts
+ *   3. phase 1, parallel over (active expert, block of I rows): each gate/up row is decoded once
+ *      into an L1-resident scratch and dotted against every token routed to that expert, so an
+ *      expert's weights are read from memory once per call whatever T is
+ *   4. per pair: a = silu(g) * u, quantized for the down projection's family
+ *   5. phase 2, parallel over blocks of H rows of `out`: for each active expert, decode each down
+ *      row once and accumulate w_pair * dot(row, a_pair) into out[t, row]; every output element is
+ *      owned by one thread and summed in a fixed order (deterministic, no atomics)
+ * All scratch is allocated once per call, before the hot loops.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#if NX_PATH >= 1
+#include <immintrin.h>
+#endif
+
+#define NX_CAT2(a, b) a##_##b
+#define NX_CAT(a, b) NX_CAT2(a, b)
+#define FN(name) NX_CAT(name, NX_SFX)
+
+/* ------------------------------------------------------------------ scalar helpers */
+static inline float FN(bits2f)(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+static inline uint32_t FN(f2bits)(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+
+/* IEEE binary16 -> binary32, exact for all inputs (normal, subnormal, inf, nan) */
+static inline float FN(h2f)(uint16_t h) {
+#if NX_PATH >= 1
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0x1f) return FN(bits2f)(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {                                   /* zero or subnormal: man * 2^-24 */
+        float v = (float)man * 5.9604644775390625e-08f;
+        return sign ? -v : v;
+    }
+    return FN(bits2f)(sign | ((exp + 112u) << 23) | (man << 13));
+#endif
+}
+#define H2F(x) FN(h2f)(x)
+
+static inline uint16_t FN(rd16)(const void *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+static const int8_t FN(kvalues)[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                       1, 13, 25, 38, 53, 69, 89, 113};
+
+static inline int FN(family)(int type) {
+    switch (type) {
+    case NX_F32: case NX_F16: case NX_BF16: return NX_FAM_F;
+    case NX_Q8_0: case NX_Q4_0: case NX_Q4_1: case NX_Q5_0: case NX_Q5_1: case NX_IQ4_NL: return NX_FAM_B32;
+    default: return NX_FAM_K;
+    }
+}
+static inline int FN(is_signed)(int type) {
+    return type == NX_Q8_0 || type == NX_IQ4_NL || type == NX_IQ4_XS;
+}
+/* bytes of one row in canonical (unpacked / activation) form */
+static inline size_t FN(unpacked_bytes)(int fam, int64_t n) {
+    return fam == NX_FAM_F ? (size_t)n * 4 : fam == NX_FAM_B32 ? (size_t)(n / 32) * sizeof(ub32)
+                                                               : (size_t)(n / 256) * sizeof(uk256);
+}
+static inline size_t FN(act_bytes)(int fam, int64_t n) {
+    return fam == NX_FAM_F ? (size_t)n * 4 : fam == NX_FAM_B32 ? (size_t)(n / 32) * sizeof(ab32)
+                                                               : (size_t)(n / 256) * sizeof(ak256);
+}
+
+/* ------------------------------------------------------------------ row unpackers */
+#if NX_PATH >= 1
+static inline __m256i FN(ld256)(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline void FN(st256)(void *p, __m256i v) { _mm256_storeu_si256((__m256i *)p, v); }
+/* 16 packed bytes -> 32 bytes: 16 low nibbles, then 16 high nibbles */
+static inline __m256i FN(nib32)(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+/* 32-bit mask -> 32 bytes, byte j = `val` if bit j is set else 0 */
+static inline __m256i FN(bits32)(uint32_t bits, int8_t val) {
+    const __m256i shuf = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    const __m256i bm = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bm), bm);
+    return _mm256_and_si256(v, _mm256_set1_epi8(val));
+}
+/* bytes of v with bit `bit` set -> `val`, else 0 */
+static inline __m256i FN(bitsel)(__m256i v, int bit, int8_t val) {
+    const __m256i m = _mm256_set1_epi8((char)(1 << bit));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, m), m), _mm256_set1_epi8(val));
+}
+#define NX_M(v, k) _mm256_and_si256(v, _mm256_set1_epi8(k))
+#define NX_SR(v, k) _mm256_srli_epi16(v, k)
+#define NX_SL(v, k) _mm256_slli_epi16(v, k)
+#define NX_OR(a, b) _mm256_or_si256(a, b)
+#endif
+
+static void FN(unpack_b32)(int type, const uint8_t *restrict src, int64_t nb, ub32 *restrict u) {
+    const size_t bs = type == NX_Q8_0 ? 34 : type == NX_Q4_1 ? 20 : type == NX_Q5_0 ? 22 : type == NX_Q5_1 ? 24 : 18;
+    const int has_m = type == NX_Q4_1 || type == NX_Q5_1;
+    const float zp = type == NX_Q4_0 ? -8.0f : type == NX_Q5_0 ? -16.0f : 0.0f;
+#if NX_PATH >= 1
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
+#endif
+    for (int64_t i = 0; i < nb; i++, src += bs) {
+        const float d = H2F(FN(rd16)(src));
+        u[i].d = d;
+        u[i].off = has_m ? H2F(FN(rd16)(src + 2)) : zp * d;
+        int8_t *restrict q = u[i].q;
+        switch (type) {
+        case NX_Q8_0: memcpy(q, src + 2, 32); break;
+        case NX_Q4_0: case NX_Q4_1: {
+            const uint8_t *qs = src + 2 + 2 * has_m;
+#if NX_PATH >= 1
+            FN(st256)(q, FN(nib32)(qs));
+#else
+            for (int j = 0; j < 16; j++) { q[j] = qs[j] & 15; q[j + 16] = qs[j] >> 4; }
+#endif
+        } break;
+        case NX_Q5_0: case NX_Q5_1: {
+            const uint8_t *qhp = src + 2 + 2 * has_m, *qs = qhp + 4;
+            uint32_t qh; memcpy(&qh, qhp, 4);
+#if NX_PATH >= 1
+            FN(st256)(q, NX_OR(FN(nib32)(qs), FN(bits32)(qh, 16)));
+#else
+            for (int j = 0; j < 16; j++) {
+                q[j] = (int8_t)((qs[j] & 15) | (((qh >> j) & 1u) << 4));
+                q[j + 16] = (int8_t)((qs[j] >> 4) | (((qh >> (j + 16)) & 1u) << 4));
+            }
+#endif
+        } break;
+        case NX_IQ4_NL: {
+            const uint8_t *qs = src + 2;
+#if NX_PATH >= 1
+            FN(st256)(q, _mm256_shuffle_epi8(kv, FN(nib32)(qs)));
+#else
+            for (int j = 0; j < 16; j++) { q[j] = FN(kvalues)[qs[j] & 15]; q[j + 16] = FN(kvalues)[qs[j] >> 4]; }
+#endif
+        } break;
+        }
+    }
+}
+
+static inline void FN(k4_scale_min)(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+/* fill the per-lane scale vector from 16 per-group integer scales */
+static inline void FN(expand_scales)(uk256 *restrict u, const int *sc) {
+#if NX_PATH >= 1
+    for (int g = 0; g < 16; g += 2)
+        FN(st256)(u->scv + 8 * g, _mm256_set_m128i(_mm_set1_epi16((short)sc[g + 1]), _mm_set1_epi16((short)sc[g])));
+#else
+    for (int g = 0; g < 16; g++)
+        for (int l = 0; l < 8; l++) u->scv[g * 8 + l] = (int16_t)sc[g];
+#endif
+}
+
+static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk256 *restrict u) {
+    int sc[16];
+    const size_t bs = type == NX_Q2_K ? 84 : type == NX_Q3_K ? 110 : type == NX_Q4_K ? 144 :
+                      type == NX_Q5_K ? 176 : type == NX_Q6_K ? 210 : 136;
+#if NX_PATH >= 1
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
+#endif
+    for (int64_t i = 0; i < nb; i++, u++, src += bs) {
+        int8_t *restrict q = u->q;
+        switch (type) {
+        case NX_Q2_K: {
+            const blk_q2_K *b = (const blk_q2_K *)src;
+            float d = H2F(FN(rd16)(&b->d)), dmin = H2F(FN(rd16)(&b->dmin));
+            for (int g = 0; g < 16; g++) { sc[g] = b->scales[g] & 15; u->off[g] = -dmin * (float)(b->scales[g] >> 4); }
+#if NX_PATH >= 1
+            for (int n = 0; n < 2; n++) {
+                __m256i v = FN(ld256)(b->qs + 32 * n);
+                for (int j = 0; j < 4; j++) FN(st256)(q + n * 128 + j * 32, NX_M(NX_SR(v, 2 * j), 3));
+            }
+#else
+            for (int n = 0; n < 2; n++)
+                for (int j = 0; j < 4; j++)
+                    for (int l = 0; l < 32; l++) q[n * 128 + j * 32 + l] = (b->qs[n * 32 + l] >> (2 * j)) & 3;
+#endif
+            u->d = d;
+        } break;
+        case NX_Q3_K: {
+            const blk_q3_K *b = (const blk_q3_K *)src;
+            float d = H2F(FN(rd16)(&b->d));
+            uint32_t aux[4];
+            memcpy(aux, b->scales, 12);
+            uint32_t tmp = aux[2];
+            aux[2] = ((aux[0] >> 4) & 0x0f0f0f0fu) | (((tmp >> 4) & 0x03030303u) << 4);
+            aux[3] = ((aux[1] >> 4) & 0x0f0f0f0fu) | (((tmp >> 6) & 0x03030303u) << 4);
+            aux[0] = (aux[0] & 0x0f0f0f0fu) | (((tmp >> 0) & 0x03030303u) << 4);
+            aux[1] = (aux[1] & 0x0f0f0f0fu) | (((tmp >> 2) & 0x03030303u) << 4);
+            const uint8_t *s6 = (const uint8_t *)aux;
+            for (int g = 0; g < 16; g++) { sc[g] = (int)s6[g] - 32; u->off[g] = -4.0f * d * (float)sc[g]; }
+#if NX_PATH >= 1
+            const __m256i hm = FN(ld256)(b->hmask);
+            for (int n = 0; n < 2; n++) {
+                __m256i v = FN(ld256)(b->qs + 32 * n);
+                for (int j = 0; j < 4; j++)
+                    FN(st256)(q + n * 128 + j * 32, NX_OR(NX_M(NX_SR(v, 2 * j), 3), FN(bitsel)(hm, n * 4 + j, 4)));
+            }
+#else
+            for (int n = 0; n < 2; n++)
+                for (int j = 0; j < 4; j++)
+                    for (int l = 0; l < 32; l++)
+                        q[n * 128 + j * 32 + l] = (int8_t)(((b->qs[n * 32 + l] >> (2 * j)) & 3) |
+                                                           (((b->hmask[l] >> (n * 4 + j)) & 1) << 2));
+#endif
+            u->d = d;
+        } break;
+        case NX_Q4_K: case NX_Q5_K: {
+            float d = H2F(FN(rd16)(src)), dmin = H2F(FN(rd16)(src + 2));
+            const uint8_t *scales = src + 4;
+            const uint8_t *qh = src + 16;
+            const uint8_t *qs = type == NX_Q4_K ? src + 16 : src + 48;
+            for (int s = 0; s < 8; s++) {
+                int a, m;
+                FN(k4_scale_min)(s, scales, &a, &m);
+                sc[2 * s] = sc[2 * s + 1] = a;
+                u->off[2 * s] = u->off[2 * s + 1] = -dmin * (float)m;
+            }
+#if NX_PATH >= 1
+            if (type == NX_Q4_K) {
+                for (int j = 0; j < 4; j++) {
+                    __m256i v = FN(ld256)(qs + 32 * j);
+                    FN(st256)(q + 64 * j, NX_M(v, 15));
+                    FN(st256)(q + 64 * j + 32, NX_M(NX_SR(v, 4), 15));
+                }
+            } else {
+                const __m256i h = FN(ld256)(qh);
+                for (int j = 0; j < 4; j++) {
+                    __m256i v = FN(ld256)(qs + 32 * j);
+                    FN(st256)(q + 64 * j, NX_OR(NX_M(v, 15), FN(bitsel)(h, 2 * j, 16)));
+                    FN(st256)(q + 64 * j + 32, NX_OR(NX_M(NX_SR(v, 4), 15), FN(bitsel)(h, 2 * j + 1, 16)));
+                }
+            }
+#else
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 32; l++) { q[64 * j + l] = qs[32 * j + l] & 15; q[64 * j + 32 + l] = qs[32 * j + l] >> 4; }
+            if (type == NX_Q5_K)
+                for (int s = 0; s < 8; s++)
+                    for (int l = 0; l < 32; l++) q[32 * s + l] |= (int8_t)(((qh[l] >> s) & 1) << 4);
+#endif
+            u->d = d;
+        } break;
+        case NX_Q6_K: {
+            const blk_q6_K *b = (const blk_q6_K *)src;
+            float d = H2F(FN(rd16)(&b->d));
+            for (int g = 0; g < 16; g++) { sc[g] = b->scales[g]; u->off[g] = -32.0f * d * (float)sc[g]; }
+            for (int n = 0; n < 2; n++) {
+                const uint8_t *ql = b->ql + 64 * n, *qh = b->qh + 32 * n;
+                int8_t *qq = q + 128 * n;
+#if NX_PATH >= 1
+                __m256i l0 = FN(ld256)(ql), l1 = FN(ld256)(ql + 32), h = FN(ld256)(qh);
+                FN(st256)(qq, NX_OR(NX_M(l0, 15), NX_SL(NX_M(h, 3), 4)));
+                FN(st256)(qq + 32, NX_OR(NX_M(l1, 15), NX_SL(NX_M(NX_SR(h, 2), 3), 4)));
+                FN(st256)(qq + 64, NX_OR(NX_M(NX_SR(l0, 4), 15), NX_SL(NX_M(NX_SR(h, 4), 3), 4)));
+                FN(st256)(qq + 96, NX_OR(NX_M(NX_SR(l1, 4), 15), NX_SL(NX_M(NX_SR(h, 6), 3), 4)));
+#else
+                for (int l = 0; l < 32; l++) {
+                    qq[l] = (int8_t)((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4));
+                    qq[l + 32] = (int8_t)((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4));
+                    qq[l + 64] = (int8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+                    qq[l + 96] = (int8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
+                }
+#endif
+            }
+            u->d = d;
+        } break;
+        case NX_IQ4_XS: {
+            const blk_iq4_xs *b = (const blk_iq4_xs *)src;
+            float d = H2F(FN(rd16)(&b->d));
+            uint16_t sh = FN(rd16)(&b->scales_h);
+            for (int ib = 0; ib < 8; ib++) {
+                int ls = ((b->scales_l[ib / 2] >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
+                sc[2 * ib] = sc[2 * ib + 1] = ls - 32;
+                u->off[2 * ib] = u->off[2 * ib + 1] = 0.0f;
+#if NX_PATH >= 1
+                FN(st256)(q + 32 * ib, _mm256_shuffle_epi8(kv, FN(nib32)(b->qs + 16 * ib)));
+#else
+                for (int j = 0; j < 16; j++) {
+                    q[32 * ib + j] = FN(kvalues)[b->qs[16 * ib + j] & 15];
+                    q[32 * ib + 16 + j] = FN(kvalues)[b->qs[16 * ib + j] >> 4];
+                }
+#endif
+            }
+            u->d = d;
+        } break;
+        default:
+            memset(sc, 0, sizeof(sc));
+        }
+        FN(expand_scales)(u, sc);
+    }
+}
+
+/* decode one row; returns the canonical row (for F32 the source itself) */
+static inline const void *FN(prep_row)(int type, int fam, const uint8_t *src, int64_t n, void *scratch) {
+    if (fam == NX_FAM_B32) { FN(unpack_b32)(type, src, n / 32, (ub32 *)scratch); return scratch; }
+    if (fam == NX_FAM_K) { FN(unpack_k)(type, src, n / 256, (uk256 *)scratch); return scratch; }
+    if (type == NX_F32) return src;
+    float *f = (float *)scratch;
+    if (type == NX_F16) {
+        int64_t i = 0;
+#if NX_PATH >= 1
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+#endif
+        for (; i < n; i++) f[i] = H2F(FN(rd16)(src + 2 * i));
+    } else { /* BF16 */
+        for (int64_t i = 0; i < n; i++) f[i] = FN(bits2f)((uint32_t)FN(rd16)(src + 2 * i) << 16);
+    }
+    return scratch;
+}
+
+/* ------------------------------------------------------------------ activation quantizers */
+static void FN(quant_b32)(const float *x, int64_t n, ab32 *a) {
+    for (int64_t b = 0; b < n / 32; b++, x += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) { float v = fabsf(x[j]); amax = v > amax ? v : amax; }
+        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++) { int v = (int)lrintf(x[j] * id); a[b].y[j] = (int8_t)v; sum += v; }
+        a[b].d = d; a[b].s = d * (float)sum;
+    }
+}
+static void FN(quant_k)(const float *x, int64_t n, ak256 *a) {
+    for (int64_t b = 0; b < n / 256; b++, x += 256) {
+        float amax = 0.0f;
+        for (int j = 0; j < 256; j++) { float v = fabsf(x[j]); amax = v > amax ? v : amax; }
+        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int j = 0; j < 256; j++) a[b].y[j] = (int8_t)lrintf(x[j] * id);
+        for (int g = 0; g < 16; g++) {
+            int sum = 0;
+            for (int j = 0; j < 16; j++) sum += a[b].y[16 * g + j];
+            a[b].bs[g] = (float)sum;
+        }
+        a[b].d = amax / 127.0f;
+    }
+}
+static inline void FN(quant_act)(int fam, const float *x, int64_t n, void *dst) {
+    if (fam == NX_FAM_B32) FN(quant_b32)(x, n, (ab32 *)dst);
+    else if (fam == NX_FAM_K) FN(quant_k)(x, n, (ak256 *)dst);
+    else memcpy(dst, x, (size_t)n * 4);
+}
+
+/* ------------------------------------------------------------------ dot cores */
+#if NX_PATH >= 1
+static inline float FN(hsum256)(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline float FN(dot_f)(const float *w, const float *x, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if NX_PATH >= 1
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    s = FN(hsum256)(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#else
+    float p[8] = {0};
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) p[j] += w[i + j] * x[i + j];
+    for (int j = 0; j < 8; j++) s += p[j];
+#endif
+    for (; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* sum over 32-blocks of d_w*d_a*sum(q*y) + off_w*s_a */
+static inline __attribute__((always_inline)) float FN(dot_b32_t)(const ub32 *w, const ab32 *a, int64_t nb, const int sgn) {
+    int64_t b = 0;
+    float s = 0.0f;
+#if NX_PATH >= 1
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    __m128 off0 = _mm_setzero_ps(), off1 = off0;
+#if NX_PATH == 1
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+#define NX_B32_ONE(W, A, ACC, OFF) do {                                                    \
+        __m256i q = _mm256_loadu_si256((const __m256i *)(W)->q);                           \
+        __m256i y = _mm256_loadu_si256((const __m256i *)(A)->y);                           \
+        if (sgn) { y = _mm256_sign_epi8(y, q); q = _mm256_abs_epi8(q); }                     \
+        NX_B32_ISUM(i32, q, y);                                                            \
+        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_set1_ps((W)->d * (A)->d), ACC); \
+        OFF = _mm_fmadd_ss(_mm_set_ss((W)->off), _mm_set_ss((A)->s), OFF);                 \
+    } while (0)
+#if NX_PATH == 2
+#define NX_B32_ISUM(r, q, y) __m256i r = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, y)
+#else
+#define NX_B32_ISUM(r, q, y) __m256i r = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones)
+#endif
+    for (; b + 2 <= nb; b += 2) {
+        NX_B32_ONE(w + b, a + b, acc0, off0);
+        NX_B32_ONE(w + b + 1, a + b + 1, acc1, off1);
+    }
+    for (; b < nb; b++) NX_B32_ONE(w + b, a + b, acc0, off0);
+#undef NX_B32_ONE
+#undef NX_B32_ISUM
+    s = FN(hsum256)(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_add_ss(off0, off1));
+#else
+    (void)sgn;
+    for (; b < nb; b++) {
+        int isum = 0;
+        for (int j = 0; j < 32; j++) isum += (int)w[b].q[j] * (int)a[b].y[j];
+        s += w[b].d * a[b].d * (float)isum + w[b].off * a[b].s;
+    }
+#endif
+    return s;
+}
+
+/* sum over 256-blocks of d_a * (d_w * sum_lanes(scv * maddubs(q, y)) + sum_g off_g * bs_g) */
+static inline __attribute__((always_inline)) float FN(dot_k_t)(const uk256 *w, const ak256 *a, int64_t nb, const int sgn) {
+    float s = 0.0f;
+#if NX_PATH == 2
+    __m512 acc = _mm512_setzero_ps(), acco = acc;
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i isum = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            __m512i q = _mm512_loadu_si512((const void *)(w[b].q + 64 * c));
+            __m512i y = _mm512_loadu_si512((const void *)(a[b].y + 64 * c));
+            if (sgn) {
+                __mmask64 neg = _mm512_movepi8_mask(q);
+                y = _mm512_mask_sub_epi8(y, neg, zero, y);
+                q = _mm512_abs_epi8(q);
+            }
+            __m512i p = _mm512_maddubs_epi16(q, y);
+            isum = _mm512_dpwssd_epi32(isum, p, _mm512_loadu_si512((const void *)(w[b].scv + 32 * c)));
+        }
+        __m512 ad = _mm512_set1_ps(a[b].d);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(ad, _mm512_set1_ps(w[b].d)), acc);
+        acco = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(w[b].off), _mm512_loadu_ps(a[b].bs)), ad, acco);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(acc, acco));
+#elif NX_PATH == 1
+    __m256 acc = _mm256_setzero_ps(), acco = acc;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i isum0 = _mm256_setzero_si256(), isum1 = isum0;
+        for (int c = 0; c < 8; c += 2) {
+            __m256i q0 = _mm256_loadu_si256((const __m256i *)(w[b].q + 32 * c));
+            __m256i y0 = _mm256_loadu_si256((const __m256i *)(a[b].y + 32 * c));
+            __m256i q1 = _mm256_loadu_si256((const __m256i *)(w[b].q + 32 * c + 32));
+            __m256i y1 = _mm256_loadu_si256((const __m256i *)(a[b].y + 32 * c + 32));
+            if (sgn) {
+                y0 = _mm256_sign_epi8(y0, q0); q0 = _mm256_abs_epi8(q0);
+                y1 = _mm256_sign_epi8(y1, q1); q1 = _mm256_abs_epi8(q1);
+            }
+            __m256i p0 = _mm256_maddubs_epi16(q0, y0), p1 = _mm256_maddubs_epi16(q1, y1);
+            isum0 = _mm256_add_epi32(isum0, _mm256_madd_epi16(p0, _mm256_loadu_si256((const __m256i *)(w[b].scv + 16 * c))));
+            isum1 = _mm256_add_epi32(isum1, _mm256_madd_epi16(p1, _mm256_loadu_si256((const __m256i *)(w[b].scv + 16 * c + 16))));
+        }
+        __m256 ad = _mm256_set1_ps(a[b].d);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(isum0, isum1)), _mm256_mul_ps(ad, _mm256_set1_ps(w[b].d)), acc);
+        __m256 o = _mm256_mul_ps(_mm256_loadu_ps(w[b].off), _mm256_loadu_ps(a[b].bs));
+        o = _mm256_fmadd_ps(_mm256_loadu_ps(w[b].off + 8), _mm256_loadu_ps(a[b].bs + 8), o);
+        acco = _mm256_fmadd_ps(o, ad, acco);
+    }
+    s = FN(hsum256)(_mm256_add_ps(acc, acco));
+#else
+    (void)sgn;
+    for (int64_t b = 0; b < nb; b++) {
+        int isum = 0;
+        for (int i = 0; i < 128; i++)
+            isum += (int)w[b].scv[i] * ((int)w[b].q[2 * i] * a[b].y[2 * i] + (int)w[b].q[2 * i + 1] * a[b].y[2 * i + 1]);
+        float o = 0.0f;
+        for (int g = 0; g < 16; g++) o += w[b].off[g] * a[b].bs[g];
+        s += a[b].d * (w[b].d * (float)isum + o);
+    }
+#endif
+    return s;
+}
+
+static float FN(dot_b32_s)(const ub32 *w, const ab32 *a, int64_t nb) { return FN(dot_b32_t)(w, a, nb, 1); }
+static float FN(dot_b32_u)(const ub32 *w, const ab32 *a, int64_t nb) { return FN(dot_b32_t)(w, a, nb, 0); }
+static float FN(dot_k_s)(const uk256 *w, const ak256 *a, int64_t nb) { return FN(dot_k_t)(w, a, nb, 1); }
+static float FN(dot_k_u)(const uk256 *w, const ak256 *a, int64_t nb) { return FN(dot_k_t)(w, a, nb, 0); }
+
+/* one canonical row against one activation row */
+static inline float FN(dot_row)(int fam, int sgn, const void *w, const void *a, int64_t n) {
+    if (fam == NX_FAM_K)
+        return sgn ? FN(dot_k_s)((const uk256 *)w, (const ak256 *)a, n / 256) : FN(dot_k_u)((const uk256 *)w, (const ak256 *)a, n / 256);
+    if (fam == NX_FAM_B32)
+        return sgn ? FN(dot_b32_s)((const ub32 *)w, (const ab32 *)a, n / 32) : FN(dot_b32_u)((const ub32 *)w, (const ab32 *)a, n / 32);
+    return FN(dot_f)((const float *)w, (const float *)a, n);
+}
+
+/* ------------------------------------------------------------------ the fused MoE call */
+static inline float FN(silu)(float g) { return g / (1.0f + expf(-g)); }
+
+int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids, const float *wts,
+                                    int64_t K, const nx_tensor *gate, const nx_tensor *up,
+                                    const nx_tensor *down, float *out, int nthreads) {
+    const int64_t E = gate->n_expert, I = gate->rows, H = gate->cols, P = T * K;
+    const int fg = FN(family)(gate->type), fu = FN(family)(up->type), fd = FN(family)(down->type);
+    const int sg = FN(is_signed)(gate->type), su = FN(is_signed)(up->type), sd = FN(is_signed)(down->type);
+    if (nthreads < 1) nthreads = 1;
+
+    /* 1. group pairs by expert */
+    int64_t *start = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
+    int32_t *ptok = (int32_t *)malloc((size_t)P * sizeof(int32_t));
+    float *pw = (float *)malloc((size_t)P * sizeof(float));
+    int32_t *active = (int32_t *)malloc((size_t)E * sizeof(int32_t));
+    /* activations: x for gate / up (shared when same family), g/u scratch, down activations */
+    const size_t axg = FN(act_bytes)(fg, H), axu = FN(act_bytes)(fu, H), aad = FN(act_bytes)(fd, I);
+    uint8_t *qxg = fg == NX_FAM_F ? NULL : (uint8_t *)malloc((size_t)T * axg);
+    uint8_t *qxu = (fu == NX_FAM_F || fu == fg) ? NULL : (uint8_t *)malloc((size_t)T * axu);
+    float *G = (float *)malloc((size_t)P * I * sizeof(float) * 2);
+    uint8_t *qa = fd == NX_FAM_F ? NULL : (uint8_t *)malloc((size_t)P * aad);
+    if (!start || !ptok || !pw || !active || (fg != NX_FAM_F && !qxg) || (fu != NX_FAM_F && fu != fg && !qxu) ||
+        !G || (fd != NX_FAM_F && !qa)) {
+        free(start); free(ptok); free(pw); free(active); free(qxg); free(qxu); free(G); free(qa);
+        return -1;
+    }
+    float *U = G + P * I;
+    const uint8_t *ag = fg == NX_FAM_F ? (const uint8_t *)x : qxg;
+    const uint8_t *au = fu == NX_FAM_F ? (const uint8_t *)x : (fu == fg ? ag : qxu);
+    const size_t sxg = fg == NX_FAM_F ? (size_t)H * 4 : axg, sxu = fu == NX_FAM_F ? (size_t)H * 4 : axu;
+
+    for (int64_t p = 0; p < P; p++) start[ids[p] + 1]++;
+    int64_t nact = 0;
+    for (int64_t e = 0; e < E; e++) { if (start[e + 1]) active[nact++] = (int32_t)e; start[e + 1] += start[e]; }
+    {
+        int64_t *fill = (int64_t *)malloc((size_t)E * sizeof(int64_t));
+        if (!fill) { free(start); free(ptok); free(pw); free(active); free(qxg); free(qxu); free(G); free(qa); return -1; }
+        memcpy(fill, start, (size_t)E * sizeof(int64_t));
+        for (int64_t p = 0; p < P; p++) { int64_t s = fill[ids[p]]++; ptok[s] = (int32_t)(p / K); pw[s] = wts[p]; }
+        free(fill);
+    }
+
+    /* work units */
+    int64_t rb1 = (I * nact) / ((int64_t)nthreads * 24);      /* rows per phase-1 unit */
+    if (rb1 < 4) rb1 = 4;
+    if (rb1 > 64) rb1 = 64;
+    const int64_t nrb1 = (I + rb1 - 1) / rb1, nu1 = nact * nrb1;
+    int64_t rb2 = H / ((int64_t)nthreads * 24);
+    if (rb2 < 4) rb2 = 4;
+    if (rb2 > 64) rb2 = 64;
+    const int64_t nu2 = (H + rb2 - 1) / rb2;
+    const size_t scr = FN(unpacked_bytes)(fg, H) > FN(unpacked_bytes)(fu, H) ? FN(unpacked_bytes)(fg, H) : FN(unpacked_bytes)(fu, H);
+    const size_t scr_d = FN(unpacked_bytes)(fd, I);
+    const size_t scratch_bytes = (scr > scr_d ? scr : scr_d) + 64;
+    int failed = 0;
+
+#pragma omp parallel num_threads(nthreads)
+    {
+        void *scratch = aligned_alloc(64, (scratch_bytes + 63) & ~(size_t)63);
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            /* 2. quantize x once */
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++) {
+                if (qxg) FN(quant_act)(fg, x + t * H, H, qxg + t * axg);
+                if (qxu) FN(quant_act)(fu, x + t * H, H, qxu + t * axu);
+            }
+            /* 3. gate / up */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t unit = 0; unit < nu1; unit++) {
+                const int64_t e = active[unit / nrb1], r0 = (unit % nrb1) * rb1;
+                const int64_t r1 = r0 + rb1 < I ? r0 + rb1 : I;
+                const int64_t s0 = start[e], s1 = start[e + 1];
+                for (int64_t r = r0; r < r1; r++) {
+                    const void *wr = FN(prep_row)(gate->type, fg, gate->data + (e * I + r) * gate->row_bytes, H, scratch);
+                    for (int64_t s = s0; s < s1; s++)
+                        G[s * I + r] = FN(dot_row)(fg, sg, wr, ag + ptok[s] * sxg, H);
+                    wr = FN(prep_row)(up->type, fu, up->data + (e * I + r) * up->row_bytes, H, scratch);
+                    for (int64_t s = s0; s < s1; s++)
+                        U[s * I + r] = FN(dot_row)(fu, su, wr, au + ptok[s] * sxu, H);
+                }
+            }
+            /* 4. a = silu(g) * u, quantized for down */
+#pragma omp for schedule(static)
+            for (int64_t s = 0; s < P; s++) {
+                float *g = G + s * I;
+                const float *u = U + s * I;
+                for (int64_t i = 0; i < I; i++) g[i] = FN(silu)(g[i]) * u[i];
+                if (qa) FN(quant_act)(fd, g, I, qa + s * aad);
+            }
+            /* 5. down, accumulated into out */
+            const uint8_t *aa = qa ? qa : (const uint8_t *)G;
+            const size_t sa = qa ? aad : (size_t)I * 4;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t unit = 0; unit < nu2; unit++) {
+                const int64_t r0 = unit * rb2, r1 = r0 + rb2 < H ? r0 + rb2 : H;
+                for (int64_t t = 0; t < T; t++) memset(out + t * H + r0, 0, (size_t)(r1 - r0) * sizeof(float));
+                for (int64_t ia = 0; ia < nact; ia++) {
+                    const int64_t e = active[ia], s0 = start[e], s1 = start[e + 1];
+                    for (int64_t r = r0; r < r1; r++) {
+                        const void *wr = FN(prep_row)(down->type, fd, down->data + (e * H + r) * down->row_bytes, I, scratch);
+                        for (int64_t s = s0; s < s1; s++)
+                            out[ptok[s] * H + r] += pw[s] * FN(dot_row)(fd, sd, wr, aa + s * sa, I);
+                    }
+                }
+            }
+        }
+        free(scratch);
+    }
+    free(start); free(ptok); free(pw); free(active); free(qxg); free(qxu); free(G); free(qa);
+    return failed ? -1 : 0;
+}

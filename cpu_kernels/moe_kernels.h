@@ -1,0 +1,94 @@
+/* nextn CPU expert kernels: shared declarations.
+ *
+ * Block layouts are ggml's (GGUF on disk).  Each weight type is decoded ("unpacked") one row at a
+ * time into one of three canonical forms that the dot-product cores understand:
+ *   NX_FAM_F   : float row                          (F32, F16, BF16)     x stays float
+ *   NX_FAM_B32 : 32-element blocks  q[32], d, off   (Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL)
+ *                w_i = d*q_i + off; activations quantized to 8-bit blocks of 32 (Q8_0-like + sum)
+ *   NX_FAM_K   : 256-element blocks q[256], int16 scale per 16 elements, float offset per 16, d
+ *                w_i = d*sc_g*q_i + off_g          (Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_XS)
+ *                activations quantized to 8-bit blocks of 256 with per-16 sums (Q8_K-like)
+ * q is unsigned (0..63, zero point folded into off) for most types, signed for Q8_0/IQ4_* (the
+ * dot core then uses the abs/sign trick so maddubs never saturates).
+ */
+#ifndef NX_MOE_KERNELS_H
+#define NX_MOE_KERNELS_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* ggml type ids (gguf.GGMLQuantizationType) */
+enum {
+    NX_F32 = 0, NX_F16 = 1, NX_Q4_0 = 2, NX_Q4_1 = 3, NX_Q5_0 = 6, NX_Q5_1 = 7, NX_Q8_0 = 8,
+    NX_Q2_K = 10, NX_Q3_K = 11, NX_Q4_K = 12, NX_Q5_K = 13, NX_Q6_K = 14, NX_IQ4_NL = 20,
+    NX_IQ4_XS = 23, NX_BF16 = 30
+};
+
+enum { NX_FAM_F = 0, NX_FAM_B32 = 1, NX_FAM_K = 2 };
+
+/* ---- on-disk blocks (ggml layouts) ---- */
+#define QK 32
+#define QKK 256
+typedef uint16_t nx_half;
+
+typedef struct { nx_half d; int8_t qs[32]; } blk_q8_0;
+typedef struct { nx_half d; uint8_t qs[16]; } blk_q4_0;
+typedef struct { nx_half d; nx_half m; uint8_t qs[16]; } blk_q4_1;
+typedef struct { nx_half d; uint8_t qh[4]; uint8_t qs[16]; } blk_q5_0;
+typedef struct { nx_half d; nx_half m; uint8_t qh[4]; uint8_t qs[16]; } blk_q5_1;
+typedef struct { nx_half d; uint8_t qs[16]; } blk_iq4_nl;
+typedef struct { uint8_t scales[16]; uint8_t qs[64]; nx_half d; nx_half dmin; } blk_q2_K;
+typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; nx_half d; } blk_q3_K;
+typedef struct { nx_half d; nx_half dmin; uint8_t scales[12]; uint8_t qs[128]; } blk_q4_K;
+typedef struct { nx_half d; nx_half dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } blk_q5_K;
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; nx_half d; } blk_q6_K;
+typedef struct { nx_half d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } blk_iq4_xs;
+
+_Static_assert(sizeof(blk_q8_0) == 34, "q8_0");
+_Static_assert(sizeof(blk_q4_0) == 18, "q4_0");
+_Static_assert(sizeof(blk_q4_1) == 20, "q4_1");
+_Static_assert(sizeof(blk_q5_0) == 22, "q5_0");
+_Static_assert(sizeof(blk_q5_1) == 24, "q5_1");
+_Static_assert(sizeof(blk_iq4_nl) == 18, "iq4_nl");
+_Static_assert(sizeof(blk_q2_K) == 84, "q2_K");
+_Static_assert(sizeof(blk_q3_K) == 110, "q3_K");
+_Static_assert(sizeof(blk_q4_K) == 144, "q4_K");
+_Static_assert(sizeof(blk_q5_K) == 176, "q5_K");
+_Static_assert(sizeof(blk_q6_K) == 210, "q6_K");
+_Static_assert(sizeof(blk_iq4_xs) == 136, "iq4_xs");
+
+/* ---- canonical unpacked / activation blocks ---- */
+typedef struct { int8_t q[32]; float d; float off; } ub32;              /* unpacked weight, 32 */
+typedef struct { int8_t y[32]; float d; float s; } ab32;                /* activation, s = d*sum(y) */
+typedef struct {                                                         /* unpacked weight, 256 */
+    int8_t q[256];
+    int16_t scv[128];   /* scale of each maddubs int16 lane: scv[i] = sc[i/8] */
+    float off[16];      /* per-16 offset, multiplies sum(y) of that group */
+    float d;
+    float pad[15];
+} uk256;
+typedef struct { int8_t y[256]; float bs[16]; float d; float pad[7]; } ak256;
+
+_Static_assert(sizeof(ub32) == 40, "ub32");
+_Static_assert(sizeof(ab32) == 40, "ab32");
+_Static_assert(sizeof(uk256) == 640, "uk256");
+_Static_assert(sizeof(ak256) == 352, "ak256");
+
+/* one layer's stacked expert tensor: E x rows x cols, row_bytes per row */
+typedef struct {
+    const uint8_t *data;
+    int32_t type;
+    int64_t n_expert, rows, cols, row_bytes;
+} nx_tensor;
+
+/* per-path entry points (suffix = path name) */
+#define NX_DECL_PATH(sfx) \
+    int nx_moe_forward_##sfx(const float *x, int64_t T, const int32_t *ids, const float *wts, \
+                             int64_t K, const nx_tensor *gate, const nx_tensor *up, \
+                             const nx_tensor *down, float *out, int nthreads);
+
+NX_DECL_PATH(ref)
+NX_DECL_PATH(avx2)
+NX_DECL_PATH(avx512)
+
+#endif
