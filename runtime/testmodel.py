@@ -100,6 +100,8 @@ class TestModelSpec:
     rms_eps: float = 1e-5
     n_nextn: int = 1             # MTP layers (0: none)
     vocab_target: int = 320      # total vocabulary incl. special tokens (the trainer may stop short)
+    vocab_pad_multiple: int = 0  # pad the model's vocab up to a multiple (real GLM: 151365 tokens -> 151552);
+                                 # the GGUF then lists [PADn] tokens of type UNUSED, as the converter writes
     context_length: int = 512
     selection_bias_scale: float = 0.0  # std of e_score_correction_bias (exp_probs_b)
     seed: int = 0
@@ -172,10 +174,10 @@ def make_hf_tokenizer(vocab_target: int = 320):
         padding_side="left")
 
 
-def tokenizer_gguf_metadata(hf_tok) -> dict[str, Any]:
+def tokenizer_gguf_metadata(hf_tok, vocab_size: int | None = None) -> dict[str, Any]:
     """The tokenizer.* GGUF keys as llama.cpp's converter (Glm4MoeModel.set_vocab) writes them."""
     vocab = hf_tok.get_vocab()
-    n = max(vocab.values()) + 1
+    n = max(max(vocab.values()) + 1, vocab_size or 0)
     rev = {i: t for t, i in vocab.items()}
     added = hf_tok.added_tokens_decoder  # id -> AddedToken
     tokens, types = [], []
@@ -264,6 +266,8 @@ def build_hf_model(spec: TestModelSpec, tokenizer=None):
     spec.validate()
     tok = tokenizer if tokenizer is not None else make_hf_tokenizer(spec.vocab_target)
     V = len(tok)
+    if spec.vocab_pad_multiple > 0:
+        V = -(-V // spec.vocab_pad_multiple) * spec.vocab_pad_multiple
     cfg = hf_config(spec, V, eos_id=tok.convert_tokens_to_ids("<|endoftext|>"),
                     pad_id=tok.convert_tokens_to_ids("<|endoftext|>"))
     torch.manual_seed(spec.seed)
@@ -376,8 +380,14 @@ def gguf_entries(hf_model, mtp_model=None, nextn_embed_head: str = "copy") -> li
 # ----------------------------------------------------------------------------- GGUF writing
 
 WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+# Types gguf.quants cannot quantize: written as random blocks (sane f16 scales, magnitudes like the
+# weights they replace) whose dequantized values become the transformers weights (needs match_hf=True).
+# Byte offsets of the f16 scale fields in each block.
+SYNTH_TYPES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+               "IQ4_NL": (0,), "IQ4_XS": (0,)}
 TYPE_GROUPS = ("default", "embd", "output", "attn", "dense", "experts", "shexp", "nextn")
-_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
+              "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32}
 
 
 def _base_name(name: str) -> str:
@@ -399,9 +409,10 @@ def resolve_types(entries: list[_Entry], types: dict | str) -> dict[str, str]:
         if k not in TYPE_GROUPS and k not in known_bases and k not in known_names:
             raise ValueError(f"unknown tensor group {k!r} in types (groups: {', '.join(TYPE_GROUPS)}, "
                              f"or a tensor base name such as 'ffn_down_exps', or a full tensor name)")
-        if str(v).upper() not in WRITABLE_TYPES:
-            raise ValueError(f"cannot write tensor type {v!r} for {k!r}: the test-model writer quantizes with "
-                             f"gguf.quants, which supports {', '.join(WRITABLE_TYPES)}")
+        if str(v).upper() not in WRITABLE_TYPES and str(v).upper() not in SYNTH_TYPES:
+            raise ValueError(f"cannot write tensor type {v!r} for {k!r}: the test-model writer supports "
+                             f"{', '.join(WRITABLE_TYPES)} (gguf.quants) and, with match_hf=True, "
+                             f"{', '.join(SYNTH_TYPES)} (random blocks)")
     out = {}
     for e in entries:
         if e.group in ("norms", "router") or (e.index is None and e.tensor.dim() == 1):
@@ -412,7 +423,7 @@ def resolve_types(entries: list[_Entry], types: dict | str) -> dict[str, str]:
     return out
 
 
-def _encode(arr: np.ndarray, tname: str, name: str):
+def _encode(arr: np.ndarray, tname: str, name: str, rng: np.random.Generator | None = None):
     """-> (data array for GGUFWriter.add_tensor, raw_dtype or None)."""
     import gguf
     from gguf.quants import quantize
@@ -426,7 +437,33 @@ def _encode(arr: np.ndarray, tname: str, name: str):
     if arr.shape[-1] % block:
         raise ValueError(f"{name}: row length {arr.shape[-1]} is not a multiple of the {tname} block size "
                          f"{block}; pick sizes that are, or another type for this tensor group")
+    if tname in SYNTH_TYPES:
+        return _synth_blocks(arr, tname, rng if rng is not None else np.random.default_rng(0)), qt
     return quantize(arr.astype(np.float32), qt), qt
+
+
+def _synth_blocks(arr: np.ndarray, tname: str, rng: np.random.Generator) -> np.ndarray:
+    """Random ``tname`` blocks for a tensor shaped like ``arr``: random quants and sub-scales, f16 scale
+    fields set so the dequantized values have about ``arr``'s std (varying by block)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    qt = gguf.GGMLQuantizationType[tname]
+    block, bsize = gguf.GGML_QUANT_SIZES[qt]
+    rows = int(np.prod(arr.shape[:-1])) if arr.ndim > 1 else 1
+    nb = arr.shape[-1] // block
+    raw = rng.integers(0, 256, size=(rows, nb, bsize), dtype=np.uint8)
+
+    def set_scales(v):
+        b = np.ascontiguousarray(v.astype(np.float16)).view(np.uint8).reshape(rows, nb, 2)
+        for off in SYNTH_TYPES[tname]:
+            raw[:, :, off:off + 2] = b
+
+    set_scales(np.ones((rows, nb)))
+    unit = dequantize(raw.reshape(rows, nb * bsize), qt)
+    s = float(np.std(arr)) / max(float(np.std(unit)), 1e-12)
+    set_scales(s * rng.uniform(0.5, 1.5, size=(rows, nb)))
+    return raw.reshape(*arr.shape[:-1], nb * bsize)
 
 
 def dequantize_written(data: np.ndarray, raw_dtype) -> np.ndarray:
@@ -472,12 +509,21 @@ def write_gguf(hf_model, mtp_model, tokenizer, spec: TestModelSpec | None, path,
     ents = gguf_entries(hf_model, mtp_model, embed_head)
     tmap = resolve_types(ents, types)
 
+    synth = sorted({t for t in tmap.values() if t in SYNTH_TYPES})
+    if synth and not match_hf:
+        raise ValueError(f"cannot quantize to {', '.join(synth)} (gguf.quants has no quantizer for it): pass "
+                         f"match_hf=True to write random blocks of that type and make the transformers weights "
+                         f"their dequantized values")
+    rng = np.random.default_rng((spec.seed if spec is not None else 0) + 12345)
     encoded: dict[str, tuple] = {}
     arrays: dict[str, np.ndarray] = {}
     for e in ents:
         arr = e.get()
         arrays[e.name] = arr
-        encoded[e.name] = _encode(arr, tmap[e.name], e.name)
+        if e.copy_of is not None and tmap[e.name] == tmap[e.copy_of]:
+            encoded[e.name] = encoded[e.copy_of]  # byte-identical copy, as the converter writes it
+        else:
+            encoded[e.name] = _encode(arr, tmap[e.name], e.name, rng)
     if match_hf:
         for e in ents:
             if e.copy_of is None:
@@ -520,7 +566,7 @@ def write_gguf(hf_model, mtp_model, tokenizer, spec: TestModelSpec | None, path,
     w.add_bool(f"{A}.expert_weights_norm", bool(cfg.norm_topk_prob))
     w.add_uint32(f"{A}.nextn_predict_layers", n_nextn)
     w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-    tm = tokenizer_gguf_metadata(tokenizer)
+    tm = tokenizer_gguf_metadata(tokenizer, cfg.vocab_size)
     w.add_string("tokenizer.ggml.model", tm["tokenizer.ggml.model"])
     w.add_string("tokenizer.ggml.pre", tm["tokenizer.ggml.pre"])
     w.add_array("tokenizer.ggml.tokens", tm["tokenizer.ggml.tokens"])

@@ -212,7 +212,9 @@ def test_mixed_types(make_test_model):
 
 def test_type_errors(tmp_path, test_model):
     args = (test_model.hf_model, test_model.mtp_model, test_model.tokenizer, test_model.spec)
-    with pytest.raises(ValueError, match="cannot write tensor type 'Q4_K'"):
+    with pytest.raises(ValueError, match="cannot write tensor type 'IQ1_S'"):
+        write_gguf(*args, tmp_path / "a.gguf", types="IQ1_S")
+    with pytest.raises(ValueError, match="cannot quantize to Q4_K .*match_hf=True"):
         write_gguf(*args, tmp_path / "a.gguf", types="Q4_K")
     with pytest.raises(ValueError, match="unknown tensor group 'exprts'"):
         write_gguf(*args, tmp_path / "b.gguf", types={"exprts": "Q8_0"})
@@ -280,5 +282,49 @@ def test_cli(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out.split()
     assert len(out) == 2 and out[0].endswith("-00001-of-00002.gguf")
-    rc = main([str(tmp_path / "x"), "--types", "Q4_K"])
+    rc = main([str(tmp_path / "x"), "--types", "Q8_1"])
     assert rc == 2 and "cannot write tensor type" in capsys.readouterr().err
+
+
+def test_kquant_types_with_match_hf(make_test_model):
+    """Types gguf.quants cannot quantize (K-quants, IQ4) are written as random blocks whose dequantized
+    values become the transformers weights; a GLM-4.5-Air-like mix (down_exps in a 32-element type)."""
+    types = {"default": "Q8_0", "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "IQ4_NL",
+             "attn_q": "Q6_K", "attn_output": "Q3_K", "output": "Q2_K", "ffn_up_shexp": "IQ4_XS"}
+    tm = make_test_model(types=types, match_hf=True, hidden=256, expert_ffn=64, dense_ffn=256, n_heads=4,
+                         head_dim=64, n_layers=2, vocab_target=300)
+    Q = gguf.GGMLQuantizationType
+    r = _reader(tm.gguf_path)
+    tt = {t.name: t.tensor_type for t in r.tensors}
+    assert tt["blk.1.ffn_gate_exps.weight"] == Q.Q4_K and tt["blk.1.ffn_down_exps.weight"] == Q.IQ4_NL
+    assert tt["blk.1.attn_q.weight"] == Q.Q6_K and tt["output.weight"] == Q.Q2_K
+    assert tt["blk.2.nextn.shared_head_head.weight"] == Q.Q2_K
+    ents = {e.name: e for e in gguf_entries(tm.hf_model, tm.mtp_model)}
+    for t in r.tensors:
+        got = _deq(t)
+        assert np.isfinite(got).all(), t.name
+        np.testing.assert_array_equal(got, ents[t.name].get(), err_msg=t.name)
+    model, mtp = hf_from_gguf(tm.gguf_path)  # exact transformers reference for this K-quant file
+    ids = [5, 17, 300, 42, 7, 99]
+    np.testing.assert_array_equal(hf_logits(model, ids), tm.logits(ids))
+    np.testing.assert_array_equal(hf_mtp_logits(model, mtp, ids), tm.mtp_logits(ids))
+    w = _deq({t.name: t for t in r.tensors}["blk.1.ffn_gate_exps.weight"])
+    assert 0.01 < w.std() < 0.2  # magnitudes like the random init (std 0.05)
+    with pytest.raises(ValueError, match="match_hf=True"):
+        write_gguf(tm.hf_model, tm.mtp_model, tm.tokenizer, tm.spec, tm.gguf_path.with_name("z.gguf"), types="Q4_K")
+
+
+def test_vocab_padding(make_test_model):
+    from runtime.tokenizer import Tokenizer
+    tm = make_test_model(vocab_pad_multiple=128, n_nextn=0, n_layers=2)
+    n_tok = len(tm.tokenizer)
+    V = tm.hf_model.config.vocab_size
+    assert V % 128 == 0 and V > n_tok
+    f = _fields(_reader(tm.gguf_path))
+    toks, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert len(toks) == V and toks[n_tok] == f"[PAD{n_tok}]" and types[n_tok] == 5
+    t = Tokenizer.from_metadata(f)
+    assert t.vocab_size == V
+    s = "hello 我想 <|user|>"
+    assert t.encode(s) == tm.tokenizer.encode(s, add_special_tokens=False)
+    assert t.decode([n_tok], skip_special=True) == ""
