@@ -1,0 +1,367 @@
+"""Tests of the CPU expert kernels (cpu_kernels): every type, mixes, odd T, routing corner cases,
+every SIMD path this machine has, and argument checking.
+
+Two references:
+  * exact  : gguf.quants.dequantize weights + float64 math, float activations. The kernels quantize
+             activations to 8 bits (x once per call, silu(g)*u once per (token, expert)), so they
+             differ from it by that rounding: TOL_EXACT per type, relative to max|ref|.
+  * emulated: the same float64 reference, but with the kernels' activation quantization emulated
+             in numpy. What is left is float32 accumulation order and the rare flip of a rounding
+             tie, so TOL_EMU is tight (catches any wrong element, scale or offset of a block layout).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+cpu_kernels = pytest.importorskip("cpu_kernels")
+import gguf  # noqa: E402
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+
+ck = cpu_kernels
+ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.IQ4_NL,
+             QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS]
+FLOAT_TYPES = {QT.F32, QT.F16, QT.BF16}
+K_TYPES = {QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS}
+
+# Tolerances, max|out - ref| / max|ref|.
+# Float weight types: no activation quantization, only float32 accumulation over <= ~1300 terms
+# (rel. error ~1e-6) -> 1e-4.
+# Quantized types vs the exact float reference: x is rounded to 8 bits per block (step
+# amax/127, i.e. ~1/3 % of a Gaussian row's scale per element, averaging down in the dot) and
+# silu(g)*u, a heavy-tailed product, is rounded again for down (its block amax is ~5-8x its rms, so
+# the relative step is ~5 %, error per dot ~1-2 % of the output scale). Measured max errors are
+# 1-2.5 % (32-blocks) and 1.5-3 % (256-blocks: one scale per 256 values is coarser); tolerances
+# are ~2x that. Mixed calls take the largest tolerance of their three types.
+TOL_EXACT = {t: 1e-4 for t in FLOAT_TYPES}
+TOL_EXACT.update({t: 0.05 for t in (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.IQ4_NL)})
+TOL_EXACT.update({t: 0.06 for t in K_TYPES})
+TOL_EMU = 2e-3
+
+PATHS = ck.available_paths()
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    old = ck.active_path()
+    ck._set_path(request.param)
+    yield request.param
+    ck._set_path(old)
+
+
+def _bs(t):
+    return gguf.GGML_QUANT_SIZES[t][0]
+
+
+def _fam(t):
+    return "F" if t in FLOAT_TYPES else "K" if t in K_TYPES else "B"
+
+
+def _fake_quant(a: np.ndarray, fam: str) -> np.ndarray:
+    """The kernels' activation rounding (quant_b32 / quant_k), in float32, dequantized to float64."""
+    if fam == "F":
+        return a.astype(np.float64)
+    n = 32 if fam == "B" else 256
+    a32 = a.astype(np.float32)
+    blk = a32.reshape(a32.shape[:-1] + (-1, n))
+    amax = np.abs(blk).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(blk * iscale)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(a.shape)
+
+
+def _emulated_moe(x, ids, wts, gf, uf, df, tg, tu, td):
+    T, K = ids.shape
+    out = np.zeros((T, x.shape[1]))
+    xg, xu = _fake_quant(x, _fam(tg)), _fake_quant(x, _fam(tu))
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            g = (gf[e].astype(np.float32) @ xg[t].astype(np.float32)).astype(np.float64)
+            u = (uf[e].astype(np.float32) @ xu[t].astype(np.float32)).astype(np.float64)
+            g32 = g.astype(np.float32)
+            a = (g32 / (np.float32(1) + np.exp(-g32)) * u.astype(np.float32)).astype(np.float32)
+            aq = _fake_quant(a, _fam(td))
+            out[t] += wts[t, k] * (df[e].astype(np.float64) @ aq)
+    return out
+
+
+def _make(tg, tu, td, E, I, H, rng):
+    g = ck.random_blocks(tg, (E, I, H), rng)
+    u = ck.random_blocks(tu, (E, I, H), rng)
+    d = ck.random_blocks(td, (E, H, I), rng)
+    tens = (ck.ExpertTensor(g, tg, (E, I, H)), ck.ExpertTensor(u, tu, (E, I, H)), ck.ExpertTensor(d, td, (E, H, I)))
+    flt = (ck.dequantize(g, tg, (E, I, H)), ck.dequantize(u, tu, (E, I, H)), ck.dequantize(d, td, (E, H, I)))
+    return tens, flt
+
+
+def _routing(T, K, E, rng, repeat=False):
+    if repeat:
+        return rng.integers(0, E, size=(T, K)).astype(np.int32)
+    return np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
+
+
+def _check(tg, tu, td, E, I, H, T, K, rng, ids=None, emulate=True, threads=None):
+    (G, U, D), (gf, uf, df) = _make(tg, tu, td, E, I, H, rng)
+    x = rng.standard_normal((T, H), dtype=np.float32)
+    if ids is None:
+        ids = _routing(T, K, E, rng)
+    wts = rng.random(ids.shape, dtype=np.float32)
+    out = np.full((T, H), np.nan, dtype=np.float32)       # unwritten elements must fail
+    res = ck.moe_forward(x, ids, wts, G, U, D, out=out, threads=threads)
+    assert res is out
+    assert np.isfinite(out).all()
+    ref = ck.reference_moe(x, ids, wts, gf, uf, df)
+    scale = np.abs(ref).max()
+    tol = max(TOL_EXACT[tg], TOL_EXACT[tu], TOL_EXACT[td])
+    err = np.abs(out - ref).max() / scale
+    assert err < tol, f"{tg.name}/{tu.name}/{td.name} T={T}: error {err:.4g} vs exact reference > {tol}"
+    if emulate:
+        emu = _emulated_moe(x, ids, wts, gf, uf, df, tg, tu, td)
+        err2 = np.abs(out - emu).max() / np.abs(emu).max()
+        assert err2 < TOL_EMU, f"{tg.name}/{tu.name}/{td.name} T={T}: error {err2:.4g} vs emulated > {TOL_EMU}"
+    return out
+
+
+# ------------------------------------------------------------------ correctness
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_each_type_min_width(path, t):
+    """Smallest legal width for gate/up/down (one block), odd T, K < E."""
+    rng = np.random.default_rng(int(t))
+    bs = _bs(t)
+    w = max(bs, 32)
+    _check(t, t, t, E=5, I=w, H=w, T=3, K=2, rng=rng)
+
+
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_each_type_odd_width(path, t):
+    """Non-power-of-2 multiples of the block size, T=7, K=8 of 12 experts."""
+    rng = np.random.default_rng(100 + int(t))
+    bs = max(_bs(t), 32)
+    _check(t, t, t, E=12, I=3 * bs, H=5 * bs, T=7, K=8, rng=rng)
+
+
+MIXES = [
+    (QT.Q4_K, QT.Q4_K, QT.Q5_0),    # GLM-4.5-Air style
+    (QT.Q4_K, QT.Q4_K, QT.Q8_0),
+    (QT.Q8_0, QT.Q8_0, QT.Q8_0),
+    (QT.IQ4_XS, QT.IQ4_XS, QT.IQ4_NL),
+    (QT.Q2_K, QT.Q3_K, QT.Q4_0),
+    (QT.Q3_K, QT.Q3_K, QT.Q6_K),
+    (QT.Q8_0, QT.Q4_K, QT.F16),     # gate/up of different families
+    (QT.BF16, QT.Q6_K, QT.Q5_K),
+    (QT.F32, QT.IQ4_NL, QT.Q5_1),
+    (QT.Q5_K, QT.Q4_1, QT.BF16),
+]
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: "-".join(t.name for t in m))
+def test_mixes(path, mix):
+    tg, tu, td = mix
+    rng = np.random.default_rng(7)
+    H = 512
+    I = 256 if td in K_TYPES else 96
+    _check(tg, tu, td, E=10, I=I, H=H, T=5, K=4, rng=rng)
+
+
+@pytest.mark.parametrize("T", [1, 3, 7, 33, 130])
+def test_token_counts_air_mix(path, T):
+    """Decode, speculative-verify and prefill-sized T; K=8 of 16 experts, some experts empty."""
+    rng = np.random.default_rng(T)
+    _check(QT.Q4_K, QT.Q4_K, QT.Q5_0, E=16, I=96, H=256, T=T, K=8, rng=rng, emulate=T <= 33)
+
+
+def test_repeated_ids_and_k1(path):
+    rng = np.random.default_rng(11)
+    ids = np.array([[2, 2, 2, 5], [0, 0, 1, 1], [3, 3, 3, 3]], dtype=np.int64)  # int64 accepted
+    _check(QT.Q8_0, QT.Q4_K, QT.IQ4_NL, E=8, I=64, H=256, T=3, K=4, rng=rng, ids=ids)
+    _check(QT.Q6_K, QT.Q6_K, QT.Q5_0, E=8, I=64, H=256, T=4, K=1, rng=rng,
+           ids=np.array([[7], [7], [0], [3]], dtype=np.int32))
+
+
+def test_all_tokens_same_experts(path):
+    rng = np.random.default_rng(12)
+    ids = np.tile(np.array([[1, 4, 6, 9]], dtype=np.int32), (6, 1))
+    _check(QT.Q4_K, QT.Q4_K, QT.Q8_0, E=12, I=64, H=256, T=6, K=4, rng=rng, ids=ids)
+
+
+def test_threads_deterministic_and_torch_inputs():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(13)
+    (G, U, D), _ = _make(QT.Q4_K, QT.Q4_K, QT.Q5_0, 16, 96, 256, rng)
+    x = rng.standard_normal((9, 256), dtype=np.float32)
+    ids = _routing(9, 8, 16, rng)
+    w = rng.random((9, 8), dtype=np.float32)
+    a = ck.moe_forward(x, ids, w, G, U, D, threads=1)
+    b = ck.moe_forward(x, ids, w, G, U, D, threads=2)
+    np.testing.assert_array_equal(a, b)
+    out = torch.full((9, 256), float("nan"))
+    r = ck.moe_forward(torch.from_numpy(x), torch.from_numpy(ids).long(), torch.from_numpy(w), G, U, D, out=out)
+    assert r is out
+    np.testing.assert_array_equal(out.numpy(), a)
+
+
+def test_paths_agree():
+    """Every SIMD path gives (nearly) the reference path's result: same integer math, only float
+    summation order differs."""
+    rng = np.random.default_rng(14)
+    (G, U, D), _ = _make(QT.IQ4_XS, QT.Q5_K, QT.Q5_0, 16, 96, 512, rng)
+    x = rng.standard_normal((5, 512), dtype=np.float32)
+    ids = _routing(5, 6, 16, rng)
+    w = rng.random((5, 6), dtype=np.float32)
+    old = ck.active_path()
+    try:
+        res = {}
+        for p in PATHS:
+            ck._set_path(p)
+            res[p] = ck.moe_forward(x, ids, w, G, U, D)
+    finally:
+        ck._set_path(old)
+    for p in PATHS:
+        np.testing.assert_allclose(res[p], res["ref"], rtol=0, atol=1e-4 * np.abs(res["ref"]).max())
+
+
+def test_random_blocks_valid():
+    rng = np.random.default_rng(15)
+    for t in ALL_TYPES:
+        for method in ("auto", "bytes"):
+            shape = (2, 3, max(_bs(t), 32) * 2)
+            data = ck.random_blocks(t, shape, rng, method=method)
+            f = ck.dequantize(data, t, shape)
+            assert f.shape == shape and np.isfinite(f).all()
+            assert 0 < np.abs(f).max() < 10
+
+
+# ------------------------------------------------------------------ path selection / info
+def _run_py(code, env_extra):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_env_forces_path():
+    for p in PATHS:
+        key = "avx512" if p.startswith("avx512") else p
+        r = _run_py("import cpu_kernels; print(cpu_kernels.active_path())", {"NEXTN_KERNEL_PATH": key})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == p
+    if "avx512vnni" not in PATHS:
+        r = _run_py("import cpu_kernels", {"NEXTN_KERNEL_PATH": "avx512"})
+        assert r.returncode != 0 and "not supported by this CPU" in r.stderr
+    r = _run_py("import cpu_kernels", {"NEXTN_KERNEL_PATH": "sse9"})
+    assert r.returncode != 0 and "NEXTN_KERNEL_PATH" in r.stderr
+
+
+def test_main_prints_info():
+    r = subprocess.run([sys.executable, "-m", "cpu_kernels"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "path" in r.stdout and "-fopenmp" in r.stdout and "threads" in r.stdout
+
+
+def test_threads_api():
+    old = ck.get_threads()
+    ck.set_threads(1)
+    assert ck.get_threads() == 1
+    ck.set_threads(None)
+    assert ck.get_threads() >= 1
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError):
+            ck.set_threads(bad)
+    ck.set_threads(old)
+
+
+# ------------------------------------------------------------------ bad arguments
+@pytest.fixture(scope="module")
+def good():
+    rng = np.random.default_rng(16)
+    E, I, H = 4, 64, 256
+    (G, U, D), _ = _make(QT.Q4_K, QT.Q4_K, QT.Q8_0, E, I, H, rng)
+    x = rng.standard_normal((3, H), dtype=np.float32)
+    ids = np.array([[0, 1], [2, 3], [1, 1]], dtype=np.int32)
+    w = np.ones((3, 2), dtype=np.float32)
+    return dict(x=x, expert_ids=ids, expert_weights=w, gate=G, up=U, down=D)
+
+
+def _call(good, **over):
+    args = dict(good)
+    args.update(over)
+    return ck.moe_forward(**args)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    (lambda g: dict(x=g["x"].astype(np.float64)), TypeError, "x must be float32"),
+    (lambda g: dict(x=g["x"][:, :128]), ValueError, "x"),
+    (lambda g: dict(x=np.ones((256, 3), np.float32).T), ValueError, "contiguous"),
+    (lambda g: dict(x=g["x"][0]), ValueError, "2-D"),
+    (lambda g: dict(x=[[1.0] * 256]), TypeError, "x must be"),
+    (lambda g: dict(expert_ids=g["expert_ids"].astype(np.float32)), TypeError, "expert_ids"),
+    (lambda g: dict(expert_ids=g["expert_ids"][:2]), ValueError, "expert_ids"),
+    (lambda g: dict(expert_ids=g["expert_ids"] + 3), ValueError, "out of range"),
+    (lambda g: dict(expert_ids=g["expert_ids"] - 1), ValueError, "out of range"),
+    (lambda g: dict(expert_weights=g["expert_weights"].astype(np.float16)), TypeError, "expert_weights"),
+    (lambda g: dict(expert_weights=g["expert_weights"][:, :1]), ValueError, "expert_weights"),
+    (lambda g: dict(gate=g["down"]), ValueError, "shape"),
+    (lambda g: dict(down=g["gate"]), ValueError, "down shape"),
+    (lambda g: dict(up="nope"), TypeError, "up must be"),
+    (lambda g: dict(out=np.empty((3, 255), np.float32)), ValueError, "out"),
+    (lambda g: dict(out=np.empty((3, 256), np.float64)), TypeError, "out"),
+    (lambda g: dict(out=g["x"]), ValueError, "overlap"),
+    (lambda g: dict(threads=0), ValueError, "threads"),
+])
+def test_bad_arguments(good, case, exc, match):
+    over = case(good)
+    if exc is None:
+        _call(good, **over)  # a valid variant must work
+        return
+    with pytest.raises(exc, match=match):
+        _call(good, **over)
+
+
+def test_bad_expert_tensor():
+    rng = np.random.default_rng(17)
+    data = ck.random_blocks(QT.Q4_K, (2, 8, 256), rng)
+    ck.ExpertTensor(data, QT.Q4_K, (2, 8, 256))
+    ck.ExpertTensor(data, int(QT.Q4_K), [2, 8, 256])
+    with pytest.raises(ValueError, match="bytes"):
+        ck.ExpertTensor(data.reshape(-1)[:-144], QT.Q4_K, (2, 8, 256))  # byte size mismatch
+    with pytest.raises(ValueError, match="bytes"):
+        ck.ExpertTensor(data, QT.Q5_K, (2, 8, 256))                 # wrong type for the bytes
+    with pytest.raises(ValueError, match="multiple"):
+        ck.ExpertTensor(data, QT.Q4_K, (2, 9, 128))                 # cols not a block multiple
+    with pytest.raises(ValueError, match="contiguous"):
+        ck.ExpertTensor(np.concatenate([data, data], axis=2)[:, :, ::2], QT.Q4_K, (2, 8, 256))
+    with pytest.raises(ValueError, match="not supported"):
+        ck.ExpertTensor(data, QT.Q8_1, (2, 8, 256))                 # unsupported type
+    with pytest.raises(ValueError, match="not supported"):
+        ck.ExpertTensor(data, 999, (2, 8, 256))
+    with pytest.raises(TypeError):
+        ck.ExpertTensor(data, 12.0, (2, 8, 256))
+    with pytest.raises(ValueError, match="shape"):
+        ck.ExpertTensor(data, QT.Q4_K, (2, 8))
+    with pytest.raises(ValueError, match="aligned"):
+        raw = np.zeros(data.nbytes + 1, np.uint8)[1:]
+        ck.ExpertTensor(raw, QT.Q4_K, (2, 8, 256))
+    with pytest.raises(TypeError):
+        ck.ExpertTensor(bytes(data.nbytes), QT.Q4_K, (2, 8, 256))
+
+
+def test_mismatched_h_between_tensors():
+    rng = np.random.default_rng(18)
+    G = ck.ExpertTensor(ck.random_blocks(QT.Q8_0, (3, 64, 256), rng), QT.Q8_0, (3, 64, 256))
+    U = ck.ExpertTensor(ck.random_blocks(QT.Q8_0, (3, 64, 512), rng), QT.Q8_0, (3, 64, 512))
+    D = ck.ExpertTensor(ck.random_blocks(QT.Q8_0, (3, 256, 64), rng), QT.Q8_0, (3, 256, 64))
+    D2 = ck.ExpertTensor(ck.random_blocks(QT.Q8_0, (4, 256, 64), rng), QT.Q8_0, (4, 256, 64))
+    x = np.ones((1, 256), np.float32)
+    ids = np.zeros((1, 1), np.int32)
+    w = np.ones((1, 1), np.float32)
+    with pytest.raises(ValueError, match="up shape"):
+        ck.moe_forward(x, ids, w, G, U, D)
+    with pytest.raises(ValueError, match="down shape"):
+        ck.moe_forward(x, ids, w, G, G, D2)
+    out = ck.moe_forward(np.empty((0, 256), np.float32), np.empty((0, 1), np.int32), np.empty((0, 1), np.float32), G, G, D)
+    assert out.shape == (0, 256)
