@@ -1,7 +1,7 @@
 """Memory estimate of a resolved placement, and the table `nextn plan` prints.
 
 The rules (the engine allocates by the same ones; `tensor_load_bytes` is the single definition):
-  router     ffn_gate_inp and exp_probs_b (part of the routed-experts unit) are float32 on either side.
+  router     ffn_gate_inp and exp_probs_b (the router unit) are float32 on either side.
   gpu side   every other tensor is dequantized once at load to the gpu dtype: n_elements * dtype size.
              gpu dtype: plan.gpu_dtype, or with "auto" bfloat16 on CUDA and float32 when the gpu side
              resolves to the CPU.

@@ -12,8 +12,9 @@ only. A unit split across sides would need a weight copied at every step, so it 
                                    post_attention_norm
   blk.N dense_ffn                  ffn_gate, ffn_up, ffn_down
   blk.N shared_experts             ffn_gate_shexp, ffn_up_shexp, ffn_down_shexp
-  blk.N routed_experts             ffn_gate_exps, ffn_up_exps, ffn_down_exps and the router
-                                   (ffn_gate_inp, exp_probs_b): routing runs beside the experts
+  blk.N routed_experts             ffn_gate_exps, ffn_up_exps, ffn_down_exps
+  blk.N router                     ffn_gate_inp, exp_probs_b (float32; placed with the attention group:
+                                   its ids and weights cross to the experts' side)
   blk.L mtp_nextn (nextn block)    nextn.eh_proj, nextn.enorm, nextn.hnorm, nextn.shared_head_norm
   blk.L mtp_head                   nextn.shared_head_head (own copy, when not a duplicate)
   blk.L mtp_embed                  nextn.embed_tokens (own copy, when not a duplicate)
@@ -67,8 +68,10 @@ def classify(name: str, cfg: ModelConfig) -> TensorRole:
         else:
             part = "nextn"  # eh_proj, enorm, hnorm, shared_head_norm
         return TensorRole("mtp", layer, f"blk.{layer}.mtp_{part}", part)
-    if _EXPS.match(rest) or _ROUTER.match(rest):
+    if _EXPS.match(rest):
         part = "routed_experts"
+    elif _ROUTER.match(rest):
+        part = "router"
     elif _SHEXP.match(rest):
         part = "shared_experts"
     elif _DENSE.match(rest):
@@ -77,7 +80,7 @@ def classify(name: str, cfg: ModelConfig) -> TensorRole:
         part = "attention"
     else:
         return TensorRole("unknown", layer, f"unknown:{name}", "unknown")
-    group = "mtp" if layer >= cfg.n_layers else part
+    group = "mtp" if layer >= cfg.n_layers else ("attention" if part == "router" else part)
     return TensorRole(group, layer, f"blk.{layer}.{part}", part)
 
 
@@ -151,6 +154,22 @@ def same_bytes(a, b, chunk: int = 1 << 24) -> bool:
         if not np.array_equal(ra[off:off + chunk], rb[off:off + chunk]):
             return False
     return True
+
+
+_FOLLOW = (
+    (re.compile(r"^(blk\.\d+\.)post_attention_norm\.weight$"), r"\1attn_q.weight"),
+    (re.compile(r"^(blk\.\d+\.)exp_probs_b\.bias$"), r"\1ffn_gate_inp.weight"),
+)
+
+
+def _leader(name: str, head_name: str) -> str | None:
+    """The tensor whose override a follower (a norm or router of a unit) takes when none names it."""
+    if name == "output_norm.weight":
+        return head_name
+    for rx, rep in _FOLLOW:
+        if rx.match(name):
+            return rx.sub(rep, name)
+    return None
 
 
 def _group_side(plan: Plan, role: TensorRole, cfg: ModelConfig) -> str:
@@ -248,6 +267,16 @@ def resolve(plan: Plan, gguf_file, cfg: ModelConfig) -> Placement:
             override_of[name] = chosen.where
         else:
             side[name] = _group_side(plan, role, cfg)
+    # Small tensors that no override named follow their unit's main tensor, so that llama.cpp-style
+    # patterns (`attn_.*=CPU`, `output\.weight=CPU`, `ffn_gate_inp=CPU`) move whole units.
+    if override_of:
+        for name in side:
+            if name in override_of or side[name] == "none":
+                continue
+            leader = _leader(name, head_name)
+            if leader is not None and leader in override_of and side.get(leader, "none") != "none":
+                side[name] = side[leader]
+                override_of[name] = override_of[leader]
     for i, ov in enumerate(plan.overrides):
         if hits[i] == 0:
             why = (f"only duplicate tensors that are not loaded ({hits_skipped[i]})" if hits_skipped[i]
@@ -316,7 +345,8 @@ def resolve(plan: Plan, gguf_file, cfg: ModelConfig) -> Placement:
 
 _ORDER = {"token_embd": 0, "attention": 1, "dense_ffn": 2, "shared_experts": 3, "routed_experts": 4,
           "mtp": 5, "output": 6, "unknown": 7}
-_MTP_PART_ORDER = {"embed": 0, "nextn": 1, "attention": 2, "shared_experts": 3, "routed_experts": 4, "head": 5}
+_MTP_PART_ORDER = {"embed": 0, "nextn": 1, "attention": 2, "router": 3, "shared_experts": 4, "routed_experts": 5,
+                   "head": 6}
 
 
 def _rows(tensors, side: dict[str, str], roles: dict[str, TensorRole]) -> list[Row]:

@@ -355,10 +355,10 @@ def _check_sampling(name: str, v, where: str):
     }[name](v, where)
 
 
-def _read_layer_group(r: _Reader, node: Node, key: str, default: str) -> LayerGroup:
-    where = r.where(node, key)
+def _read_layer_group(r: _Reader, node: Node, key: str, default: str, key_node: Node) -> LayerGroup:
+    where = r.where(key_node, key)
     if isinstance(node, ScalarNode):
-        return LayerGroup(check_side(r.scalar(node, key), where), where=where)
+        return LayerGroup(check_side(r.scalar(node, key), r.where(node, key)), where=where)
     g = LayerGroup(default, where=where)
     items = r.mapping(node, key, _LAYER_KEYS)
     for name, kn, vn in items:
@@ -391,7 +391,7 @@ def _read_groups(r: _Reader, node: Node, groups: Groups) -> None:
         if name in ("token_embd", "output"):
             setattr(groups, name, check_side(r.scalar(vn, path), r.where(vn, path)))
         elif name in LAYER_GROUPS:
-            setattr(groups, name, _read_layer_group(r, vn, path, getattr(groups, name).default))
+            setattr(groups, name, _read_layer_group(r, vn, path, getattr(groups, name).default, kn))
         else:  # mtp
             m = MtpGroup(where=r.where(kn, path))
             if isinstance(vn, ScalarNode):
