@@ -53,15 +53,16 @@ def resolve_gpu_dtype(plan: Plan, gpu_device: str) -> str:
     return "bfloat16" if gpu_device.startswith("cuda") else "float32"
 
 
-def tensor_load_bytes(info, side: str, role_part: str, gpu_dtype: str) -> int:
-    """Bytes a tensor occupies once loaded on `side` (see the module docstring)."""
+def tensor_load_bytes(info, side: str, role_part: str, gpu_dtype: str, use_kernels: bool = True) -> int:
+    """Bytes a tensor occupies once loaded on `side` (see the module docstring). Without the CPU
+    kernels (`use_kernels=False`, the torch expert path) cpu-side experts are float32 too."""
     if side == "none":
         return 0
     if info.name.endswith(_FLOAT32_ALWAYS):  # the router runs in float32 on either side
         return info.n_elements * 4
     if side == "gpu":
         return info.n_elements * DTYPE_SIZE[gpu_dtype]
-    if role_part == "routed_experts":
+    if role_part == "routed_experts" and use_kernels:
         return int(info.nbytes)
     return info.n_elements * 4
 
@@ -104,9 +105,10 @@ class MemoryEstimate:
 
 
 def estimate_memory(placement: Placement, gguf_file, cfg: ModelConfig, plan: Plan, *,
-                    gpu_device: str | None = None) -> MemoryEstimate:
+                    gpu_device: str | None = None, use_kernels: bool = True) -> MemoryEstimate:
     """Bytes per side after load. `gpu_device`: what the gpu side runs on ('cpu', 'cuda:0'); by
-    default resolved from plan.gpu on this machine (pass 'cuda:0' to size a plan for a GPU elsewhere)."""
+    default resolved from plan.gpu on this machine (pass 'cuda:0' to size a plan for a GPU elsewhere).
+    `use_kernels=False`: the engine's torch expert path (cpu-side experts dequantized to float32)."""
     device = "cpu" if plan.gpu == "cpu" else (gpu_device or resolve_gpu_device(plan))
     dtype = resolve_gpu_dtype(plan, device)
     context = plan.context_for(cfg.context_length)
@@ -115,7 +117,7 @@ def estimate_memory(placement: Placement, gguf_file, cfg: ModelConfig, plan: Pla
     skipped = 0
     for name, info in gguf_file.tensors.items():
         side = placement.tensors[name]
-        b = tensor_load_bytes(info, side, placement.roles[name].part, dtype)
+        b = tensor_load_bytes(info, side, placement.roles[name].part, dtype, use_kernels)
         per_tensor[name] = b
         totals[side] += b
         if side == "none":

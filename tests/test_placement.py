@@ -558,3 +558,25 @@ def test_synthetic_tables_have_the_real_shapes():
     assert 190e9 < big.total_bytes() < 240e9  # ~215 GB
     assert "blk.92.nextn.embed_tokens.weight" not in big.tensors
     assert "blk.92.nextn.embed_tokens.weight" in synthetic_model("glm45", nextn_copies="identical").tensors
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+@pytest.mark.parametrize("kind,ov,dtype", [
+    ("missing", None, "float32"), ("identical", ["blk\\.1\\.(attn|post_attention)=cpu"], "bfloat16"),
+    ("different", ["blk\\.2\\.ffn_.*_exps=gpu"], "float32")])
+def test_estimate_equals_what_the_loader_allocates(models, kind, ov, dtype, use_kernels):
+    """Weights per side as the engine's loader actually allocates them (here the gpu side is the CPU)."""
+    loader = pytest.importorskip("runtime.loader")
+    torch = pytest.importorskip("torch")
+    if use_kernels:
+        pytest.importorskip("cpu_kernels")
+    plan = P.load_plan(None, {"model": str(models[kind]), "override_tensor": ov, "gpu": "cpu", "gpu_dtype": dtype})
+    f, cfg = open_model(plan.model_path)
+    res = P.resolve(plan, f, cfg)
+    est = P.estimate_memory(res, f, cfg, plan, use_kernels=use_kernels)
+    _, report = loader.build_model(f, cfg, side_of=res.side_of, gpu_device="cpu", gpu_dtype=getattr(torch, dtype),
+                                   use_kernels=use_kernels, progress=False)
+    if use_kernels and report.kernel_expert_layers == 0:
+        pytest.skip("CPU kernels not built")
+    assert report.bytes_by_side == {"gpu": est.gpu_weight_bytes, "cpu": est.cpu_weight_bytes}
+    assert (report.mtp_shares_embed, report.mtp_shares_head) == (res.mtp_shares_embed, res.mtp_shares_head)
