@@ -580,3 +580,16 @@ def test_estimate_equals_what_the_loader_allocates(models, kind, ov, dtype, use_
         pytest.skip("CPU kernels not built")
     assert report.bytes_by_side == {"gpu": est.gpu_weight_bytes, "cpu": est.cpu_weight_bytes}
     assert (report.mtp_shares_embed, report.mtp_shares_head) == (res.mtp_shares_embed, res.mtp_shares_head)
+
+
+def test_the_documented_example_plan_is_valid():
+    doc = (Path(P.__file__).parent / "PLAN_FORMAT.md").read_text()
+    example = re.search(r"### A complete annotated plan.*?```yaml\n(.*?)```", doc, re.S)[1]
+    plan = P.parse_plan_text(example, "PLAN_FORMAT.md")
+    assert plan.context == 16384 and plan.groups.routed_experts.ranges[0].side == "gpu"
+    m = synthetic_model("glm45-air")
+    cfg = read_config(m)
+    res = P.resolve(plan, m, cfg)
+    assert res.units["blk.45.routed_experts"] == "gpu" and res.units["blk.39.routed_experts"] == "cpu"
+    assert res.units["blk.3.attention"] == "cpu" and res.units["blk.46.routed_experts"] == "cpu"
+    assert not res.warnings
