@@ -105,7 +105,10 @@ static inline __m256i FN(bitsel)(__m256i v, int bit, int8_t val) {
 #define NX_OR(a, b) _mm256_or_si256(a, b)
 #endif
 
-static void FN(unpack_b32)(int type, const uint8_t *restrict src, int64_t nb, ub32 *restrict u) {
+/* B32 rows are stored structure-of-arrays: q[32*nb] int8, then d[nb] floats, then off[nb] floats */
+static void FN(unpack_b32)(int type, const uint8_t *restrict src, int64_t nb, uint8_t *restrict base) {
+    int8_t *restrict qb = (int8_t *)base;
+    float *restrict dv = (float *)(base + 32 * nb), *restrict ov = dv + nb;
     const size_t bs = type == NX_Q8_0 ? 34 : type == NX_Q4_1 ? 20 : type == NX_Q5_0 ? 22 : type == NX_Q5_1 ? 24 : 18;
     const int has_m = type == NX_Q4_1 || type == NX_Q5_1;
     const float zp = type == NX_Q4_0 ? -8.0f : type == NX_Q5_0 ? -16.0f : 0.0f;
@@ -114,9 +117,9 @@ static void FN(unpack_b32)(int type, const uint8_t *restrict src, int64_t nb, ub
 #endif
     for (int64_t i = 0; i < nb; i++, src += bs) {
         const float d = H2F(FN(rd16)(src));
-        u[i].d = d;
-        u[i].off = has_m ? H2F(FN(rd16)(src + 2)) : zp * d;
-        int8_t *restrict q = u[i].q;
+        dv[i] = d;
+        ov[i] = has_m ? H2F(FN(rd16)(src + 2)) : zp * d;
+        int8_t *restrict q = qb + 32 * i;
         switch (type) {
         case NX_Q8_0: memcpy(q, src + 2, 32); break;
         case NX_Q4_0: case NX_Q4_1: {
@@ -308,7 +311,7 @@ static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk25
 
 /* decode one row; returns the canonical row (for F32 the source itself) */
 static inline const void *FN(prep_row)(int type, int fam, const uint8_t *src, int64_t n, void *scratch) {
-    if (fam == NX_FAM_B32) { FN(unpack_b32)(type, src, n / 32, (ub32 *)scratch); return scratch; }
+    if (fam == NX_FAM_B32) { FN(unpack_b32)(type, src, n / 32, (uint8_t *)scratch); return scratch; }
     if (fam == NX_FAM_K) { FN(unpack_k)(type, src, n / 256, (uk256 *)scratch); return scratch; }
     if (type == NX_F32) return src;
     float *f = (float *)scratch;
@@ -326,14 +329,18 @@ static inline const void *FN(prep_row)(int type, int fam, const uint8_t *src, in
 }
 
 /* ------------------------------------------------------------------ activation quantizers */
-static void FN(quant_b32)(const float *x, int64_t n, ab32 *a) {
-    for (int64_t b = 0; b < n / 32; b++, x += 32) {
+/* B32 activations, structure-of-arrays like the weights: y[32*nb], d[nb], s[nb] = d*sum(y) */
+static void FN(quant_b32)(const float *x, int64_t n, uint8_t *base) {
+    const int64_t nb = n / 32;
+    int8_t *yb = (int8_t *)base;
+    float *dv = (float *)(base + 32 * nb), *sv = dv + nb;
+    for (int64_t b = 0; b < nb; b++, x += 32) {
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) { float v = fabsf(x[j]); amax = v > amax ? v : amax; }
         float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
-        for (int j = 0; j < 32; j++) { int v = (int)lrintf(x[j] * id); a[b].y[j] = (int8_t)v; sum += v; }
-        a[b].d = d; a[b].s = d * (float)sum;
+        for (int j = 0; j < 32; j++) { int v = (int)lrintf(x[j] * id); yb[32 * b + j] = (int8_t)v; sum += v; }
+        dv[b] = d; sv[b] = d * (float)sum;
     }
 }
 static void FN(quant_k)(const float *x, int64_t n, ak256 *a) {
@@ -351,7 +358,7 @@ static void FN(quant_k)(const float *x, int64_t n, ak256 *a) {
     }
 }
 static inline void FN(quant_act)(int fam, const float *x, int64_t n, void *dst) {
-    if (fam == NX_FAM_B32) FN(quant_b32)(x, n, (ab32 *)dst);
+    if (fam == NX_FAM_B32) FN(quant_b32)(x, n, (uint8_t *)dst);
     else if (fam == NX_FAM_K) FN(quant_k)(x, n, (ak256 *)dst);
     else memcpy(dst, x, (size_t)n * 4);
 }
@@ -388,43 +395,54 @@ static inline float FN(dot_f)(const float *w, const float *x, int64_t n) {
     return s;
 }
 
-/* sum over 32-blocks of d_w*d_a*sum(q*y) + off_w*s_a */
-static inline __attribute__((always_inline)) float FN(dot_b32_t)(const ub32 *w, const ab32 *a, int64_t nb, const int sgn) {
+/* sum over 32-blocks of d_w*d_a*sum(q*y) + off_w*s_a  (SoA rows, see unpack_b32 / quant_b32) */
+static inline __attribute__((always_inline)) float FN(dot_b32_t)(const uint8_t *wb, const uint8_t *ab, int64_t nb, const int sgn) {
+    const int8_t *q = (const int8_t *)wb, *y = (const int8_t *)ab;
+    const float *dw = (const float *)(wb + 32 * nb), *ow = dw + nb;
+    const float *da = (const float *)(ab + 32 * nb), *sa = da + nb;
     int64_t b = 0;
     float s = 0.0f;
 #if NX_PATH >= 1
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-    __m128 off0 = _mm_setzero_ps(), off1 = off0;
+    __m256 acc = _mm256_setzero_ps(), acco = acc;
 #if NX_PATH == 1
     const __m256i ones = _mm256_set1_epi16(1);
-#endif
-#define NX_B32_ONE(W, A, ACC, OFF) do {                                                    \
-        __m256i q = _mm256_loadu_si256((const __m256i *)(W)->q);                           \
-        __m256i y = _mm256_loadu_si256((const __m256i *)(A)->y);                           \
-        if (sgn) { y = _mm256_sign_epi8(y, q); q = _mm256_abs_epi8(q); }                     \
-        NX_B32_ISUM(i32, q, y);                                                            \
-        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_set1_ps((W)->d * (A)->d), ACC); \
-        OFF = _mm_fmadd_ss(_mm_set_ss((W)->off), _mm_set_ss((A)->s), OFF);                 \
-    } while (0)
-#if NX_PATH == 2
-#define NX_B32_ISUM(r, q, y) __m256i r = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, y)
+#define NX_ISUM(qv, yv) _mm256_madd_epi16(_mm256_maddubs_epi16(qv, yv), ones)
 #else
-#define NX_B32_ISUM(r, q, y) __m256i r = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones)
+#define NX_ISUM(qv, yv) _mm256_dpbusd_epi32(_mm256_setzero_si256(), qv, yv)
 #endif
-    for (; b + 2 <= nb; b += 2) {
-        NX_B32_ONE(w + b, a + b, acc0, off0);
-        NX_B32_ONE(w + b + 1, a + b + 1, acc1, off1);
+    for (; b + 8 <= nb; b += 8) {
+        __m256i r[8];
+        for (int j = 0; j < 8; j++) {
+            __m256i qv = _mm256_loadu_si256((const __m256i *)(q + 32 * (b + j)));
+            __m256i yv = _mm256_loadu_si256((const __m256i *)(y + 32 * (b + j)));
+            if (sgn) { yv = _mm256_sign_epi8(yv, qv); qv = _mm256_abs_epi8(qv); }
+            r[j] = NX_ISUM(qv, yv);
+        }
+        /* 8 vectors of 8 partial sums -> one vector of 8 block sums */
+        __m256i h01 = _mm256_hadd_epi32(r[0], r[1]), h23 = _mm256_hadd_epi32(r[2], r[3]);
+        __m256i h45 = _mm256_hadd_epi32(r[4], r[5]), h67 = _mm256_hadd_epi32(r[6], r[7]);
+        __m256i h03 = _mm256_hadd_epi32(h01, h23), h47 = _mm256_hadd_epi32(h45, h67);
+        __m256i tot = _mm256_add_epi32(_mm256_permute2x128_si256(h03, h47, 0x20), _mm256_permute2x128_si256(h03, h47, 0x31));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(_mm256_loadu_ps(dw + b), _mm256_loadu_ps(da + b)), acc);
+        acco = _mm256_fmadd_ps(_mm256_loadu_ps(ow + b), _mm256_loadu_ps(sa + b), acco);
     }
-    for (; b < nb; b++) NX_B32_ONE(w + b, a + b, acc0, off0);
-#undef NX_B32_ONE
-#undef NX_B32_ISUM
-    s = FN(hsum256)(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_add_ss(off0, off1));
+    s = FN(hsum256)(_mm256_add_ps(acc, acco));
+    for (; b < nb; b++) {
+        __m256i qv = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
+        __m256i yv = _mm256_loadu_si256((const __m256i *)(y + 32 * b));
+        if (sgn) { yv = _mm256_sign_epi8(yv, qv); qv = _mm256_abs_epi8(qv); }
+        __m256i r = NX_ISUM(qv, yv);
+        __m128i r4 = _mm_add_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        r4 = _mm_hadd_epi32(r4, r4); r4 = _mm_hadd_epi32(r4, r4);
+        s += dw[b] * da[b] * (float)_mm_cvtsi128_si32(r4) + ow[b] * sa[b];
+    }
+#undef NX_ISUM
 #else
     (void)sgn;
     for (; b < nb; b++) {
         int isum = 0;
-        for (int j = 0; j < 32; j++) isum += (int)w[b].q[j] * (int)a[b].y[j];
-        s += w[b].d * a[b].d * (float)isum + w[b].off * a[b].s;
+        for (int j = 0; j < 32; j++) isum += (int)q[32 * b + j] * (int)y[32 * b + j];
+        s += dw[b] * da[b] * (float)isum + ow[b] * sa[b];
     }
 #endif
     return s;
@@ -492,8 +510,8 @@ static inline __attribute__((always_inline)) float FN(dot_k_t)(const uk256 *w, c
     return s;
 }
 
-static float FN(dot_b32_s)(const ub32 *w, const ab32 *a, int64_t nb) { return FN(dot_b32_t)(w, a, nb, 1); }
-static float FN(dot_b32_u)(const ub32 *w, const ab32 *a, int64_t nb) { return FN(dot_b32_t)(w, a, nb, 0); }
+static float FN(dot_b32_s)(const uint8_t *w, const uint8_t *a, int64_t nb) { return FN(dot_b32_t)(w, a, nb, 1); }
+static float FN(dot_b32_u)(const uint8_t *w, const uint8_t *a, int64_t nb) { return FN(dot_b32_t)(w, a, nb, 0); }
 static float FN(dot_k_s)(const uk256 *w, const ak256 *a, int64_t nb) { return FN(dot_k_t)(w, a, nb, 1); }
 static float FN(dot_k_u)(const uk256 *w, const ak256 *a, int64_t nb) { return FN(dot_k_t)(w, a, nb, 0); }
 
@@ -502,11 +520,16 @@ static inline float FN(dot_row)(int fam, int sgn, const void *w, const void *a, 
     if (fam == NX_FAM_K)
         return sgn ? FN(dot_k_s)((const uk256 *)w, (const ak256 *)a, n / 256) : FN(dot_k_u)((const uk256 *)w, (const ak256 *)a, n / 256);
     if (fam == NX_FAM_B32)
-        return sgn ? FN(dot_b32_s)((const ub32 *)w, (const ab32 *)a, n / 32) : FN(dot_b32_u)((const ub32 *)w, (const ab32 *)a, n / 32);
+        return sgn ? FN(dot_b32_s)((const uint8_t *)w, (const uint8_t *)a, n / 32) : FN(dot_b32_u)((const uint8_t *)w, (const uint8_t *)a, n / 32);
     return FN(dot_f)((const float *)w, (const float *)a, n);
 }
 
 /* ------------------------------------------------------------------ the fused MoE call */
+/* ask for the next row while this one is decoded (hardware prefetchers stop at page ends) */
+static inline void FN(prefetch)(const uint8_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
 static inline float FN(silu)(float g) { return g / (1.0f + expf(-g)); }
 
 int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids, const float *wts,
@@ -585,6 +608,10 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
                 const int64_t r1 = r0 + rb1 < I ? r0 + rb1 : I;
                 const int64_t s0 = start[e], s1 = start[e + 1];
                 for (int64_t r = r0; r < r1; r++) {
+                    if (r + 1 < r1) {
+                        FN(prefetch)(gate->data + (e * I + r + 1) * gate->row_bytes, gate->row_bytes);
+                        FN(prefetch)(up->data + (e * I + r + 1) * up->row_bytes, up->row_bytes);
+                    }
                     const void *wr = FN(prep_row)(gate->type, fg, gate->data + (e * I + r) * gate->row_bytes, H, scratch);
                     for (int64_t s = s0; s < s1; s++)
                         G[s * I + r] = FN(dot_row)(fg, sg, wr, ag + ptok[s] * sxg, H);
@@ -611,6 +638,7 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
                 for (int64_t ia = 0; ia < nact; ia++) {
                     const int64_t e = active[ia], s0 = start[e], s1 = start[e + 1];
                     for (int64_t r = r0; r < r1; r++) {
+                        if (r + 1 < r1) FN(prefetch)(down->data + (e * H + r + 1) * down->row_bytes, down->row_bytes);
                         const void *wr = FN(prep_row)(down->type, fd, down->data + (e * H + r) * down->row_bytes, I, scratch);
                         for (int64_t s = s0; s < s1; s++)
                             out[ptok[s] * H + r] += pw[s] * FN(dot_row)(fd, sd, wr, aa + s * sa, I);

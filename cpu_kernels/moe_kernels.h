@@ -58,6 +58,8 @@ _Static_assert(sizeof(blk_q6_K) == 210, "q6_K");
 _Static_assert(sizeof(blk_iq4_xs) == 136, "iq4_xs");
 
 /* ---- canonical unpacked / activation blocks ---- */
+/* 32-element blocks are laid out structure-of-arrays per row (q[32*nb], d[nb], off|s[nb]); these
+ * structs only give the per-block byte count */
 typedef struct { int8_t q[32]; float d; float off; } ub32;              /* unpacked weight, 32 */
 typedef struct { int8_t y[32]; float d; float s; } ab32;                /* activation, s = d*sum(y) */
 typedef struct {                                                         /* unpacked weight, 256 */
