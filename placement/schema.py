@@ -545,8 +545,10 @@ def apply_overrides(plan: Plan, overrides: dict[str, Any] | None) -> Plan:
                 new.append(Override(*compile_override(item, wi), wi))
             plan.overrides = new + plan.overrides  # CLI overrides come first: first match wins
         elif key in _SPEC:
+            plan.where[f"speculative.{key}"] = w
             setattr(plan.speculative, key, _check_spec(key, v, w))
         else:
+            plan.where[f"sampling.{key}"] = w
             setattr(plan.sampling, key, _check_sampling(key, v, w))
     return plan
 
@@ -562,6 +564,9 @@ def load_plan(path: str | os.PathLike | None = None, overrides: dict[str, Any] |
         plan = Plan()
     else:
         p = Path(path)
+        if p.suffix.lower() == ".gguf":
+            raise PlanError(f"{p}: is a model file, not a plan; give it as the model (load_plan(None, "
+                            f"{{'model': ...}}), `model:` in a plan, or --model)")
         try:
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -593,3 +593,14 @@ def test_the_documented_example_plan_is_valid():
     assert res.units["blk.45.routed_experts"] == "gpu" and res.units["blk.39.routed_experts"] == "cpu"
     assert res.units["blk.3.attention"] == "cpu" and res.units["blk.46.routed_experts"] == "cpu"
     assert not res.warnings
+
+
+def test_gguf_given_as_plan_and_mtp_override_on_a_model_without_nextn(models):
+    with pytest.raises(P.PlanError, match=r"is a model file, not a plan"):
+        P.load_plan(models["missing"])
+    plan = P.load_plan(None, {"model": str(models["no_nextn"]), "mtp": True})
+    f, cfg = open_model(plan.model_path)
+    with pytest.raises(P.PlanError, match=r"^override 'mtp': MTP requested but .* has no nextn"):
+        P.resolve(plan, f, cfg)
+    res = P.resolve(P.apply_overrides(plan, {"mtp": False}), f, cfg)
+    assert not res.mtp_enabled and res.mtp_embed_name is None
