@@ -59,3 +59,16 @@ def glm4moe_fixture_dir() -> Path:
     if d is None:
         pytest.skip("shared fixtures (glm4moe-tiny) not present")
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Test models are tiny: torch's intra-op threads only add OpenMP hand-off cost (and on a
+    shared 2-core machine, spin-waiting against other processes). The CPU expert kernels set
+    their own thread count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
