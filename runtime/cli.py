@@ -17,13 +17,15 @@ DEFAULT_PROMPT = "def fibonacci(n):"
 
 def _placement_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("placement (override the plan)")
+    g.add_argument("--model", help="model file (overrides the plan's model:)")
     g.add_argument("--gpu", help="auto | cpu | cuda:N (auto falls back to the CPU without CUDA)")
     g.add_argument("--gpu-dtype", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of weights and KV cache on the GPU side")
     g.add_argument("--threads", help="CPU expert threads (N or auto)")
     g.add_argument("--ctx", "--context", dest="context", type=int, help="context length (KV cache size)")
     g.add_argument("--cpu-moe", action="store_true", default=None, help="all routed experts on the CPU side")
-    g.add_argument("--n-cpu-moe", type=int, help="routed experts of the first N MoE layers on the CPU, the rest on the GPU")
+    g.add_argument("--n-cpu-moe", type=int, help="routed experts of blocks 0..N-1 on the CPU, the rest on the GPU (llama.cpp semantics: "
+                        "dense blocks count; N past the main layers includes the MTP layer's experts)")
     g.add_argument("-ot", "--override-tensor", action="append", metavar="REGEX=DEVICE",
                    help="place tensors whose name matches REGEX on gpu or cpu (first match wins; repeatable)")
 
@@ -32,7 +34,7 @@ def _overrides(a: argparse.Namespace, keys) -> dict:
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
-PLACEMENT_KEYS = ("gpu", "gpu_dtype", "threads", "context", "cpu_moe", "n_cpu_moe", "override_tensor")
+PLACEMENT_KEYS = ("model", "gpu", "gpu_dtype", "threads", "context", "cpu_moe", "n_cpu_moe", "override_tensor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Validate PLAN.yaml (default: the demo plan) and print where every tensor "
                                     "group lives, bytes per device, KV cache bytes, and whether it fits the GPU.")
     pl.add_argument("target", nargs="?", metavar="PLAN.yaml|MODEL.gguf")
-    pl.add_argument("--model", help="model file to resolve the plan against (overrides the plan's model)")
     _placement_args(pl)
 
     b = sub.add_parser("bench", help="benchmarks (kernels: the CPU expert kernels; model: decode with/without MTP)",
@@ -120,7 +121,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from .engine import resolve_device
     from .gguf_file import GGUFFile
 
-    overrides = _overrides(a, PLACEMENT_KEYS + ("model",))
+    overrides = _overrides(a, PLACEMENT_KEYS)
     target = Path(a.target) if a.target else DEMO_PLAN
     if target.suffix == ".gguf":
         plan = placement.load_plan(None, {**overrides, "model": str(target)})
@@ -138,8 +139,6 @@ def cmd_plan(a: argparse.Namespace) -> int:
         import torch
 
         free = torch.cuda.mem_get_info(dev)[0]
-    for w in res.warnings:
-        print(f"warning: {w}", file=sys.stderr)
     print(placement.format_report(plan, res, est, gpu_free_bytes=free))
     return 0
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import GLM4Model, KVCache
+from .model import GLM4Model
 from .sampling import SamplingParams
 
 
@@ -51,15 +51,10 @@ class SpecStats:
 class Sequence:
     def __init__(self, model: GLM4Model, context: int, kv_dtype: torch.dtype, use_mtp: bool,
                  params: SamplingParams, prefill_chunk: int = 512):
-        cfg = model.cfg
         self.model, self.params, self.chunk = model, params, prefill_chunk
-        dev = model.bus.devices[model.blocks[0].attn.side]
-        self.cache = KVCache(cfg.n_layers, context, cfg.n_kv_heads, cfg.head_dim, kv_dtype, dev)
+        self.cache = model.new_cache(context, kv_dtype)
         self.use_mtp = use_mtp and model.nextn is not None
-        self.mtp_cache = None
-        if self.use_mtp:
-            mdev = model.bus.devices[model.nextn.block.attn.side]
-            self.mtp_cache = KVCache(1, context, cfg.n_kv_heads, cfg.head_dim, kv_dtype, mdev)
+        self.mtp_cache = model.new_mtp_cache(context, kv_dtype) if self.use_mtp else None
         self.gen = params.generator()
         self.tokens: list[int] = []  # every token of the sequence (prompt + emitted)
         self.owed_h: torch.Tensor | None = None  # hidden states of MTP rows not yet in the MTP cache

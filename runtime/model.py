@@ -72,15 +72,16 @@ class RoPE:
 
 
 class KVCache:
-    """Preallocated K/V for `n_layers` layers, indexed by slot; `length` slots are valid.
+    """Preallocated K/V per layer, indexed by slot; `length` slots are valid.
 
-    Truncation is just lowering `length` (speculative rollback); rows past it are overwritten
-    by the next forward.
+    Each layer's K/V lives on the device of that layer's attention (plans may put some layers'
+    attention on the CPU side). Truncation is just lowering `length` (speculative rollback); rows
+    past it are overwritten by the next forward.
     """
 
-    def __init__(self, n_layers: int, max_len: int, n_kv: int, head_dim: int, dtype, device):
-        self.k = torch.zeros(n_layers, max_len, n_kv, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+    def __init__(self, devices: list, max_len: int, n_kv: int, head_dim: int, dtype):
+        self.k = [torch.zeros(max_len, n_kv, head_dim, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.max_len = max_len
         self.length = 0
 
@@ -94,7 +95,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(2 * k.numel() * k.element_size() for k in self.k)
 
 
 @dataclass
@@ -235,10 +236,11 @@ class GLM4Model:
         q = self.rope(q, pos)
         k = self.rope(k, pos)
         end = start + T
-        cache.k[layer, start:end] = k.to(cache.k.dtype)
-        cache.v[layer, start:end] = v.to(cache.v.dtype)
-        K = cache.k[layer, :end].transpose(0, 1)  # [kv, S, D]
-        V = cache.v[layer, :end].transpose(0, 1)
+        ck, cv = cache.k[layer], cache.v[layer]
+        ck[start:end] = k.to(ck.dtype)
+        cv[start:end] = v.to(cv.dtype)
+        K = ck[:end].transpose(0, 1)  # [kv, S, D]
+        V = cv[:end].transpose(0, 1)
         Q = q.transpose(0, 1)  # [heads, T, D]
         # Query t (slot start+t) sees slots 0..start+t.
         mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
@@ -274,6 +276,14 @@ class GLM4Model:
         return x + y, a.side
 
     # ---- the main model ----------------------------------------------------------------------
+
+    def new_cache(self, max_len: int, dtype) -> KVCache:
+        devs = [self.bus.devices[b.attn.side] for b in self.blocks]
+        return KVCache(devs, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+
+    def new_mtp_cache(self, max_len: int, dtype) -> KVCache:
+        dev = self.bus.devices[self.nextn.block.attn.side]
+        return KVCache([dev], max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Run tokens [T] at slots/positions start..start+T-1; returns h after output_norm [T, H]

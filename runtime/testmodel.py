@@ -140,9 +140,9 @@ class TestModelSpec:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def train_tokenizer(vocab_target: int = 320, text: str = TRAIN_TEXT):
-    """Byte-level BPE (GLM-4 pre-tokenizer) trained on ``text``; special tokens appended at the end
-    of the vocabulary as in GLM. Returns a ``tokenizers.Tokenizer``."""
+def train_tokenizer(vocab_target: int = 320, text=TRAIN_TEXT):
+    """Byte-level BPE (GLM-4 pre-tokenizer) trained on ``text`` (a string or an iterable of strings);
+    special tokens appended at the end of the vocabulary as in GLM. Returns a ``tokenizers.Tokenizer``."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTok
 
@@ -157,17 +157,19 @@ def train_tokenizer(vocab_target: int = 320, text: str = TRAIN_TEXT):
     n_added = len(SPECIAL_TOKENS) + len(USER_DEFINED_TOKENS)
     trainer = trainers.BpeTrainer(vocab_size=vocab_target - n_added, min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator([text], trainer=trainer)
+    tok.train_from_iterator([text] if isinstance(text, str) else text, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in USER_DEFINED_TOKENS])
     return tok
 
 
-def make_hf_tokenizer(vocab_target: int = 320):
-    """transformers fast tokenizer around :func:`train_tokenizer`, GLM special-token roles, chat template."""
+def make_hf_tokenizer(vocab_target: int = 320, text=None, tokenizer_object=None):
+    """transformers fast tokenizer around :func:`train_tokenizer` (on ``text``, default the built-in
+    text) or around a given ``tokenizers.Tokenizer``; GLM special-token roles, chat template."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = train_tokenizer(vocab_target)
+    tok = tokenizer_object if tokenizer_object is not None else (
+        train_tokenizer(vocab_target) if text is None else train_tokenizer(vocab_target, text))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
         clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE, model_max_length=1 << 30,
