@@ -39,8 +39,18 @@ class Bus:
             return x
         self.activation_bytes += x.numel() * x.element_size()
         # Move in the source dtype, convert on arrival: what crosses is what we count.
-        non_blocking = self.devices[dst].type == "cuda" or self.devices[src].type == "cuda"
-        x = x.to(self.devices[dst], non_blocking=non_blocking)
+        sdev, ddev = self.devices[src], self.devices[dst]
+        if sdev.type == "cuda" and ddev.type == "cpu":
+            # Into pinned host memory, asynchronously, then wait for exactly this stream: the CPU
+            # side must not read the rows before they have landed.
+            x = x.to(ddev, non_blocking=True)
+            torch.cuda.current_stream(sdev).synchronize()
+        elif ddev.type == "cuda" and sdev.type == "cpu":
+            # Host-to-device from the kernel's output: queued on the stream; later GPU work on
+            # the same stream sees it, the host does not wait.
+            x = x.pin_memory().to(ddev, non_blocking=True)
+        else:
+            x = x.to(ddev)
         return x.to(self.dtypes[dst]) if x.is_floating_point() else x
 
 
