@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`nextn bench model [PLAN|MODEL]` compares decoding with and without MTP.")
     b.add_argument("what", choices=["kernels", "model"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for that benchmark")
+
+    t = sub.add_parser("tune", help="measure candidate placements on this machine and write the best plan",
+                       description="nextn tune [MODEL.gguf] [--gpu-mem SIZE] [--ram SIZE] [--context N] "
+                                   "[--threads N|auto] [--time-budget SECONDS] -o PLAN.yaml "
+                                   "(`nextn tune -h` for every option)", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER, help="tuner arguments")
     return p
 
 
@@ -149,6 +155,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return bench.main(a.what, a.rest)
 
 
+def cmd_tune(a: argparse.Namespace) -> int:
+    from placement import tuner
+
+    return tuner.main(a.rest)
+
+
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -156,7 +168,7 @@ def main(argv=None) -> int:
         p.print_help()
         return 0
     try:
-        return {"run": cmd_run, "plan": cmd_plan, "bench": cmd_bench}[a.command](a)
+        return {"run": cmd_run, "plan": cmd_plan, "bench": cmd_bench, "tune": cmd_tune}[a.command](a)
     except NextnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
