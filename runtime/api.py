@@ -18,9 +18,11 @@ def load(plan_or_gguf_path: str | os.PathLike | None = None, **overrides) -> Eng
     the CPU side, everything else on the GPU side). No path: the bundled demo model and plan.
     Overrides are plan keys (gpu, threads, gpu_dtype, context, cpu_moe, n_cpu_moe, override_tensor,
     mtp, draft_max, p_min, adaptive, temperature, top_k, top_p, min_p, seed, max_tokens) plus
-    `progress` (bool) and `use_kernels` (bool, False forces the torch expert path)."""
+    `progress` (bool), `use_kernels` (bool, False forces the torch expert path) and `overlap`
+    (bool: CPU experts on a worker beside the shared expert; default on with CUDA)."""
     progress = overrides.pop("progress", True)
     use_kernels = overrides.pop("use_kernels", True)
+    engine_kw = {"overlap": overrides.pop("overlap", None)}
     path = Path(plan_or_gguf_path) if plan_or_gguf_path is not None else None
     if path is None:
         path = DEMO_PLAN if DEMO_PLAN.exists() else DEMO_MODEL
@@ -32,12 +34,12 @@ def load(plan_or_gguf_path: str | os.PathLike | None = None, **overrides) -> Eng
     if placement is None:
         if path.suffix == ".yaml":
             raise NextnError(f"{path}: plans need the placement package")
-        return Engine(path, progress=progress, use_kernels=use_kernels, **_engine_kwargs(overrides))
+        return Engine(path, progress=progress, use_kernels=use_kernels, **engine_kw, **_engine_kwargs(overrides))
     if path.suffix in (".yaml", ".yml"):
         plan = placement.load_plan(path, overrides)
     else:
         plan = placement.load_plan(None, {**overrides, "model": str(path)})
-    return engine_from_plan(plan, progress=progress, use_kernels=use_kernels)
+    return engine_from_plan(plan, progress=progress, use_kernels=use_kernels, **engine_kw)
 
 
 def _engine_kwargs(o: dict) -> dict:
@@ -52,7 +54,7 @@ def _engine_kwargs(o: dict) -> dict:
     return {**o, "defaults": d}
 
 
-def engine_from_plan(plan, *, progress=True, use_kernels=True) -> Engine:
+def engine_from_plan(plan, *, progress=True, use_kernels=True, overlap=None) -> Engine:
     import placement as pl
 
     from .config import read_config
@@ -70,4 +72,4 @@ def engine_from_plan(plan, *, progress=True, use_kernels=True) -> Engine:
     threads = None if plan.threads in (None, "auto") else int(plan.threads)
     return Engine(plan.model_path, side_of=resolved.side_of, gpu=plan.gpu, gpu_dtype=plan.gpu_dtype,
                   threads=threads, context=plan.context, use_kernels=use_kernels, defaults=defaults,
-                  progress=progress, plan=plan, placement=resolved)
+                  progress=progress, plan=plan, placement=resolved, overlap=overlap)

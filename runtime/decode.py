@@ -21,12 +21,16 @@ speculative algorithm of DESIGN.md §2:
 from __future__ import annotations
 
 import time
+from time import perf_counter
 from dataclasses import dataclass, field
 
 import torch
 
 from .model import GLM4Model
 from .sampling import SamplingParams
+from .scheduler import Oracle, StepSample
+
+MAX_OWED_MTP_ROWS = 32  # plain steps with MTP on owe MTP rows; pay them in batches of this size
 
 
 @dataclass
@@ -60,6 +64,18 @@ class Sequence:
         self.owed_h: torch.Tensor | None = None  # hidden states of MTP rows not yet in the MTP cache
         self.last_logits: torch.Tensor | None = None
         self.stats = SpecStats()
+        self.oracle: Oracle | None = None
+        self.last_sample: StepSample | None = None  # cost of the last step, for the draft policy
+
+    def _begin(self):
+        m = self.model
+        return perf_counter(), m.cpu_expert_s, m.cpu_experts_read
+
+    def _end(self, begin, k: int) -> None:
+        t0, c0, e0 = begin
+        m = self.model
+        cpu = m.cpu_expert_s - c0
+        self.last_sample = StepSample(k, perf_counter() - t0 - cpu, cpu, m.cpu_experts_read - e0)
 
     @property
     def context(self) -> int:
@@ -96,13 +112,28 @@ class Sequence:
     def plain_step(self, token: int) -> int:
         """Feed the pending token; return the next one."""
         m = self.model
+        begin = self._begin()
         start = self.cache.length
         h = m.forward(torch.tensor([token], dtype=torch.long), self.cache, start)
         self.tokens.append(token)
         self.last_logits = m.logits(h)[0]
+        self._end(begin, 0)
         if self.use_mtp:  # owe the MTP row, so drafting can resume at any step
             self.owed_h = h if self.owed_h is None else torch.cat([self.owed_h, h])
+            if self.owed_h.shape[0] > MAX_OWED_MTP_ROWS:
+                self._pay_owed(keep=1)
         return self._sample(self.last_logits)
+
+    def _pay_owed(self, keep: int) -> None:
+        """UPDATE the MTP cache with all owed rows but the last `keep` (whose next token is not
+        known yet, or is the pending one)."""
+        n = self.owed_h.shape[0] - keep
+        if n <= 0:
+            return
+        first = len(self.tokens) - self.owed_h.shape[0]
+        nxt = torch.tensor(self.tokens[first + 1:first + 1 + n], dtype=torch.long)
+        self.model.mtp_forward(self.owed_h[:n], nxt, self.mtp_cache, first)
+        self.owed_h = self.owed_h[n:]
 
     def draft(self, token: int, k: int, p_min: float) -> list[tuple[int, float]]:
         """DRAFT: pay the owed MTP rows (the last one pairs with the pending token) and chain up
@@ -115,12 +146,15 @@ class Sequence:
         z = m.mtp_forward(self.owed_h, nxt, mc, first)[-1:]
         self.owed_h = None
         drafts = []
+        pos = len(self.tokens) + 1  # sequence position of the first draft
         while True:
             p = torch.softmax(m.mtp_logits(z)[0], -1)
             d = int(p.argmax())
             prob = float(p[d])
             if drafts and prob < p_min:
                 break
+            if self.oracle is not None:
+                d = self.oracle.replace(pos + len(drafts), d)
             drafts.append((d, prob))
             if len(drafts) >= k:
                 break
@@ -131,15 +165,18 @@ class Sequence:
         """One speculative step from pending `token`: returns the emitted tokens (accepted drafts
         and the main model's own next token); the last one is the new pending token."""
         m, st = self.model, self.stats
+        begin = self._begin()
         start = self.cache.length
         mtp_start = start  # MTP slots >= this are speculative after drafting
         t0 = time.perf_counter()
-        drafts = self.draft(token, k, p_min)
+        with m.timeline.span("gpu", "draft", k=k):
+            drafts = self.draft(token, k, p_min)
         t1 = time.perf_counter()
         batch = torch.tensor([token] + [d for d, _ in drafts], dtype=torch.long)
+        e0 = m.cpu_experts_read
         h = m.forward(batch, self.cache, start)
         logits = m.logits(h)
-        st.distinct_experts += self._distinct_experts()
+        st.distinct_experts += m.cpu_experts_read - e0
         t2 = time.perf_counter()
         st.draft_s += t1 - t0
         st.verify_s += t2 - t1
@@ -158,6 +195,8 @@ class Sequence:
         # UPDATE is owed: rows (h_p, x_{p+1}) for the accepted positions, paid by the next draft.
         self.owed_h = h[:a + 1]
         self.last_logits = logits[a]
+        self._end(begin, len(drafts))
+        self.last_drafted, self.last_accepted = len(drafts), a
         return out
 
     def _accept(self, drafts: list[tuple[int, float]], logits: torch.Tensor) -> list[int]:
@@ -181,11 +220,3 @@ class Sequence:
             return out
         out.append(self._sample(logits[len(drafts)]))
         return out
-
-    def _distinct_experts(self) -> int:
-        total = 0
-        for b in self.model.blocks:
-            r = getattr(b.ffn, "routed", None)
-            if r is not None and r.last_ids is not None:
-                total += int(torch.unique(r.last_ids).numel())
-        return total

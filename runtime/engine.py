@@ -24,7 +24,9 @@ from .errors import NextnError, UnsupportedError
 from .gguf_file import GGUFFile
 from .loader import LoadReport, build_model, default_side_of
 from .sampling import SamplingParams
+from .scheduler import DraftPolicy
 from .tokenizer import Tokenizer, TokenizerError
+from .trace import NULL_TIMELINE, Timeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -80,7 +82,7 @@ class Engine:
     def __init__(self, model_path, *, side_of: Callable[[str], str] = default_side_of, gpu: str = "auto",
                  gpu_dtype: str | None = "auto", threads: int | None = None, context: int | None = None,
                  use_kernels: bool = True, defaults: Defaults | None = None, progress: bool = True,
-                 prefill_chunk: int = 512, plan=None, placement=None):
+                 prefill_chunk: int = 512, plan=None, placement=None, overlap: bool | None = None):
         self.file = GGUFFile(model_path)
         self.cfg: ModelConfig = read_config(self.file)
         check_tensors(self.file, self.cfg)
@@ -106,8 +108,12 @@ class Engine:
         self.model, self.load_report = build_model(
             self.file, self.cfg, side_of=side_of, gpu_device=self.device, gpu_dtype=self.dtype,
             use_kernels=use_kernels, threads=None, max_context=self.context, progress=progress)
+        # CPU experts beside the shared expert: pays when the GPU side is a real GPU; on a
+        # CPU-only machine both sides share the same cores, so it is off unless asked for.
+        self.model.overlap = (self.device.type == "cuda") if overlap is None else bool(overlap)
         self._mtp_notice_given = False
         self.last_result: GenerationResult | None = None
+        self._policies: dict = {}
 
     # ---- basic surface ---------------------------------------------------------------------------
 
@@ -129,6 +135,16 @@ class Engine:
         if len(ids) > self.context:
             raise NextnError(f"prompt of {len(ids)} tokens is longer than the context ({self.context})")
         return torch.tensor(ids, dtype=torch.long)
+
+    def draft_policy(self, draft_max: int, adaptive: bool) -> DraftPolicy:
+        """The engine keeps one policy per setting, so what it learned about this machine's costs
+        and this model's acceptance carries over between generations."""
+        key = (draft_max, adaptive)
+        if key not in self._policies:
+            moe_cpu = sum(1 for b in self.model.blocks
+                          if getattr(b.ffn, "routed", None) is not None and b.ffn.routed.side == "cpu")
+            self._policies[key] = DraftPolicy(draft_max, adaptive, moe_cpu * self.cfg.n_experts)
+        return self._policies[key]
 
     def new_sequence(self, params: SamplingParams, use_mtp: bool) -> Sequence:
         return Sequence(self.model, self.context, self.dtype, use_mtp, params, self.prefill_chunk)
@@ -202,7 +218,7 @@ class _Run:
 
     def __init__(self, engine: Engine, prompt, *, max_tokens=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, seed=None, mtp=None, draft_max=None, p_min=None,
-                 stop=None, chat: bool = False):
+                 adaptive=None, stop=None, chat: bool = False, trace=None, oracle=None):
         d = engine.defaults
         pick = lambda v, dv: dv if v is None else v  # noqa: E731
         self.engine = engine
@@ -217,11 +233,14 @@ class _Run:
         self.p_min = float(pick(p_min, d.p_min))
         if not 0 <= self.p_min <= 1:
             raise NextnError(f"invalid p_min={self.p_min!r}: expected a number in [0, 1]")
+        self.adaptive = bool(pick(adaptive, d.adaptive))
         self.use_mtp = engine._resolve_mtp(mtp) and self.draft_max > 0
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise NextnError(f"invalid stop={stop!r}: expected non-empty strings")
         self.stop = stop
+        self.trace = trace
+        self.oracle = oracle  # scheduler.Oracle (benchmarks only)
         if isinstance(prompt, str):
             text = prompt
             if chat:
@@ -239,7 +258,8 @@ class _Run:
 
     def __iter__(self) -> Iterator[str]:
         e = self.engine
-        bus = e.model.bus
+        m = e.model
+        bus = m.bus
         bytes0 = (bus.activation_bytes, bus.weight_bytes)
         tok = e.tokenizer
         dec = tok.stream_decoder(skip_special=True)
@@ -247,51 +267,67 @@ class _Run:
         hold = max((len(s) for s in self.stop), default=1) - 1
         text, sent, out = "", 0, []
         finish = "length"
-        with torch.inference_mode():
-            seq = e.new_sequence(self.params, self.use_mtp)
-            t0 = time.perf_counter()
-            pending = seq.prefill(self.prompt_ids) if self.max_tokens > 0 else None
-            t1 = time.perf_counter()
-            done = self.max_tokens == 0
-            while not done:
-                # `pending` is the next token, not yet in the main cache. A speculative step feeds it
-                # with k drafts and returns the accepted drafts plus the new pending token.
-                room = e.context - len(seq.tokens) - 1  # cache slots left after pending's own
-                k = min(self.draft_max, room, self.max_tokens - len(out) - 1)
-                nxt = None
-                emit = [pending]
-                if self.use_mtp and k > 0:
-                    step = seq.spec_step(pending, k, self.p_min)
-                    emit, nxt = emit + step[:-1], step[-1]
-                for t in emit:
-                    if t in eos:
-                        finish, done = "eos", True
+        policy = e.draft_policy(self.draft_max, self.adaptive) if self.use_mtp else None
+        lengths: dict[int, int] = {}
+        m.timeline = tl = Timeline(keep_spans=self.trace is not None)
+        try:
+            with torch.inference_mode():
+                seq = e.new_sequence(self.params, self.use_mtp)
+                seq.oracle = self.oracle
+                t0 = time.perf_counter()
+                with tl.span("gpu", "prefill", tokens=len(self.prompt_ids)):
+                    pending = seq.prefill(self.prompt_ids) if self.max_tokens > 0 else None
+                t1 = time.perf_counter()
+                done = self.max_tokens == 0
+                while not done:
+                    # `pending` is the next token, not yet in the main cache. A speculative step
+                    # feeds it with k drafts and returns the accepted drafts plus the new pending.
+                    room = e.context - len(seq.tokens) - 1  # cache slots left after pending's own
+                    limit = min(room, self.max_tokens - len(out) - 1)
+                    k = policy.choose(limit) if policy is not None else 0
+                    nxt = None
+                    emit = [pending]
+                    if k > 0:
+                        step = seq.spec_step(pending, k, self.p_min)
+                        emit, nxt = emit + step[:-1], step[-1]
+                        policy.observe(k, seq.last_drafted, seq.last_accepted, seq.last_sample)
+                        lengths[k] = lengths.get(k, 0) + 1
+                    for t in emit:
+                        if t in eos:
+                            finish, done = "eos", True
+                            break
+                        out.append(t)
+                        text += dec.push(t)
+                        hit = self._find_stop(text)
+                        if hit is not None:
+                            text, finish, done = text[:hit], "stop", True
+                            break
+                        if len(out) >= self.max_tokens:
+                            finish, done = "length", True
+                            break
+                    if done:
                         break
-                    out.append(t)
-                    text += dec.push(t)
-                    hit = self._find_stop(text)
-                    if hit is not None:
-                        text, finish, done = text[:hit], "stop", True
-                        break
-                    if len(out) >= self.max_tokens:
-                        finish, done = "length", True
-                        break
-                if done:
-                    break
-                if len(text) - hold > sent:
-                    yield text[sent:len(text) - hold]
-                    sent = len(text) - hold
-                if nxt is None:
-                    if len(seq.tokens) >= e.context:
-                        finish = "context"
-                        break
-                    nxt = seq.plain_step(pending)
-                pending = nxt
-            if finish != "stop":
-                text += dec.flush()
-            if len(text) > sent:
-                yield text[sent:]
-            t2 = time.perf_counter()
+                    if len(text) - hold > sent:
+                        yield text[sent:len(text) - hold]
+                        sent = len(text) - hold
+                    if nxt is None:
+                        if len(seq.tokens) >= e.context:
+                            finish = "context"
+                            break
+                        nxt = seq.plain_step(pending)
+                        if policy is not None and limit > 0:
+                            policy.observe(0, 0, 0, seq.last_sample)
+                            lengths[0] = lengths.get(0, 0) + 1
+                    pending = nxt
+                if finish != "stop":
+                    text += dec.flush()
+                if len(text) > sent:
+                    yield text[sent:]
+                t2 = time.perf_counter()
+        finally:
+            m.timeline = NULL_TIMELINE
+        if self.trace is not None:
+            tl.write_chrome_trace(self.trace)
         st = seq.stats
         n = len(out)
         self.result = GenerationResult(text, out, {
@@ -302,18 +338,22 @@ class _Run:
             "prefill_s": t1 - t0,
             "decode_s": t2 - t1,
             "mtp": self.use_mtp,
+            "adaptive": self.use_mtp and self.adaptive,
             "draft_max": self.draft_max if self.use_mtp else 0,
+            "draft_lengths": dict(sorted(lengths.items())),  # steps per chosen draft length
             "drafted": st.drafted,
             "accepted": st.accepted,
             "acceptance_rate": st.accepted / st.drafted if st.drafted else 0.0,
             "acceptance_by_position": [a / d if d else 0.0 for a, d in zip(st.accepted_at, st.drafted_at)],
             "verify_steps": st.steps,
             "mean_tokens_per_step": (st.accepted + st.steps) / st.steps if st.steps else 1.0,
+            "distinct_experts_per_verify": st.distinct_experts / st.steps if st.steps else 0.0,
             "draft_s": st.draft_s,
             "verify_s": st.verify_s,
             "weight_bytes_moved": bus.weight_bytes - bytes0[1],
             "activation_bytes_moved": bus.activation_bytes - bytes0[0],
             "finish_reason": finish,
+            **tl.figures(t0, t2),
         }, finish)
 
     def _find_stop(self, text: str) -> int | None:

@@ -17,12 +17,15 @@ shared_head_norm -> head; the row sits at position p+1.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from time import perf_counter
 
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .trace import NULL_TIMELINE, Timeline
 
 
 class Bus:
@@ -223,7 +226,11 @@ class GLM4Model:
     head: Head
     rope: RoPE
     nextn: NextnHead | None = None
-    hooks: dict = field(default_factory=dict)  # optional callbacks for the scheduler/tracer
+    overlap: bool = False  # run CPU experts on a worker thread beside the shared expert
+    timeline: Timeline = NULL_TIMELINE  # the running generation's timeline
+    cpu_expert_s: float = 0.0  # running totals read by the scheduler's cost model
+    cpu_experts_read: int = 0
+    _executor: ThreadPoolExecutor | None = None
 
     # ---- building blocks -------------------------------------------------------------------
 
@@ -260,30 +267,63 @@ class GLM4Model:
         return o @ a.wo.T
 
     def _block(self, b: Block, x: torch.Tensor, x_side: str, layer: int, cache: KVCache, start: int,
-               pos: torch.Tensor) -> tuple[torch.Tensor, str]:
-        bus = self.bus
+               pos: torch.Tensor, tag: str = "") -> tuple[torch.Tensor, str]:
+        bus, tl = self.bus, self.timeline
         a = b.attn
+        t0 = perf_counter()
         x = bus.to(x, x_side, a.side)
         x = x + self._attention(a, x, layer, cache, start, pos.to(x.device))
         h = rms_norm(x, a.post_norm, self.cfg.rms_eps)
         if isinstance(b.ffn, DenseFFN):
             y = bus.to(b.ffn(bus.to(h, a.side, b.ffn.side)), b.ffn.side, a.side)
+            tl.add("gpu", f"{tag}layer {layer}", t0, perf_counter())
             return x + y, a.side
-        moe = b.ffn
-        r = moe.routed
+        moe, r = b.ffn, b.ffn.routed
         rs = moe.router.side
         hr = bus.to(h, a.side, rs)
         ids, w = moe.router(hr)
         he = hr if rs == r.side else bus.to(h, a.side, r.side)
         ids, w = bus.to(ids, rs, r.side), bus.to(w, rs, r.side)
-        hook = self.hooks.get("routed")
-        if hook is not None:  # the scheduler may run the CPU experts concurrently with the shared expert
-            y = hook(self, moe, h, he, ids, w, a.side)
+        tl.add("gpu", f"{tag}attention+router {layer}", t0, perf_counter())
+
+        def routed() -> torch.Tensor:
+            t = perf_counter()
+            y = r(he, ids, w)
+            if r.side == "cpu":  # the CPU track: what the cost model and the overlap figures measure
+                t1 = perf_counter()
+                tl.add("cpu", f"{tag}experts {layer}", t, t1, {"rows": int(ids.shape[0])})
+                self.cpu_expert_s += t1 - t
+                self.cpu_experts_read += int(torch.unique(ids).numel())
+            return y
+
+        shared = moe.shared
+        if self.overlap and r.side == "cpu" and shared is not None and shared.side != "cpu":
+            # CPU experts on the worker (the C kernels release the GIL) while this thread runs
+            # the shared expert on the GPU side; the sum below keeps the plain order.
+            fut = self._pool().submit(routed)
+            t = perf_counter()
+            ys = bus.to(shared(bus.to(h, a.side, shared.side)), shared.side, a.side)
+            tl.add("gpu", f"{tag}shared expert {layer}", t, perf_counter())
+            yr = fut.result()
         else:
-            y = bus.to(r(he, ids, w), r.side, a.side)
-            if moe.shared is not None:
-                y = y + bus.to(moe.shared(bus.to(h, a.side, moe.shared.side)), moe.shared.side, a.side)
-        return x + y, a.side
+            yr = routed()
+            ys = None
+            if shared is not None:
+                t = perf_counter()
+                ys = bus.to(shared(bus.to(h, a.side, shared.side)), shared.side, a.side)
+                tl.add("gpu", f"{tag}shared expert {layer}", t, perf_counter())
+        t = perf_counter()
+        y = bus.to(yr, r.side, a.side)
+        if ys is not None:
+            y = y + ys
+        out = x + y
+        tl.add("gpu", f"{tag}combine {layer}", t, perf_counter())
+        return out, a.side
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nextn-cpu-experts")
+        return self._executor
 
     # ---- the main model ----------------------------------------------------------------------
 
@@ -302,16 +342,24 @@ class GLM4Model:
         if start + T > cache.max_len:
             raise ValueError(f"positions {start}..{start + T - 1} exceed the context of {cache.max_len}")
         pos = torch.arange(start, start + T)
+        t0 = perf_counter()
         x, side = self.embed(tokens), self.embed.side
+        self.timeline.add("gpu", "embed", t0, perf_counter())
         for layer, b in enumerate(self.blocks):
             x, side = self._block(b, x, side, layer, cache, start, pos)
         cache.length = start + T
+        t0 = perf_counter()
         x = self.bus.to(x, side, self.output_norm_side)
-        return rms_norm(x, self.output_norm, self.cfg.rms_eps)
+        x = rms_norm(x, self.output_norm, self.cfg.rms_eps)
+        self.timeline.add("gpu", "output norm", t0, perf_counter())
+        return x
 
     def logits(self, h: torch.Tensor, side: str | None = None) -> torch.Tensor:
+        t0 = perf_counter()
         h = self.bus.to(h, side or self.output_norm_side, self.head.side)
-        return self.head(h)
+        out = self.head(h)
+        self.timeline.add("gpu", "head", t0, perf_counter())
+        return out
 
     # ---- the MTP layer -------------------------------------------------------------------------
 
@@ -325,16 +373,21 @@ class GLM4Model:
         if start + T > cache.max_len:
             raise ValueError(f"MTP slots {start}..{start + T - 1} exceed the context of {cache.max_len}")
         bus = self.bus
+        t0 = perf_counter()
         e = bus.to(n.embed(next_tokens), n.embed.side, n.side)
         h = bus.to(h_prev, h_side or self.output_norm_side, n.side)
         eps = self.cfg.rms_eps
         z = torch.cat([rms_norm(e, n.enorm, eps), rms_norm(h, n.hnorm, eps)], dim=-1) @ n.eh_proj.T
+        self.timeline.add("gpu", "mtp eh_proj", t0, perf_counter())
         pos = torch.arange(start + 1, start + T + 1)
-        z, side = self._block(n.block, z, n.side, 0, cache, start, pos)
+        z, side = self._block(n.block, z, n.side, 0, cache, start, pos, tag="mtp ")
         cache.length = start + T
         z = bus.to(z, side, n.side)
         return rms_norm(z, n.shared_head_norm, eps)
 
     def mtp_logits(self, z: torch.Tensor) -> torch.Tensor:
         n = self.nextn
-        return n.head(self.bus.to(z, n.side, n.head.side))
+        t0 = perf_counter()
+        out = n.head(self.bus.to(z, n.side, n.head.side))
+        self.timeline.add("gpu", "mtp head", t0, perf_counter())
+        return out

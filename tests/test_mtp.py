@@ -94,7 +94,8 @@ def test_greedy_mtp_equals_plain_greedy(random_engine, copy_engine, draft_max, p
     for eng in (random_engine, copy_engine):
         ids = prompt(n, eng.cfg.n_vocab, seed=n + draft_max)
         plain = eng.generate(ids, max_tokens=24, mtp=False)
-        spec = eng.generate(ids, max_tokens=24, mtp=True, draft_max=draft_max, p_min=p_min)
+        spec = eng.generate(ids, max_tokens=24, mtp=True, draft_max=draft_max, p_min=p_min,
+                            adaptive=False)
         assert spec.tokens == plain.tokens
         assert spec.text == plain.text
         assert spec.stats["drafted"] > 0
@@ -108,7 +109,7 @@ def test_prompt_ending_on_chunk_boundary(copy_engine, random_engine):
             for n in (16, 32, 33):
                 ids = prompt(n, eng.cfg.n_vocab, seed=n)
                 plain = eng.generate(ids, max_tokens=20, mtp=False)
-                spec = eng.generate(ids, max_tokens=20, mtp=True, draft_max=3)
+                spec = eng.generate(ids, max_tokens=20, mtp=True, draft_max=3, adaptive=False)
                 assert spec.tokens == plain.tokens
         finally:
             eng.prefill_chunk = saved
@@ -119,7 +120,7 @@ def test_generation_hitting_context_limit(copy_model_path, draft_max):
     eng = runtime.load(copy_model_path, progress=False, use_kernels=False, context=48)
     ids = prompt(37, eng.cfg.n_vocab, seed=1)
     plain = eng.generate(ids, max_tokens=100, mtp=False)
-    spec = eng.generate(ids, max_tokens=100, mtp=True, draft_max=draft_max)
+    spec = eng.generate(ids, max_tokens=100, mtp=True, draft_max=draft_max, adaptive=False)
     assert plain.finish_reason == spec.finish_reason == "context"
     assert spec.tokens == plain.tokens
     assert len(ids) + len(plain.tokens) == 48 + 1  # the last token needs no cache slot
@@ -133,7 +134,7 @@ def test_stop_string_inside_accepted_run(copy_engine):
     assert len(text) > 12
     stop = text[len(text) // 2:len(text) // 2 + 3]
     a = eng.generate(ids, max_tokens=40, mtp=False, stop=[stop])
-    b = eng.generate(ids, max_tokens=40, mtp=True, draft_max=4, stop=[stop])
+    b = eng.generate(ids, max_tokens=40, mtp=True, draft_max=4, stop=[stop], adaptive=False)
     assert a.finish_reason == b.finish_reason == "stop"
     assert a.text == b.text == text[:text.find(stop)]
     assert b.stats["accepted"] > 0
@@ -141,8 +142,8 @@ def test_stop_string_inside_accepted_run(copy_engine):
 
 def test_streamed_text_equals_generated_text(copy_engine):
     ids = prompt(4, copy_engine.cfg.n_vocab, seed=2)
-    full = copy_engine.generate(ids, max_tokens=30, mtp=True, draft_max=3)
-    pieces = list(copy_engine.stream(ids, max_tokens=30, mtp=True, draft_max=3))
+    full = copy_engine.generate(ids, max_tokens=30, mtp=True, draft_max=3, adaptive=False)
+    pieces = list(copy_engine.stream(ids, max_tokens=30, mtp=True, draft_max=3, adaptive=False))
     assert "".join(pieces) == full.text
 
 
@@ -151,7 +152,7 @@ def test_streamed_text_equals_generated_text(copy_engine):
 def test_copy_model_acceptance_near_100_percent(copy_engine):
     ids = prompt(10, copy_engine.cfg.n_vocab, seed=4)
     for k in (1, 3):
-        r = copy_engine.generate(ids, max_tokens=60, mtp=True, draft_max=k)
+        r = copy_engine.generate(ids, max_tokens=60, mtp=True, draft_max=k, adaptive=False)
         s = r.stats
         assert s["acceptance_rate"] >= 0.97, s
         assert s["accepted"] <= s["drafted"]
@@ -163,7 +164,7 @@ def test_copy_model_acceptance_near_100_percent(copy_engine):
 
 def test_random_model_acceptance_is_low(random_engine):
     ids = prompt(10, random_engine.cfg.n_vocab, seed=4)
-    s = random_engine.generate(ids, max_tokens=60, mtp=True, draft_max=1).stats
+    s = random_engine.generate(ids, max_tokens=60, mtp=True, draft_max=1, adaptive=False).stats
     assert s["drafted"] >= 30
     assert s["acceptance_rate"] < 0.3
 
@@ -221,7 +222,8 @@ def test_sampling_distribution_unchanged_by_mtp(copy_model_path):
     N = 400
     kw = dict(max_tokens=2, temperature=1.0, top_k=3)
     a = Counter(tuple(eng.generate(ids, seed=s, mtp=False, **kw).tokens) for s in range(N))
-    b = Counter(tuple(eng.generate(ids, seed=10_000 + s, mtp=True, draft_max=2, **kw).tokens) for s in range(N))
+    b = Counter(tuple(eng.generate(ids, seed=10_000 + s, mtp=True, draft_max=2, adaptive=False, **kw).tokens)
+                for s in range(N))
     cells = sorted(set(a) | set(b))
     # merge rare cells (expected count < 5) into one
     common = [c for c in cells if a[c] + b[c] >= 10]
@@ -243,7 +245,7 @@ def test_sampling_distribution_unchanged_by_mtp(copy_model_path):
 
 def test_sampling_with_mtp_accepts_some_drafts(copy_engine):
     r = copy_engine.generate(prompt(6, copy_engine.cfg.n_vocab, seed=1), max_tokens=40, temperature=0.8,
-                             seed=1, mtp=True, draft_max=2)
+                             seed=1, mtp=True, draft_max=2, adaptive=False)
     assert 0 < r.stats["accepted"] < r.stats["drafted"] or r.stats["acceptance_rate"] == 1.0
 
 

@@ -1,0 +1,131 @@
+"""The speculative scheduler: adaptive draft length (lossless, and it picks what pays), the
+benchmark oracle, overlap of CPU experts with the shared expert, and the timeline."""
+
+import json
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.scheduler import DraftPolicy, Oracle, StepSample
+
+
+def prompt(n, vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+@pytest.fixture(scope="module")
+def model(make_test_model):
+    return make_test_model(seed=31, types={"default": "F32", "experts": "Q8_0"})
+
+
+@pytest.fixture(scope="module")
+def eng(model):
+    return runtime.load(model.gguf_path, progress=False)
+
+
+# ---- lossless ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("draft_max", [1, 3])
+@pytest.mark.parametrize("n", [1, 12, 90])
+def test_adaptive_greedy_equals_plain(eng, draft_max, n):
+    ids = prompt(n, eng.cfg.n_vocab, seed=n)
+    plain = eng.generate(ids, max_tokens=40, mtp=False)
+    adaptive = eng.generate(ids, max_tokens=40, mtp=True, draft_max=draft_max, adaptive=True)
+    assert adaptive.tokens == plain.tokens
+    assert adaptive.stats["adaptive"] is True
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_oracle_runs_are_lossless_and_accept_about_alpha(eng, alpha):
+    ids = prompt(8, eng.cfg.n_vocab, seed=2)
+    plain = eng.generate(ids, max_tokens=60, mtp=False)
+    oracle = Oracle(ids + plain.tokens, alpha, eng.cfg.n_vocab, seed=1)
+    from runtime.engine import _Run
+
+    run = _Run(eng, ids, max_tokens=60, mtp=True, draft_max=1, adaptive=False, oracle=oracle)
+    for _ in run:
+        pass
+    r = run.result
+    assert r.tokens == plain.tokens
+    assert abs(r.stats["acceptance_rate"] - alpha) <= 0.25
+
+
+def test_overlap_gives_identical_output(model):
+    a = runtime.load(model.gguf_path, progress=False, overlap=False)
+    b = runtime.load(model.gguf_path, progress=False, overlap=True)
+    assert b.model.overlap and not a.model.overlap
+    ids = prompt(20, a.cfg.n_vocab, seed=5)
+    ra = a.generate(ids, max_tokens=30, mtp=True, draft_max=2, adaptive=False)
+    rb = b.generate(ids, max_tokens=30, mtp=True, draft_max=2, adaptive=False)
+    assert ra.tokens == rb.tokens
+    assert rb.stats["overlap_s"] >= 0.0
+    assert np.allclose(a.logits(ids), b.logits(ids), atol=0, rtol=0)
+
+
+# ---- the policy -------------------------------------------------------------------------------------
+
+def simulate(policy, accept, cost, steps=300, seed=0):
+    """Drive a policy with a synthetic machine: `accept` = chance each draft is right, `cost(k)`
+    = (gpu seconds, cpu seconds, experts) of a step feeding k drafts."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _ in range(steps):
+        k = policy.choose(8)
+        a = 0
+        while a < k and rng.random() < accept:
+            a += 1
+        g, c, e = cost(k)
+        policy.observe(k, k, a, StepSample(k, g, c, e))
+        chosen.append(k)
+    return chosen
+
+
+def test_policy_drafts_nothing_when_drafts_never_match():
+    p = DraftPolicy(draft_max=3, adaptive=True, total_experts=100)
+    chosen = simulate(p, accept=0.0, cost=lambda k: (0.001 + 0.0002 * k, 0.01 * (1 + 0.6 * k), 8 * (1 + 0.6 * k)))
+    tail = chosen[100:]
+    assert tail.count(0) / len(tail) > 0.85
+
+
+def test_policy_drafts_deep_when_drafts_always_match_and_verify_is_cheap():
+    p = DraftPolicy(draft_max=3, adaptive=True, total_experts=100)
+    chosen = simulate(p, accept=0.95, cost=lambda k: (0.001 + 0.0002 * k, 0.01 * (1 + 0.1 * k), 8 * (1 + 0.1 * k)))
+    tail = chosen[100:]
+    assert tail.count(3) / len(tail) > 0.8
+
+
+def test_policy_prefers_one_draft_when_extra_rows_cost_a_lot():
+    # acceptance 0.7: k=1 yields 1.7 tokens for 1.5x the cost; k=2: 2.19 for 2.0x; k=3: 2.53 for 2.5x
+    p = DraftPolicy(draft_max=3, adaptive=True, total_experts=100)
+    chosen = simulate(p, accept=0.7, cost=lambda k: (0.0, 0.01 * (1 + 0.5 * k), 10 * (1 + 0.5 * k)))
+    tail = chosen[100:]
+    assert max(set(tail), key=tail.count) == 1
+
+
+def test_fixed_policy_returns_the_bound():
+    p = DraftPolicy(draft_max=2, adaptive=False, total_experts=10)
+    assert [p.choose(5), p.choose(1), p.choose(0)] == [2, 1, 0]
+
+
+# ---- the timeline -------------------------------------------------------------------------------------
+
+def test_trace_is_valid_chrome_json_and_figures_add_up(eng, tmp_path):
+    path = tmp_path / "t.json"
+    r = eng.generate(prompt(30, eng.cfg.n_vocab, seed=3), max_tokens=40, mtp=True, draft_max=2,
+                     adaptive=False, trace=str(path))
+    data = json.loads(path.read_text())
+    ev = data["traceEvents"]
+    spans = [e for e in ev if e.get("ph") == "X"]
+    assert spans and all(e["dur"] >= 0 and "ts" in e and "tid" in e for e in spans)
+    names = {e["name"] for e in spans}
+    assert any(n.startswith("experts") for n in names) and "draft" in names
+    tracks = {e["args"]["name"] for e in ev if e.get("name") == "thread_name"}
+    assert tracks >= {"gpu side", "cpu side"}
+    s = r.stats
+    wall = s["prefill_s"] + s["decode_s"]
+    total = s["gpu_busy_s"] + s["cpu_busy_s"] - s["overlap_s"] + s["idle_wait_s"]
+    assert abs(total - wall) <= 0.05 * wall
+    assert s["cpu_busy_s"] > 0 and s["gpu_busy_s"] > 0
+    # with CPU experts and no overlap the sides take turns: idle is the Python around them
+    assert s["idle_wait_s"] < 0.5 * wall
