@@ -1,7 +1,9 @@
 """`nextn bench`: benchmarks that report ratios against a baseline measured in the same run.
 
     nextn bench model [PLAN.yaml|MODEL.gguf] [--max-tokens N] [--repeats R] [--draft 1,2,3]
-        plain greedy decoding vs MTP at fixed draft lengths, same prompts, same process
+                      [--oracle 0,0.3,0.6,0.9]
+        plain greedy decoding vs MTP at fixed draft lengths vs adaptive, same prompts, same
+        process, settings interleaved; every MTP output is checked equal to plain greedy
     nextn bench kernels [...]
         the CPU expert kernel benchmark (benchmarks/bench_kernels.py; see BENCHMARKS.md)
 """
@@ -26,44 +28,83 @@ PROMPTS = [
 
 def bench_model(argv: list[str]) -> int:
     from .api import load
+    from .engine import _Run
+    from .scheduler import Oracle
 
     p = argparse.ArgumentParser(prog="nextn bench model", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", nargs="?", metavar="PLAN.yaml|MODEL.gguf")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="runs per setting; medians are reported")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all settings; medians are reported")
     p.add_argument("--draft", default="1,2,3", help="comma-separated fixed draft lengths")
+    p.add_argument("--oracle", default=None, metavar="A1,A2,...",
+                   help="oracle acceptance rates: each draft is replaced by the true next token with "
+                        "probability alpha (for models whose MTP layer does not predict, e.g. synthetic files)")
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the built-in prompts")
     p.add_argument("--gpu", default=None)
+    p.add_argument("--threads", default=None)
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None)
     a = p.parse_args(argv)
     try:
         drafts = [int(x) for x in a.draft.split(",") if x.strip()]
+        alphas = [float(x) for x in a.oracle.split(",")] if a.oracle else [None]
     except ValueError:
-        raise NextnError(f"--draft {a.draft!r}: expected comma-separated integers") from None
-    kw = {"gpu": a.gpu} if a.gpu else {}
+        raise NextnError(f"--draft/--oracle: expected comma-separated numbers") from None
+    kw = {k: v for k, v in (("gpu", a.gpu), ("threads", a.threads), ("overlap", a.overlap)) if v is not None}
     eng = load(a.target, progress=False, **kw)
-    settings = [("plain", dict(mtp=False))]
+    prompts = [eng.tokenize(t) for t in PROMPTS[:max(1, a.prompts)]]
+    eng.generate(prompts[0], max_tokens=8, mtp=False)  # warm-up
+
+    def run(ids, alpha, target, **s):
+        oracle = Oracle(target, alpha, eng.cfg.n_vocab, seed=len(ids)) if alpha is not None and s["mtp"] else None
+        r = _Run(eng, ids, max_tokens=a.max_tokens, temperature=0.0, oracle=oracle, **s)
+        for _ in r:
+            pass
+        return r.result
+
+    # plain greedy outputs: the baseline, and the oracle's "true next tokens"
+    targets = [ids + eng.generate(ids, max_tokens=a.max_tokens, mtp=False).tokens for ids in prompts]
+    settings = [("plain", None, dict(mtp=False))]
     if eng.has_mtp:
-        settings += [(f"mtp k={k}", dict(mtp=True, draft_max=k)) for k in drafts]
-    eng.generate(PROMPTS[0], max_tokens=8, mtp=False)  # warm-up
-    rows = []
-    for name, s in settings:
-        speeds, acc, tps = [], [], []
-        for _ in range(a.repeats):
+        for alpha in alphas:
+            settings += [(f"k={k}", alpha, dict(mtp=True, draft_max=k, adaptive=False)) for k in drafts]
+            settings += [(f"adaptive<={max(drafts)}", alpha, dict(mtp=True, draft_max=max(drafts), adaptive=True))]
+    acc = {i: {"speed": [], "stats": []} for i in range(len(settings))}
+    for _ in range(a.repeats):  # round-robin, so machine drift hits every setting alike
+        for i, (name, alpha, s) in enumerate(settings):
+            if s.get("adaptive"):
+                eng._policies.clear()  # each adaptive measurement learns from scratch
             toks, secs = 0, 0.0
-            for pr in PROMPTS:
-                r = eng.generate(pr, max_tokens=a.max_tokens, **s)
+            for ids, target in zip(prompts, targets):
+                r = run(ids, alpha, target, **s)
+                if r.tokens != target[len(ids):]:
+                    raise NextnError(f"{name}: output differs from plain greedy decoding (a bug)")
                 toks += r.stats["generated_tokens"] - 1
                 secs += r.stats["decode_s"]
-                acc.append(r.stats["acceptance_rate"])
-                tps.append(r.stats["mean_tokens_per_step"])
-            speeds.append(toks / max(secs, 1e-9))
-        rows.append((name, statistics.median(speeds), statistics.mean(acc), statistics.mean(tps)))
-    base = rows[0][1]
-    print(f"model: {eng.file.path.name}  gpu side: {eng.device}  prompts: {len(PROMPTS)} x {a.max_tokens} tokens, "
-          f"median of {a.repeats}")
-    print(f"{'setting':<10} {'decode tok/s':>13} {'vs plain':>9} {'accept':>7} {'tok/step':>9}")
-    for name, sp, ac, tp in rows:
-        print(f"{name:<10} {sp:>13.1f} {sp / base:>8.2f}x {ac:>7.1%} {tp:>9.2f}")
+                acc[i]["stats"].append(r.stats)
+            acc[i]["speed"].append(toks / max(secs, 1e-9))
+    base = statistics.median(acc[0]["speed"])
+    print(f"model: {eng.file.path.name}  gpu side: {eng.device} ({str(eng.dtype).replace('torch.', '')})  "
+          f"overlap: {eng.model.overlap}  prompts: {len(prompts)} x {a.max_tokens} tokens, "
+          f"median of {a.repeats} rounds")
+    hdr = (f"{'oracle':>6} {'setting':<12} {'tok/s':>8} {'vs plain':>8} {'accept':>7} {'tok/step':>8} "
+           f"{'experts/verify':>14} {'act MB':>7} {'w bytes':>7} {'overlap':>7} {'k chosen':<20}")
+    print(hdr)
+    for i, (name, alpha, s) in enumerate(settings):
+        sp = statistics.median(acc[i]["speed"])
+        st = acc[i]["stats"]
+        mean = lambda key: statistics.mean(x[key] for x in st)  # noqa: E731
+        ks: dict = {}
+        for x in st:
+            for k, n in x["draft_lengths"].items():
+                ks[k] = ks.get(k, 0) + n
+        busy = sum(x["gpu_busy_s"] + x["cpu_busy_s"] for x in st)
+        ov = sum(x["overlap_s"] for x in st) / busy if busy else 0.0
+        print(f"{'-' if alpha is None else f'{alpha:.2f}':>6} {name:<12} {sp:>8.2f} {sp / base:>7.2f}x "
+              f"{mean('acceptance_rate'):>7.1%} {mean('mean_tokens_per_step'):>8.2f} "
+              f"{mean('distinct_experts_per_verify'):>14.1f} {mean('activation_bytes_moved') / 1e6:>7.2f} "
+              f"{max(x['weight_bytes_moved'] for x in st):>7d} {ov:>7.1%} "
+              f"{' '.join(f'{k}:{n}' for k, n in sorted(ks.items())) or '-':<20}")
     return 0
 
 

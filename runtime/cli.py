@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MTP speculative decoding with the model's nextn layer (default: on when present)")
     r.add_argument("--draft-max", type=int, dest="draft_max", help="most drafted tokens per step")
     r.add_argument("--draft-p-min", type=float, dest="p_min", help="stop drafting below this draft probability")
+    r.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose each step's draft length (0..draft-max) from measured costs (default: on)")
+    r.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="run CPU experts beside the shared expert (default: on with CUDA)")
+    r.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON) of the run")
     r.add_argument("--quiet", action="store_true", help="print only the generated text")
     _placement_args(r)
 
@@ -86,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(a: argparse.Namespace) -> int:
     from .api import load
 
-    overrides = _overrides(a, PLACEMENT_KEYS)
+    overrides = _overrides(a, PLACEMENT_KEYS + ("overlap",))
     eng = load(a.target, **overrides)
     gen = _overrides(a, ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "mtp", "draft_max",
-                         "p_min", "stop"))
+                         "p_min", "adaptive", "stop", "trace"))
     prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
     run_stream = eng.stream(prompt, chat=a.chat, **gen)
     out = sys.stdout
@@ -106,13 +111,18 @@ def cmd_run(a: argparse.Namespace) -> int:
                  f"{s['prompt_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s"]
         if s["mtp"]:
             pos = ", ".join(f"{r:.0%}" for r in s["acceptance_by_position"])
-            lines.append(f"-- MTP draft_max {s['draft_max']}: drafted {s['drafted']}, accepted {s['accepted']} "
-                         f"({s['acceptance_rate']:.1%}; by position {pos}), {s['mean_tokens_per_step']:.2f} tokens/step, "
-                         f"draft {s['draft_s']:.2f}s verify {s['verify_s']:.2f}s")
+            ks = " ".join(f"{k}:{n}" for k, n in s["draft_lengths"].items())
+            lines.append(f"-- MTP draft_max {s['draft_max']}{' adaptive' if s['adaptive'] else ''}: "
+                         f"drafted {s['drafted']}, accepted {s['accepted']} ({s['acceptance_rate']:.1%}; "
+                         f"by position {pos}), {s['mean_tokens_per_step']:.2f} tokens/step, "
+                         f"draft {s['draft_s']:.2f}s verify {s['verify_s']:.2f}s, steps by draft length {ks}")
         else:
             lines.append("-- MTP off")
         lines.append(f"-- bytes moved between sides: weights {s['weight_bytes_moved']}, "
-                     f"activations {s['activation_bytes_moved']}")
+                     f"activations {s['activation_bytes_moved']}; busy: gpu side {s['gpu_busy_s']:.2f}s, "
+                     f"cpu experts {s['cpu_busy_s']:.2f}s, both {s['overlap_s']:.2f}s, idle {s['idle_wait_s']:.2f}s")
+        if a.trace:
+            lines.append(f"-- trace written to {a.trace} (open in ui.perfetto.dev or chrome://tracing)")
         print("\n".join(lines), file=sys.stderr)
     return 0
 
