@@ -68,14 +68,14 @@ class Sequence:
         self.last_sample: StepSample | None = None  # cost of the last step, for the draft policy
 
     def _begin(self):
-        m = self.model
-        return perf_counter(), m.cpu_expert_s, m.cpu_experts_read
+        ctx = self.model.bus.ctx
+        return perf_counter(), ctx.cpu_expert_s, ctx.cpu_experts_read
 
     def _end(self, begin, k: int) -> None:
         t0, c0, e0 = begin
-        m = self.model
-        cpu = m.cpu_expert_s - c0
-        self.last_sample = StepSample(k, perf_counter() - t0 - cpu, cpu, m.cpu_experts_read - e0)
+        ctx = self.model.bus.ctx
+        cpu = ctx.cpu_expert_s - c0
+        self.last_sample = StepSample(k, perf_counter() - t0 - cpu, cpu, ctx.cpu_experts_read - e0)
 
     @property
     def context(self) -> int:
@@ -173,10 +173,10 @@ class Sequence:
             drafts = self.draft(token, k, p_min)
         t1 = time.perf_counter()
         batch = torch.tensor([token] + [d for d, _ in drafts], dtype=torch.long)
-        e0 = m.cpu_experts_read
+        e0 = m.bus.ctx.cpu_experts_read
         h = m.forward(batch, self.cache, start)
         logits = m.logits(h)
-        st.distinct_experts += m.cpu_experts_read - e0
+        st.distinct_experts += m.bus.ctx.cpu_experts_read - e0
         t2 = time.perf_counter()
         st.draft_s += t1 - t0
         st.verify_s += t2 - t1

@@ -26,7 +26,7 @@ from .loader import LoadReport, build_model, default_side_of
 from .sampling import SamplingParams
 from .scheduler import DraftPolicy
 from .tokenizer import Tokenizer, TokenizerError
-from .trace import NULL_TIMELINE, Timeline
+from .trace import Timeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -205,6 +205,26 @@ class Engine:
         yield from run
         self.last_result = run.result
 
+    def generate_batch(self, prompts, **kw) -> list[GenerationResult]:
+        """One result per prompt. The sequences decode concurrently, one thread each: while one
+        sequence's routed experts run on the CPU (the C kernels release the GIL; one CPU expert
+        call at a time), another's GPU-side work proceeds. Each result equals what `generate`
+        gives for that prompt alone."""
+        prompts = list(prompts)
+        if len(prompts) <= 1:
+            return [self.generate(p, **kw) for p in prompts]
+        runs = [_Run(self, p, **kw) for p in prompts]  # validate everything before starting
+
+        def drive(run: _Run) -> GenerationResult:
+            for _ in run:
+                pass
+            return run.result
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="nextn-seq") as ex:
+            return list(ex.map(drive, runs))
+
     def generate(self, prompt, **kw) -> GenerationResult:
         run = _Run(self, prompt, **kw)
         for _ in run:
@@ -260,7 +280,6 @@ class _Run:
         e = self.engine
         m = e.model
         bus = m.bus
-        bytes0 = (bus.activation_bytes, bus.weight_bytes)
         tok = e.tokenizer
         dec = tok.stream_decoder(skip_special=True)
         eos = tok.eos_ids
@@ -269,7 +288,8 @@ class _Run:
         finish = "length"
         policy = e.draft_policy(self.draft_max, self.adaptive) if self.use_mtp else None
         lengths: dict[int, int] = {}
-        m.timeline = tl = Timeline(keep_spans=self.trace is not None)
+        tl = Timeline(keep_spans=self.trace is not None)
+        ctx = bus.begin_run(tl)
         try:
             with torch.inference_mode():
                 seq = e.new_sequence(self.params, self.use_mtp)
@@ -325,7 +345,7 @@ class _Run:
                     yield text[sent:]
                 t2 = time.perf_counter()
         finally:
-            m.timeline = NULL_TIMELINE
+            bus.end_run()
         if self.trace is not None:
             tl.write_chrome_trace(self.trace)
         st = seq.stats
@@ -350,8 +370,8 @@ class _Run:
             "distinct_experts_per_verify": st.distinct_experts / st.steps if st.steps else 0.0,
             "draft_s": st.draft_s,
             "verify_s": st.verify_s,
-            "weight_bytes_moved": bus.weight_bytes - bytes0[1],
-            "activation_bytes_moved": bus.activation_bytes - bytes0[0],
+            "weight_bytes_moved": ctx.weight_bytes,
+            "activation_bytes_moved": ctx.activation_bytes,
             "finish_reason": finish,
             **tl.figures(t0, t2),
         }, finish)

@@ -17,6 +17,7 @@ shared_head_norm -> head; the row sits at position p+1.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -28,19 +29,44 @@ from .config import ModelConfig
 from .trace import NULL_TIMELINE, Timeline
 
 
+@dataclass
+class RunContext:
+    """What one generation measures: kept per thread, so sequences decoded concurrently
+    (`Engine.generate_batch`) each count their own bytes and time."""
+
+    timeline: Timeline = NULL_TIMELINE
+    activation_bytes: int = 0
+    weight_bytes: int = 0  # stays 0: no code path copies a weight after load
+    cpu_expert_s: float = 0.0  # CPU-side routed-expert time, read by the scheduler's cost model
+    cpu_experts_read: int = 0  # distinct (layer, expert) pairs those calls read
+
+
 class Bus:
     """Moves activations between the two sides and counts the bytes that cross."""
 
     def __init__(self, gpu_device: torch.device, gpu_dtype: torch.dtype):
         self.devices = {"gpu": torch.device(gpu_device), "cpu": torch.device("cpu")}
         self.dtypes = {"gpu": gpu_dtype, "cpu": torch.float32}
-        self.activation_bytes = 0
-        self.weight_bytes = 0  # stays 0: no code path copies a weight after load
+        self._tls = threading.local()
+
+    @property
+    def ctx(self) -> RunContext:
+        ctx = getattr(self._tls, "ctx", None)
+        if ctx is None:
+            ctx = self._tls.ctx = RunContext()
+        return ctx
+
+    def begin_run(self, timeline: Timeline) -> RunContext:
+        self._tls.ctx = RunContext(timeline=timeline)
+        return self._tls.ctx
+
+    def end_run(self) -> None:
+        self._tls.ctx = RunContext()
 
     def to(self, x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
         if src == dst:
             return x
-        self.activation_bytes += x.numel() * x.element_size()
+        self.ctx.activation_bytes += x.numel() * x.element_size()
         # Move in the source dtype, convert on arrival: what crosses is what we count.
         sdev, ddev = self.devices[src], self.devices[dst]
         if sdev.type == "cuda" and ddev.type == "cpu":
@@ -163,10 +189,8 @@ class Router:
 class RoutedExperts:
     side: str
     experts: object  # TorchExperts | KernelExperts
-    last_ids: torch.Tensor | None = None  # for statistics (distinct experts per step)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        self.last_ids = ids
         return self.experts(x, ids, w)
 
 
@@ -227,10 +251,14 @@ class GLM4Model:
     rope: RoPE
     nextn: NextnHead | None = None
     overlap: bool = False  # run CPU experts on a worker thread beside the shared expert
-    timeline: Timeline = NULL_TIMELINE  # the running generation's timeline
-    cpu_expert_s: float = 0.0  # running totals read by the scheduler's cost model
-    cpu_experts_read: int = 0
     _executor: ThreadPoolExecutor | None = None
+    # One CPU expert call at a time: the cores are one resource, and concurrent sequences should
+    # take turns on them while their GPU-side work proceeds.
+    _cpu_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def timeline(self) -> Timeline:
+        return self.bus.ctx.timeline
 
     # ---- building blocks -------------------------------------------------------------------
 
@@ -268,7 +296,9 @@ class GLM4Model:
 
     def _block(self, b: Block, x: torch.Tensor, x_side: str, layer: int, cache: KVCache, start: int,
                pos: torch.Tensor, tag: str = "") -> tuple[torch.Tensor, str]:
-        bus, tl = self.bus, self.timeline
+        bus = self.bus
+        ctx = bus.ctx  # this thread's run: the expert worker below reports into it
+        tl = ctx.timeline
         a = b.attn
         t0 = perf_counter()
         x = bus.to(x, x_side, a.side)
@@ -287,13 +317,15 @@ class GLM4Model:
         tl.add("gpu", f"{tag}attention+router {layer}", t0, perf_counter())
 
         def routed() -> torch.Tensor:
-            t = perf_counter()
-            y = r(he, ids, w)
-            if r.side == "cpu":  # the CPU track: what the cost model and the overlap figures measure
+            if r.side != "cpu":
+                return r(he, ids, w)
+            with self._cpu_lock:  # the CPU track: what the cost model and overlap figures measure
+                t = perf_counter()
+                y = r(he, ids, w)
                 t1 = perf_counter()
-                tl.add("cpu", f"{tag}experts {layer}", t, t1, {"rows": int(ids.shape[0])})
-                self.cpu_expert_s += t1 - t
-                self.cpu_experts_read += int(torch.unique(ids).numel())
+            tl.add("cpu", f"{tag}experts {layer}", t, t1, {"rows": int(ids.shape[0])})
+            ctx.cpu_expert_s += t1 - t
+            ctx.cpu_experts_read += int(torch.unique(ids).numel())
             return y
 
         shared = moe.shared

@@ -129,3 +129,16 @@ def test_trace_is_valid_chrome_json_and_figures_add_up(eng, tmp_path):
     assert s["cpu_busy_s"] > 0 and s["gpu_busy_s"] > 0
     # with CPU experts and no overlap the sides take turns: idle is the Python around them
     assert s["idle_wait_s"] < 0.5 * wall
+
+
+# ---- several sequences ------------------------------------------------------------------------------
+
+def test_generate_batch_equals_one_by_one(eng):
+    prompts = [prompt(n, eng.cfg.n_vocab, seed=n) for n in (3, 17, 40)]
+    kw = dict(max_tokens=24, mtp=True, draft_max=2, adaptive=False)
+    alone = [eng.generate(p, **kw) for p in prompts]
+    batch = eng.generate_batch(prompts, **kw)
+    assert [r.tokens for r in batch] == [r.tokens for r in alone]
+    # each sequence counts its own bytes, even while they run concurrently
+    assert [r.stats["activation_bytes_moved"] for r in batch] == [r.stats["activation_bytes_moved"] for r in alone]
+    assert all(r.stats["weight_bytes_moved"] == 0 for r in batch)
