@@ -329,38 +329,44 @@ static inline const void *FN(prep_row)(int type, int fam, const uint8_t *src, in
 }
 
 /* ------------------------------------------------------------------ activation quantizers */
-/* B32 activations, structure-of-arrays like the weights: y[32*nb], d[nb], s[nb] = d*sum(y) */
-static void FN(quant_b32)(const float *x, int64_t n, uint8_t *base) {
-    const int64_t nb = n / 32;
+/* B32 activations, structure-of-arrays like the weights: y[32*nb], d[nb], s[nb] = d*sum(y).
+ * Quantizes blocks b0..b1-1 of a row of nb blocks (x points at the row's start). */
+static void FN(quant_b32)(const float *x, int64_t nb, int64_t b0, int64_t b1, uint8_t *base) {
     int8_t *yb = (int8_t *)base;
     float *dv = (float *)(base + 32 * nb), *sv = dv + nb;
-    for (int64_t b = 0; b < nb; b++, x += 32) {
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xb = x + 32 * b;
         float amax = 0.0f;
-        for (int j = 0; j < 32; j++) { float v = fabsf(x[j]); amax = v > amax ? v : amax; }
+        for (int j = 0; j < 32; j++) { float v = fabsf(xb[j]); amax = v > amax ? v : amax; }
         float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
-        for (int j = 0; j < 32; j++) { int v = (int)lrintf(x[j] * id); yb[32 * b + j] = (int8_t)v; sum += v; }
+        for (int j = 0; j < 32; j++) { int v = (int)lrintf(xb[j] * id); yb[32 * b + j] = (int8_t)v; sum += v; }
         dv[b] = d; sv[b] = d * (float)sum;
     }
 }
-static void FN(quant_k)(const float *x, int64_t n, ak256 *a) {
-    for (int64_t b = 0; b < n / 256; b++, x += 256) {
+static void FN(quant_k)(const float *x, int64_t b0, int64_t b1, ak256 *a) {
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xb = x + 256 * b;
         float amax = 0.0f;
-        for (int j = 0; j < 256; j++) { float v = fabsf(x[j]); amax = v > amax ? v : amax; }
+        for (int j = 0; j < 256; j++) { float v = fabsf(xb[j]); amax = v > amax ? v : amax; }
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        for (int j = 0; j < 256; j++) a[b].y[j] = (int8_t)lrintf(x[j] * id);
+        for (int j = 0; j < 256; j++) a[b].y[j] = (int8_t)lrintf(xb[j] * id);
         for (int g = 0; g < 16; g++) {
             int sum = 0;
             for (int j = 0; j < 16; j++) sum += a[b].y[16 * g + j];
-            a[b].bs[g] = (float)sum;
+            a[b].bsum[g] = (int16_t)sum;
         }
         a[b].d = amax / 127.0f;
     }
 }
+/* quantize elements i0..i1-1 (block-aligned) of a row of n (float family: copy) */
+static inline void FN(quant_act_range)(int fam, const float *x, int64_t n, int64_t i0, int64_t i1, void *dst) {
+    if (fam == NX_FAM_B32) FN(quant_b32)(x, n / 32, i0 / 32, i1 / 32, (uint8_t *)dst);
+    else if (fam == NX_FAM_K) FN(quant_k)(x, i0 / 256, i1 / 256, (ak256 *)dst);
+    else memcpy((float *)dst + i0, x + i0, (size_t)(i1 - i0) * 4);
+}
 static inline void FN(quant_act)(int fam, const float *x, int64_t n, void *dst) {
-    if (fam == NX_FAM_B32) FN(quant_b32)(x, n, (uint8_t *)dst);
-    else if (fam == NX_FAM_K) FN(quant_k)(x, n, (ak256 *)dst);
-    else memcpy(dst, x, (size_t)n * 4);
+    FN(quant_act_range)(fam, x, n, 0, n, dst);
 }
 
 /* ------------------------------------------------------------------ dot cores */
@@ -469,7 +475,7 @@ static inline __attribute__((always_inline)) float FN(dot_k_t)(const uk256 *w, c
         }
         __m512 ad = _mm512_set1_ps(a[b].d);
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(ad, _mm512_set1_ps(w[b].d)), acc);
-        acco = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(w[b].off), _mm512_loadu_ps(a[b].bs)), ad, acco);
+        acco = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(w[b].off), _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)a[b].bsum)))), ad, acco);
     }
     s = _mm512_reduce_add_ps(_mm512_add_ps(acc, acco));
 #elif NX_PATH == 1
@@ -491,8 +497,10 @@ static inline __attribute__((always_inline)) float FN(dot_k_t)(const uk256 *w, c
         }
         __m256 ad = _mm256_set1_ps(a[b].d);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(isum0, isum1)), _mm256_mul_ps(ad, _mm256_set1_ps(w[b].d)), acc);
-        __m256 o = _mm256_mul_ps(_mm256_loadu_ps(w[b].off), _mm256_loadu_ps(a[b].bs));
-        o = _mm256_fmadd_ps(_mm256_loadu_ps(w[b].off + 8), _mm256_loadu_ps(a[b].bs + 8), o);
+        const __m256 bs0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)a[b].bsum)));
+        const __m256 bs1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(a[b].bsum + 8))));
+        __m256 o = _mm256_mul_ps(_mm256_loadu_ps(w[b].off), bs0);
+        o = _mm256_fmadd_ps(_mm256_loadu_ps(w[b].off + 8), bs1, o);
         acco = _mm256_fmadd_ps(o, ad, acco);
     }
     s = FN(hsum256)(_mm256_add_ps(acc, acco));
@@ -503,7 +511,7 @@ static inline __attribute__((always_inline)) float FN(dot_k_t)(const uk256 *w, c
         for (int i = 0; i < 128; i++)
             isum += (int)w[b].scv[i] * ((int)w[b].q[2 * i] * a[b].y[2 * i] + (int)w[b].q[2 * i + 1] * a[b].y[2 * i + 1]);
         float o = 0.0f;
-        for (int g = 0; g < 16; g++) o += w[b].off[g] * a[b].bs[g];
+        for (int g = 0; g < 16; g++) o += w[b].off[g] * (float)a[b].bsum[g];
         s += a[b].d * (w[b].d * (float)isum + o);
     }
 #endif
@@ -524,14 +532,246 @@ static inline float FN(dot_row)(int fam, int sgn, const void *w, const void *a, 
     return FN(dot_f)((const float *)w, (const float *)a, n);
 }
 
+/* ------------------------------------------------------------------ fused dots (SIMD paths)
+ * One packed GGUF row against nt (1..4, a compile-time constant after inlining) quantized
+ * activation rows, straight from the packed blocks: each weight block is decoded into registers
+ * once and multiplied with every token's activations (ggml-style maddubs/madd integer dots, block
+ * scales applied per sub-block, K-quant mins through the activations' per-16 sums).  Types without
+ * a fused kernel go through prep_row + dot_row (the generic decode-then-dot path). */
+#if NX_PATH >= 1
+#define NX_FUSED static inline __attribute__((always_inline))
+#define NX_NT 4
+
+static inline int FN(has_fused)(int type) {
+    switch (type) {
+    case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL:
+    case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: return 1;
+    }
+    return 0;
+}
+static inline float FN(hsum128)(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* 4 bytes of bits -> 32 bytes, 0xFF where the bit is set (ggml's bytes_from_bits_32) */
+static inline __m256i FN(bitmask32)(const uint8_t *p) {
+    uint32_t x32; memcpy(&x32, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuf);
+    b = _mm256_or_si256(b, _mm256_set1_epi64x((long long)0x7fbfdfeff7fbfdfeULL));
+    return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+}
+/* int16 lane k of a 128-bit vector broadcast to all lanes of both halves */
+#define NX_BC16(k) _mm256_set1_epi16((short)(((2 * (k) + 1) << 8) | (2 * (k))))
+
+/* 32-element types against SoA Q8_0-like activations (y[32*nb], d[nb], ...) */
+NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t nb,
+                       const uint8_t *const *a, float *res, const int nt) {
+    const size_t bs = type == NX_Q8_0 ? 34 : type == NX_Q5_0 ? 22 : 18;
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
+    const int8_t *y[NX_NT];
+    const float *dy[NX_NT];
+    __m256 acc[NX_NT];
+    for (int t = 0; t < nt; t++) { y[t] = (const int8_t *)a[t]; dy[t] = (const float *)(a[t] + 32 * nb); acc[t] = _mm256_setzero_ps(); }
+    for (int64_t b = 0; b < nb; b++, w += bs) {
+        const float d = H2F(FN(rd16)(w));
+        __m256i q;
+        if (type == NX_Q8_0) q = FN(ld256)(w + 2);
+        else {
+            const uint8_t *qs = w + (type == NX_Q5_0 ? 6 : 2);
+            const __m128i v = _mm_loadu_si128((const __m128i *)qs);
+            q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+            if (type == NX_Q4_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+            else if (type == NX_Q5_0) q = _mm256_or_si256(q, _mm256_andnot_si256(FN(bitmask32)(w + 2), _mm256_set1_epi8((char)0xF0)));
+            else q = _mm256_shuffle_epi8(kv, q);
+        }
+        const __m256i aq = _mm256_abs_epi8(q);
+        for (int t = 0; t < nt; t++) {
+            const __m256i yv = FN(ld256)(y[t] + 32 * b);
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(yv, q)), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[t][b]), _mm256_cvtepi32_ps(p), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
+}
+
+/* Q4_K / Q5_K against Q8_K-like activations */
+NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t nb,
+                        const uint8_t *const *a, float *res, const int nt) {
+    const size_t bs = type == NX_Q4_K ? 144 : 176;
+    const uint32_t km1 = 0x3f3f3f3f, km2 = 0x0f0f0f0f, km3 = 0x03030303;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const ak256 *ab[NX_NT];
+    __m256 acc[NX_NT];
+    __m128 accm[NX_NT];
+    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; acc[t] = _mm256_setzero_ps(); accm[t] = _mm_setzero_ps(); }
+    for (int64_t b = 0; b < nb; b++, w += bs) {
+        const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
+        uint32_t u[4];
+        memcpy(u, w + 4, 12);
+        u[3] = ((u[2] >> 4) & km2) | (((u[1] >> 6) & km3) << 4);
+        const uint32_t ua = u[1] & km1;
+        u[1] = (u[2] & km2) | (((u[0] >> 6) & km3) << 4);
+        u[2] = ua;
+        u[0] &= km1;
+        const __m256i ms = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+        const __m128i mins = _mm256_extracti128_si256(ms, 1);
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
+        const uint8_t *qs = w + (type == NX_Q4_K ? 16 : 48);
+        __m256i hb = _mm256_setzero_si256();
+        if (type == NX_Q5_K) hb = FN(ld256)(w + 16);
+        __m256i sumi[NX_NT];
+        for (int t = 0; t < nt; t++) sumi[t] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i sl = _mm256_shuffle_epi8(scales, NX_BC16(2 * j));
+            const __m256i sh = _mm256_shuffle_epi8(scales, NX_BC16(2 * j + 1));
+            const __m256i v = FN(ld256)(qs + 32 * j);
+            __m256i ql = _mm256_and_si256(v, m4), qh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            if (type == NX_Q5_K) {
+                const __m256i one = _mm256_set1_epi8(1);
+                ql = _mm256_or_si256(ql, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j), one), 4));
+                qh = _mm256_or_si256(qh, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j + 1), one), 4));
+            }
+            for (int t = 0; t < nt; t++) {
+                const __m256i pl = _mm256_maddubs_epi16(ql, FN(ld256)(ab[t][b].y + 64 * j));
+                const __m256i ph = _mm256_maddubs_epi16(qh, FN(ld256)(ab[t][b].y + 64 * j + 32));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(pl, sl), _mm256_madd_epi16(ph, sh)));
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            const float dy = ab[t][b].d;
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            const __m256i bsv = FN(ld256)(ab[t][b].bsum);
+            const __m128i s8 = _mm_hadd_epi16(_mm256_castsi256_si128(bsv), _mm256_extracti128_si256(bsv, 1));
+            accm[t] = _mm_fmadd_ps(_mm_set1_ps(-dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, s8)), accm[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(accm[t]);
+}
+
+/* Q6_K against Q8_K-like activations: unsigned 6-bit q, the -32 offset through the per-16 sums */
+NX_FUSED void FN(fq6k)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    const ak256 *ab[NX_NT];
+    __m256 acc[NX_NT];
+    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int64_t b = 0; b < nb; b++, w += 210) {
+        const float d = H2F(FN(rd16)(w + 208));
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        __m256i sumi[NX_NT];
+        for (int t = 0; t < nt; t++) {
+            /* -32 * sum_g sc_g * bsum_g */
+            const __m256i m = _mm256_madd_epi16(sc16, FN(ld256)(ab[t][b].bsum));
+            sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(m, 5));
+        }
+        for (int n = 0; n < 2; n++) {
+            const __m256i S = _mm256_broadcastsi128_si256(n ? _mm256_extracti128_si256(sc16, 1) : _mm256_castsi256_si128(sc16));
+            const uint8_t *ql = w + 64 * n, *qhp = w + 128 + 32 * n;
+            const __m256i l0 = FN(ld256)(ql), l1 = FN(ld256)(ql + 32), h = FN(ld256)(qhp);
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+            for (int k = 0; k < 4; k++) {
+                /* groups 2k (low 16 elements) and 2k+1 (high 16) of this half */
+                const __m256i sk = _mm256_shuffle_epi8(S, _mm256_set_m128i(_mm256_castsi256_si128(NX_BC16(2 * k + 1)),
+                                                                          _mm256_castsi256_si128(NX_BC16(2 * k))));
+                for (int t = 0; t < nt; t++) {
+                    const __m256i p = _mm256_maddubs_epi16(q[k], FN(ld256)(ab[t][b].y + 128 * n + 32 * k));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sk));
+                }
+            }
+        }
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab[t][b].d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
+}
+
+/* IQ4_XS against Q8_K-like activations (signed codebook values, 6-bit signed scale per 32) */
+NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
+    const ak256 *ab[NX_NT];
+    __m256 acc[NX_NT];
+    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int64_t b = 0; b < nb; b++, w += 136) {
+        const float d = H2F(FN(rd16)(w));
+        const unsigned sh = FN(rd16)(w + 2);
+        const uint8_t *sl = w + 4, *qs = w + 8;
+        __m256i sumi[NX_NT];
+        for (int t = 0; t < nt; t++) sumi[t] = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const int ls = ((sl[ib / 2] >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
+            const __m256i scv = _mm256_set1_epi16((short)(ls - 32));
+            const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * ib));
+            const __m256i q = _mm256_shuffle_epi8(kv, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4));
+            const __m256i aq = _mm256_abs_epi8(q);
+            for (int t = 0; t < nt; t++) {
+                const __m256i p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(FN(ld256)(ab[t][b].y + 32 * ib), q));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, scv));
+            }
+        }
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab[t][b].d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
+}
+
+#define NX_NT_SWITCH(call) \
+    switch (nt) { case 1: { const int NTC = 1; call; } break; case 2: { const int NTC = 2; call; } break; \
+                  case 3: { const int NTC = 3; call; } break; default: { const int NTC = 4; call; } break; }
+/* res[t] = row . act[t] for t < nt (1..4), fused types only */
+static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *const *a, float *res, int nt) {
+    switch (type) {
+    case NX_Q8_0: NX_NT_SWITCH(FN(fb32)(NX_Q8_0, w, n / 32, a, res, NTC)) break;
+    case NX_Q4_0: NX_NT_SWITCH(FN(fb32)(NX_Q4_0, w, n / 32, a, res, NTC)) break;
+    case NX_Q5_0: NX_NT_SWITCH(FN(fb32)(NX_Q5_0, w, n / 32, a, res, NTC)) break;
+    case NX_IQ4_NL: NX_NT_SWITCH(FN(fb32)(NX_IQ4_NL, w, n / 32, a, res, NTC)) break;
+    case NX_Q4_K: NX_NT_SWITCH(FN(fq45k)(NX_Q4_K, w, n / 256, a, res, NTC)) break;
+    case NX_Q5_K: NX_NT_SWITCH(FN(fq45k)(NX_Q5_K, w, n / 256, a, res, NTC)) break;
+    case NX_Q6_K: NX_NT_SWITCH(FN(fq6k)(w, n / 256, a, res, NTC)) break;
+    case NX_IQ4_XS: NX_NT_SWITCH(FN(fiq4xs)(w, n / 256, a, res, NTC)) break;
+    }
+}
+#else
+static inline int FN(has_fused)(int type) { (void)type; return 0; }
+static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *const *a, float *res, int nt) {
+    (void)type; (void)w; (void)n; (void)a; (void)res; (void)nt;
+}
+#endif
+
+/* res[j] = dot(row, acts(j)) for j < ns, acts(j) = abase + aoff[j] (aoff NULL: abase + j*astride) */
+static inline void FN(row_dots)(int type, int fam, int sgn, const uint8_t *row, int64_t n, const uint8_t *abase,
+                                const int32_t *aidx, size_t astride, int64_t ns, float *res, void *scratch) {
+    if (FN(has_fused)(type)) {
+        for (int64_t j = 0; j < ns; j += 4) {
+            const int nt = ns - j < 4 ? (int)(ns - j) : 4;
+            const uint8_t *ap[4];
+            for (int t = 0; t < nt; t++) ap[t] = abase + (size_t)(aidx ? aidx[j + t] : j + t) * astride;
+            FN(fused_dot)(type, row, n, ap, res + j, nt);
+        }
+        return;
+    }
+    const void *wr = FN(prep_row)(type, fam, row, n, scratch);
+    for (int64_t j = 0; j < ns; j++)
+        res[j] = FN(dot_row)(fam, sgn, wr, abase + (size_t)(aidx ? aidx[j] : j) * astride, n);
+}
+
 /* ------------------------------------------------------------------ the fused MoE call */
-/* ask for the next row while this one is decoded (hardware prefetchers stop at page ends) */
 static inline void FN(prefetch)(const uint8_t *p, int64_t n) {
     for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 3);
 }
 
 static inline float FN(silu)(float g) { return g / (1.0f + expf(-g)); }
 
+static inline size_t FN(block_elems)(int fam) { return fam == NX_FAM_K ? 256 : fam == NX_FAM_B32 ? 32 : 1; }
+
+/* Returns 0, -1 (allocation failed), -3 (an expert id out of range: nothing written). */
 int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids, const float *wts,
                                     int64_t K, const nx_tensor *gate, const nx_tensor *up,
                                     const nx_tensor *down, float *out, int nthreads) {
@@ -539,21 +779,33 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
     const int fg = FN(family)(gate->type), fu = FN(family)(up->type), fd = FN(family)(down->type);
     const int sg = FN(is_signed)(gate->type), su = FN(is_signed)(up->type), sd = FN(is_signed)(down->type);
     if (nthreads < 1) nthreads = 1;
+    for (int64_t p = 0; p < P; p++)
+        if (ids[p] < 0 || ids[p] >= E) return -3;
 
-    /* 1. group pairs by expert */
+    /* 1. group pairs by expert (counting sort, stable: pairs of one expert in token order) */
     int64_t *start = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *fill = (int64_t *)malloc((size_t)E * sizeof(int64_t));
     int32_t *ptok = (int32_t *)malloc((size_t)P * sizeof(int32_t));
     float *pw = (float *)malloc((size_t)P * sizeof(float));
     int32_t *active = (int32_t *)malloc((size_t)E * sizeof(int32_t));
-    /* activations: x for gate / up (shared when same family), g/u scratch, down activations */
+    /* activations: x for gate / up (shared when same family), g/u results, down activations */
     const size_t axg = FN(act_bytes)(fg, H), axu = FN(act_bytes)(fu, H), aad = FN(act_bytes)(fd, I);
     uint8_t *qxg = fg == NX_FAM_F ? NULL : (uint8_t *)malloc((size_t)T * axg);
     uint8_t *qxu = (fu == NX_FAM_F || fu == fg) ? NULL : (uint8_t *)malloc((size_t)T * axu);
     float *G = (float *)malloc((size_t)P * I * sizeof(float) * 2);
     uint8_t *qa = fd == NX_FAM_F ? NULL : (uint8_t *)malloc((size_t)P * aad);
-    if (!start || !ptok || !pw || !active || (fg != NX_FAM_F && !qxg) || (fu != NX_FAM_F && fu != fg && !qxu) ||
-        !G || (fd != NX_FAM_F && !qa)) {
-        free(start); free(ptok); free(pw); free(active); free(qxg); free(qxu); free(G); free(qa);
+    /* per-thread scratch: one decoded row (generic path only) + a result per pair */
+    const int need_dec = !FN(has_fused)(gate->type) || !FN(has_fused)(up->type) || !FN(has_fused)(down->type);
+    size_t dec = 0;
+    if (need_dec) {
+        const size_t a1 = FN(unpacked_bytes)(fg, H), a2 = FN(unpacked_bytes)(fu, H), a3 = FN(unpacked_bytes)(fd, I);
+        dec = ((a1 > a2 ? a1 : a2) > a3 ? (a1 > a2 ? a1 : a2) : a3) + 64;
+    }
+    const size_t scr_stride = ((dec + (size_t)P * sizeof(float)) + 127) & ~(size_t)63;
+    uint8_t *scr_all = (uint8_t *)aligned_alloc(64, scr_stride * (size_t)nthreads);
+    if (!start || !fill || !ptok || !pw || !active || (fg != NX_FAM_F && !qxg) || (fu != NX_FAM_F && fu != fg && !qxu) ||
+        !G || (fd != NX_FAM_F && !qa) || !scr_all) {
+        free(start); free(fill); free(ptok); free(pw); free(active); free(qxg); free(qxu); free(G); free(qa); free(scr_all);
         return -1;
     }
     float *U = G + P * I;
@@ -564,90 +816,93 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
     for (int64_t p = 0; p < P; p++) start[ids[p] + 1]++;
     int64_t nact = 0;
     for (int64_t e = 0; e < E; e++) { if (start[e + 1]) active[nact++] = (int32_t)e; start[e + 1] += start[e]; }
-    {
-        int64_t *fill = (int64_t *)malloc((size_t)E * sizeof(int64_t));
-        if (!fill) { free(start); free(ptok); free(pw); free(active); free(qxg); free(qxu); free(G); free(qa); return -1; }
-        memcpy(fill, start, (size_t)E * sizeof(int64_t));
-        for (int64_t p = 0; p < P; p++) { int64_t s = fill[ids[p]]++; ptok[s] = (int32_t)(p / K); pw[s] = wts[p]; }
-        free(fill);
-    }
+    memcpy(fill, start, (size_t)E * sizeof(int64_t));
+    for (int64_t p = 0; p < P; p++) { int64_t s = fill[ids[p]]++; ptok[s] = (int32_t)(p / K); pw[s] = wts[p]; }
+    free(fill);
 
-    /* work units */
-    int64_t rb1 = (I * nact) / ((int64_t)nthreads * 24);      /* rows per phase-1 unit */
-    if (rb1 < 4) rb1 = 4;
-    if (rb1 > 64) rb1 = 64;
+    /* threads: small calls (the bytes they must read) do not pay for a parallel region */
+    const double work = (double)nact * (double)(I * (gate->row_bytes + up->row_bytes) + H * down->row_bytes) +
+                        (double)P * (double)(3 * H * I) * 0.25;
+    int nth = nthreads;
+    if (work < (double)nth * (256 << 10)) nth = (int)(work / (256 << 10)) + 1;
+    if (nth > nthreads) nth = nthreads;
+
+    /* work units. phase 1: (active expert, block of I rows aligned to the down activations' blocks,
+     * so each unit can finish silu(g)*u and quantize its blocks itself); phase 2: blocks of H rows */
+    const int64_t ab = (int64_t)FN(block_elems)(fd);
+    int64_t rb1 = (I * nact) / ((int64_t)nth * 16);
+    if (rb1 > 128) rb1 = 128;
+    rb1 = rb1 / ab * ab;
+    if (rb1 < ab) rb1 = ab;
+    if (ab == 1 && rb1 < 8) rb1 = 8;
     const int64_t nrb1 = (I + rb1 - 1) / rb1, nu1 = nact * nrb1;
-    int64_t rb2 = H / ((int64_t)nthreads * 24);
-    if (rb2 < 4) rb2 = 4;
+    int64_t rb2 = H / ((int64_t)nth * 16);
+    if (rb2 < 8) rb2 = 8;
     if (rb2 > 64) rb2 = 64;
     const int64_t nu2 = (H + rb2 - 1) / rb2;
-    const size_t scr = FN(unpacked_bytes)(fg, H) > FN(unpacked_bytes)(fu, H) ? FN(unpacked_bytes)(fg, H) : FN(unpacked_bytes)(fu, H);
-    const size_t scr_d = FN(unpacked_bytes)(fd, I);
-    const size_t scratch_bytes = (scr > scr_d ? scr : scr_d) + 64;
-    int failed = 0;
+    const uint8_t *aa = qa ? qa : (const uint8_t *)G;
+    const size_t sa = qa ? aad : (size_t)I * 4;
+    const int par_quant = T * H > (1 << 16);
 
-#pragma omp parallel num_threads(nthreads)
-    {
-        void *scratch = aligned_alloc(64, (scratch_bytes + 63) & ~(size_t)63);
-        if (!scratch) {
-#pragma omp atomic write
-            failed = 1;
+    /* 2. quantize x once (small T: here, before the threads start) */
+    if (!par_quant)
+        for (int64_t t = 0; t < T; t++) {
+            if (qxg) FN(quant_act)(fg, x + t * H, H, qxg + t * axg);
+            if (qxu) FN(quant_act)(fu, x + t * H, H, qxu + t * axu);
         }
-#pragma omp barrier
-        if (!failed) {
-            /* 2. quantize x once */
+
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        uint8_t *scratch = scr_all + scr_stride * (size_t)omp_get_thread_num();
+        float *res = (float *)(scratch + dec);
+        if (par_quant) {
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < T; t++) {
                 if (qxg) FN(quant_act)(fg, x + t * H, H, qxg + t * axg);
                 if (qxu) FN(quant_act)(fu, x + t * H, H, qxu + t * axu);
             }
-            /* 3. gate / up */
+        }
+        /* 3. gate / up, then a = silu(g) * u for the unit's rows, quantized for down */
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t unit = 0; unit < nu1; unit++) {
-                const int64_t e = active[unit / nrb1], r0 = (unit % nrb1) * rb1;
-                const int64_t r1 = r0 + rb1 < I ? r0 + rb1 : I;
-                const int64_t s0 = start[e], s1 = start[e + 1];
-                for (int64_t r = r0; r < r1; r++) {
-                    if (r + 1 < r1) {
-                        FN(prefetch)(gate->data + (e * I + r + 1) * gate->row_bytes, gate->row_bytes);
-                        FN(prefetch)(up->data + (e * I + r + 1) * up->row_bytes, up->row_bytes);
-                    }
-                    const void *wr = FN(prep_row)(gate->type, fg, gate->data + (e * I + r) * gate->row_bytes, H, scratch);
-                    for (int64_t s = s0; s < s1; s++)
-                        G[s * I + r] = FN(dot_row)(fg, sg, wr, ag + ptok[s] * sxg, H);
-                    wr = FN(prep_row)(up->type, fu, up->data + (e * I + r) * up->row_bytes, H, scratch);
-                    for (int64_t s = s0; s < s1; s++)
-                        U[s * I + r] = FN(dot_row)(fu, su, wr, au + ptok[s] * sxu, H);
+        for (int64_t unit = 0; unit < nu1; unit++) {
+            const int64_t e = active[unit / nrb1], r0 = (unit % nrb1) * rb1;
+            const int64_t r1 = r0 + rb1 < I ? r0 + rb1 : I;
+            const int64_t s0 = start[e], ns = start[e + 1] - s0;
+            for (int64_t r = r0; r < r1; r++) {
+                const uint8_t *wg = gate->data + (e * I + r) * gate->row_bytes, *wu = up->data + (e * I + r) * up->row_bytes;
+                if (r + 1 < r1) {
+                    FN(prefetch)(wg + gate->row_bytes, gate->row_bytes);
+                    FN(prefetch)(wu + up->row_bytes, up->row_bytes);
                 }
+                FN(row_dots)(gate->type, fg, sg, wg, H, ag, ptok + s0, sxg, ns, res, scratch);
+                for (int64_t j = 0; j < ns; j++) G[(s0 + j) * I + r] = res[j];
+                FN(row_dots)(up->type, fu, su, wu, H, au, ptok + s0, sxu, ns, res, scratch);
+                for (int64_t j = 0; j < ns; j++) U[(s0 + j) * I + r] = res[j];
             }
-            /* 4. a = silu(g) * u, quantized for down */
-#pragma omp for schedule(static)
-            for (int64_t s = 0; s < P; s++) {
+            for (int64_t s = s0; s < s0 + ns; s++) {
                 float *g = G + s * I;
                 const float *u = U + s * I;
-                for (int64_t i = 0; i < I; i++) g[i] = FN(silu)(g[i]) * u[i];
-                if (qa) FN(quant_act)(fd, g, I, qa + s * aad);
+                for (int64_t i = r0; i < r1; i++) g[i] = FN(silu)(g[i]) * u[i];
+                if (qa) FN(quant_act_range)(fd, g, I, r0, r1, qa + s * aad);
             }
-            /* 5. down, accumulated into out */
-            const uint8_t *aa = qa ? qa : (const uint8_t *)G;
-            const size_t sa = qa ? aad : (size_t)I * 4;
+        }
+        /* 4. down, accumulated into out: every output row is owned by one unit and summed over
+         * experts and pairs in a fixed order (deterministic, independent of the thread count) */
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t unit = 0; unit < nu2; unit++) {
-                const int64_t r0 = unit * rb2, r1 = r0 + rb2 < H ? r0 + rb2 : H;
-                for (int64_t t = 0; t < T; t++) memset(out + t * H + r0, 0, (size_t)(r1 - r0) * sizeof(float));
-                for (int64_t ia = 0; ia < nact; ia++) {
-                    const int64_t e = active[ia], s0 = start[e], s1 = start[e + 1];
-                    for (int64_t r = r0; r < r1; r++) {
-                        if (r + 1 < r1) FN(prefetch)(down->data + (e * H + r + 1) * down->row_bytes, down->row_bytes);
-                        const void *wr = FN(prep_row)(down->type, fd, down->data + (e * H + r) * down->row_bytes, I, scratch);
-                        for (int64_t s = s0; s < s1; s++)
-                            out[ptok[s] * H + r] += pw[s] * FN(dot_row)(fd, sd, wr, aa + s * sa, I);
-                    }
+        for (int64_t unit = 0; unit < nu2; unit++) {
+            const int64_t r0 = unit * rb2, r1 = r0 + rb2 < H ? r0 + rb2 : H;
+            for (int64_t t = 0; t < T; t++) memset(out + t * H + r0, 0, (size_t)(r1 - r0) * sizeof(float));
+            for (int64_t ia = 0; ia < nact; ia++) {
+                const int64_t e = active[ia], s0 = start[e], ns = start[e + 1] - s0;
+                for (int64_t r = r0; r < r1; r++) {
+                    const uint8_t *wd = down->data + (e * H + r) * down->row_bytes;
+                    if (r + 1 < r1) FN(prefetch)(wd + down->row_bytes, down->row_bytes);
+                    FN(row_dots)(down->type, fd, sd, wd, I, aa + s0 * sa, NULL, sa, ns, res, scratch);
+                    for (int64_t j = 0; j < ns; j++) out[ptok[s0 + j] * H + r] += pw[s0 + j] * res[j];
                 }
             }
         }
-        free(scratch);
     }
-    free(start); free(ptok); free(pw); free(active); free(qxg); free(qxu); free(G); free(qa);
-    return failed ? -1 : 0;
+    free(start); free(ptok); free(pw); free(active); free(qxg); free(qxu); free(G); free(qa); free(scr_all);
+    return 0;
 }

@@ -69,12 +69,13 @@ typedef struct {                                                         /* unpa
     float d;
     float pad[15];
 } uk256;
-typedef struct { int8_t y[256]; float bs[16]; float d; float pad[7]; } ak256;
+/* Q8_K-like activation block: y = rint(x * 127/amax), d = amax/127, bsum[g] = sum of y[16g..16g+15] */
+typedef struct { int8_t y[256]; int16_t bsum[16]; float d; float pad[7]; } ak256;
 
 _Static_assert(sizeof(ub32) == 40, "ub32");
 _Static_assert(sizeof(ab32) == 40, "ab32");
 _Static_assert(sizeof(uk256) == 640, "uk256");
-_Static_assert(sizeof(ak256) == 352, "ak256");
+_Static_assert(sizeof(ak256) == 320, "ak256");
 
 /* one layer's stacked expert tensor: E x rows x cols, row_bytes per row */
 typedef struct {
