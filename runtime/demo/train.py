@@ -57,28 +57,28 @@ DEFAULT_OUT = REPO / "build" / "demo_train"
 HOLDOUT_EVERY = 20         # every 20th file (sorted order, index % 20 == 10) is held out
 HOLDOUT_OFFSET = 10
 EXCLUDE_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-STEPS_PER_MINUTE = 60.0    # calibrated on the project's shared 2-core machine (default config, 2 threads)
+STEPS_PER_MINUTE = 75.0    # calibrated on the project's shared 2-core machine (default config, 2 threads)
 EXPORT_TYPES = {"default": "F16", "experts": "Q8_0"}
 
 
 @dataclass
 class TrainConfig:
     vocab: int = 4096
-    hidden: int = 256
+    hidden: int = 192
     n_layers: int = 4          # main layers (1 dense + 3 MoE)
     n_dense: int = 1
-    dense_ffn: int = 768
+    dense_ffn: int = 576
     n_experts: int = 8
     top_k: int = 2
     n_shared: int = 1
-    expert_ffn: int = 256
+    expert_ffn: int = 192
     n_heads: int = 4
     n_kv_heads: int = 2
-    head_dim: int = 64
+    head_dim: int = 48
     context_length: int = 1024  # written to the GGUF; trained on seq_len windows
     seq_len: int = 256
-    batch: int = 16
-    lr: float = 3e-3
+    batch: int = 8
+    lr: float = 2.5e-3
     min_lr_frac: float = 0.1
     warmup: int = 100
     weight_decay: float = 0.1
@@ -86,12 +86,13 @@ class TrainConfig:
     mtp_weight: float = 0.5
     bias_rate: float = 1e-3
     val_windows: int = 64      # held-out windows for the final figures
+    max_files: int = 0         # 0: the whole corpus; n: the first n train and n held-out files (smoke tests)
 
 
 def tiny_config() -> TrainConfig:
     """For the smoke test: a few steps in seconds."""
     return TrainConfig(vocab=300, hidden=32, n_layers=2, dense_ffn=64, expert_ffn=32, n_heads=2, n_kv_heads=1,
-                       head_dim=16, seq_len=32, batch=4, warmup=2, val_windows=4, context_length=128)
+                       head_dim=16, seq_len=32, batch=4, warmup=2, val_windows=4, context_length=128, max_files=12)
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -144,6 +145,8 @@ def prepare_data(out: Path, cfg: TrainConfig, stdlib=None, log=print):
 
     tdir, tfile = out / "tokenizer", out / "tokens.npz"
     train_f, held_f = corpus_files(stdlib)
+    if cfg.max_files:
+        train_f, held_f = train_f[:cfg.max_files], held_f[:cfg.max_files]
     if tdir.exists() and tfile.exists():
         tok = PreTrainedTokenizerFast.from_pretrained(tdir)
         tok.chat_template = CHAT_TEMPLATE
@@ -204,6 +207,22 @@ def build_model(cfg: TrainConfig, tok, seed: int, attn: str = "sdpa"):
     torch.manual_seed(seed)
     model = Glm4MoeForCausalLM(hcfg).float()
     mtp = make_mtp_model(model, 1)
+    # MtpModel's generic init leaves the MoE block's 3-D expert tensors and router uninitialised:
+    # initialise them as the main model's (normal(0, initializer_range), zero selection bias).
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeExperts, Glm4MoeTopkRouter
+    g = torch.Generator().manual_seed(seed + 1)
+    std = hcfg.initializer_range
+    with torch.no_grad():
+        for _, mod in sorted(mtp.named_modules(), key=lambda kv: kv[0]):
+            if isinstance(mod, Glm4MoeExperts):
+                mod.gate_up_proj.copy_(torch.randn(mod.gate_up_proj.shape, generator=g) * std)
+                mod.down_proj.copy_(torch.randn(mod.down_proj.shape, generator=g) * std)
+            elif isinstance(mod, Glm4MoeTopkRouter):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+                mod.e_score_correction_bias.zero_()
+    for n, p in own_params(model, mtp):
+        if not torch.isfinite(p).all():
+            raise RuntimeError(f"non-finite initial weights in {n}")
     set_attn(model, mtp, attn)
     return model, mtp
 
@@ -350,7 +369,10 @@ def param_counts(model, mtp, cfg: TrainConfig) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- training
 
 def train(cfg: TrainConfig, out: Path, steps: int, seed: int, resume: bool, threads: int,
-          ckpt_minutes: float = 3.0, stdlib=None, progress: bool = True, log=print) -> dict:
+          ckpt_minutes: float = 3.0, stdlib=None, progress: bool = True, log=print,
+          stop_after: int | None = None) -> dict | None:
+    """Train (or resume) a run of ``steps`` steps; returns the held-out figures. ``stop_after``: save a
+    checkpoint and return None after that many steps (an interrupted run, for resume tests)."""
     import torch
     from tqdm import tqdm
 
@@ -366,8 +388,9 @@ def train(cfg: TrainConfig, out: Path, steps: int, seed: int, resume: bool, thre
     meta = {"config": asdict(cfg), "seed": seed, "steps": steps, "threads": threads}
     if resume and ck_path.exists():
         ck = torch.load(ck_path, weights_only=False)
-        if ck["meta"]["config"] != meta["config"] or ck["meta"]["seed"] != seed:
-            raise SystemExit(f"{ck_path}: checkpoint was made with another config/seed; use a new --out")
+        if ck["meta"]["config"] != meta["config"] or ck["meta"]["seed"] != seed or ck["meta"]["steps"] != steps:
+            raise SystemExit(f"{ck_path}: checkpoint was made with another config/seed/--steps "
+                             f"({ck['meta']['steps']} steps, seed {ck['meta']['seed']}); use a new --out")
         load_weights(model, mtp, ck)
         opt.load_state_dict(ck["opt"])
         start = ck["step"]
@@ -401,6 +424,10 @@ def train(cfg: TrainConfig, out: Path, steps: int, seed: int, resume: bool, thre
         v = (main.item(), mt.item())
         ema = v if ema is None else (0.98 * ema[0] + 0.02 * v[0], 0.98 * ema[1] + 0.02 * v[1])
         bar.set_postfix(loss=f"{ema[0]:.3f}", mtp=f"{ema[1]:.3f}", lr=f"{lr_at(step, steps, cfg):.1e}")
+        if stop_after is not None and step + 1 >= stop_after:
+            save_ckpt(ck_path, model, mtp, opt, step + 1, meta)
+            bar.close()
+            return None
         if time.time() - last_ck > ckpt_minutes * 60 and step + 1 < steps:
             save_ckpt(ck_path, model, mtp, opt, step + 1, meta)
             last_ck = time.time()
