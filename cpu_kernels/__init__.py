@@ -33,8 +33,31 @@ import numpy as np
 
 from .quant import SUPPORTED_TYPES, qtype, row_bytes, block_size, random_blocks, dequantize, reference_moe
 
+def _load_extension():
+    """Import cpu_kernels._moe with a short OpenMP spin-wait unless the user chose one.
+
+    libgomp's default makes idle threads spin ~300k iterations at every barrier and between calls.
+    On a shared or oversubscribed machine (other jobs, torch's own pool) a spinning thread steals
+    the core the descheduled sibling needs and one call can stall for a whole scheduler slice
+    (measured: 40-60 ms instead of 4 ms on the 2-core dev VM under load). A short spin keeps the
+    hand-off fast when cores are free and sleeps otherwise. libgomp reads these variables once,
+    when it is loaded; the environment is restored afterwards so other runtimes loaded later
+    (torch bundles its own libgomp) are not affected. Set OMP_WAIT_POLICY or GOMP_SPINCOUNT
+    yourself to override; NEXTN_OMP_SPINCOUNT changes the default here."""
+    set_here = None
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        set_here = "GOMP_SPINCOUNT"
+        os.environ[set_here] = os.environ.get("NEXTN_OMP_SPINCOUNT", "20000")
+    try:
+        from ._moe import ffi, lib
+    finally:
+        if set_here:
+            del os.environ[set_here]
+    return ffi, lib
+
+
 try:
-    from ._moe import ffi as _ffi, lib as _lib
+    _ffi, _lib = _load_extension()
 except ImportError as _e:  # pragma: no cover - exercised only without a build
     _IMPORT_ERROR = _e
 
@@ -120,6 +143,12 @@ if _IMPORT_ERROR is None:
     def get_threads() -> int:
         return _state["threads"] or _default_threads()
 
+    _default_threads_env = _default_threads    # reads the env / affinity (on every call)
+    _default_threads_cached = _default_threads()
+
+    def _default_threads() -> int:  # noqa: F811  (cached at import: moe_forward's hot path)
+        return _default_threads_cached
+
     class ExpertTensor:
         """One layer's stacked expert weight [E, rows, cols] as it lies in the GGUF (never copied).
 
@@ -191,17 +220,15 @@ if _IMPORT_ERROR is None:
             raise TypeError(f"{name} must be a numpy array or CPU torch tensor, got {type(a).__name__}")
         return a
 
-    _busy = threading.local()
+    _F32 = np.dtype(np.float32)
+    _I32 = np.dtype(np.int32)
+    _I64 = np.dtype(np.int64)
+    _ND = np.ndarray
+    _from_buffer = _ffi.from_buffer
+    _c_forward = _lib.nx_moe_forward
+    _checked = {}   # (id(gate), id(up), id(down)) -> (gate, up, down): triples already validated
 
-    def moe_forward(x, expert_ids, expert_weights, gate, up, down, out=None, threads=None):
-        """Fused routed-expert MoE for T tokens; returns `out` float32 [T, H]."""
-        x = _as_f32_2d("x", x)
-        if x.dtype != np.float32:
-            raise TypeError(f"x must be float32, got {x.dtype}")
-        if x.ndim != 2:
-            raise ValueError(f"x must be 2-D [T, H], got shape {x.shape}")
-        if not x.flags.c_contiguous:
-            raise ValueError("x must be C-contiguous")
+    def _check_triple(gate, up, down):
         for nm, t in (("gate", gate), ("up", up), ("down", down)):
             if not isinstance(t, ExpertTensor):
                 raise TypeError(f"{nm} must be a cpu_kernels.ExpertTensor, got {type(t).__name__}")
@@ -210,51 +237,85 @@ if _IMPORT_ERROR is None:
             raise ValueError(f"up shape {up.shape} != gate shape {gate.shape}")
         if down.shape != (E, H, I):
             raise ValueError(f"down shape {down.shape} must be (E, H, I) = {(E, H, I)} given gate {gate.shape}")
+        if len(_checked) > 4096:
+            _checked.clear()
+        # the tensors are kept alive by the cache entry, so their ids cannot be reused while cached
+        _checked[(id(gate), id(up), id(down))] = (gate, up, down)
+
+    def _span(a):
+        p = a.__array_interface__["data"][0]
+        return p, p + a.nbytes
+
+    def moe_forward(x, expert_ids, expert_weights, gate, up, down, out=None, threads=None):
+        """Fused routed-expert MoE for T tokens; returns `out` float32 [T, H].
+
+        Argument checks are cheap on purpose (the demo model calls this once per MoE layer per
+        token): ExpertTensor triples are validated once and cached, the expert-id range is checked
+        in C before anything is read or written."""
+        if type(x) is not _ND:
+            x = _as_f32_2d("x", x)
+        if x.dtype is not _F32 and x.dtype != _F32:
+            raise TypeError(f"x must be float32, got {x.dtype}")
+        if x.ndim != 2:
+            raise ValueError(f"x must be 2-D [T, H], got shape {x.shape}")
+        if not x.flags.c_contiguous:
+            raise ValueError("x must be C-contiguous")
+        key = (id(gate), id(up), id(down))
+        if key not in _checked:
+            _check_triple(gate, up, down)
+        E, I, H = gate.shape
         T = x.shape[0]
         if x.shape[1] != H:
             raise ValueError(f"x has H={x.shape[1]} but the expert tensors have H={H}")
-        ids = _as_f32_2d("expert_ids", expert_ids)
-        if ids.dtype not in (np.int32, np.int64):
-            raise TypeError(f"expert_ids must be int32 or int64, got {ids.dtype}")
+        ids = expert_ids if type(expert_ids) is _ND else _as_f32_2d("expert_ids", expert_ids)
+        idt = ids.dtype
+        if idt is not _I32 and idt != _I32:
+            if idt != _I64:
+                raise TypeError(f"expert_ids must be int32 or int64, got {idt}")
+            if ids.size and (ids.min() < 0 or ids.max() >= E):
+                raise ValueError(f"expert_ids out of range [0, {E}): min {int(ids.min())}, max {int(ids.max())}")
+            ids = ids.astype(_I32)
         if ids.ndim != 2 or ids.shape[0] != T or ids.shape[1] < 1:
             raise ValueError(f"expert_ids must be [T, K] = [{T}, K>=1], got shape {ids.shape}")
         K = ids.shape[1]
-        w = _as_f32_2d("expert_weights", expert_weights)
-        if w.dtype != np.float32:
+        w = expert_weights if type(expert_weights) is _ND else _as_f32_2d("expert_weights", expert_weights)
+        if w.dtype is not _F32 and w.dtype != _F32:
             raise TypeError(f"expert_weights must be float32, got {w.dtype}")
         if w.shape != ids.shape:
             raise ValueError(f"expert_weights shape {w.shape} != expert_ids shape {ids.shape}")
-        if ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= E:
-                raise ValueError(f"expert_ids out of range [0, {E}): min {lo}, max {hi}")
         if out is None:
-            out = out_np = np.empty((T, H), dtype=np.float32)
+            out = out_np = np.empty((T, H), dtype=_F32)
         else:
-            o = _as_f32_2d("out", out)
-            if o.dtype != np.float32:
+            o = out if type(out) is _ND else _as_f32_2d("out", out)
+            if o.dtype is not _F32 and o.dtype != _F32:
                 raise TypeError(f"out must be float32, got {o.dtype}")
             if o.shape != (T, H):
                 raise ValueError(f"out must have shape {(T, H)}, got {o.shape}")
             if not o.flags.c_contiguous or not o.flags.writeable:
                 raise ValueError("out must be C-contiguous and writable")
-            if np.shares_memory(o, x):
-                raise ValueError("out must not overlap x")
+            if T:
+                (a0, a1), (b0, b1) = _span(o), _span(x)   # both contiguous: byte ranges decide
+                if a0 < b1 and b0 < a1:
+                    raise ValueError("out must not overlap x")
             out_np = o
         if threads is None:
-            nth = get_threads()
+            nth = _state["threads"] or _default_threads()
         else:
             if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or int(threads) < 1:
                 raise ValueError(f"threads must be a positive integer, got {threads!r}")
             nth = int(threads)
         if T == 0:
             return out
-        ids32 = np.ascontiguousarray(ids, dtype=np.int32)
-        w32 = np.ascontiguousarray(w)
-        rc = _lib.nx_moe_forward(
-            _state["path"], _ffi.from_buffer("float[]", x), T, _ffi.from_buffer("int32_t[]", ids32),
-            _ffi.from_buffer("float[]", w32), K, gate._c, up._c, down._c,
-            _ffi.from_buffer("float[]", out_np), nth)
+        if not ids.flags.c_contiguous:
+            ids = np.ascontiguousarray(ids)
+        if not w.flags.c_contiguous:
+            w = np.ascontiguousarray(w)
+        rc = _c_forward(
+            _state["path"], _from_buffer("float[]", x), T, _from_buffer("int32_t[]", ids),
+            _from_buffer("float[]", w), K, gate._c, up._c, down._c,
+            _from_buffer("float[]", out_np), nth)
+        if rc == -3:
+            raise ValueError(f"expert_ids out of range [0, {E}): min {int(ids.min())}, max {int(ids.max())}")
         if rc == -1:
             raise MemoryError("cpu_kernels.moe_forward: scratch allocation failed")
         if rc != 0:

@@ -543,6 +543,9 @@ static inline float FN(dot_row)(int fam, int sgn, const void *w, const void *a, 
 #define NX_NT 4
 
 static inline int FN(has_fused)(int type) {
+#ifdef NX_NO_FUSED
+    return 0;
+#endif
     switch (type) {
     case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL:
     case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: return 1;
@@ -824,7 +827,7 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
     const double work = (double)nact * (double)(I * (gate->row_bytes + up->row_bytes) + H * down->row_bytes) +
                         (double)P * (double)(3 * H * I) * 0.25;
     int nth = nthreads;
-    if (work < (double)nth * (256 << 10)) nth = (int)(work / (256 << 10)) + 1;
+    if (work < (double)nth * (1 << 20)) nth = (int)(work / (1 << 20)) + 1;   /* ~1 MiB per thread at least */
     if (nth > nthreads) nth = nthreads;
 
     /* work units. phase 1: (active expert, block of I rows aligned to the down activations' blocks,

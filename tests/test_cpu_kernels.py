@@ -365,3 +365,24 @@ def test_mismatched_h_between_tensors():
         ck.moe_forward(x, ids, w, G, G, D2)
     out = ck.moe_forward(np.empty((0, 256), np.float32), np.empty((0, 1), np.int32), np.empty((0, 1), np.float32), G, G, D)
     assert out.shape == (0, 256)
+
+
+def test_out_of_range_ids_checked_before_writing(good):
+    """The id range is checked in C before anything is read or written (int32), or in Python
+    (int64, before the narrowing copy); out is left untouched either way."""
+    out = np.full(good["x"].shape, np.nan, np.float32)
+    for ids in (good["expert_ids"] + 3, (good["expert_ids"] - 1).astype(np.int64),
+                good["expert_ids"].astype(np.int64) + 2**32):
+        with pytest.raises(ValueError, match="out of range"):
+            _call(good, expert_ids=ids, out=out)
+        assert np.isnan(out).all()
+
+
+def test_triple_cache_does_not_hide_bad_triples(good):
+    """moe_forward caches validated (gate, up, down) triples; a new triple is still checked."""
+    _call(good)
+    _call(good)
+    with pytest.raises(ValueError, match="down shape"):
+        _call(good, down=good["gate"])
+    with pytest.raises(TypeError, match="gate must be"):
+        _call(good, gate=None)
