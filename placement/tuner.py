@@ -166,7 +166,7 @@ def read_machine(thread_options: list[int]) -> Machine:
             m.cpu_bw[t] = a.nbytes / best
     dtypes = ("bfloat16", "float16") if dev.startswith("cuda") else ("float32", "bfloat16")
     for d in dtypes:
-        w = torch.ones(2048, 4096, dtype=getattr(torch, d), device=dev)
+        w = torch.ones(8192, 4096, dtype=getattr(torch, d), device=dev)  # 128 MiB f32: past the caches
         x = torch.ones(4096, dtype=w.dtype, device=dev)
         _sync(dev, w @ x)
         best = min(_timed(lambda: _sync(dev, w @ x)) for _ in range(5))
@@ -473,8 +473,15 @@ class Tuner:
             jobs[k].sort(key=lambda c: (c.kind != "tuned", -score(c)))
         return list(jobs.values())
 
+    @staticmethod
+    def dequant_bytes(c: Candidate) -> int:
+        """Bytes the loader dequantizes (everything but the cpu-side routed experts, which stay
+        views of the memory map)."""
+        return sum(b for n, b in c.est.tensor_bytes.items()
+                   if not ("_exps." in n and c.placement.tensors[n] == "cpu"))
+
     def est_load(self, c: Candidate) -> float:
-        return self.load_const + (c.est.gpu_weight_bytes + c.est.cpu_weight_bytes * 0.05) / self.load_rate
+        return self.load_const + self.dequant_bytes(c) / self.load_rate
 
     def est_gen(self, c: Candidate, mtp_k: int = 0) -> float:
         """Seconds of one measurement run: from this load's earlier runs when there are any, else
@@ -513,7 +520,7 @@ class Tuner:
         est_before = self.est_load(c)
         self.load_const = min(self.load_const, dt + 0.05)
         if dt > 0.2:
-            self.load_rate = max(1e6, (c.est.gpu_weight_bytes + c.est.cpu_weight_bytes * 0.05) / max(dt - self.load_const, 1e-3))
+            self.load_rate = max(1e6, self.dequant_bytes(c) / max(dt - self.load_const, 1e-3))
         self.log(f"  loaded in {dt:.1f} s (estimated {est_before:.1f} s): gpu side "
                  f"{fmt_bytes(self.engine.load_report.bytes_by_side['gpu'])}, cpu side "
                  f"{fmt_bytes(self.engine.load_report.bytes_by_side['cpu'])}")
@@ -718,6 +725,9 @@ class Tuner:
         unmeasured = sorted((c for c in self.candidates if not c.measured and c.reject is None and c.est is not None),
                             key=lambda c: -c.p_decode * max(c.p_mtp, 1))
         rejected = [c for c in self.candidates if c.reject is not None]
+        for c in unmeasured:  # with the final calibration
+            self.cost.predict(c, self.cfg.n_nextn > 0)
+        unmeasured.sort(key=lambda c: -c.p_decode * max(c.p_mtp, 1))
         for rank, c in enumerate(measured, 1):
             sp, k = c.best
             mtp = f"{max(c.m_mtp.values()) / c.m_decode:.2f}x (k={max(c.m_mtp, key=c.m_mtp.get)})" if c.m_mtp else "-"
