@@ -11,8 +11,8 @@ read (per layer), and experts(r) is the expected number of distinct (layer, expe
 of r rows touches (measured per r; before a measurement, extrapolated from r = 1 as if routing
 were random). A step yields 1 + sum_{i<=k} prod_{j<=i} a_j tokens, with a_j the measured
 acceptance at draft position j given the earlier drafts were accepted. The policy picks the k in
-0..draft_max that maximises tokens per second, and now and then re-tries the others (the
-acceptance and costs drift with the text and the machine).
+0..draft_max that maximises tokens per second, and every `explore_every` steps probes the next
+length up (or down), since acceptance and costs drift with the text and the machine.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ class CostModel:
 class DraftPolicy:
     """Fixed draft length, or adaptive (DESIGN.md §5): `choose()` before a step, `observe()` after."""
 
-    def __init__(self, draft_max: int, adaptive: bool, total_experts: int, seed: int = 0,
-                 explore_every: int = 16, prior_accept: float = 0.5, prior_weight: float = 2.0):
+    def __init__(self, draft_max: int, adaptive: bool, total_experts: int,
+                 explore_every: int = 24, prior_accept: float = 0.5, prior_weight: float = 2.0):
         self.draft_max = draft_max
         self.adaptive = adaptive
         self.total = total_experts
@@ -96,10 +96,10 @@ class DraftPolicy:
         self.prior = (prior_accept, prior_weight)
         self.explore_every = explore_every
         self.steps = 0
-        self.rng = random.Random(seed)
         self.chosen: dict[int, int] = {}
-        # warm-up order: measure a plain step and each draft length once
-        self._warm = list(range(draft_max, -1, -1)) if adaptive else []
+        # warm-up: one step with a single draft, then a plain one; longer drafts are then predicted
+        # (linear GPU cost, expert union extrapolated) and tried only if they look worth it
+        self._warm = [0, 1] if adaptive else []
 
     def accept_rate(self, j: int) -> float:
         m, w = self.prior
@@ -124,10 +124,11 @@ class DraftPolicy:
         self.steps += 1
         if self._warm:
             return min(self._warm.pop(), hi)
+        k = max(range(hi + 1), key=self.rate)
         if self.steps % self.explore_every == 0:
-            k = self.rng.randint(0, hi)
-        else:
-            k = max(range(hi + 1), key=self.rate)
+            # probe a neighbour, so estimates stay fresh as the text and the machine change;
+            # a neighbour costs little more than the best, unlike a random length
+            k = k + 1 if k < hi else max(k - 1, 0)
         self.chosen[k] = self.chosen.get(k, 0) + 1
         return k
 
@@ -151,7 +152,6 @@ class Oracle:
         self.target = target_tokens  # the full sequence: prompt + plain greedy output
         self.alpha = alpha
         self.n_vocab = n_vocab
-        self.rng = random.Random(seed)
 
     def replace(self, position: int, drafted: int) -> int:
         """The draft for sequence position `position`."""
