@@ -152,6 +152,7 @@ class Oracle:
         self.target = target_tokens  # the full sequence: prompt + plain greedy output
         self.alpha = alpha
         self.n_vocab = n_vocab
+        self.rng = random.Random(seed)
 
     def replace(self, position: int, drafted: int) -> int:
         """The draft for sequence position `position`."""
