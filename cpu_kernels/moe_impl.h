@@ -568,36 +568,65 @@ static inline __m256i FN(bitmask32)(const uint8_t *p) {
 /* int16 lane k of a 128-bit vector broadcast to all lanes of both halves */
 #define NX_BC16(k) _mm256_set1_epi16((short)(((2 * (k) + 1) << 8) | (2 * (k))))
 
-/* 32-element types against SoA Q8_0-like activations (y[32*nb], d[nb], ...) */
+/* one 32-element block -> 32 int8 (Q4_0 / Q5_0: the unsigned code 0..15 / 0..31, the zero point
+ * is applied through the activations' block sums) */
+NX_FUSED __m256i FN(dec_b32)(const int type, const uint8_t *w) {
+    if (type == NX_Q8_0) return FN(ld256)(w + 2);
+    const __m128i v = _mm_loadu_si128((const __m128i *)(w + (type == NX_Q5_0 ? 6 : 2)));
+    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+    if (type == NX_Q5_0) q = _mm256_or_si256(q, _mm256_and_si256(FN(bitmask32)(w + 2), _mm256_set1_epi8(16)));
+    if (type == NX_IQ4_NL) q = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues))), q);
+    return q;
+}
+
+/* 32-element types against SoA Q8_0-like activations (y[32*nb], d[nb], s[nb] = d*sum(y)).
+ * Four blocks at a time: their integer sums are folded into one vector (hadd) and scaled by one
+ * vector of d_w*d_y, so the float work per token is per 4 blocks, not per block. */
 NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t nb,
                        const uint8_t *const *a, float *res, const int nt) {
     const size_t bs = type == NX_Q8_0 ? 34 : type == NX_Q5_0 ? 22 : 18;
-    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
-    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
+    const int sgn = type == NX_Q8_0 || type == NX_IQ4_NL;          /* else unsigned code + zero point */
+    const float zp = type == NX_Q5_0 ? -16.0f : -8.0f;
+    const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *y[NX_NT];
-    const float *dy[NX_NT];
+    const float *dy[NX_NT], *sy[NX_NT];
     __m256 acc[NX_NT];
-    for (int t = 0; t < nt; t++) { y[t] = (const int8_t *)a[t]; dy[t] = (const float *)(a[t] + 32 * nb); acc[t] = _mm256_setzero_ps(); }
-    for (int64_t b = 0; b < nb; b++, w += bs) {
-        const float d = H2F(FN(rd16)(w));
-        __m256i q;
-        if (type == NX_Q8_0) q = FN(ld256)(w + 2);
-        else {
-            const uint8_t *qs = w + (type == NX_Q5_0 ? 6 : 2);
-            const __m128i v = _mm_loadu_si128((const __m128i *)qs);
-            q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
-            if (type == NX_Q4_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
-            else if (type == NX_Q5_0) q = _mm256_or_si256(q, _mm256_andnot_si256(FN(bitmask32)(w + 2), _mm256_set1_epi8((char)0xF0)));
-            else q = _mm256_shuffle_epi8(kv, q);
-        }
-        const __m256i aq = _mm256_abs_epi8(q);
+    __m128 acco[NX_NT];
+    for (int t = 0; t < nt; t++) {
+        y[t] = (const int8_t *)a[t]; dy[t] = (const float *)(a[t] + 32 * nb); sy[t] = dy[t] + nb;
+        acc[t] = _mm256_setzero_ps(); acco[t] = _mm_setzero_ps();
+    }
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4, w += 4 * bs) {
+        const __m128 dw = _mm_setr_ps(H2F(FN(rd16)(w)), H2F(FN(rd16)(w + bs)), H2F(FN(rd16)(w + 2 * bs)), H2F(FN(rd16)(w + 3 * bs)));
+        __m256i q[4], u[4];
+        for (int i = 0; i < 4; i++) { q[i] = FN(dec_b32)(type, w + i * bs); u[i] = sgn ? _mm256_abs_epi8(q[i]) : q[i]; }
+        const __m128 ow = _mm_mul_ps(dw, _mm_set1_ps(zp));
         for (int t = 0; t < nt; t++) {
-            const __m256i yv = FN(ld256)(y[t] + 32 * b);
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(yv, q)), ones);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[t][b]), _mm256_cvtepi32_ps(p), acc[t]);
+            __m256i p[4];
+            for (int i = 0; i < 4; i++) {
+                __m256i yv = FN(ld256)(y[t] + 32 * (b + i));
+                if (sgn) yv = _mm256_sign_epi8(yv, q[i]);
+                p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], yv), ones);
+            }
+            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+            const __m128 sc = _mm_mul_ps(dw, _mm_loadu_ps(dy[t] + b));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_set_m128(sc, sc), acc[t]);
+            if (!sgn) acco[t] = _mm_fmadd_ps(ow, _mm_loadu_ps(sy[t] + b), acco[t]);
         }
     }
-    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
+    for (; b < nb; b++, w += bs) {
+        const float d = H2F(FN(rd16)(w));
+        const __m256i q = FN(dec_b32)(type, w), u = sgn ? _mm256_abs_epi8(q) : q;
+        for (int t = 0; t < nt; t++) {
+            __m256i yv = FN(ld256)(y[t] + 32 * b);
+            if (sgn) yv = _mm256_sign_epi8(yv, q);
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, yv), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[t][b]), _mm256_cvtepi32_ps(p), acc[t]);
+            if (!sgn) acco[t] = _mm_add_ps(acco[t], _mm_set_ss(zp * d * sy[t][b]));
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(acco[t]);
 }
 
 /* Q4_K / Q5_K against Q8_K-like activations */
@@ -752,8 +781,11 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
 static inline void FN(row_dots)(int type, int fam, int sgn, const uint8_t *row, int64_t n, const uint8_t *abase,
                                 const int32_t *aidx, size_t astride, int64_t ns, float *res, void *scratch) {
     if (FN(has_fused)(type)) {
-        for (int64_t j = 0; j < ns; j += 4) {
-            const int nt = ns - j < 4 ? (int)(ns - j) : 4;
+#ifndef NX_GRP
+#define NX_GRP 4
+#endif
+        for (int64_t j = 0; j < ns; j += NX_GRP) {
+            const int nt = ns - j < NX_GRP ? (int)(ns - j) : NX_GRP;
             const uint8_t *ap[4];
             for (int t = 0; t < nt; t++) ap[t] = abase + (size_t)(aidx ? aidx[j + t] : j + t) * astride;
             FN(fused_dot)(type, row, n, ap, res + j, nt);
@@ -873,9 +905,12 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
             const int64_t s0 = start[e], ns = start[e + 1] - s0;
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t *wg = gate->data + (e * I + r) * gate->row_bytes, *wu = up->data + (e * I + r) * up->row_bytes;
-                if (r + 1 < r1) {
-                    FN(prefetch)(wg + gate->row_bytes, gate->row_bytes);
-                    FN(prefetch)(wu + up->row_bytes, up->row_bytes);
+#ifndef NX_PF_ROWS
+#define NX_PF_ROWS 0
+#endif
+                if (NX_PF_ROWS > 0 && r + NX_PF_ROWS < r1) {
+                    FN(prefetch)(wg + NX_PF_ROWS * gate->row_bytes, gate->row_bytes);
+                    FN(prefetch)(wu + NX_PF_ROWS * up->row_bytes, up->row_bytes);
                 }
                 FN(row_dots)(gate->type, fg, sg, wg, H, ag, ptok + s0, sxg, ns, res, scratch);
                 for (int64_t j = 0; j < ns; j++) G[(s0 + j) * I + r] = res[j];
@@ -899,7 +934,7 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
                 const int64_t e = active[ia], s0 = start[e], ns = start[e + 1] - s0;
                 for (int64_t r = r0; r < r1; r++) {
                     const uint8_t *wd = down->data + (e * H + r) * down->row_bytes;
-                    if (r + 1 < r1) FN(prefetch)(wd + down->row_bytes, down->row_bytes);
+                    if (NX_PF_ROWS > 0 && r + NX_PF_ROWS < r1) FN(prefetch)(wd + NX_PF_ROWS * down->row_bytes, down->row_bytes);
                     FN(row_dots)(down->type, fd, sd, wd, I, aa + s0 * sa, NULL, sa, ns, res, scratch);
                     for (int64_t j = 0; j < ns; j++) out[ptok[s0 + j] * H + r] += pw[s0 + j] * res[j];
                 }
