@@ -629,6 +629,25 @@ NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t 
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(acco[t]);
 }
 
+/* 256-element kernels keep one int32 vector per token per block; fold4 reduces the nt of them to
+ * one vector (lane t and t+4 = token t) scaled by one vector of d_w*d_y, so the float work per
+ * block is the same for 1..4 tokens and only one float accumulator is live. */
+NX_FUSED __m256i FN(fold4)(const __m256i *s, const int nt) {
+    const __m256i z = _mm256_setzero_si256();
+    const __m256i h01 = _mm256_hadd_epi32(s[0], nt > 1 ? s[1] : z);
+    const __m256i h23 = nt > 2 ? _mm256_hadd_epi32(s[2], nt > 3 ? s[3] : z) : z;
+    return _mm256_hadd_epi32(h01, h23);
+}
+NX_FUSED __m128 FN(dy4)(const ak256 *const *ab, const int64_t b, const int nt) {
+    return _mm_setr_ps(ab[0][b].d, nt > 1 ? ab[1][b].d : 0.0f, nt > 2 ? ab[2][b].d : 0.0f, nt > 3 ? ab[3][b].d : 0.0f);
+}
+NX_FUSED void FN(unfold4)(__m256 acc, __m128 extra, float *res, const int nt) {
+    float f[8], g[4];
+    _mm256_storeu_ps(f, acc);
+    _mm_storeu_ps(g, extra);
+    for (int t = 0; t < nt; t++) res[t] = (f[t] + f[t + 4]) + g[t];
+}
+
 /* Q4_K / Q5_K against Q8_K-like activations */
 NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t nb,
                         const uint8_t *const *a, float *res, const int nt) {
@@ -636,9 +655,9 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
     const uint32_t km1 = 0x3f3f3f3f, km2 = 0x0f0f0f0f, km3 = 0x03030303;
     const __m256i m4 = _mm256_set1_epi8(15);
     const ak256 *ab[NX_NT];
-    __m256 acc[NX_NT];
-    __m128 accm[NX_NT];
-    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; acc[t] = _mm256_setzero_ps(); accm[t] = _mm_setzero_ps(); }
+    for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += bs) {
         const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
         uint32_t u[4];
@@ -655,7 +674,12 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
         __m256i hb = _mm256_setzero_si256();
         if (type == NX_Q5_K) hb = FN(ld256)(w + 16);
         __m256i sumi[NX_NT];
-        for (int t = 0; t < nt; t++) sumi[t] = _mm256_setzero_si256();
+        __m128i msum[NX_NT];
+        for (int t = 0; t < nt; t++) {
+            sumi[t] = _mm256_setzero_si256();
+            const __m256i bsv = FN(ld256)(ab[t][b].bsum);
+            msum[t] = _mm_madd_epi16(mins, _mm_hadd_epi16(_mm256_castsi256_si128(bsv), _mm256_extracti128_si256(bsv, 1)));
+        }
         for (int j = 0; j < 4; j++) {
             const __m256i sl = _mm256_shuffle_epi8(scales, NX_BC16(2 * j));
             const __m256i sh = _mm256_shuffle_epi8(scales, NX_BC16(2 * j + 1));
@@ -672,23 +696,23 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(pl, sl), _mm256_madd_epi16(ph, sh)));
             }
         }
-        for (int t = 0; t < nt; t++) {
-            const float dy = ab[t][b].d;
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-            const __m256i bsv = FN(ld256)(ab[t][b].bsum);
-            const __m128i s8 = _mm_hadd_epi16(_mm256_castsi256_si128(bsv), _mm256_extracti128_si256(bsv, 1));
-            accm[t] = _mm_fmadd_ps(_mm_set1_ps(-dmin * dy), _mm_cvtepi32_ps(_mm_madd_epi16(mins, s8)), accm[t]);
-        }
+        const __m128 dyv = FN(dy4)(ab, b, nt);
+        const __m128 sc = _mm_mul_ps(dyv, _mm_set1_ps(d));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(fold4)(sumi, nt)), _mm256_set_m128(sc, sc), acc);
+        const __m128i z = _mm_setzero_si128();
+        const __m128i m01 = _mm_hadd_epi32(msum[0], nt > 1 ? msum[1] : z);
+        const __m128i m23 = nt > 2 ? _mm_hadd_epi32(msum[2], nt > 3 ? msum[3] : z) : z;
+        accm = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_hadd_epi32(m01, m23)), _mm_mul_ps(dyv, _mm_set1_ps(-dmin)), accm);
     }
-    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(accm[t]);
+    FN(unfold4)(acc, accm, res, nt);
 }
 
 /* Q6_K against Q8_K-like activations: unsigned 6-bit q, the -32 offset through the per-16 sums */
 NX_FUSED void FN(fq6k)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
     const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
     const ak256 *ab[NX_NT];
-    __m256 acc[NX_NT];
-    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 210) {
         const float d = H2F(FN(rd16)(w + 208));
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
@@ -703,25 +727,23 @@ NX_FUSED void FN(fq6k)(const uint8_t *restrict w, const int64_t nb, const uint8_
             const __m256i S = _mm256_broadcastsi128_si256(n ? _mm256_extracti128_si256(sc16, 1) : _mm256_castsi256_si128(sc16));
             const uint8_t *ql = w + 64 * n, *qhp = w + 128 + 32 * n;
             const __m256i l0 = FN(ld256)(ql), l1 = FN(ld256)(ql + 32), h = FN(ld256)(qhp);
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
             for (int k = 0; k < 4; k++) {
+                const __m256i lo = k & 1 ? l1 : l0;
+                const __m256i q = _mm256_or_si256(_mm256_and_si256(k & 2 ? _mm256_srli_epi16(lo, 4) : lo, m4),
+                                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * k), m3), 4));
                 /* groups 2k (low 16 elements) and 2k+1 (high 16) of this half */
                 const __m256i sk = _mm256_shuffle_epi8(S, _mm256_set_m128i(_mm256_castsi256_si128(NX_BC16(2 * k + 1)),
                                                                           _mm256_castsi256_si128(NX_BC16(2 * k))));
                 for (int t = 0; t < nt; t++) {
-                    const __m256i p = _mm256_maddubs_epi16(q[k], FN(ld256)(ab[t][b].y + 128 * n + 32 * k));
+                    const __m256i p = _mm256_maddubs_epi16(q, FN(ld256)(ab[t][b].y + 128 * n + 32 * k));
                     sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sk));
                 }
             }
         }
-        for (int t = 0; t < nt; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab[t][b].d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        const __m128 sc = _mm_mul_ps(FN(dy4)(ab, b, nt), _mm_set1_ps(d));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(fold4)(sumi, nt)), _mm256_set_m128(sc, sc), acc);
     }
-    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
+    FN(unfold4)(acc, _mm_setzero_ps(), res, nt);
 }
 
 /* IQ4_XS against Q8_K-like activations (signed codebook values, 6-bit signed scale per 32) */
@@ -729,8 +751,8 @@ NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
     const ak256 *ab[NX_NT];
-    __m256 acc[NX_NT];
-    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 136) {
         const float d = H2F(FN(rd16)(w));
         const unsigned sh = FN(rd16)(w + 2);
@@ -748,10 +770,10 @@ NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, scv));
             }
         }
-        for (int t = 0; t < nt; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab[t][b].d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        const __m128 sc = _mm_mul_ps(FN(dy4)(ab, b, nt), _mm_set1_ps(d));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(fold4)(sumi, nt)), _mm256_set_m128(sc, sc), acc);
     }
-    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
+    FN(unfold4)(acc, _mm_setzero_ps(), res, nt);
 }
 
 #define NX_NT_SWITCH(call) \
