@@ -168,11 +168,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_tune(a: argparse.Namespace) -> int:
     from placement import tuner
 
-    return tuner.main(a.rest)
+    rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
+    return tuner.main(rest)
 
 
 def main(argv=None) -> int:
     p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tune"]:  # the tuner parses its own arguments (argparse.REMAINDER drops a leading -h)
+        argv = ["tune", "--", *argv[1:]]
     a = p.parse_args(argv)
     if a.command is None:
         p.print_help()

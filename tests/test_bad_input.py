@@ -139,3 +139,11 @@ def test_cli_prints_one_line_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "not a GGUF file" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["--help"], ["run", "--help"], ["plan", "--help"], ["bench", "model", "--help"],
+                                 ["tune", "--help"]])
+def test_cli_help_for_every_command(cmd):
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", *cmd], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout
