@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from .errors import NextnError
-from .tokenizer import TokenizerError
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 
@@ -184,9 +183,6 @@ def main(argv=None) -> int:
     try:
         return {"run": cmd_run, "plan": cmd_plan, "bench": cmd_bench, "tune": cmd_tune}[a.command](a)
     except NextnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TokenizerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
