@@ -5,10 +5,16 @@
     python benchmarks/bench_kernels.py --shapes air --mixes q4k_q5_0,q8_0 --tokens 1,2,512 --same 4
 
 For each call it prints the median time, the distinct experts touched, the GB/s of those experts'
-weight bytes (what the call must read), the bound = those bytes / read bandwidth measured in this
-run with the same OpenMP threads (a STREAM-like sum over 1 GiB in C), time/bound, and the ratio
-against a torch reference in the same run (float32 weights dequantized once outside the timing,
-grouped torch matmuls per expert, torch.set_num_threads = the expert threads).
+weight bytes (what the call must read), the bound = those bytes / read bandwidth, time/bound, and
+the ratio against a torch reference in the same run (float32 weights dequantized once outside the
+timing, grouped torch matmuls per expert, torch.set_num_threads = the expert threads).
+
+Read bandwidth: a STREAM-like sum in C, taken right before each row (256 MiB, best of 3, with 1
+thread and with the expert threads, the better of the two: on a loaded machine one thread often
+reads faster than two) so that the bound follows the machine's state; "bw" is that figure.
+"cpu ms": median process CPU time per call (all threads); "GB/s/core" = bytes / CPU time, the
+kernel's per-core throughput, which does not depend on how much of the machine other jobs take.
+The load average is printed at the start and the end.
 
 To keep memory bounded, the torch reference holds float32 copies of at most --torch-pool
 experts and expert e uses copy e % pool (its timing depends on shapes, not values; the pool is
@@ -17,6 +23,7 @@ far larger than the caches).  Routing is random per repeat so weights come from 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -41,6 +48,11 @@ def routing(T, E, K, rng, same=False):
     if same:
         return np.tile(rng.choice(E, K, replace=False), (T, 1)).astype(np.int32)
     return np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
+
+
+def best_bw(nth, nbytes=1 << 28, repeats=3):
+    b = ck.read_bandwidth(nbytes, threads=1, repeats=repeats)
+    return max(b, ck.read_bandwidth(nbytes, threads=nth, repeats=repeats)) if nth > 1 else b
 
 
 def median_time(fn, repeats):
@@ -109,9 +121,11 @@ def main(argv=None):
 
     info = ck.build_info()
     print(f"# cpu_kernels path={info['active_path']} threads={nth} flags: {info['build_flags']}")
-    bw = ck.read_bandwidth(1 << 30, threads=nth)
-    print(f"# read bandwidth (C sum over 1 GiB, {nth} threads, best of 5): {bw:.2f} GB/s")
-    hdr = f"{'shape':6} {'mix':12} {'T':>6} {'experts':>7} {'ms':>9} {'min ms':>9} {'GB/s':>6} {'bound ms':>9} {'x bound':>7} {'torch ms':>9} {'vs torch':>8}"
+    print(f"# load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    bw = best_bw(nth, 1 << 30, 5)
+    print(f"# read bandwidth (C sum over 1 GiB, best of 5, max of 1 and {nth} threads): {bw:.2f} GB/s")
+    hdr = (f"{'shape':6} {'mix':12} {'T':>6} {'experts':>7} {'ms':>9} {'min ms':>9} {'GB/s':>6} {'bw':>6} {'bound ms':>9} "
+           f"{'x bound':>7} {'cpu ms':>8} {'GB/s/core':>9} {'torch ms':>9} {'vs torch':>8}")
     print(hdr)
     first = True
     tok = [int(t) for t in args.tokens.split(",") if t]
@@ -140,19 +154,24 @@ def main(argv=None):
                 x = rng.standard_normal((T, H), dtype=np.float32)
                 out = np.empty((T, H), np.float32)
                 ck.moe_forward(x, routing(T, E, K, rng, is_same), np.ones((T, K), np.float32), G, U, D, out=out)
-                ndist = []
+                ndist, cpu = [], []
 
                 def run_kernel():
                     ids = routing(T, E, K, rng, is_same)
                     w = rng.random((T, K), dtype=np.float32)
                     ndist.append(len(np.unique(ids)))
+                    c1 = time.process_time()
                     t1 = time.perf_counter()
                     ck.moe_forward(x, ids, w, G, U, D, out=out)
-                    return time.perf_counter() - t1
+                    t2 = time.perf_counter()
+                    cpu.append(time.process_time() - c1)
+                    return t2 - t1
+                bw_case = best_bw(nth)
                 med, mn = median_time(run_kernel, reps)
                 nd = float(np.mean(ndist))
                 byts = nd * per_expert
-                bound = byts / (bw * 1e9)
+                bound = byts / (bw_case * 1e9)
+                cpu_med = float(np.median(cpu))
                 tstr = vs = ""
                 if ref is not None:
                     xt = torch.from_numpy(x)
@@ -167,10 +186,12 @@ def main(argv=None):
                     tstr, vs = f"{tmed * 1e3:9.2f}", f"{tmed / med:7.2f}x"
                 tl = f"{T}{'s' if is_same else ''}"
                 print(f"{sname:6} {label:12} {tl:>6} {nd:7.1f} {med * 1e3:9.2f} {mn * 1e3:9.2f} "
-                      f"{byts / med / 1e9:6.2f} {bound * 1e3:9.2f} {med / bound:7.2f} {tstr:>9} {vs:>8}", flush=True)
+                      f"{byts / med / 1e9:6.2f} {bw_case:6.2f} {bound * 1e3:9.2f} {med / bound:7.2f} "
+                      f"{cpu_med * 1e3:8.2f} {byts / max(cpu_med, 1e-9) / 1e9:9.2f} {tstr:>9} {vs:>8}", flush=True)
             del G, U, D, ref
-    bw2 = ck.read_bandwidth(1 << 30, threads=nth)
-    print(f"# read bandwidth at the end: {bw2:.2f} GB/s (start {bw:.2f})")
+    bw2 = best_bw(nth, 1 << 30, 5)
+    print(f"# read bandwidth at the end: {bw2:.2f} GB/s (start {bw:.2f}); load average at the end: "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("# T suffix 's': all T rows routed to the same K experts; 'x bound' = median time / bound;"
           " 'vs torch' = torch time / kernel time")
 
