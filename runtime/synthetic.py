@@ -37,6 +37,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .config import ARCH, ModelConfig, expected_tensors
 from .errors import NextnError
+from .testmodel import add_tokenizer_metadata
 
 SHAPES = ("glm45-air", "glm47")
 MIXES = ("q4k_q5_0", "q8_0", "iq4xs_iq4nl", "q2k_q3k")
@@ -265,14 +266,7 @@ def write_synthetic(path, shape: str = "glm45-air", layers: int = 4, mix: str = 
     w.add_uint32(f"{A}.nextn_predict_layers", cfg.n_nextn)
     w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
     tm = tokenizer_metadata(cfg.n_vocab)
-    w.add_string("tokenizer.ggml.model", tm["tokenizer.ggml.model"])
-    w.add_string("tokenizer.ggml.pre", tm["tokenizer.ggml.pre"])
-    w.add_array("tokenizer.ggml.tokens", tm["tokenizer.ggml.tokens"])
-    w.add_array("tokenizer.ggml.token_type", tm["tokenizer.ggml.token_type"])
-    w.add_array("tokenizer.ggml.merges", tm["tokenizer.ggml.merges"])
-    for k in ("eos", "padding", "bos", "eot", "unknown", "eom"):
-        w.add_uint32(f"tokenizer.ggml.{k}_token_id", tm[f"tokenizer.ggml.{k}_token_id"])
-    w.add_string("tokenizer.chat_template", tm["tokenizer.chat_template"])
+    add_tokenizer_metadata(w, tm)
 
     for name, shp, t, _ in tensors:
         be, bb = GGML_QUANT_SIZES[t]

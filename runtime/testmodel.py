@@ -492,6 +492,20 @@ def _size_label(arrays: dict[str, np.ndarray]) -> str:
     return size_label(total, shared, expert, esum // nexp if nexp else 0)
 
 
+def add_tokenizer_metadata(w, tm: dict) -> None:
+    """Write tokenizer metadata (as `tokenizer_gguf_metadata` returns it) with a gguf.GGUFWriter,
+    in the order and value types llama.cpp's converter uses."""
+    w.add_string("tokenizer.ggml.model", tm["tokenizer.ggml.model"])
+    w.add_string("tokenizer.ggml.pre", tm["tokenizer.ggml.pre"])
+    w.add_array("tokenizer.ggml.tokens", tm["tokenizer.ggml.tokens"])
+    w.add_array("tokenizer.ggml.token_type", tm["tokenizer.ggml.token_type"])
+    w.add_array("tokenizer.ggml.merges", tm["tokenizer.ggml.merges"])
+    for k in ("eos", "padding", "bos", "eot", "unknown", "eom"):
+        w.add_uint32(f"tokenizer.ggml.{k}_token_id", tm[f"tokenizer.ggml.{k}_token_id"])
+    if "tokenizer.chat_template" in tm:
+        w.add_string("tokenizer.chat_template", tm["tokenizer.chat_template"])
+
+
 def write_gguf(hf_model, mtp_model, tokenizer, spec: TestModelSpec | None, path, types: dict | str = "F32",
                split_max_tensors: int | None = None, match_hf: bool = False) -> list[Path]:
     """Write the model as a llama.cpp ``glm4moe`` GGUF. Returns the written file(s).
@@ -569,15 +583,7 @@ def write_gguf(hf_model, mtp_model, tokenizer, spec: TestModelSpec | None, path,
     w.add_uint32(f"{A}.nextn_predict_layers", n_nextn)
     w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
     tm = tokenizer_gguf_metadata(tokenizer, cfg.vocab_size)
-    w.add_string("tokenizer.ggml.model", tm["tokenizer.ggml.model"])
-    w.add_string("tokenizer.ggml.pre", tm["tokenizer.ggml.pre"])
-    w.add_array("tokenizer.ggml.tokens", tm["tokenizer.ggml.tokens"])
-    w.add_array("tokenizer.ggml.token_type", tm["tokenizer.ggml.token_type"])
-    w.add_array("tokenizer.ggml.merges", tm["tokenizer.ggml.merges"])
-    for k in ("eos", "padding", "bos", "eot", "unknown", "eom"):
-        w.add_uint32(f"tokenizer.ggml.{k}_token_id", tm[f"tokenizer.ggml.{k}_token_id"])
-    if "tokenizer.chat_template" in tm:
-        w.add_string("tokenizer.chat_template", tm["tokenizer.chat_template"])
+    add_tokenizer_metadata(w, tm)
 
     for e in ents:
         data, raw = encoded[e.name]
