@@ -7,15 +7,24 @@
  * written with intrinsics (#if NX_PATH ...).  NX_SFX names the exported entry point.
  *
  * Algorithm of one call (see moe_kernels.h for the canonical block forms):
- *   1. counting-sort the T*K (token, slot) pairs by expert; experts without tokens are skipped
- *   2. quantize every token's x once (per weight family of gate/up), reused by all experts
- *   3. phase 1, parallel over (active expert, block of I rows): each gate/up row is decoded once
- *      into an L1-resident scratch and dotted against every token routed to that expert, so an
- *      expert's weights are read from memory once per call whatever T is
- *   4. per pair: a = silu(g) * u, quantized for the down projection's family
- *   5. phase 2, parallel over blocks of H rows of `out`: for each active expert, decode each down
- *      row once and accumulate w_pair * dot(row, a_pair) into out[t, row]; every output element is
- *      owned by one thread and summed in a fixed order (deterministic, no atomics)
+ *   1. check the expert ids (-3 before anything is written), counting-sort the T*K (token, slot)
+ *      pairs by expert; experts without tokens are skipped
+ *   2. quantize every token's x once (Q8_K-like 256-blocks with per-16 sums for K-quant gate/up,
+ *      Q8_0-like 32-blocks otherwise), reused by all experts; small T before the threads start
+ *   3. phase 1, parallel (dynamic) over (active expert, block of I rows aligned to the down
+ *      activations' blocks): every gate/up row is dotted against all tokens routed to that expert,
+ *      so an expert's weights are read from memory once per call whatever T is.  SIMD paths use
+ *      fused kernels (fused_dot) for Q8_0 Q4_0 Q5_0 IQ4_NL Q4_K Q5_K Q6_K IQ4_XS: integer
+ *      maddubs/madd dots straight on the packed blocks, 1-4 tokens per pass over the row, block
+ *      scales per sub-block, mins / zero points through the activations' block sums.  Other types
+ *      (and the ref path for all types) decode the row into an L1 scratch and dot that.
+ *      The unit then computes a = silu(g) * u for its rows and quantizes its blocks for down.
+ *   4. phase 2, parallel (dynamic) over blocks of H rows of `out`: for each active expert, dot each
+ *      down row with that expert's pairs and accumulate w_pair * dot into out[t, row]; every output
+ *      element is owned by one unit and summed in a fixed order (deterministic, independent of the
+ *      thread count, no atomics)
+ *   One parallel region, one barrier between the phases; calls with under ~1 MiB of work per
+ *   thread use fewer threads (1 for the demo model's layers).
  * All scratch is allocated once per call, before the hot loops.
  */
 #include <math.h>

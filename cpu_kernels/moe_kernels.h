@@ -10,6 +10,9 @@
  *                activations quantized to 8-bit blocks of 256 with per-16 sums (Q8_K-like)
  * q is unsigned (0..63, zero point folded into off) for most types, signed for Q8_0/IQ4_* (the
  * dot core then uses the abs/sign trick so maddubs never saturates).
+ * These canonical forms are the generic path (and the ref path); on AVX2/AVX-512 the common types
+ * are dotted straight from the packed blocks instead (moe_impl.h, fused_dot); both use the same
+ * activation blocks (ab32 SoA / ak256).
  */
 #ifndef NX_MOE_KERNELS_H
 #define NX_MOE_KERNELS_H
