@@ -5,9 +5,9 @@ k drafts costs, on this machine and this placement,
 
     cost(k) = gpu(k) + c_e * experts(k + 1)
 
-where gpu(k) = g0 + g1 * k is the GPU-side time (fixed per-step work, per verify row and per draft,
-fitted by least squares over recent steps), c_e is the measured CPU time per distinct routed expert
-read (per layer), and experts(r) is the expected number of distinct (layer, expert) pairs a batch
+where gpu(k) is the GPU-side time (fixed per-step work, per verify row and per draft: the median of
+recent steps at k, or the line through the measured lengths), c_e is the median measured CPU time
+per distinct routed expert read (per layer), and experts(r) is the expected number of distinct (layer, expert) pairs a batch
 of r rows touches (measured per r; before a measurement, extrapolated from r = 1 as if routing
 were random). A step yields 1 + sum_{i<=k} prod_{j<=i} a_j tokens, with a_j the measured
 acceptance at draft position j given the earlier drafts were accepted. The policy picks the k in
@@ -18,6 +18,7 @@ length up (or down), since acceptance and costs drift with the text and the mach
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -29,43 +30,53 @@ class StepSample:
     experts: int  # distinct (layer, expert) pairs read on the CPU side
 
 
+def _median(xs) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else 0.5 * (ys[n // 2 - 1] + ys[n // 2])
+
+
 @dataclass
 class CostModel:
-    decay: float = 0.9  # forgetting factor of the running sums
-    _sx: float = 0.0
-    _sy: float = 0.0
-    _sxx: float = 0.0
-    _sxy: float = 0.0
-    _w: float = 0.0
-    _cpu_s: float = 0.0
-    _cpu_e: float = 0.0
+    """Medians of recent samples: a noisy machine (other processes, the first call's one-time
+    costs) adds delays; a median of the last few steps ignores the odd slow one."""
+
+    window: int = 9
+    gpu_by_k: dict = field(default_factory=dict)  # k -> recent GPU-side step times
+    cpu_per_expert: deque = field(default_factory=lambda: deque(maxlen=17))
     experts_by_rows: dict = field(default_factory=dict)  # rows -> EMA of distinct experts
 
     def observe(self, s: StepSample) -> None:
-        d = self.decay
-        self._w = d * self._w + 1
-        self._sx = d * self._sx + s.k
-        self._sy = d * self._sy + s.gpu_s
-        self._sxx = d * self._sxx + s.k * s.k
-        self._sxy = d * self._sxy + s.k * s.gpu_s
+        self.gpu_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s)
         if s.experts:
-            self._cpu_s = d * self._cpu_s + s.cpu_s
-            self._cpu_e = d * self._cpu_e + s.experts
+            self.cpu_per_expert.append(s.cpu_s / s.experts)
             r = s.k + 1
             old = self.experts_by_rows.get(r)
             self.experts_by_rows[r] = s.experts if old is None else 0.8 * old + 0.2 * s.experts
 
     def gpu(self, k: int) -> float:
-        if self._w == 0:
+        """Median GPU-side time at k; for an unmeasured k, the line through the measured ones
+        (a per-draft slope of 10% of the step when only one length was measured)."""
+        if k in self.gpu_by_k:
+            return _median(self.gpu_by_k[k])
+        known = sorted(self.gpu_by_k)
+        if not known:
             return 0.0
-        mx, my = self._sx / self._w, self._sy / self._w
-        var = self._sxx / self._w - mx * mx
-        g1 = (self._sxy / self._w - mx * my) / var if var > 1e-9 else 0.05 * my
-        g1 = max(g1, 0.0)
-        return max(my + g1 * (k - mx), 0.0)
+        lo = max([x for x in known if x < k], default=None)
+        hi = min([x for x in known if x > k], default=None)
+        if lo is not None and hi is not None:
+            g_lo, g_hi = self.gpu(lo), self.gpu(hi)
+            return g_lo + (g_hi - g_lo) * (k - lo) / (hi - lo)
+        if len(known) >= 2:  # extrapolate from the two nearest
+            a, b = (known[-2], known[-1]) if lo is not None else (known[0], known[1])
+            slope = max((self.gpu(b) - self.gpu(a)) / (b - a), 0.0)
+            ref = b if lo is not None else a
+            return max(self.gpu(ref) + slope * (k - ref), 0.0)
+        g = self.gpu(known[0])
+        return g * (1 + 0.1 * (k - known[0]))
 
     def per_expert(self) -> float:
-        return self._cpu_s / self._cpu_e if self._cpu_e else 0.0
+        return _median(self.cpu_per_expert) if self.cpu_per_expert else 0.0
 
     def experts(self, rows: int, total: int) -> float:
         if rows in self.experts_by_rows:
@@ -97,9 +108,11 @@ class DraftPolicy:
         self.explore_every = explore_every
         self.steps = 0
         self.chosen: dict[int, int] = {}
-        # warm-up: one step with a single draft, then a plain one; longer drafts are then predicted
-        # (linear GPU cost, expert union extrapolated) and tried only if they look worth it
-        self._warm = [0, 1] if adaptive else []
+        # warm-up: single-draft and plain steps in turn; longer drafts are then predicted (GPU cost
+        # along a line, expert union extrapolated) and tried only if they look worth it. The very
+        # first step's cost is not used: it carries one-time costs (first calls, caches).
+        self._warm = [0, 1, 0, 1] if adaptive else []
+        self._cold = True
 
     def accept_rate(self, j: int) -> float:
         m, w = self.prior
@@ -139,6 +152,9 @@ class DraftPolicy:
             if j <= n_accepted + 1:
                 self.reached[j] += 1
                 self.accepted[j] += int(j <= n_accepted)
+        if self._cold:
+            self._cold = False
+            return
         self.model.observe(sample)
 
 
