@@ -322,6 +322,11 @@ if _IMPORT_ERROR is None:
             raise RuntimeError(f"cpu_kernels.moe_forward: kernel path {active_path()} unavailable (rc={rc})")
         return out
 
+    def _set_min_work_per_thread(nbytes: int) -> int:
+        """Calls with less than `nbytes` of work per thread use fewer threads (default 1 MiB; 0 =
+        always use every thread given). For tests and experiments; returns the previous value."""
+        return int(_lib.nx_set_min_work(int(nbytes)))
+
     def read_bandwidth(nbytes: int = 1 << 30, threads: int | None = None, repeats: int = 5) -> float:
         """Measured read bandwidth in GB/s (best of `repeats`) of a STREAM-like sum over `nbytes`
         with the expert OpenMP threads."""

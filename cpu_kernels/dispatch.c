@@ -35,6 +35,9 @@ int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, cons
     return -2;
 }
 
+int64_t nx_min_work_per_thread = 1 << 20;
+int64_t nx_set_min_work(int64_t bytes) { int64_t old = nx_min_work_per_thread; nx_min_work_per_thread = bytes; return old; }
+
 int nx_omp_max_threads(void) { return omp_get_max_threads(); }
 int nx_omp_num_procs(void) { return omp_get_num_procs(); }
 const char *nx_build_flags(void) { return NX_BUILD_FLAGS; }

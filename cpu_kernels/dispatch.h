@@ -7,6 +7,7 @@ int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, cons
                    const nx_tensor *gate, const nx_tensor *up, const nx_tensor *down, float *out,
                    int nthreads);
 int nx_omp_max_threads(void);
+int64_t nx_set_min_work(int64_t bytes);
 int nx_omp_num_procs(void);
 const char *nx_build_flags(void);
 int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads);

@@ -890,7 +890,8 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
     const double work = (double)nact * (double)(I * (gate->row_bytes + up->row_bytes) + H * down->row_bytes) +
                         (double)P * (double)(3 * H * I) * 0.25;
     int nth = nthreads;
-    if (work < (double)nth * (1 << 20)) nth = (int)(work / (1 << 20)) + 1;   /* ~1 MiB per thread at least */
+    const double mw = (double)nx_min_work_per_thread;                   /* default ~1 MiB */
+    if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
     if (nth > nthreads) nth = nthreads;
 
     /* work units. phase 1: (active expert, block of I rows aligned to the down activations' blocks,

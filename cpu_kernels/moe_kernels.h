@@ -87,6 +87,10 @@ typedef struct {
     int64_t n_expert, rows, cols, row_bytes;
 } nx_tensor;
 
+/* calls with less work than this many bytes per thread use fewer threads (dispatch.c; tests set 0
+ * to force every call onto all the threads it is given) */
+extern int64_t nx_min_work_per_thread;
+
 /* per-path entry points (suffix = path name) */
 #define NX_DECL_PATH(sfx) \
     int nx_moe_forward_##sfx(const float *x, int64_t T, const int32_t *ids, const float *wts, \

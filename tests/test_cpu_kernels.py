@@ -47,10 +47,14 @@ PATHS = ck.available_paths()
 
 @pytest.fixture(params=PATHS)
 def path(request):
+    """Force each SIMD path; small test calls also run on all threads (not the 1-thread shortcut
+    that calls under ~1 MiB of work take), so the parallel code is what gets checked."""
     old = ck.active_path()
     ck._set_path(request.param)
+    old_mw = ck._set_min_work_per_thread(0)
     yield request.param
     ck._set_path(old)
+    ck._set_min_work_per_thread(old_mw)
 
 
 def _bs(t):
@@ -191,7 +195,33 @@ def test_all_tokens_same_experts(path):
     _check(QT.Q4_K, QT.Q4_K, QT.Q8_0, E=12, I=64, H=256, T=6, K=4, rng=rng, ids=ids)
 
 
-def test_threads_deterministic_and_torch_inputs():
+@pytest.fixture
+def all_threads():
+    """Small calls normally run on fewer threads; force every call onto all threads it is given."""
+    old = ck._set_min_work_per_thread(0)
+    yield
+    ck._set_min_work_per_thread(old)
+
+
+@pytest.mark.parametrize("mix", [(QT.Q4_K, QT.Q4_K, QT.Q5_0), (QT.Q8_0, QT.Q8_0, QT.Q8_0),
+                                 (QT.IQ4_XS, QT.Q6_K, QT.IQ4_NL), (QT.Q2_K, QT.Q5_K, QT.F16)],
+                         ids=lambda m: "-".join(t.name for t in m))
+def test_results_independent_of_thread_count(path, all_threads, mix):
+    """Bit-identical output for 1, 2 and 3 threads (each output element is owned by one work unit and
+    summed in a fixed order; the tokens-per-pass grouping does not depend on the threads)."""
+    rng = np.random.default_rng(21)
+    I = 256 if mix[2] in K_TYPES else 96
+    (G, U, D), _ = _make(*mix, 16, I, 512, rng)
+    for T in (1, 4, 9, 33, 160):   # 160 x 512 > 64k: x is quantized inside the parallel region
+        x = rng.standard_normal((T, 512), dtype=np.float32)
+        ids = _routing(T, 8, 16, rng)
+        w = rng.random((T, 8), dtype=np.float32)
+        a = ck.moe_forward(x, ids, w, G, U, D, threads=1)
+        for th in (2, 3):
+            np.testing.assert_array_equal(ck.moe_forward(x, ids, w, G, U, D, threads=th), a)
+
+
+def test_threads_deterministic_and_torch_inputs(all_threads):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(13)
     (G, U, D), _ = _make(QT.Q4_K, QT.Q4_K, QT.Q5_0, 16, 96, 256, rng)
