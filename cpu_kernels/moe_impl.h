@@ -14,7 +14,7 @@
  *   3. phase 1, parallel (dynamic) over (active expert, block of I rows aligned to the down
  *      activations' blocks): every gate/up row is dotted against all tokens routed to that expert,
  *      so an expert's weights are read from memory once per call whatever T is.  SIMD paths use
- *      fused kernels (fused_dot) for Q8_0 Q4_0 Q5_0 IQ4_NL Q4_K Q5_K Q6_K IQ4_XS: integer
+ *      fused kernels (fused_dot) for Q8_0 Q4_0 Q5_0 IQ4_NL Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_XS: integer
  *      maddubs/madd dots straight on the packed blocks, 1-4 tokens per pass over the row, block
  *      scales per sub-block, mins / zero points through the activations' block sums.  Other types
  *      (and the ref path for all types) decode the row into an L1 scratch and dot that.
@@ -557,7 +557,7 @@ static inline int FN(has_fused)(int type) {
 #endif
     switch (type) {
     case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL:
-    case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: return 1;
+    case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: return 1;
     }
     return 0;
 }
@@ -755,6 +755,71 @@ NX_FUSED void FN(fq6k)(const uint8_t *restrict w, const int64_t nb, const uint8_
     FN(unfold4)(acc, _mm_setzero_ps(), res, nt);
 }
 
+/* Q2_K / Q3_K against Q8_K-like activations: unsigned 2/3-bit codes, one scale per 16 (chunk of 32
+ * = groups 2c, 2c+1, laid out like Q6_K's); Q2_K mins through the per-16 sums with dmin, Q3_K's
+ * -4 offset through the same sums with d (folded into the integer sum) */
+NX_FUSED void FN(fq23k)(const int type, const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a,
+                        float *res, const int nt) {
+    const size_t bs = type == NX_Q2_K ? 84 : 110;
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    const ak256 *ab[NX_NT];
+    for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, w += bs) {
+        __m256i sc16, mn16 = _mm256_setzero_si256(), hm = _mm256_setzero_si256();
+        float d, dmin = 0.0f;
+        const uint8_t *qs;
+        if (type == NX_Q2_K) {
+            d = H2F(FN(rd16)(w + 80)); dmin = H2F(FN(rd16)(w + 82));
+            const __m128i s8 = _mm_loadu_si128((const __m128i *)w), m4 = _mm_set1_epi8(15);
+            sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s8, m4));
+            mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), m4));
+            qs = w + 16;
+        } else {
+            d = H2F(FN(rd16)(w + 108));
+            uint32_t aux[4];
+            memcpy(aux, w + 96, 12);
+            const uint32_t tmp = aux[2];
+            aux[2] = ((aux[0] >> 4) & 0x0f0f0f0fu) | (((tmp >> 4) & 0x03030303u) << 4);
+            aux[3] = ((aux[1] >> 4) & 0x0f0f0f0fu) | (((tmp >> 6) & 0x03030303u) << 4);
+            aux[0] = (aux[0] & 0x0f0f0f0fu) | (((tmp >> 0) & 0x03030303u) << 4);
+            aux[1] = (aux[1] & 0x0f0f0f0fu) | (((tmp >> 2) & 0x03030303u) << 4);
+            sc16 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)aux)), _mm256_set1_epi16(32));
+            hm = FN(ld256)(w);
+            qs = w + 32;
+        }
+        __m256i sumi[NX_NT], msum[NX_NT];
+        for (int t = 0; t < nt; t++) {
+            const __m256i bsv = FN(ld256)(ab[t][b].bsum);
+            if (type == NX_Q3_K) sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsv), 2));
+            else { sumi[t] = _mm256_setzero_si256(); msum[t] = _mm256_madd_epi16(mn16, bsv); }
+        }
+        for (int n = 0; n < 2; n++) {
+            const __m256i S = _mm256_broadcastsi128_si256(n ? _mm256_extracti128_si256(sc16, 1) : _mm256_castsi256_si128(sc16));
+            const __m256i v = FN(ld256)(qs + 32 * n);
+            for (int j = 0; j < 4; j++) {
+                __m256i q = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m3);
+                if (type == NX_Q3_K)
+                    q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * n + j), one), 2));
+                const __m256i sk = _mm256_shuffle_epi8(S, _mm256_set_m128i(_mm256_castsi256_si128(NX_BC16(2 * j + 1)),
+                                                                          _mm256_castsi256_si128(NX_BC16(2 * j))));
+                for (int t = 0; t < nt; t++) {
+                    const __m256i p = _mm256_maddubs_epi16(q, FN(ld256)(ab[t][b].y + 128 * n + 32 * j));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sk));
+                }
+            }
+        }
+        const __m128 dyv = FN(dy4)(ab, b, nt);
+        const __m128 sc = _mm_mul_ps(dyv, _mm_set1_ps(d));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(fold4)(sumi, nt)), _mm256_set_m128(sc, sc), acc);
+        if (type == NX_Q2_K) {
+            const __m128 scm = _mm_mul_ps(dyv, _mm_set1_ps(-dmin));
+            accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(fold4)(msum, nt)), _mm256_set_m128(scm, scm), accm);
+        }
+    }
+    FN(unfold4)(_mm256_add_ps(acc, accm), _mm_setzero_ps(), res, nt);
+}
+
 /* IQ4_XS against Q8_K-like activations (signed codebook values, 6-bit signed scale per 32) */
 NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
     const __m256i m4 = _mm256_set1_epi8(15);
@@ -799,6 +864,8 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
     case NX_Q5_K: NX_NT_SWITCH(FN(fq45k)(NX_Q5_K, w, n / 256, a, res, NTC)) break;
     case NX_Q6_K: NX_NT_SWITCH(FN(fq6k)(w, n / 256, a, res, NTC)) break;
     case NX_IQ4_XS: NX_NT_SWITCH(FN(fiq4xs)(w, n / 256, a, res, NTC)) break;
+    case NX_Q2_K: NX_NT_SWITCH(FN(fq23k)(NX_Q2_K, w, n / 256, a, res, NTC)) break;
+    case NX_Q3_K: NX_NT_SWITCH(FN(fq23k)(NX_Q3_K, w, n / 256, a, res, NTC)) break;
     }
 }
 #else
