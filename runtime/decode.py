@@ -169,7 +169,7 @@ class Sequence:
         start = self.cache.length
         mtp_start = start  # MTP slots >= this are speculative after drafting
         t0 = time.perf_counter()
-        with m.timeline.span("gpu", "draft", k=k):
+        with m.timeline.span("phase", "draft", k=k):
             drafts = self.draft(token, k, p_min)
         t1 = time.perf_counter()
         batch = torch.tensor([token] + [d for d, _ in drafts], dtype=torch.long)

@@ -1,5 +1,6 @@
 """Timeline of one generation: spans on a "gpu" track (GPU-side work, copies, drafting) and a "cpu"
 track (routed experts in the C kernels), busy/overlap/idle figures, and Chrome/Perfetto JSON.
+A third track, "phase", brackets prefill and drafting for the viewer; it is not busy time.
 
 Spans are wall-clock intervals taken on the host. On a machine without CUDA the "gpu" side runs on
 the CPU synchronously, so its spans are exact; with CUDA the GPU-side spans end when the host has
@@ -49,7 +50,7 @@ class Timeline:
 
     def write_chrome_trace(self, path) -> None:
         """Chrome trace event format (opens in chrome://tracing and ui.perfetto.dev)."""
-        tids = {"gpu": 1, "cpu": 2}
+        tids = {"gpu": 1, "cpu": 2, "phase": 3}  # "phase": prefill / draft brackets, not busy time
         events = [{"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": f"{track} side"}}
                   for track, tid in tids.items()]
         events.append({"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "nextn"}})
