@@ -88,12 +88,19 @@ class _Builder:
                                  "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight")]
         side = self.unit_side(names)
         t = [self.opt(n, side) for n in names]
-        return Attention(side, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10])
+        return Attention(side, t[0], self.stack(t[1:4]), t[4], self.stack(t[5:8]) if t[5] is not None else None,
+                         t[8], t[9], t[10])
+
+    def stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Rows of several weights in one tensor (same bytes: the parts are freed), so one matmul
+        serves them all."""
+        return torch.cat(parts, dim=0)
 
     def ffn(self, p: str, suffix: str) -> DenseFFN:
         names = [f"{p}ffn_{w}{suffix}.weight" for w in ("gate", "up", "down")]
         side = self.unit_side(names)
-        return DenseFFN(side, *(self.tensor(n, side) for n in names))
+        g, u, d = (self.tensor(n, side) for n in names)
+        return DenseFFN(side, self.stack([g, u]), d)
 
     def router(self, p: str) -> Router:
         cfg = self.cfg

@@ -84,6 +84,8 @@ class Bus:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and w.dtype == torch.float32:  # the common CPU case: no casts
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * w.float()).to(x.dtype)
@@ -107,6 +109,8 @@ class RoPE:
         x1 = x[..., :half].float()
         x2 = x[..., half:self.dim].float()
         rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+        if self.dim == x.shape[-1]:
+            return rot
         return torch.cat([rot, x[..., self.dim:]], dim=-1)
 
 
@@ -141,13 +145,9 @@ class KVCache:
 class Attention:
     side: str
     norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
+    wqkv: torch.Tensor  # attn_q, attn_k, attn_v stacked at load: one matmul per step, not three
     wo: torch.Tensor
-    bq: torch.Tensor | None = None
-    bk: torch.Tensor | None = None
-    bv: torch.Tensor | None = None
+    bqkv: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     post_norm: torch.Tensor | None = None  # post_attention_norm: prepares the FFN input on this side
@@ -156,12 +156,12 @@ class Attention:
 @dataclass
 class DenseFFN:
     side: str
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: torch.Tensor  # ffn_gate and ffn_up stacked at load [2F, H]
     down: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.silu(x @ self.gate.T) * (x @ self.up.T)) @ self.down.T
+        g, u = (x @ self.gate_up.T).chunk(2, dim=-1)
+        return (F.silu(g) * u) @ self.down.T
 
 
 @dataclass
@@ -267,14 +267,11 @@ class GLM4Model:
         cfg = self.cfg
         T = x.shape[0]
         h = rms_norm(x, a.norm, cfg.rms_eps)
-        q = h @ a.wq.T
-        k = h @ a.wk.T
-        v = h @ a.wv.T
-        if a.bq is not None:
-            q, k, v = q + a.bq, k + a.bk, v + a.bv
-        q = q.view(T, cfg.n_heads, cfg.head_dim)
-        k = k.view(T, cfg.n_kv_heads, cfg.head_dim)
-        v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
+        qkv = h @ a.wqkv.T if a.bqkv is None else torch.addmm(a.bqkv, h, a.wqkv.T)
+        nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q = qkv[:, :nq].view(T, cfg.n_heads, cfg.head_dim)
+        k = qkv[:, nq:nq + nkv].view(T, cfg.n_kv_heads, cfg.head_dim)
+        v = qkv[:, nq + nkv:].view(T, cfg.n_kv_heads, cfg.head_dim)
         if a.q_norm is not None:
             q = rms_norm(q, a.q_norm, cfg.rms_eps)
             k = rms_norm(k, a.k_norm, cfg.rms_eps)
