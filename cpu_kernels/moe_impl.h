@@ -549,6 +549,13 @@ static inline float FN(dot_row)(int fam, int sgn, const void *w, const void *a, 
  * a fused kernel go through prep_row + dot_row (the generic decode-then-dot path). */
 #if NX_PATH >= 1
 #define NX_FUSED static inline __attribute__((always_inline))
+/* software prefetch NX_PFD bytes ahead in the weight stream, `n` cache lines per step (about one
+ * step's bytes); measured +10-15% per CPU-second with DRAM-resident weights over hardware
+ * prefetch alone (a whole-row prefetch burst was slower).  -DNX_PFD=0 disables it. */
+#ifndef NX_PFD
+#define NX_PFD 2048
+#endif
+#define NX_PF(p, n) do { if (NX_PFD > 0) for (int pf_ = 0; pf_ < (n); pf_++) __builtin_prefetch((p) + NX_PFD + 64 * pf_, 0, 0); } while (0)
 #define NX_NT 4
 
 static inline int FN(has_fused)(int type) {
@@ -607,6 +614,7 @@ NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t 
     }
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4, w += 4 * bs) {
+        NX_PF(w, 3);
         const __m128 dw = _mm_setr_ps(H2F(FN(rd16)(w)), H2F(FN(rd16)(w + bs)), H2F(FN(rd16)(w + 2 * bs)), H2F(FN(rd16)(w + 3 * bs)));
         __m256i q[4], u[4];
         for (int i = 0; i < 4; i++) { q[i] = FN(dec_b32)(type, w + i * bs); u[i] = sgn ? _mm256_abs_epi8(q[i]) : q[i]; }
@@ -668,6 +676,7 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
     __m256 acc = _mm256_setzero_ps();
     __m128 accm = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += bs) {
+        NX_PF(w, 3);
         const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
         uint32_t u[4];
         memcpy(u, w + 4, 12);
@@ -723,6 +732,7 @@ NX_FUSED void FN(fq6k)(const uint8_t *restrict w, const int64_t nb, const uint8_
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 210) {
+        NX_PF(w, 4);
         const float d = H2F(FN(rd16)(w + 208));
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
@@ -766,6 +776,7 @@ NX_FUSED void FN(fq23k)(const int type, const uint8_t *restrict w, const int64_t
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
     __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += bs) {
+        NX_PF(w, 2);
         __m256i sc16, mn16 = _mm256_setzero_si256(), hm = _mm256_setzero_si256();
         float d, dmin = 0.0f;
         const uint8_t *qs;
@@ -828,6 +839,7 @@ NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 136) {
+        NX_PF(w, 3);
         const float d = H2F(FN(rd16)(w));
         const unsigned sh = FN(rd16)(w + 2);
         const uint8_t *sl = w + 4, *qs = w + 8;
