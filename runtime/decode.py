@@ -30,7 +30,10 @@ from .model import GLM4Model
 from .sampling import SamplingParams
 from .scheduler import Oracle, StepSample
 
-MAX_OWED_MTP_ROWS = 32  # plain steps with MTP on owe MTP rows; pay them in batches of this size
+# Plain steps with MTP on owe MTP rows (the MTP cache must cover every position to draft again).
+# They are paid in one batch with the next draft, or when this many are owed: one batched pass
+# reads the MTP layer's experts once for all rows, which matters when they sit on the CPU.
+MAX_OWED_MTP_ROWS = 256
 
 
 @dataclass

@@ -11,8 +11,9 @@ per distinct routed expert read (per layer), and experts(r) is the expected numb
 of r rows touches (measured per r; before a measurement, extrapolated from r = 1 as if routing
 were random). A step yields 1 + sum_{i<=k} prod_{j<=i} a_j tokens, with a_j the measured
 acceptance at draft position j given the earlier drafts were accepted. The policy picks the k in
-0..draft_max that maximises tokens per second, and every `explore_every` steps probes the next
-length up (or down), since acceptance and costs drift with the text and the machine.
+0..draft_max that maximises tokens per second, and now and then probes the next length up (or
+down), since acceptance and costs drift with the text and the machine; the probes thin out
+(16, 32, ... 256 steps apart) while they confirm the choice.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class DraftPolicy:
     """Fixed draft length, or adaptive (DESIGN.md §5): `choose()` before a step, `observe()` after."""
 
     def __init__(self, draft_max: int, adaptive: bool, total_experts: int,
-                 explore_every: int = 24, prior_accept: float = 0.5, prior_weight: float = 2.0):
+                 explore_every: int = 16, explore_max: int = 256, prior_accept: float = 0.5,
+                 prior_weight: float = 2.0):
         self.draft_max = draft_max
         self.adaptive = adaptive
         self.total = total_experts
@@ -105,7 +107,10 @@ class DraftPolicy:
         self.reached = [0] * (draft_max + 1)  # position j was verified (all earlier accepted)
         self.accepted = [0] * (draft_max + 1)
         self.prior = (prior_accept, prior_weight)
-        self.explore_every = explore_every
+        self.explore_every = explore_every  # grows (x2, up to explore_max) while probes confirm the
+        self.explore_base, self.explore_max = explore_every, explore_max  # choice; resets when not
+        self._next_probe = explore_every
+        self._probe_from: int | None = None  # the best length when the last probe was made
         self.steps = 0
         self.chosen: dict[int, int] = {}
         # warm-up: single-draft and plain steps in turn; longer drafts are then predicted (GPU cost
@@ -138,9 +143,15 @@ class DraftPolicy:
         if self._warm:
             return min(self._warm.pop(), hi)
         k = max(range(hi + 1), key=self.rate)
-        if self.steps % self.explore_every == 0:
-            # probe a neighbour, so estimates stay fresh as the text and the machine change;
-            # a neighbour costs little more than the best, unlike a random length
+        if self._probe_from is not None:  # the step after a probe: did it change the choice?
+            same = k == self._probe_from
+            self.explore_every = min(self.explore_every * 2, self.explore_max) if same else self.explore_base
+            self._probe_from = None
+        if self.steps >= self._next_probe:
+            # probe a neighbour, so estimates stay fresh as the text and the machine change; a
+            # neighbour costs little more than the best, and probes thin out while they confirm it
+            self._next_probe = self.steps + self.explore_every
+            self._probe_from = k
             k = k + 1 if k < hi else max(k - 1, 0)
         self.chosen[k] = self.chosen.get(k, 0) + 1
         return k
