@@ -127,6 +127,13 @@ class Sequence:
                 self._pay_owed(keep=1)
         return self._sample(self.last_logits)
 
+    def stop_mtp(self) -> None:
+        """Drop the MTP layer for the rest of this sequence (the draft policy found it does not
+        pay): no more owed rows, no MTP cache."""
+        self.use_mtp = False
+        self.owed_h = None
+        self.mtp_cache = None
+
     def _pay_owed(self, keep: int) -> None:
         """UPDATE the MTP cache with all owed rows but the last `keep` (whose next token is not
         known yet, or is the pending one)."""

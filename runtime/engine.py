@@ -304,12 +304,16 @@ class _Run:
         text, sent, out = "", 0, []
         finish = "length"
         policy = e.draft_policy(self.draft_max, self.adaptive) if self.use_mtp else None
+        use_mtp = self.use_mtp and (policy is None or policy.start_sequence())
+        if not use_mtp:
+            policy = None
+        mtp_off = self.use_mtp and not use_mtp  # adaptive found drafting does not pay here
         lengths: dict[int, int] = {}
         tl = Timeline(keep_spans=self.trace is not None)
         ctx = bus.begin_run(tl)
         try:
             with torch.inference_mode():
-                seq = e.new_sequence(self.params, self.use_mtp)
+                seq = e.new_sequence(self.params, use_mtp)
                 seq.oracle = self.oracle
                 t0 = time.perf_counter()
                 with tl.span("phase", "prefill", tokens=len(self.prompt_ids)):
@@ -355,6 +359,10 @@ class _Run:
                         if policy is not None and limit > 0:
                             policy.observe(0, 0, 0, seq.last_sample)
                             lengths[0] = lengths.get(0, 0) + 1
+                            if policy.mtp_loses():
+                                policy.give_up()
+                                seq.stop_mtp()
+                                policy, mtp_off = None, True
                     pending = nxt
                 if finish != "stop":
                     text += dec.flush()
@@ -376,6 +384,7 @@ class _Run:
             "decode_s": t2 - t1,
             "mtp": self.use_mtp,
             "adaptive": self.use_mtp and self.adaptive,
+            "mtp_turned_off": mtp_off,  # the adaptive policy stopped drafting: it did not pay
             "draft_max": self.draft_max if self.use_mtp else 0,
             "draft_lengths": dict(sorted(lengths.items())),  # steps per chosen draft length
             "drafted": st.drafted,

@@ -111,6 +111,7 @@ class DraftPolicy:
         self.explore_base, self.explore_max = explore_every, explore_max  # choice; resets when not
         self._next_probe = explore_every
         self._probe_from: int | None = None  # the best length when the last probe was made
+        self.off_for = 0  # sequences left to run without MTP after drafting was found to lose
         self.steps = 0
         self.chosen: dict[int, int] = {}
         # warm-up: single-draft and plain steps in turn; longer drafts are then predicted (GPU cost
@@ -155,6 +156,29 @@ class DraftPolicy:
             k = k + 1 if k < hi else max(k - 1, 0)
         self.chosen[k] = self.chosen.get(k, 0) + 1
         return k
+
+    def mtp_loses(self) -> bool:
+        """True when drafting clearly does not pay here: plain steps and single-draft steps have
+        both been measured (at least 3 of each) and one draft yields under 70% of plain's tokens
+        per second. Keeping the MTP layer's cache up to date then costs more than it can return,
+        so the engine turns MTP off for the rest of the sequence and, for the next
+        `RETRY_AFTER - 1` sequences, from the start (a later one measures again)."""
+        m = self.model.gpu_by_k
+        if not self.adaptive or len(m.get(0, ())) < 3 or len(m.get(1, ())) < 3:
+            return False
+        return self.rate(1) < 0.7 * self.rate(0)
+
+    RETRY_AFTER = 8
+
+    def start_sequence(self) -> bool:
+        """Whether the next sequence should run MTP at all."""
+        if self.off_for > 0:
+            self.off_for -= 1
+            return False
+        return True
+
+    def give_up(self) -> None:
+        self.off_for = self.RETRY_AFTER - 1
 
     def observe(self, k: int, n_drafted: int, n_accepted: int, sample: StepSample) -> None:
         """After a step that drafted `n_drafted` (<= k: p_min may stop early) and accepted the

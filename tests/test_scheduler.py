@@ -142,3 +142,16 @@ def test_generate_batch_equals_one_by_one(eng):
     # each sequence counts its own bytes, even while they run concurrently
     assert [r.stats["activation_bytes_moved"] for r in batch] == [r.stats["activation_bytes_moved"] for r in alone]
     assert all(r.stats["weight_bytes_moved"] == 0 for r in batch)
+
+
+def test_policy_gives_up_when_drafting_loses_and_retries_later():
+    p = DraftPolicy(draft_max=2, adaptive=True, total_experts=100)
+    simulate(p, accept=0.0, cost=lambda k: (0.001 + 0.002 * k, 0.01 * (1 + k), 8 * (1 + k)), steps=60)
+    assert p.mtp_loses()
+    p.give_up()
+    runs = [p.start_sequence() for _ in range(DraftPolicy.RETRY_AFTER)]
+    # the next RETRY_AFTER - 1 sequences run without MTP; the one after measures again
+    assert runs == [False] * (DraftPolicy.RETRY_AFTER - 1) + [True]
+    good = DraftPolicy(draft_max=2, adaptive=True, total_experts=100)
+    simulate(good, accept=0.9, cost=lambda k: (0.001, 0.01 * (1 + 0.1 * k), 8 * (1 + 0.1 * k)), steps=60)
+    assert not good.mtp_loses()
