@@ -159,12 +159,12 @@ class DraftPolicy:
 
     def mtp_loses(self) -> bool:
         """True when drafting clearly does not pay here: plain steps and single-draft steps have
-        both been measured (at least 3 of each) and one draft yields under 70% of plain's tokens
+        both been measured (3 and 2 times at least) and one draft yields under 70% of plain's tokens
         per second. Keeping the MTP layer's cache up to date then costs more than it can return,
         so the engine turns MTP off for the rest of the sequence and, for the next
         `RETRY_AFTER - 1` sequences, from the start (a later one measures again)."""
         m = self.model.gpu_by_k
-        if not self.adaptive or len(m.get(0, ())) < 3 or len(m.get(1, ())) < 3:
+        if not self.adaptive or len(m.get(0, ())) < 3 or len(m.get(1, ())) < 2:
             return False
         return self.rate(1) < 0.7 * self.rate(0)
 
