@@ -113,19 +113,19 @@ def _parse(buf: bytes, path: Path):
         if pos + k > n:
             raise _NeedMore
 
-    def u64():
+    def scalar(fmt: str):
         nonlocal pos
-        need(8)
-        v = struct.unpack_from("<Q", buf, pos)[0]
-        pos += 8
+        k = struct.calcsize(fmt)
+        need(k)
+        v = struct.unpack_from(fmt, buf, pos)[0]
+        pos += k
         return v
 
+    def u64():
+        return scalar("<Q")
+
     def u32():
-        nonlocal pos
-        need(4)
-        v = struct.unpack_from("<I", buf, pos)[0]
-        pos += 4
-        return v
+        return scalar("<I")
 
     def string():
         nonlocal pos
@@ -140,12 +140,7 @@ def _parse(buf: bytes, path: Path):
     def value(vtype):
         nonlocal pos
         if vtype in _SCALAR:
-            fmt, _ = _SCALAR[vtype]
-            k = struct.calcsize(fmt)
-            need(k)
-            v = struct.unpack_from(fmt, buf, pos)[0]
-            pos += k
-            return v
+            return scalar(_SCALAR[vtype][0])
         if vtype == _STRING:
             return string()
         if vtype == _ARRAY:
