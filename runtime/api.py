@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .engine import Defaults, Engine
+from placement import load_plan, resolve
+
+from .config import read_config
+from .engine import Engine
 from .errors import NextnError
+from .gguf_file import GGUFFile
 
 _PKG = Path(__file__).resolve().parent
 DEMO_MODEL = _PKG / "demo" / "demo.gguf"
@@ -26,50 +30,22 @@ def load(plan_or_gguf_path: str | os.PathLike | None = None, **overrides) -> Eng
     path = Path(plan_or_gguf_path) if plan_or_gguf_path is not None else None
     if path is None:
         path = DEMO_PLAN if DEMO_PLAN.exists() else DEMO_MODEL
-    try:
-        import placement
-        placement.load_plan  # noqa: B018
-    except (ImportError, AttributeError):  # no placement package: a bare GGUF, default placement
-        placement = None
-    if placement is None:
-        if path.suffix == ".yaml":
-            raise NextnError(f"{path}: plans need the placement package")
-        return Engine(path, progress=progress, use_kernels=use_kernels, **engine_kw, **_engine_kwargs(overrides))
+
     if path.suffix in (".yaml", ".yml"):
-        plan = placement.load_plan(path, overrides)
+        plan = load_plan(path, overrides)
     else:
-        plan = placement.load_plan(None, {**overrides, "model": str(path)})
+        plan = load_plan(None, {**overrides, "model": str(path)})
     return engine_from_plan(plan, progress=progress, use_kernels=use_kernels, **engine_kw)
 
 
-def _engine_kwargs(o: dict) -> dict:
-    known = {"gpu", "gpu_dtype", "threads", "context"}
-    d = Defaults()
-    for k in list(o):
-        if hasattr(d, k):
-            setattr(d, k, o.pop(k))
-    bad = set(o) - known
-    if bad:
-        raise NextnError(f"unknown override {sorted(bad)[0]!r}")
-    return {**o, "defaults": d}
-
-
 def engine_from_plan(plan, *, progress=True, use_kernels=True, overlap=None) -> Engine:
-    import placement as pl
-
-    from .config import read_config
-    from .gguf_file import GGUFFile
-
     if plan.model_path is None:
         raise NextnError(f"{plan.source}: no model given (set `model:` in the plan or pass a .gguf path)")
     f = GGUFFile(plan.model_path)
     cfg = read_config(f)
-    resolved = pl.resolve(plan, f, cfg)
-    sp, sa = plan.speculative, plan.sampling
-    defaults = Defaults(max_tokens=sa.max_tokens, temperature=sa.temperature, top_k=sa.top_k, top_p=sa.top_p,
-                        min_p=sa.min_p, seed=sa.seed, mtp=sp.mtp, draft_max=sp.draft_max, p_min=sp.p_min,
-                        adaptive=sp.adaptive)
+    resolved = resolve(plan, f, cfg)
     threads = None if plan.threads in (None, "auto") else int(plan.threads)
-    return Engine(plan.model_path, side_of=resolved.side_of, gpu=plan.gpu, gpu_dtype=plan.gpu_dtype,
-                  threads=threads, context=plan.context, use_kernels=use_kernels, defaults=defaults,
+    return Engine(f, side_of=resolved.side_of, gpu=plan.gpu, gpu_dtype=plan.gpu_dtype,
+                  threads=threads, context=plan.context, use_kernels=use_kernels, sampling=plan.sampling,
+                  speculative=plan.speculative,
                   progress=progress, plan=plan, placement=resolved, overlap=overlap)

@@ -21,6 +21,8 @@ import torch
 
 from .config import ModelConfig, check_tensors, read_config
 from .decode import Sequence
+from placement.schema import Sampling, Speculative
+
 from .errors import NextnError, UnsupportedError
 from .gguf_file import GGUFFile
 from .loader import LoadReport, build_model, default_side_of
@@ -56,22 +58,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass
-class Defaults:
-    """Generation defaults (from the plan); every generate() argument left as None takes these."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-    mtp: bool | None = None  # None: on when the model has a nextn layer
-    draft_max: int = 1
-    p_min: float = 0.0
-    adaptive: bool = True
-
-
-@dataclass
 class GenerationResult:
     text: str
     tokens: list[int]
@@ -82,9 +68,10 @@ class GenerationResult:
 class Engine:
     def __init__(self, model_path, *, side_of: Callable[[str], str] = default_side_of, gpu: str = "auto",
                  gpu_dtype: str | None = "auto", threads: int | None = None, context: int | None = None,
-                 use_kernels: bool = True, defaults: Defaults | None = None, progress: bool = True,
+                 use_kernels: bool = True, sampling: Sampling | None = None,
+                 speculative: Speculative | None = None, progress: bool = True,
                  prefill_chunk: int = 512, plan=None, placement=None, overlap: bool | None = None):
-        self.file = GGUFFile(model_path)
+        self.file = model_path if isinstance(model_path, GGUFFile) else GGUFFile(model_path)
         self.cfg: ModelConfig = read_config(self.file)
         check_tensors(self.file, self.cfg)
         try:
@@ -98,7 +85,9 @@ class Engine:
         if self.context < 2:
             raise NextnError(f"context {self.context} is too small")
         self.plan, self.placement = plan, placement
-        self.defaults = defaults or Defaults()
+        # generation defaults: the plan's sampling and speculative sections
+        self.sampling = sampling or Sampling()
+        self.speculative = speculative or Speculative()
         self.prefill_chunk = prefill_chunk
         if threads:
             try:
@@ -205,7 +194,7 @@ class Engine:
         if mtp is True and not self.has_mtp:
             why = ("nextn_predict_layers is 0" if self.cfg.n_nextn == 0 else "its nextn layer was not loaded")
             raise UnsupportedError(f"{self.file.path}: MTP requested but the model has no nextn layer ({why})")
-        want = self.defaults.mtp if mtp is None else mtp
+        want = self.speculative.mtp if mtp is None else mtp
         if want is None:
             want = True
         if want and not self.has_mtp:
@@ -256,7 +245,7 @@ class _Run:
     def __init__(self, engine: Engine, prompt, *, max_tokens=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, seed=None, mtp=None, draft_max=None, p_min=None,
                  adaptive=None, stop=None, chat: bool = False, trace=None, oracle=None):
-        d = engine.defaults
+        d, sp = engine.sampling, engine.speculative
         pick = lambda v, dv: dv if v is None else v  # noqa: E731
         self.engine = engine
         self.params = SamplingParams(float(pick(temperature, d.temperature)), pick(top_k, d.top_k),
@@ -264,13 +253,13 @@ class _Run:
         self.max_tokens = pick(max_tokens, d.max_tokens)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise NextnError(f"invalid max_tokens={self.max_tokens!r}: expected an integer >= 0")
-        self.draft_max = pick(draft_max, d.draft_max)
+        self.draft_max = pick(draft_max, sp.draft_max)
         if not isinstance(self.draft_max, int) or not 0 <= self.draft_max <= 16:
             raise NextnError(f"invalid draft_max={self.draft_max!r}: expected an integer in 0..16")
-        self.p_min = float(pick(p_min, d.p_min))
+        self.p_min = float(pick(p_min, sp.p_min))
         if not 0 <= self.p_min <= 1:
             raise NextnError(f"invalid p_min={self.p_min!r}: expected a number in [0, 1]")
-        self.adaptive = bool(pick(adaptive, d.adaptive))
+        self.adaptive = bool(pick(adaptive, sp.adaptive))
         self.use_mtp = engine._resolve_mtp(mtp) and self.draft_max > 0
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
