@@ -15,22 +15,23 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CDEF = """
+# cffi's cdef: the tensor struct (defined in moe_kernels.h among block structs and static asserts
+# that cffi cannot parse; keep the two the same) plus the exported functions, read from dispatch.h so they are declared once.
+_STRUCT = """
 typedef struct {
     const uint8_t *data;
     int32_t type;
     int64_t n_expert, rows, cols, row_bytes;
 } nx_tensor;
-int nx_cpu_paths(void);
-int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, const float *wts, int64_t K,
-                   const nx_tensor *gate, const nx_tensor *up, const nx_tensor *down, float *out,
-                   int nthreads);
-int nx_omp_max_threads(void);
-int64_t nx_set_min_work(int64_t bytes);
-int nx_omp_num_procs(void);
-const char *nx_build_flags(void);
-int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads);
 """
+
+
+def _exported_declarations() -> str:
+    with open(os.path.join(HERE, "dispatch.h")) as f:
+        return "".join(line for line in f if line.strip() and not line.lstrip().startswith(("#", "/*", "*")))
+
+
+CDEF = _STRUCT + _exported_declarations()
 
 SOURCES = ["dispatch.c", "moe_ref.c", "moe_avx2.c", "moe_avx512.c"]
 COMPILE_ARGS = ["-O3", "-fopenmp", "-std=gnu11", "-fno-strict-aliasing"]

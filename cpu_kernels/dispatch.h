@@ -1,4 +1,4 @@
-/* Declarations exported to Python through cffi (kept in sync with build.py's cdef). */
+/* Declarations exported to Python through cffi: build.py reads them from here for its cdef. */
 #ifndef NX_DISPATCH_H
 #define NX_DISPATCH_H
 #include "moe_kernels.h"
