@@ -365,6 +365,7 @@ static void FN(quant_k)(const float *x, int64_t b0, int64_t b1, ak256 *a) {
             for (int j = 0; j < 16; j++) sum += a[b].y[16 * g + j];
             a[b].bsum[g] = (int16_t)sum;
         }
+        for (int j = 0; j < 8; j++) a[b].bsum32[j] = (int16_t)(a[b].bsum[2 * j] + a[b].bsum[2 * j + 1]);
         a[b].d = amax / 127.0f;
     }
 }
@@ -615,7 +616,9 @@ NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t 
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4, w += 4 * bs) {
         NX_PF(w, 3);
-        const __m128 dw = _mm_setr_ps(H2F(FN(rd16)(w)), H2F(FN(rd16)(w + bs)), H2F(FN(rd16)(w + 2 * bs)), H2F(FN(rd16)(w + 3 * bs)));
+        /* the four fp16 scales in one vector, one conversion */
+        const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16((short)FN(rd16)(w), (short)FN(rd16)(w + bs), (short)FN(rd16)(w + 2 * bs),
+                                                      (short)FN(rd16)(w + 3 * bs), 0, 0, 0, 0));
         __m256i q[4], u[4];
         for (int i = 0; i < 4; i++) { q[i] = FN(dec_b32)(type, w + i * bs); u[i] = sgn ? _mm256_abs_epi8(q[i]) : q[i]; }
         const __m128 ow = _mm_mul_ps(dw, _mm_set1_ps(zp));
@@ -665,7 +668,13 @@ NX_FUSED void FN(unfold4)(__m256 acc, __m128 extra, float *res, const int nt) {
     for (int t = 0; t < nt; t++) res[t] = (f[t] + f[t + 4]) + g[t];
 }
 
-/* Q4_K / Q5_K against Q8_K-like activations */
+/* Q4_K / Q5_K against Q8_K-like activations.
+ * Per 256-block: the 8 six-bit scales and 8 mins are unpacked once (scalar, ggml's layout); the
+ * scales go to a small stack array as int16 pairs so each sub-block's madd operand is one
+ * broadcast load rather than a shuffle (the shuffle port is the busy one here); the mins meet the
+ * activations' per-32 sums (bsum32, precomputed per token) in one madd.  One or two tokens keep a
+ * float accumulator each (no horizontal folds in the hot loop); three or four fold their int32
+ * sums into one vector first. */
 NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t nb,
                         const uint8_t *const *a, float *res, const int nt) {
     const size_t bs = type == NX_Q4_K ? 144 : 176;
@@ -673,8 +682,9 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
     const __m256i m4 = _mm256_set1_epi8(15);
     const ak256 *ab[NX_NT];
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
-    __m256 acc = _mm256_setzero_ps();
-    __m128 accm = _mm_setzero_ps();
+    __m256 acc = _mm256_setzero_ps(), acc1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m128 accm = _mm_setzero_ps(), accm1[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    int32_t scp[16];
     for (int64_t b = 0; b < nb; b++, w += bs) {
         NX_PF(w, 3);
         const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
@@ -686,8 +696,16 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
         u[2] = ua;
         u[0] &= km1;
         const __m256i ms = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
-        const __m128i mins = _mm256_extracti128_si256(ms, 1);
-        const __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
+        const __m128i mins = _mm256_extracti128_si256(ms, 1), sc = _mm256_castsi256_si128(ms);
+        {   /* scp[4j..4j+3] = int16 x8: scale 2j four times, then scale 2j+1 four times */
+            const __m128i lo = _mm_unpacklo_epi16(sc, sc), hi = _mm_unpackhi_epi16(sc, sc);
+            _mm_storeu_si128((__m128i *)scp, _mm_unpacklo_epi32(lo, lo));
+            _mm_storeu_si128((__m128i *)(scp + 4), _mm_unpackhi_epi32(lo, lo));
+            _mm_storeu_si128((__m128i *)(scp + 8), _mm_unpacklo_epi32(hi, hi));
+            _mm_storeu_si128((__m128i *)(scp + 12), _mm_unpackhi_epi32(hi, hi));
+        }
+        /* make the compiler reload scp from memory: a broadcast load costs no shuffle uop */
+        __asm__ volatile("" : "+m"(scp));
         const uint8_t *qs = w + (type == NX_Q4_K ? 16 : 48);
         __m256i hb = _mm256_setzero_si256();
         if (type == NX_Q5_K) hb = FN(ld256)(w + 16);
@@ -695,12 +713,10 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
         __m128i msum[NX_NT];
         for (int t = 0; t < nt; t++) {
             sumi[t] = _mm256_setzero_si256();
-            const __m256i bsv = FN(ld256)(ab[t][b].bsum);
-            msum[t] = _mm_madd_epi16(mins, _mm_hadd_epi16(_mm256_castsi256_si128(bsv), _mm256_extracti128_si256(bsv, 1)));
+            msum[t] = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)ab[t][b].bsum32));
         }
         for (int j = 0; j < 4; j++) {
-            const __m256i sl = _mm256_shuffle_epi8(scales, NX_BC16(2 * j));
-            const __m256i sh = _mm256_shuffle_epi8(scales, NX_BC16(2 * j + 1));
+            const __m256i slh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(scp + 4 * j)));
             const __m256i v = FN(ld256)(qs + 32 * j);
             __m256i ql = _mm256_and_si256(v, m4), qh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             if (type == NX_Q5_K) {
@@ -711,18 +727,32 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
             for (int t = 0; t < nt; t++) {
                 const __m256i pl = _mm256_maddubs_epi16(ql, FN(ld256)(ab[t][b].y + 64 * j));
                 const __m256i ph = _mm256_maddubs_epi16(qh, FN(ld256)(ab[t][b].y + 64 * j + 32));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(pl, sl), _mm256_madd_epi16(ph, sh)));
+                /* pair sums of the two sub-blocks side by side (|each| <= 2*2*31*127 fits int16),
+                 * then one madd applies both scales: one multiply fewer per 64 elements */
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_hadd_epi16(pl, ph), slh));
             }
         }
-        const __m128 dyv = FN(dy4)(ab, b, nt);
-        const __m128 sc = _mm_mul_ps(dyv, _mm_set1_ps(d));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(fold4)(sumi, nt)), _mm256_set_m128(sc, sc), acc);
-        const __m128i z = _mm_setzero_si128();
-        const __m128i m01 = _mm_hadd_epi32(msum[0], nt > 1 ? msum[1] : z);
-        const __m128i m23 = nt > 2 ? _mm_hadd_epi32(msum[2], nt > 3 ? msum[3] : z) : z;
-        accm = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_hadd_epi32(m01, m23)), _mm_mul_ps(dyv, _mm_set1_ps(-dmin)), accm);
+        if (nt <= 2) {
+            for (int t = 0; t < nt; t++) {
+                const float dy = ab[t][b].d;
+                acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * dy), acc1[t]);
+                accm1[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(msum[t]), _mm_set1_ps(-dmin * dy), accm1[t]);
+            }
+        } else {
+            const __m128 dyv = FN(dy4)(ab, b, nt);
+            const __m128 scv = _mm_mul_ps(dyv, _mm_set1_ps(d));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(fold4)(sumi, nt)), _mm256_set_m128(scv, scv), acc);
+            const __m128i z = _mm_setzero_si128();
+            const __m128i m01 = _mm_hadd_epi32(msum[0], nt > 1 ? msum[1] : z);
+            const __m128i m23 = nt > 2 ? _mm_hadd_epi32(msum[2], nt > 3 ? msum[3] : z) : z;
+            accm = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_hadd_epi32(m01, m23)), _mm_mul_ps(dyv, _mm_set1_ps(-dmin)), accm);
+        }
     }
-    FN(unfold4)(acc, accm, res, nt);
+    if (nt <= 2) {
+        for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc1[t]) + FN(hsum128)(accm1[t]);
+    } else {
+        FN(unfold4)(acc, accm, res, nt);
+    }
 }
 
 /* Q6_K against Q8_K-like activations: unsigned 6-bit q, the -32 offset through the per-16 sums */

@@ -72,8 +72,10 @@ typedef struct {                                                         /* unpa
     float d;
     float pad[15];
 } uk256;
-/* Q8_K-like activation block: y = rint(x * 127/amax), d = amax/127, bsum[g] = sum of y[16g..16g+15] */
-typedef struct { int8_t y[256]; int16_t bsum[16]; float d; float pad[7]; } ak256;
+/* Q8_K-like activation block: y = rint(x * 127/amax), d = amax/127, bsum[g] = sum of y[16g..16g+15],
+ * bsum32[j] = bsum[2j] + bsum[2j+1] (the per-32 sums Q4_K/Q5_K mins need: computed once per token
+ * here instead of once per weight row in the dot) */
+typedef struct { int8_t y[256]; int16_t bsum[16]; float d; int16_t bsum32[8]; float pad[3]; } ak256;
 
 _Static_assert(sizeof(ub32) == 40, "ub32");
 _Static_assert(sizeof(ab32) == 40, "ab32");
