@@ -353,6 +353,8 @@ class _Run:
                                 seq.stop_mtp()
                                 policy, mtp_off = None, True
                     pending = nxt
+                if policy is not None:
+                    policy.end_sequence(turned_off=False)
                 if finish != "stop":
                     text += dec.flush()
                 if len(text) > sent:

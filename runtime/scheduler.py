@@ -114,11 +114,14 @@ class DraftPolicy:
         self.off_for = 0  # sequences left to run without MTP after drafting was found to lose
         self.steps = 0
         self.chosen: dict[int, int] = {}
-        # warm-up: single-draft and plain steps in turn; longer drafts are then predicted (GPU cost
-        # along a line, expert union extrapolated) and tried only if they look worth it. The very
-        # first step's cost is not used: it carries one-time costs (first calls, caches).
-        self._warm = [0, 1, 0, 1] if adaptive else []
+        # warm-up (popped from the end): plain and single-draft steps in turn; longer drafts are
+        # then predicted (GPU cost along a line, expert union extrapolated) and tried only if they
+        # look worth it. The very first step's cost is not used: it carries one-time costs (first
+        # calls, caches); it is a plain step, so that one single-draft step and one plain step
+        # are enough for `mtp_loses` to see a placement where drafting can never pay.
+        self._warm = [1, 0, 1, 0] if adaptive else []
         self._cold = True
+        self._retry = self.RETRY_AFTER  # sequences without MTP after a give-up; doubles each time
 
     def accept_rate(self, j: int) -> float:
         m, w = self.prior
@@ -157,28 +160,58 @@ class DraftPolicy:
         self.chosen[k] = self.chosen.get(k, 0) + 1
         return k
 
+    # `mtp_loses` bound: even with every draft accepted, drafting must beat plain decoding by this
+    # factor to be kept on from a single measured step (noise on one step is well below it)
+    HOPELESS_MARGIN = 1.15
+
     def mtp_loses(self) -> bool:
-        """True when drafting clearly does not pay here: plain steps and single-draft steps have
-        both been measured (3 and 2 times at least) and one draft yields under 70% of plain's tokens
-        per second. Keeping the MTP layer's cache up to date then costs more than it can return,
-        so the engine turns MTP off for the rest of the sequence and, for the next
-        `RETRY_AFTER - 1` sequences, from the start (a later one measures again)."""
+        """True when drafting clearly does not pay here. Two tests, after plain steps:
+        - hopeless: with one plain and one single-draft step measured, no draft length up to
+          draft_max beats plain decoding even if every draft were accepted ((k+1) tokens per
+          step), by a margin of HOPELESS_MARGIN (a CPU-only machine, where the MTP layer and a
+          verification batch's expert union both cost CPU time, is the usual case);
+        - measured: with 3 plain and 2 single-draft steps, one draft at the measured acceptance
+          yields under 70% of plain's tokens per second.
+        Keeping the MTP layer's cache up to date then costs more than it can return, so the engine
+        turns MTP off for the rest of the sequence and for the next sequences (see `give_up`)."""
         m = self.model.gpu_by_k
-        if not self.adaptive or len(m.get(0, ())) < 3 or len(m.get(1, ())) < 2:
+        if not self.adaptive or not m.get(0) or not m.get(1):
+            return False
+        plain = 1.0 / max(self.model.cost(0, self.total), 1e-12)
+        best = max((k + 1) / max(self.model.cost(k, self.total), 1e-12) for k in range(1, self.draft_max + 1))
+        if best * self.HOPELESS_MARGIN < plain:
+            return True
+        if len(m[0]) < 3 or len(m[1]) < 2:
             return False
         return self.rate(1) < 0.7 * self.rate(0)
 
-    RETRY_AFTER = 8
+    RETRY_AFTER = 8  # first back-off, in sequences; doubled at each give-up, up to RETRY_MAX
+    RETRY_MAX = 64
 
     def start_sequence(self) -> bool:
         """Whether the next sequence should run MTP at all."""
         if self.off_for > 0:
             self.off_for -= 1
+            if self.off_for == 0:
+                # the sequence after this one measures again from scratch: costs drift with the
+                # machine and the context (the acceptance counts are kept: they describe the model)
+                self.model = CostModel()
+                self._warm = [1, 0, 1, 0]
+                self._cold = True
             return False
         return True
 
+    def end_sequence(self, turned_off: bool) -> None:
+        """After a sequence that ran MTP: one that kept it resets the back-off."""
+        if not turned_off:
+            self._retry = self.RETRY_AFTER
+
     def give_up(self) -> None:
-        self.off_for = self.RETRY_AFTER - 1
+        """Drafting lost: run the next `_retry - 1` sequences without MTP, then measure again.
+        Each give-up doubles the wait (8, 16, ... 64 sequences), so a placement where MTP never
+        pays spends ever less on re-measuring it; a finding that it pays resets the wait."""
+        self.off_for = self._retry - 1
+        self._retry = min(self._retry * 2, self.RETRY_MAX)
 
     def observe(self, k: int, n_drafted: int, n_accepted: int, sample: StepSample) -> None:
         """After a step that drafted `n_drafted` (<= k: p_min may stop early) and accepted the

@@ -150,8 +150,39 @@ def test_policy_gives_up_when_drafting_loses_and_retries_later():
     assert p.mtp_loses()
     p.give_up()
     runs = [p.start_sequence() for _ in range(DraftPolicy.RETRY_AFTER)]
-    # the next RETRY_AFTER - 1 sequences run without MTP; the one after measures again
+    # the next RETRY_AFTER - 1 sequences run without MTP; the one after measures again, from scratch
     assert runs == [False] * (DraftPolicy.RETRY_AFTER - 1) + [True]
+    assert not p.model.gpu_by_k and not p.mtp_loses()
+    # losing again doubles the wait; a sequence that keeps MTP resets it
+    simulate(p, accept=0.0, cost=lambda k: (0.001 + 0.002 * k, 0.01 * (1 + k), 8 * (1 + k)), steps=60)
+    assert p.mtp_loses()
+    p.give_up()
+    runs = [p.start_sequence() for _ in range(2 * DraftPolicy.RETRY_AFTER)]
+    assert runs == [False] * (2 * DraftPolicy.RETRY_AFTER - 1) + [True]
+    p.end_sequence(turned_off=False)
+    p.give_up()
+    assert p.off_for == DraftPolicy.RETRY_AFTER - 1
     good = DraftPolicy(draft_max=2, adaptive=True, total_experts=100)
     simulate(good, accept=0.9, cost=lambda k: (0.001, 0.01 * (1 + 0.1 * k), 8 * (1 + 0.1 * k)), steps=60)
     assert not good.mtp_loses()
+
+
+def test_policy_gives_up_after_one_draft_step_where_drafting_can_never_pay():
+    # a CPU-only machine: a single-draft step costs 2.6 plain steps, more than the 2 tokens it could
+    # yield; the warm-up (a cold plain step, then one draft, then plain) is enough to see it
+    cost = {0: (0.0, 0.1, 16), 1: (0.1, 0.16, 31)}
+    p = DraftPolicy(draft_max=1, adaptive=True, total_experts=256)
+    ks = []
+    while not p.mtp_loses():
+        k = p.choose(8)
+        ks.append(k)
+        p.observe(k, k, k, StepSample(k, *cost[k]))  # even with every draft accepted
+        assert len(ks) < 10
+    assert ks == [0, 1, 0]
+    # where a draft step costs 1.3 plain steps it is kept while acceptance decides
+    cheap = {0: (0.0, 0.1, 16), 1: (0.01, 0.12, 20)}
+    q = DraftPolicy(draft_max=1, adaptive=True, total_experts=256)
+    for _ in range(4):
+        k = q.choose(8)
+        q.observe(k, k, 0, StepSample(k, *cheap[k]))
+    assert not q.mtp_loses()
