@@ -623,13 +623,19 @@ NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t 
         for (int i = 0; i < 4; i++) { q[i] = FN(dec_b32)(type, w + i * bs); u[i] = sgn ? _mm256_abs_epi8(q[i]) : q[i]; }
         const __m128 ow = _mm_mul_ps(dw, _mm_set1_ps(zp));
         for (int t = 0; t < nt; t++) {
-            __m256i p[4];
-            for (int i = 0; i < 4; i++) {
-                __m256i yv = FN(ld256)(y[t] + 32 * (b + i));
-                if (sgn) yv = _mm256_sign_epi8(yv, q[i]);
-                p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], yv), ones);
+            __m256i p[4], h;
+            if (sgn) {
+                for (int i = 0; i < 4; i++) {
+                    const __m256i yv = _mm256_sign_epi8(FN(ld256)(y[t] + 32 * (b + i)), q[i]);
+                    p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], yv), ones);
+                }
+                h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+            } else {
+                /* unsigned codes <= 31: a maddubs lane is <= 2*31*127, four of them fit int16, so
+                 * the 4-block fold runs on int16 and one madd widens it (3 multiplies fewer) */
+                for (int i = 0; i < 4; i++) p[i] = _mm256_maddubs_epi16(u[i], FN(ld256)(y[t] + 32 * (b + i)));
+                h = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])), ones);
             }
-            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
             const __m128 sc = _mm_mul_ps(dw, _mm_loadu_ps(dy[t] + b));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_set_m128(sc, sc), acc[t]);
             if (!sgn) acco[t] = _mm_fmadd_ps(ow, _mm_loadu_ps(sy[t] + b), acco[t]);
