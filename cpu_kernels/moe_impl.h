@@ -684,7 +684,6 @@ NX_FUSED void FN(unfold4)(__m256 acc, __m128 extra, float *res, const int nt) {
 NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t nb,
                         const uint8_t *const *a, float *res, const int nt) {
     const size_t bs = type == NX_Q4_K ? 144 : 176;
-    const uint32_t km1 = 0x3f3f3f3f, km2 = 0x0f0f0f0f, km3 = 0x03030303;
     const __m256i m4 = _mm256_set1_epi8(15);
     const ak256 *ab[NX_NT];
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
@@ -694,14 +693,16 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
     for (int64_t b = 0; b < nb; b++, w += bs) {
         NX_PF(w, 3);
         const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
-        uint32_t u[4];
-        memcpy(u, w + 4, 12);
-        u[3] = ((u[2] >> 4) & km2) | (((u[1] >> 6) & km3) << 4);
-        const uint32_t ua = u[1] & km1;
-        u[1] = (u[2] & km2) | (((u[0] >> 6) & km3) << 4);
-        u[2] = ua;
-        u[0] &= km1;
-        const __m256i ms = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+        /* the 12 scale bytes -> 8 scales then 8 mins, 6 bits each (ggml's get_scale_min_k4), in
+         * vector registers: sc[j<4] = q[j]&63, sc[j>=4] = q[j+4]&15 | (q[j-4]>>6)<<4,
+         * m[j<4] = q[j+4]&63, m[j>=4] = q[j+4]>>4 | (q[j]>>6)<<4 (16 bytes read: 12 + 4 of qs) */
+        const __m128i sb = _mm_loadu_si128((const __m128i *)(w + 4));
+        const __m128i A = _mm_shuffle_epi8(sb, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+        const __m128i B = _mm_shuffle_epi8(sb, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+        const __m128i lo = _mm_and_si128(A, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0));
+        const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(A, 4), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15));
+        const __m128i top = _mm_and_si128(_mm_srli_epi16(B, 2), _mm_set1_epi8(0x30));
+        const __m256i ms = _mm256_cvtepu8_epi16(_mm_or_si128(_mm_or_si128(lo, hi4), top));
         const __m128i mins = _mm256_extracti128_si256(ms, 1), sc = _mm256_castsi256_si128(ms);
         {   /* scp[4j..4j+3] = int16 x8: scale 2j four times, then scale 2j+1 four times */
             const __m128i lo = _mm_unpacklo_epi16(sc, sc), hi = _mm_unpackhi_epi16(sc, sc);
