@@ -106,6 +106,9 @@ def main(argv=None):
                     help="torch reference for the first shape/mix only (default), all, or none")
     ap.add_argument("--torch-pool", type=int, default=16)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the T cases round-robin (one call each per round, a bandwidth probe beside "
+                         "each) instead of one block of repeats per case: steadier ratios on a shared machine")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
@@ -125,7 +128,7 @@ def main(argv=None):
     bw = best_bw(nth, 1 << 30, 5)
     print(f"# read bandwidth (C sum over 1 GiB, best of 5, max of 1 and {nth} threads): {bw:.2f} GB/s")
     hdr = (f"{'shape':6} {'mix':12} {'T':>6} {'experts':>7} {'ms':>9} {'min ms':>9} {'GB/s':>6} {'bw':>6} {'bound ms':>9} "
-           f"{'x bound':>7} {'cpu ms':>8} {'GB/s/core':>9} {'torch ms':>9} {'vs torch':>8}")
+           f"{'x bound':>7} {'cpu ms':>8} {'GB/s/core':>9} {'torch ms':>9} {'vs torch':>8} {'x T=1':>5}")
     print(hdr)
     first = True
     tok = [int(t) for t in args.tokens.split(",") if t]
@@ -149,31 +152,51 @@ def main(argv=None):
                 ref = TorchRef(torch, G, U, D, args.torch_pool)
             first = False
             cases = [(T, False) for T in tok] + [(T, True) for T in same]
-            for T, is_same in cases:
-                reps = args.repeats if T <= 32 else max(3, args.repeats // 3)
-                x = rng.standard_normal((T, H), dtype=np.float32)
-                out = np.empty((T, H), np.float32)
-                ck.moe_forward(x, routing(T, E, K, rng, is_same), np.ones((T, K), np.float32), G, U, D, out=out)
-                ndist, cpu = [], []
+            rows = {c: {"t": [], "cpu": [], "nd": [], "bw": []} for c in cases}
 
-                def run_kernel():
-                    ids = routing(T, E, K, rng, is_same)
-                    w = rng.random((T, K), dtype=np.float32)
-                    ndist.append(len(np.unique(ids)))
-                    c1 = time.process_time()
-                    t1 = time.perf_counter()
-                    ck.moe_forward(x, ids, w, G, U, D, out=out)
-                    t2 = time.perf_counter()
-                    cpu.append(time.process_time() - c1)
-                    return t2 - t1
-                bw_case = best_bw(nth)
-                med, mn = median_time(run_kernel, reps)
-                nd = float(np.mean(ndist))
+            def run_kernel(T, is_same, x, out, rec):
+                ids = routing(T, E, K, rng, is_same)
+                w = rng.random((T, K), dtype=np.float32)
+                rec["nd"].append(len(np.unique(ids)))
+                c1 = time.process_time()
+                t1 = time.perf_counter()
+                ck.moe_forward(x, ids, w, G, U, D, out=out)
+                t2 = time.perf_counter()
+                rec["cpu"].append(time.process_time() - c1)
+                rec["t"].append(t2 - t1)
+
+            bufs = {}
+            for T, is_same in cases:
+                x = rng.standard_normal((T, H), dtype=np.float32)
+                bufs[(T, is_same)] = (x, np.empty((T, H), np.float32))
+                run_kernel(T, is_same, *bufs[(T, is_same)], {"t": [], "cpu": [], "nd": [], "bw": []})  # warm-up
+            if args.interleave:
+                # round-robin: every case once per round, each beside a bandwidth probe, so a change
+                # in the machine's state (other VMs' memory traffic) hits all cases alike
+                for _ in range(args.repeats):
+                    for c in cases:
+                        rows[c]["bw"].append(best_bw(nth, 1 << 27, 1))
+                        run_kernel(*c, *bufs[c], rows[c])
+            else:
+                for c in cases:
+                    rows[c]["bw"].append(best_bw(nth))
+                    reps = args.repeats if c[0] <= 32 else max(3, args.repeats // 3)
+                    for _ in range(reps):
+                        run_kernel(*c, *bufs[c], rows[c])
+            t1_med = None
+            for T, is_same in cases:
+                rec = rows[(T, is_same)]
+                med, mn = float(np.median(rec["t"])), float(np.min(rec["t"]))
+                bw_case = float(np.median(rec["bw"]))
+                nd = float(np.mean(rec["nd"]))
                 byts = nd * per_expert
                 bound = byts / (bw_case * 1e9)
-                cpu_med = float(np.median(cpu))
+                cpu_med = float(np.median(rec["cpu"]))
+                if T == 1 and not is_same:
+                    t1_med = med
                 tstr = vs = ""
                 if ref is not None:
+                    x = bufs[(T, is_same)][0]
                     xt = torch.from_numpy(x)
 
                     def run_torch():
@@ -182,18 +205,20 @@ def main(argv=None):
                         t1 = time.perf_counter()
                         ref(xt, ids, w)
                         return time.perf_counter() - t1
+                    reps = args.repeats if T <= 32 else max(3, args.repeats // 3)
                     tmed, _ = median_time(run_torch, reps)
                     tstr, vs = f"{tmed * 1e3:9.2f}", f"{tmed / med:7.2f}x"
                 tl = f"{T}{'s' if is_same else ''}"
+                vs1 = f"{med / t1_med:5.2f}" if t1_med else ""
                 print(f"{sname:6} {label:12} {tl:>6} {nd:7.1f} {med * 1e3:9.2f} {mn * 1e3:9.2f} "
                       f"{byts / med / 1e9:6.2f} {bw_case:6.2f} {bound * 1e3:9.2f} {med / bound:7.2f} "
-                      f"{cpu_med * 1e3:8.2f} {byts / max(cpu_med, 1e-9) / 1e9:9.2f} {tstr:>9} {vs:>8}", flush=True)
+                      f"{cpu_med * 1e3:8.2f} {byts / max(cpu_med, 1e-9) / 1e9:9.2f} {tstr:>9} {vs:>8} {vs1:>5}", flush=True)
             del G, U, D, ref
     bw2 = best_bw(nth, 1 << 30, 5)
     print(f"# read bandwidth at the end: {bw2:.2f} GB/s (start {bw:.2f}); load average at the end: "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("# T suffix 's': all T rows routed to the same K experts; 'x bound' = median time / bound;"
-          " 'vs torch' = torch time / kernel time")
+          " 'vs torch' = torch time / kernel time; 'x T=1' = median time / the T=1 row's")
 
 
 if __name__ == "__main__":
