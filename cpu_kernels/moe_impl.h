@@ -875,16 +875,31 @@ NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint
     const ak256 *ab[NX_NT];
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
     __m256 acc = _mm256_setzero_ps();
+    int32_t scp[8];
     for (int64_t b = 0; b < nb; b++, w += 136) {
         NX_PF(w, 3);
         const float d = H2F(FN(rd16)(w));
-        const unsigned sh = FN(rd16)(w + 2);
-        const uint8_t *sl = w + 4, *qs = w + 8;
+        const uint8_t *qs = w + 8;
+        {   /* the 8 six-bit scales at once: low nibbles from scales_l, two high bits each from
+             * scales_h, minus 32; stored as int16 pairs, read back as broadcast loads */
+            uint32_t l4;
+            memcpy(&l4, w + 4, 4);
+            const __m128i lv = _mm_cvtsi32_si128((int)l4);
+            const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(lv, _mm_set1_epi8(15)),
+                                                  _mm_and_si128(_mm_srli_epi16(lv, 4), _mm_set1_epi8(15)));
+            const __m256i h2 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)FN(rd16)(w + 2)),
+                                                                  _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                                                _mm256_set1_epi32(3));
+            const __m256i ls = _mm256_sub_epi32(_mm256_or_si256(_mm256_cvtepu8_epi32(nib), _mm256_slli_epi32(h2, 4)),
+                                                _mm256_set1_epi32(32));
+            _mm256_storeu_si256((__m256i *)scp, _mm256_or_si256(_mm256_and_si256(ls, _mm256_set1_epi32(0xffff)),
+                                                                 _mm256_slli_epi32(ls, 16)));
+            __asm__ volatile("" : "+m"(scp));
+        }
         __m256i sumi[NX_NT];
         for (int t = 0; t < nt; t++) sumi[t] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
-            const int ls = ((sl[ib / 2] >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
-            const __m256i scv = _mm256_set1_epi16((short)(ls - 32));
+            const __m256i scv = _mm256_set1_epi32(scp[ib]);
             const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * ib));
             const __m256i q = _mm256_shuffle_epi8(kv, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4));
             const __m256i aq = _mm256_abs_epi8(q);
