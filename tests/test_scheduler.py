@@ -186,3 +186,14 @@ def test_policy_gives_up_after_one_draft_step_where_drafting_can_never_pay():
         k = q.choose(8)
         q.observe(k, k, 0, StepSample(k, *cheap[k]))
     assert not q.mtp_loses()
+
+
+def test_bench_model_runs_every_setting_and_checks_them_lossless(model, capsys):
+    from runtime.bench import bench_model
+
+    assert bench_model([str(model.gguf_path), "--max-tokens", "8", "--repeats", "2", "--draft", "1,2",
+                        "--prompts", "1", "--oracle", "0.5"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("-", "0.50"))]
+    assert [r[1] for r in rows] == ["plain", "k=1", "k=2", "adaptive<=2"]
+    assert all(r[3].endswith("x") and r[4].endswith("x") for r in rows)  # median and whole-run ratios
