@@ -197,3 +197,16 @@ def test_bench_model_runs_every_setting_and_checks_them_lossless(model, capsys):
     rows = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("-", "0.50"))]
     assert [r[1] for r in rows] == ["plain", "k=1", "k=2", "adaptive<=2"]
     assert all(r[3].endswith("x") and r[4].endswith("x") for r in rows)  # median and whole-run ratios
+
+
+def test_adaptive_overhead_script_runs_paired_and_lossless(model, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "adaptive_overhead.py"
+    spec = importlib.util.spec_from_file_location("adaptive_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(model.gguf_path), "--pairs", "3", "--max-tokens", "6", "--prompts", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 pairs" in out and "ratio" in out
