@@ -589,8 +589,10 @@ static inline __m256i FN(bitmask32)(const uint8_t *p) {
  * is applied through the activations' block sums) */
 NX_FUSED __m256i FN(dec_b32)(const int type, const uint8_t *w) {
     if (type == NX_Q8_0) return FN(ld256)(w + 2);
-    const __m128i v = _mm_loadu_si128((const __m128i *)(w + (type == NX_Q5_0 ? 6 : 2)));
-    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+    /* the 16 nibble bytes in both halves (a broadcast load), the upper half shifted by 4: elements
+     * 0..15 low, 16..31 high, without a lane insert */
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w + (type == NX_Q5_0 ? 6 : 2))));
+    __m256i q = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
     if (type == NX_Q5_0) q = _mm256_or_si256(q, _mm256_and_si256(FN(bitmask32)(w + 2), _mm256_set1_epi8(16)));
     if (type == NX_IQ4_NL) q = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues))), q);
     return q;
