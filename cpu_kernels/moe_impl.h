@@ -677,7 +677,7 @@ NX_FUSED void FN(unfold4)(__m256 acc, __m128 extra, float *res, const int nt) {
 }
 
 /* Q4_K / Q5_K against Q8_K-like activations.
- * Per 256-block: the 8 six-bit scales and 8 mins are unpacked once (scalar, ggml's layout); the
+ * Per 256-block: the 8 six-bit scales and 8 mins are unpacked once, in vector registers; the
  * scales go to a small stack array as int16 pairs so each sub-block's madd operand is one
  * broadcast load rather than a shuffle (the shuffle port is the busy one here); the mins meet the
  * activations' per-32 sums (bsum32, precomputed per token) in one madd.  One or two tokens keep a
