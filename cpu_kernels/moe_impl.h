@@ -902,8 +902,8 @@ NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint
         for (int t = 0; t < nt; t++) sumi[t] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
             const __m256i scv = _mm256_set1_epi32(scp[ib]);
-            const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * ib));
-            const __m256i q = _mm256_shuffle_epi8(kv, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4));
+            const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qs + 16 * ib)));
+            const __m256i q = _mm256_shuffle_epi8(kv, _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), m4));
             const __m256i aq = _mm256_abs_epi8(q);
             for (int t = 0; t < nt; t++) {
                 const __m256i p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(FN(ld256)(ab[t][b].y + 32 * ib), q));
