@@ -55,25 +55,26 @@ class CostModel:
             old = self.experts_by_rows.get(r)
             self.experts_by_rows[r] = s.experts if old is None else 0.8 * old + 0.2 * s.experts
 
-    def gpu(self, k: int) -> float:
-        """Median GPU-side time at k; for an unmeasured k, the line through the measured ones
-        (a per-draft slope of 10% of the step when only one length was measured)."""
+    def gpu(self, k: int, best: bool = False) -> float:
+        """Median GPU-side time at k (`best`: the fastest sample, an optimistic figure); for an
+        unmeasured k, the line through the measured ones (a per-draft slope of 10% of the step
+        when only one length was measured)."""
         if k in self.gpu_by_k:
-            return _median(self.gpu_by_k[k])
+            return min(self.gpu_by_k[k]) if best else _median(self.gpu_by_k[k])
         known = sorted(self.gpu_by_k)
         if not known:
             return 0.0
         lo = max([x for x in known if x < k], default=None)
         hi = min([x for x in known if x > k], default=None)
         if lo is not None and hi is not None:
-            g_lo, g_hi = self.gpu(lo), self.gpu(hi)
+            g_lo, g_hi = self.gpu(lo, best), self.gpu(hi, best)
             return g_lo + (g_hi - g_lo) * (k - lo) / (hi - lo)
         if len(known) >= 2:  # extrapolate from the two nearest
             a, b = (known[-2], known[-1]) if lo is not None else (known[0], known[1])
-            slope = max((self.gpu(b) - self.gpu(a)) / (b - a), 0.0)
+            slope = max((self.gpu(b, best) - self.gpu(a, best)) / (b - a), 0.0)
             ref = b if lo is not None else a
-            return max(self.gpu(ref) + slope * (k - ref), 0.0)
-        g = self.gpu(known[0])
+            return max(self.gpu(ref, best) + slope * (k - ref), 0.0)
+        g = self.gpu(known[0], best)
         return g * (1 + 0.1 * (k - known[0]))
 
     def per_expert(self) -> float:
@@ -90,8 +91,8 @@ class CostModel:
         per_row = 1 - (1 - p) ** (1 / r0)  # chance one row touches a given (layer, expert)
         return total * (1 - (1 - per_row) ** rows)
 
-    def cost(self, k: int, total_experts: int) -> float:
-        return self.gpu(k) + self.per_expert() * self.experts(k + 1, total_experts)
+    def cost(self, k: int, total_experts: int, best: bool = False) -> float:
+        return self.gpu(k, best) + self.per_expert() * self.experts(k + 1, total_experts)
 
 
 class DraftPolicy:
@@ -117,8 +118,8 @@ class DraftPolicy:
         # warm-up (popped from the end): plain and single-draft steps in turn; longer drafts are
         # then predicted (GPU cost along a line, expert union extrapolated) and tried only if they
         # look worth it. The very first step's cost is not used: it carries one-time costs (first
-        # calls, caches); it is a plain step, so that one single-draft step and one plain step
-        # are enough for `mtp_loses` to see a placement where drafting can never pay.
+        # calls, caches); it is a plain step, so that after two single-draft steps and one plain
+        # step `mtp_loses` can see a placement where drafting can never pay.
         self._warm = [1, 0, 1, 0] if adaptive else []
         self._cold = True
         self._retry = self.RETRY_AFTER  # sequences without MTP after a give-up; doubles each time
@@ -166,19 +167,21 @@ class DraftPolicy:
 
     def mtp_loses(self) -> bool:
         """True when drafting clearly does not pay here. Two tests, after plain steps:
-        - hopeless: with one plain and one single-draft step measured, no draft length up to
+        - hopeless: with a plain and two single-draft steps measured, no draft length up to
           draft_max beats plain decoding even if every draft were accepted ((k+1) tokens per
-          step), by a margin of HOPELESS_MARGIN (a CPU-only machine, where the MTP layer and a
-          verification batch's expert union both cost CPU time, is the usual case);
+          step, at the faster of the draft steps: the first may carry one-time costs), by a margin
+          of HOPELESS_MARGIN (a CPU-only machine, where the MTP layer and a verification batch's
+          expert union both cost CPU time, is the usual case);
         - measured: with 3 plain and 2 single-draft steps, one draft at the measured acceptance
           yields under 70% of plain's tokens per second.
         Keeping the MTP layer's cache up to date then costs more than it can return, so the engine
         turns MTP off for the rest of the sequence and for the next sequences (see `give_up`)."""
         m = self.model.gpu_by_k
-        if not self.adaptive or not m.get(0) or not m.get(1):
+        if not self.adaptive or not m.get(0) or len(m.get(1, ())) < 2:
             return False
         plain = 1.0 / max(self.model.cost(0, self.total), 1e-12)
-        best = max((k + 1) / max(self.model.cost(k, self.total), 1e-12) for k in range(1, self.draft_max + 1))
+        best = max((k + 1) / max(self.model.cost(k, self.total, best=True), 1e-12)
+                   for k in range(1, self.draft_max + 1))
         if best * self.HOPELESS_MARGIN < plain:
             return True
         if len(m[0]) < 3 or len(m[1]) < 2:

@@ -167,10 +167,11 @@ def test_policy_gives_up_when_drafting_loses_and_retries_later():
     assert not good.mtp_loses()
 
 
-def test_policy_gives_up_after_one_draft_step_where_drafting_can_never_pay():
+def test_policy_gives_up_after_two_draft_steps_where_drafting_can_never_pay():
     # a CPU-only machine: a single-draft step costs 2.6 plain steps, more than the 2 tokens it could
-    # yield; the warm-up (a cold plain step, then one draft, then plain) is enough to see it
+    # yield; the warm-up (a cold plain step, a draft, a plain step, a draft) is enough to see it
     cost = {0: (0.0, 0.1, 16), 1: (0.1, 0.16, 31)}
+    cheap_costs = {0: (0.0, 0.1, 16), 1: (0.01, 0.12, 20)}
     p = DraftPolicy(draft_max=1, adaptive=True, total_experts=256)
     ks = []
     while not p.mtp_loses():
@@ -178,7 +179,14 @@ def test_policy_gives_up_after_one_draft_step_where_drafting_can_never_pay():
         ks.append(k)
         p.observe(k, k, k, StepSample(k, *cost[k]))  # even with every draft accepted
         assert len(ks) < 10
-    assert ks == [0, 1, 0]
+    assert ks == [0, 1, 0, 1]
+    # one slow first draft step (one-time costs) does not make it give up: the faster one counts
+    r = DraftPolicy(draft_max=1, adaptive=True, total_experts=256)
+    first = {0: (0.0, 0.1, 16), 1: (0.5, 0.12, 20)}
+    for _ in range(4):
+        k = r.choose(8)
+        r.observe(k, k, k, StepSample(k, *(first if k and not r.model.gpu_by_k.get(1) else cheap_costs)[k]))
+    assert not r.mtp_loses()
     # where a draft step costs 1.3 plain steps it is kept while acceptance decides
     cheap = {0: (0.0, 0.1, 16), 1: (0.01, 0.12, 20)}
     q = DraftPolicy(draft_max=1, adaptive=True, total_experts=256)
