@@ -149,18 +149,26 @@ if _IMPORT_ERROR is None:
     def _default_threads() -> int:  # noqa: F811  (cached at import: moe_forward's hot path)
         return _default_threads_cached
 
+    # layout name -> (ggml type it applies to, kernel type id); ggml type -> its repacked layout
+    _LAYOUTS = {"ggml": (None, None), "q5_0_r8": (qtype("Q5_0"), 106)}
+    _REPACK_OF = {qtype("Q5_0"): "q5_0_r8"}
+
     class ExpertTensor:
         """One layer's stacked expert weight [E, rows, cols] as it lies in the GGUF (never copied).
 
         data: numpy array (any dtype) holding exactly E*rows*row_bytes bytes, C-contiguous;
         ggml_type: int / gguf.GGMLQuantizationType; shape: logical (E, rows, cols), numpy order
         (gate/up: (E, I, H), down: (E, H, I)); cols a multiple of the type's block size.
+        layout: "ggml" (the GGUF's own blocks) or a repacked layout made by `repacked()`.
         """
 
-        __slots__ = ("data", "ggml_type", "shape", "row_bytes", "nbytes", "_ptr", "_c")
+        __slots__ = ("data", "ggml_type", "shape", "row_bytes", "nbytes", "layout", "_ptr", "_c")
 
-        def __init__(self, data, ggml_type, shape):
+        def __init__(self, data, ggml_type, shape, layout: str = "ggml"):
             t = qtype(ggml_type)
+            if layout not in _LAYOUTS or (layout != "ggml" and _LAYOUTS[layout][0] != t):
+                raise ValueError(f"layout {layout!r} does not apply to {t.name} "
+                                 f"(layouts: ggml, {', '.join(f'{k} for {v[0].name}' for k, v in _LAYOUTS.items() if k != 'ggml')})")
             if not isinstance(shape, (tuple, list)) or len(shape) != 3:
                 raise ValueError(f"shape must be (E, rows, cols), got {shape!r}")
             try:
@@ -195,15 +203,37 @@ if _IMPORT_ERROR is None:
             self.shape = (E, rows, cols)
             self.row_bytes = rb
             self.nbytes = want
+            self.layout = layout
             self._ptr = _ffi.from_buffer("uint8_t[]", arr.reshape(-1).view(np.uint8), require_writable=False)
             c = _ffi.new("nx_tensor *")
             c.data = self._ptr
-            c.type = int(t)
+            c.type = _LAYOUTS[layout][1] if layout != "ggml" else int(t)
             c.n_expert, c.rows, c.cols, c.row_bytes = E, rows, cols, rb
             self._c = c
 
         def __repr__(self):
-            return f"ExpertTensor({self.ggml_type.name}, shape={self.shape})"
+            lay = "" if self.layout == "ggml" else f", layout={self.layout}"
+            return f"ExpertTensor({self.ggml_type.name}, shape={self.shape}{lay})"
+
+        def can_repack(self) -> bool:
+            """Whether `repacked()` would make a faster copy (a repacked layout exists for this
+            type and the active SIMD path dots it fused)."""
+            return self.layout == "ggml" and self.ggml_type in _REPACK_OF and active_path() != "ref"
+
+        def repacked(self, threads: int | None = None) -> "ExpertTensor":
+            """A copy in the layout the SIMD dots read fastest, made once at load: same bytes per
+            row and the same values, only the order inside groups of blocks changes (Q5_0 ->
+            q5_0_r8, see moe_kernels.h). Returns self when no repacked layout applies. The copy
+            lives in ordinary memory: the GGUF's pages are no longer read by the kernels."""
+            if self.layout != "ggml" or self.ggml_type not in _REPACK_OF:
+                return self
+            layout = _REPACK_OF[self.ggml_type]
+            E, rows, cols = self.shape
+            dst = np.empty(self.nbytes, dtype=np.uint8)
+            nb = cols // block_size(self.ggml_type)[0]
+            _lib.nx_repack_q5_0_r8(self._ptr, _ffi.from_buffer("uint8_t[]", dst), E * rows, nb,
+                                   int(threads or get_threads()))
+            return ExpertTensor(dst, self.ggml_type, self.shape, layout=layout)
 
         def expert_bytes(self) -> int:
             """Bytes of one expert's matrix."""

@@ -69,7 +69,7 @@ static const int8_t FN(kvalues)[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
 static inline int FN(family)(int type) {
     switch (type) {
     case NX_F32: case NX_F16: case NX_BF16: return NX_FAM_F;
-    case NX_Q8_0: case NX_Q4_0: case NX_Q4_1: case NX_Q5_0: case NX_Q5_1: case NX_IQ4_NL: return NX_FAM_B32;
+    case NX_Q8_0: case NX_Q4_0: case NX_Q4_1: case NX_Q5_0: case NX_Q5_1: case NX_IQ4_NL: case NX_Q5_0_R8: return NX_FAM_B32;
     default: return NX_FAM_K;
     }
 }
@@ -115,7 +115,12 @@ static inline __m256i FN(bitsel)(__m256i v, int bit, int8_t val) {
 #endif
 
 /* B32 rows are stored structure-of-arrays: q[32*nb] int8, then d[nb] floats, then off[nb] floats */
-static void FN(unpack_b32)(int type, const uint8_t *restrict src, int64_t nb, uint8_t *restrict base) {
+static void FN(unpack_b32)(int type, const uint8_t *src, int64_t nb, uint8_t *restrict base) {
+    /* Q5_0_R8 (generic path only: the SIMD paths dot it fused): each block back in Q5_0 form */
+    const uint8_t *const row = src;
+    const int r8 = type == NX_Q5_0_R8;
+    uint8_t blk[22];
+    if (r8) type = NX_Q5_0;
     int8_t *restrict qb = (int8_t *)base;
     float *restrict dv = (float *)(base + 32 * nb), *restrict ov = dv + nb;
     const size_t bs = type == NX_Q8_0 ? 34 : type == NX_Q4_1 ? 20 : type == NX_Q5_0 ? 22 : type == NX_Q5_1 ? 24 : 18;
@@ -124,7 +129,8 @@ static void FN(unpack_b32)(int type, const uint8_t *restrict src, int64_t nb, ui
 #if NX_PATH >= 1
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
 #endif
-    for (int64_t i = 0; i < nb; i++, src += bs) {
+    for (int64_t i = 0; i < nb; i++) {
+        if (r8) { nx_r8_block(row, nb, i, blk); src = blk; } else if (i) src += bs;
         const float d = H2F(FN(rd16)(src));
         dv[i] = d;
         ov[i] = has_m ? H2F(FN(rd16)(src + 2)) : zp * d;
@@ -564,7 +570,7 @@ static inline int FN(has_fused)(int type) {
     return 0;
 #endif
     switch (type) {
-    case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL:
+    case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL: case NX_Q5_0_R8:
     case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: return 1;
     }
     return 0;
@@ -656,6 +662,81 @@ NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t 
     }
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(acco[t]);
 }
+
+/* Q5_0_R8 (layout in moe_kernels.h) against the same SoA activations as fb32.  Per group of 8
+ * blocks: one load of 8 fp16 scales, one of the 5th-bit plane, four of nibbles; block i's codes
+ * are (nibbles & 15) | (plane shifted so bit i lands on bit 4) & 16.  Integer sums fold in int16
+ * as in fb32 (codes <= 31), the two 4-block halves meet in one vector of 8 block sums. */
+#define NX_R8_HI(hb, i) _mm256_and_si256((i) < 4 ? _mm256_slli_epi16(hb, 4 - (i)) : (i) == 4 ? (hb) : _mm256_srli_epi16(hb, (i) - 4), m16)
+NX_FUSED __m256i FN(r8_fold4)(const __m256i *q, const int8_t *y) {
+    __m256i p[4];
+    for (int i = 0; i < 4; i++) p[i] = _mm256_maddubs_epi16(q[i], FN(ld256)(y + 32 * i));
+    return _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
+                             _mm256_set1_epi16(1));
+}
+NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
+    const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16);
+    const int8_t *y[NX_NT];
+    const float *dy[NX_NT], *sy[NX_NT];
+    __m256 acc[NX_NT];
+    __m128 acc4[NX_NT];
+    for (int t = 0; t < nt; t++) {
+        y[t] = (const int8_t *)a[t]; dy[t] = (const float *)(a[t] + 32 * nb); sy[t] = dy[t] + nb;
+        acc[t] = _mm256_setzero_ps(); acc4[t] = _mm_setzero_ps();
+    }
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8, w += 176) {
+        NX_PF(w, 3);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
+        const __m256 ow = _mm256_mul_ps(dw, _mm256_set1_ps(-16.0f));
+        const __m256i hb = FN(ld256)(w + 16);
+        __m256i q[8];
+        for (int p = 0; p < 4; p++) {
+            const __m256i v = FN(ld256)(w + 48 + 32 * p);
+            q[2 * p] = _mm256_or_si256(_mm256_and_si256(v, m4), NX_R8_HI(hb, 2 * p));
+            q[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), NX_R8_HI(hb, 2 * p + 1));
+        }
+        for (int t = 0; t < nt; t++) {
+            /* h0 lanes: blocks 0-3 (elements 0-15 | 16-31); h1: blocks 4-7 -> one vector of 8 sums */
+            const __m256i h0 = FN(r8_fold4)(q, y[t] + 32 * b), h1 = FN(r8_fold4)(q + 4, y[t] + 32 * (b + 4));
+            const __m256i h = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(dw, _mm256_loadu_ps(dy[t] + b)), acc[t]);
+            acc[t] = _mm256_fmadd_ps(ow, _mm256_loadu_ps(sy[t] + b), acc[t]);
+        }
+    }
+    if (nb - b >= 4) {
+        const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)w));
+        const __m128 ow = _mm_mul_ps(dw, _mm_set1_ps(-16.0f));
+        /* 16-byte plane: the upper lane's bits sit 4 higher (elements 16-31) */
+        const __m256i hb = _mm256_srlv_epi64(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w + 8))),
+                                             _mm256_setr_epi64x(0, 0, 4, 4));
+        __m256i q[4];
+        for (int p = 0; p < 2; p++) {
+            const __m256i v = FN(ld256)(w + 24 + 32 * p);
+            q[2 * p] = _mm256_or_si256(_mm256_and_si256(v, m4), NX_R8_HI(hb, 2 * p));
+            q[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), NX_R8_HI(hb, 2 * p + 1));
+        }
+        for (int t = 0; t < nt; t++) {
+            const __m256i h0 = FN(r8_fold4)(q, y[t] + 32 * b);
+            const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(h0), _mm256_extracti128_si256(h0, 1));
+            acc4[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h), _mm_mul_ps(dw, _mm_loadu_ps(dy[t] + b)), acc4[t]);
+            acc4[t] = _mm_fmadd_ps(ow, _mm_loadu_ps(sy[t] + b), acc4[t]);
+        }
+        b += 4;
+        w += 88;
+    }
+    for (; b < nb; b++, w += 22) {   /* the last nb % 4 blocks, unchanged Q5_0 */
+        const float d = H2F(FN(rd16)(w));
+        const __m256i q = FN(dec_b32)(NX_Q5_0, w);
+        for (int t = 0; t < nt; t++) {
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, FN(ld256)(y[t] + 32 * b)), _mm256_set1_epi16(1));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[t][b]), _mm256_cvtepi32_ps(p), acc[t]);
+            acc4[t] = _mm_add_ps(acc4[t], _mm_set_ss(-16.0f * d * sy[t][b]));
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(acc4[t]);
+}
+#undef NX_R8_HI
 
 /* 256-element kernels keep one int32 vector per token per block; fold4 reduces the nt of them to
  * one vector (lane t and t+4 = token t) scaled by one vector of d_w*d_y, so the float work per
@@ -926,6 +1007,7 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
     case NX_Q4_0: NX_NT_SWITCH(FN(fb32)(NX_Q4_0, w, n / 32, a, res, NTC)) break;
     case NX_Q5_0: NX_NT_SWITCH(FN(fb32)(NX_Q5_0, w, n / 32, a, res, NTC)) break;
     case NX_IQ4_NL: NX_NT_SWITCH(FN(fb32)(NX_IQ4_NL, w, n / 32, a, res, NTC)) break;
+    case NX_Q5_0_R8: NX_NT_SWITCH(FN(fq5r8)(w, n / 32, a, res, NTC)) break;
     case NX_Q4_K: NX_NT_SWITCH(FN(fq45k)(NX_Q4_K, w, n / 256, a, res, NTC)) break;
     case NX_Q5_K: NX_NT_SWITCH(FN(fq45k)(NX_Q5_K, w, n / 256, a, res, NTC)) break;
     case NX_Q6_K: NX_NT_SWITCH(FN(fq6k)(w, n / 256, a, res, NTC)) break;

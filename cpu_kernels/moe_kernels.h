@@ -24,7 +24,9 @@
 enum {
     NX_F32 = 0, NX_F16 = 1, NX_Q4_0 = 2, NX_Q4_1 = 3, NX_Q5_0 = 6, NX_Q5_1 = 7, NX_Q8_0 = 8,
     NX_Q2_K = 10, NX_Q3_K = 11, NX_Q4_K = 12, NX_Q5_K = 13, NX_Q6_K = 14, NX_IQ4_NL = 20,
-    NX_IQ4_XS = 23, NX_BF16 = 30
+    NX_IQ4_XS = 23, NX_BF16 = 30,
+    /* not a ggml type: Q5_0 rows repacked once at load (same bytes per row, see below) */
+    NX_Q5_0_R8 = 106
 };
 
 enum { NX_FAM_F = 0, NX_FAM_B32 = 1, NX_FAM_K = 2 };
@@ -92,6 +94,36 @@ typedef struct {
 /* calls with less work than this many bytes per thread use fewer threads (dispatch.c; tests set 0
  * to force every call onto all the threads it is given) */
 extern int64_t nx_min_work_per_thread;
+
+/* ---- Q5_0_R8: Q5_0 rows repacked at load for the SIMD dots (same size, same values) ----
+ * A Q5_0 block keeps its 5th bits as a 32-bit mask and its nibbles as (element j, element j+16)
+ * pairs, so the AVX2 dot spends ~7 vector ops per block just to rebuild 32 codes.  The repacked
+ * row groups blocks so that one 32-byte load yields two blocks' nibbles in element order and one
+ * shift + mask yields a block's 5th bits:
+ *   group of 8 blocks (176 bytes): d[8] fp16 | hb[32] | qs[4][32]
+ *   group of 4 blocks  (88 bytes): d[4] fp16 | hb[16] | qs[2][32]   (when 4..7 blocks remain)
+ *   then the last nb % 4 blocks unchanged (22 bytes each)
+ * qs[p][l]: low nibble = low 4 bits of element l of block 2p, high nibble = of block 2p+1.
+ * hb (group of 8): bit i of hb[l] = 5th bit of element l of block i.
+ * hb (group of 4): bit i of hb[m] = 5th bit of element m of block i, bit 4+i = of element m+16.
+ * Block i of a row starts at byte 22*i in both layouts' accounting, so groups never straddle. */
+static inline void nx_r8_block(const uint8_t *row, int64_t nb, int64_t i, uint8_t out[22]) {
+    const int64_t n8 = nb / 8 * 8, n4 = n8 + ((nb - n8) >= 4 ? 4 : 0);
+    if (i >= n4) { for (int k = 0; k < 22; k++) out[k] = row[22 * i + k]; return; }
+    const int g = i < n8 ? 8 : 4;
+    const int64_t g0 = i < n8 ? i / 8 * 8 : n8;
+    const uint8_t *base = row + 22 * g0, *hb = base + 2 * g, *qs = hb + 4 * g;
+    const int j = (int)(i - g0);
+    uint32_t qh = 0;
+    out[0] = base[2 * j]; out[1] = base[2 * j + 1];
+    for (int l = 0; l < 32; l++) {
+        const int q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
+        const int h = g == 8 ? (hb[l] >> j) & 1 : (hb[l % 16] >> (j + 4 * (l / 16))) & 1;
+        qh |= (uint32_t)h << l;
+        if (l < 16) out[6 + l] = (uint8_t)q; else out[6 + l - 16] |= (uint8_t)(q << 4);
+    }
+    for (int k = 0; k < 4; k++) out[2 + k] = (uint8_t)(qh >> (8 * k));
+}
 
 /* per-path entry points (suffix = path name) */
 #define NX_DECL_PATH(sfx) \

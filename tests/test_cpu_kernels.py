@@ -195,6 +195,69 @@ def test_all_tokens_same_experts(path):
     _check(QT.Q4_K, QT.Q4_K, QT.Q8_0, E=12, I=64, H=256, T=6, K=4, rng=rng, ids=ids)
 
 
+# ------------------------------------------------------------------ repacked layouts
+# down widths (I) covering every shape of a repacked row: only a group of 4 blocks, 4 + 1 loose,
+# one group of 8, 8 + 1, 8 + 4 + 1, GLM-4.5-Air's 44 blocks (5 x 8 + 4), and < 4 blocks (unchanged)
+R8_WIDTHS = [128, 160, 256, 288, 416, 1408, 96]
+
+
+@pytest.mark.parametrize("nb", list(range(1, 21)) + [44, 48])
+def test_q5_0_r8_layout_roundtrip(nb):
+    """Every block of a repacked row reads back as the original Q5_0 bytes (C accessor), the row
+    keeps its size, and only whole groups of 4 or 8 blocks move."""
+    rng = np.random.default_rng(nb)
+    raw = rng.integers(0, 256, size=(3, 2, nb * 22), dtype=np.uint8)    # any bytes: every bit pattern
+    t = ck.ExpertTensor(raw, QT.Q5_0, (3, 2, nb * 32))
+    r = t.repacked(threads=2)
+    assert r.layout == "q5_0_r8" and r.nbytes == t.nbytes and r.data is not raw
+    rows_in, rows_out = raw.reshape(6, nb * 22), r.data.reshape(6, nb * 22)
+    moved = nb // 4 * 4 * 22
+    np.testing.assert_array_equal(rows_out[:, moved:], rows_in[:, moved:])
+    if moved:
+        assert (rows_out[:, :moved] != rows_in[:, :moved]).any()
+    blk = ck._ffi.new("uint8_t[22]")
+    for row in range(6):
+        for i in range(nb):
+            ck._lib.nx_r8_get_block(ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
+            assert bytes(blk) == rows_in[row, 22 * i:22 * i + 22].tobytes(), (row, i)
+
+
+@pytest.mark.parametrize("I", R8_WIDTHS)
+def test_q5_0_r8_moe(path, I):
+    """Repacked Q5_0 down projections give the reference result, and the same result as the GGUF
+    layout (same integer sums; only float summation order differs), for 1..4 tokens per expert
+    pass and more."""
+    rng = np.random.default_rng(I)
+    H = 64
+    (G, U, D), (gf, uf, df) = _make(QT.Q8_0, QT.Q8_0, QT.Q5_0, 6, I, H, rng)
+    R = D.repacked()
+    for T in (1, 2, 3, 4, 9):
+        x = rng.standard_normal((T, H), dtype=np.float32)
+        ids = _routing(T, 3, 6, rng)
+        w = rng.random(ids.shape, dtype=np.float32)
+        out = np.full((T, H), np.nan, dtype=np.float32)
+        ck.moe_forward(x, ids, w, G, U, R, out=out)
+        base = ck.moe_forward(x, ids, w, G, U, D)
+        ref = ck.reference_moe(x, ids, w, gf, uf, df)
+        scale = np.abs(ref).max()
+        assert np.abs(out - ref).max() / scale < TOL_EXACT[QT.Q5_0]
+        np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
+
+
+def test_repacked_api():
+    rng = np.random.default_rng(31)
+    q4k = ck.ExpertTensor(ck.random_blocks(QT.Q4_K, (2, 8, 256), rng), QT.Q4_K, (2, 8, 256))
+    assert q4k.repacked() is q4k and not q4k.can_repack()          # no repacked layout for Q4_K
+    q50 = ck.ExpertTensor(ck.random_blocks(QT.Q5_0, (2, 8, 256), rng), QT.Q5_0, (2, 8, 256))
+    r = q50.repacked()
+    assert r.repacked() is r and "q5_0_r8" in repr(r) and not r.can_repack()
+    assert q50.can_repack() == (ck.active_path() != "ref")
+    with pytest.raises(ValueError, match="layout 'q5_0_r8' does not apply to Q4_K"):
+        ck.ExpertTensor(q4k.data, QT.Q4_K, (2, 8, 256), layout="q5_0_r8")
+    with pytest.raises(ValueError, match="layout 'bogus'"):
+        ck.ExpertTensor(q50.data, QT.Q5_0, (2, 8, 256), layout="bogus")
+
+
 @pytest.fixture
 def all_threads():
     """Small calls normally run on fewer threads; force every call onto all threads it is given."""
@@ -210,8 +273,9 @@ def test_results_independent_of_thread_count(path, all_threads, mix):
     """Bit-identical output for 1, 2 and 3 threads (each output element is owned by one work unit and
     summed in a fixed order; the tokens-per-pass grouping does not depend on the threads)."""
     rng = np.random.default_rng(21)
-    I = 256 if mix[2] in K_TYPES else 96
+    I = 256 if mix[2] in K_TYPES else 288    # 288: a group of 8 blocks and one loose block
     (G, U, D), _ = _make(*mix, 16, I, 512, rng)
+    D = D.repacked()      # Q5_0: the repacked layout, as the loader uses it
     for T in (1, 4, 9, 33, 160):   # 160 x 512 > 64k: x is quantized inside the parallel region
         x = rng.standard_normal((T, 512), dtype=np.float32)
         ids = _routing(T, 8, 16, rng)
