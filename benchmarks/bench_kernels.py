@@ -109,6 +109,9 @@ def main(argv=None):
     ap.add_argument("--interleave", action="store_true",
                     help="time the T cases round-robin (one call each per round, a bandwidth probe beside "
                          "each) instead of one block of repeats per case: steadier ratios on a shared machine")
+    ap.add_argument("--layout", default="repacked", choices=["repacked", "ggml", "both"],
+                    help="expert tensors as the runtime loads them by default (repacked where a faster "
+                         "layout exists: Q5_0), as they lie in the GGUF, or both in the same run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
@@ -145,31 +148,37 @@ def main(argv=None):
             D = ck.ExpertTensor(ck.random_blocks(td, (E, H, I), rng, method="bytes"), td, (E, H, I))
             per_expert = G.expert_bytes() + U.expert_bytes() + D.expert_bytes()
             label = f"{tgu.name}/{td.name}"
+            downs = {"ggml": D}
+            if args.layout != "ggml" and D.can_repack():
+                downs["repacked"] = D.repacked()
+                if args.layout == "repacked":
+                    del downs["ggml"]
             print(f"# {sname} H={H} E={E} I={I} K={K} {label}: {per_expert / 1e6:.2f} MB per expert "
                   f"(generated in {time.perf_counter() - t0:.1f}s)", flush=True)
             ref = None
             if torch is not None and (args.torch == "all" or first):
                 ref = TorchRef(torch, G, U, D, args.torch_pool)
             first = False
-            cases = [(T, False) for T in tok] + [(T, True) for T in same]
+            cases = [(T, False, lay) for lay in downs for T in tok] + [(T, True, lay) for lay in downs for T in same]
             rows = {c: {"t": [], "cpu": [], "nd": [], "bw": []} for c in cases}
 
-            def run_kernel(T, is_same, x, out, rec):
+            def run_kernel(T, is_same, lay, x, out, rec):
                 ids = routing(T, E, K, rng, is_same)
                 w = rng.random((T, K), dtype=np.float32)
                 rec["nd"].append(len(np.unique(ids)))
                 c1 = time.process_time()
                 t1 = time.perf_counter()
-                ck.moe_forward(x, ids, w, G, U, D, out=out)
+                ck.moe_forward(x, ids, w, G, U, downs[lay], out=out)
                 t2 = time.perf_counter()
                 rec["cpu"].append(time.process_time() - c1)
                 rec["t"].append(t2 - t1)
 
             bufs = {}
-            for T, is_same in cases:
+            for c in cases:
+                T = c[0]
                 x = rng.standard_normal((T, H), dtype=np.float32)
-                bufs[(T, is_same)] = (x, np.empty((T, H), np.float32))
-                run_kernel(T, is_same, *bufs[(T, is_same)], {"t": [], "cpu": [], "nd": [], "bw": []})  # warm-up
+                bufs[c] = (x, np.empty((T, H), np.float32))
+                run_kernel(*c, *bufs[c], {"t": [], "cpu": [], "nd": [], "bw": []})  # warm-up
             if args.interleave:
                 # round-robin: every case once per round, each beside a bandwidth probe, so a change
                 # in the machine's state (other VMs' memory traffic) hits all cases alike
@@ -183,9 +192,9 @@ def main(argv=None):
                     reps = args.repeats if c[0] <= 32 else max(3, args.repeats // 3)
                     for _ in range(reps):
                         run_kernel(*c, *bufs[c], rows[c])
-            t1_med = None
-            for T, is_same in cases:
-                rec = rows[(T, is_same)]
+            t1_med = {}
+            for T, is_same, lay in cases:
+                rec = rows[(T, is_same, lay)]
                 med, mn = float(np.median(rec["t"])), float(np.min(rec["t"]))
                 bw_case = float(np.median(rec["bw"]))
                 nd = float(np.mean(rec["nd"]))
@@ -193,10 +202,10 @@ def main(argv=None):
                 bound = byts / (bw_case * 1e9)
                 cpu_med = float(np.median(rec["cpu"]))
                 if T == 1 and not is_same:
-                    t1_med = med
+                    t1_med[lay] = med
                 tstr = vs = ""
-                if ref is not None:
-                    x = bufs[(T, is_same)][0]
+                if ref is not None and lay == next(iter(downs)):
+                    x = bufs[(T, is_same, lay)][0]
                     xt = torch.from_numpy(x)
 
                     def run_torch():
@@ -209,11 +218,12 @@ def main(argv=None):
                     tmed, _ = median_time(run_torch, reps)
                     tstr, vs = f"{tmed * 1e3:9.2f}", f"{tmed / med:7.2f}x"
                 tl = f"{T}{'s' if is_same else ''}"
-                vs1 = f"{med / t1_med:5.2f}" if t1_med else ""
-                print(f"{sname:6} {label:12} {tl:>6} {nd:7.1f} {med * 1e3:9.2f} {mn * 1e3:9.2f} "
+                vs1 = f"{med / t1_med[lay]:5.2f}" if lay in t1_med else ""
+                lab = label + ("r8" if lay == "repacked" else "")
+                print(f"{sname:6} {lab:12} {tl:>6} {nd:7.1f} {med * 1e3:9.2f} {mn * 1e3:9.2f} "
                       f"{byts / med / 1e9:6.2f} {bw_case:6.2f} {bound * 1e3:9.2f} {med / bound:7.2f} "
                       f"{cpu_med * 1e3:8.2f} {byts / max(cpu_med, 1e-9) / 1e9:9.2f} {tstr:>9} {vs:>8} {vs1:>5}", flush=True)
-            del G, U, D, ref
+            del G, U, D, downs, ref
     bw2 = best_bw(nth, 1 << 30, 5)
     print(f"# read bandwidth at the end: {bw2:.2f} GB/s (start {bw:.2f}); load average at the end: "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -35,6 +35,14 @@ static double rate(int type, size_t bs, size_t be, int64_t n, int nt, size_t tot
         p[0] = 0; p[1] = 0x20;
         if (type == NX_Q4_K || type == NX_Q5_K) { p[2] = 0; p[3] = 0x20; }
     }
+    if (type == NX_Q5_0_R8) {                               /* the same Q5_0 rows, repacked */
+        uint8_t *row = malloc(rowb);
+        for (size_t i = 0; i < nrows; i++) {
+            memcpy(row, w + i * rowb, rowb);
+            nx_r8_repack_row(row, n / 32, w + i * rowb);
+        }
+        free(row);
+    }
     const size_t ab = be == 256 ? (size_t)(n / 256) * sizeof(ak256) : (size_t)n + 8 * (size_t)(n / 32);
     uint8_t *acts[4];
     for (int t = 0; t < 4; t++) {
@@ -64,6 +72,7 @@ int main(void) {
     const struct { const char *name; int type; size_t bs, be; int64_t n; } ty[] = {
         {"Q4_K (Air gate/up, 4096)", NX_Q4_K, 144, 256, 4096},
         {"Q5_0 (Air down, 1408)", NX_Q5_0, 22, 32, 1408},
+        {"Q5_0 repacked (r8)", NX_Q5_0_R8, 22, 32, 1408},
         {"Q8_0 (1408)", NX_Q8_0, 34, 32, 1408},
         {"IQ4_NL (1408)", NX_IQ4_NL, 18, 32, 1408},
         {"IQ4_XS (4096)", NX_IQ4_XS, 136, 256, 4096},

@@ -53,35 +53,10 @@ int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads) {
 }
 
 /* Q5_0 -> Q5_0_R8 (layout in moe_kernels.h); rows are independent, so threads split them. */
-static void repack_row_q5_0_r8(const uint8_t *src, int64_t nb, uint8_t *dst) {
-    int64_t b = 0;
-    while (nb - b >= 4) {
-        const int g = nb - b >= 8 ? 8 : 4;
-        uint8_t *d = dst + 22 * b, *hb = d + 2 * g, *qs = hb + 4 * g;
-        memset(hb, 0, (size_t)(4 * g));
-        memset(qs, 0, (size_t)(16 * g));
-        for (int i = 0; i < g; i++) {
-            const uint8_t *s = src + 22 * (b + i);
-            const uint32_t qh = (uint32_t)s[2] | (uint32_t)s[3] << 8 | (uint32_t)s[4] << 16 | (uint32_t)s[5] << 24;
-            d[2 * i] = s[0];
-            d[2 * i + 1] = s[1];
-            for (int l = 0; l < 32; l++) {
-                const int q = l < 16 ? s[6 + l] & 15 : s[6 + l - 16] >> 4;
-                const int h = (qh >> l) & 1;
-                qs[32 * (i / 2) + l] |= (uint8_t)(q << (4 * (i % 2)));
-                if (g == 8) hb[l] |= (uint8_t)(h << i);
-                else hb[l % 16] |= (uint8_t)(h << (i + 4 * (l / 16)));
-            }
-        }
-        b += g;
-    }
-    memcpy(dst + 22 * b, src + 22 * b, (size_t)(22 * (nb - b)));
-}
-
 void nx_repack_q5_0_r8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads) {
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n_rows; r++) repack_row_q5_0_r8(src + 22 * nb * r, nb, dst + 22 * nb * r);
+    for (int64_t r = 0; r < n_rows; r++) nx_r8_repack_row(src + 22 * nb * r, nb, dst + 22 * nb * r);
 }
 
 /* block i of a Q5_0_R8 row back in Q5_0 form (for tests) */

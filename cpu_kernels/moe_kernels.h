@@ -19,6 +19,7 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <string.h>
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum {
@@ -123,6 +124,32 @@ static inline void nx_r8_block(const uint8_t *row, int64_t nb, int64_t i, uint8_
         if (l < 16) out[6 + l] = (uint8_t)q; else out[6 + l - 16] |= (uint8_t)(q << 4);
     }
     for (int k = 0; k < 4; k++) out[2 + k] = (uint8_t)(qh >> (8 * k));
+}
+
+/* one Q5_0 row of nb blocks -> Q5_0_R8 (the inverse of nx_r8_block) */
+static inline void nx_r8_repack_row(const uint8_t *src, int64_t nb, uint8_t *dst) {
+    int64_t b = 0;
+    while (nb - b >= 4) {
+        const int g = nb - b >= 8 ? 8 : 4;
+        uint8_t *d = dst + 22 * b, *hb = d + 2 * g, *qs = hb + 4 * g;
+        memset(hb, 0, (size_t)(4 * g));
+        memset(qs, 0, (size_t)(16 * g));
+        for (int i = 0; i < g; i++) {
+            const uint8_t *s = src + 22 * (b + i);
+            const uint32_t qh = (uint32_t)s[2] | (uint32_t)s[3] << 8 | (uint32_t)s[4] << 16 | (uint32_t)s[5] << 24;
+            d[2 * i] = s[0];
+            d[2 * i + 1] = s[1];
+            for (int l = 0; l < 32; l++) {
+                const int q = l < 16 ? s[6 + l] & 15 : s[6 + l - 16] >> 4;
+                const int h = (qh >> l) & 1;
+                qs[32 * (i / 2) + l] |= (uint8_t)(q << (4 * (i % 2)));
+                if (g == 8) hb[l] |= (uint8_t)(h << i);
+                else hb[l % 16] |= (uint8_t)(h << (i + 4 * (l / 16)));
+            }
+        }
+        b += g;
+    }
+    memcpy(dst + 22 * b, src + 22 * b, (size_t)(22 * (nb - b)));
 }
 
 /* per-path entry points (suffix = path name) */

@@ -121,6 +121,7 @@ class Plan:
     source: str = "<defaults>"
     gpu: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     threads: int | str = "auto"
+    repack: bool | str = "auto"  # CPU experts: repacked copy at load where a faster layout exists
     gpu_dtype: str = "auto"
     context: int | None = None  # None: model's context_length capped at DEFAULT_CONTEXT
     groups: Groups = field(default_factory=Groups)
@@ -220,6 +221,14 @@ def check_threads(v, where: str) -> int | str:
     if isinstance(v, str) and v.strip().lower() == "auto":
         return "auto"
     return check_int(v, where, lo=1, what="auto or a thread count")
+
+
+def check_repack(v, where: str) -> bool | str:
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return "auto"
+    if isinstance(v, bool) or isinstance(v, str) and v.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+        return check_bool(v, where)
+    _fail(where, f"expected auto, true or false, got {_typename(v)} {v!r}")
 
 
 def check_dtype(v, where: str) -> str:
@@ -327,7 +336,7 @@ class _Reader:
         return out
 
 
-_TOP = ("description", "model", "gpu", "threads", "gpu_dtype", "context", "placement", "overrides",
+_TOP = ("description", "model", "gpu", "threads", "repack", "gpu_dtype", "context", "placement", "overrides",
         "speculative", "sampling")
 _LAYER_KEYS = ("default", "layers", "n_cpu")
 _MTP_KEYS = ("device", "routed_experts")
@@ -482,6 +491,8 @@ def parse_plan_text(text: str, source: str, base_dir: Path | None = None) -> Pla
             plan.gpu = check_gpu(v, w)
         elif name == "threads":
             plan.threads = check_threads(v, w)
+        elif name == "repack":
+            plan.repack = check_repack(v, w)
         elif name == "gpu_dtype":
             plan.gpu_dtype = check_dtype(v, w)
         elif name == "context":
@@ -492,7 +503,7 @@ def parse_plan_text(text: str, source: str, base_dir: Path | None = None) -> Pla
 # ----------------------------------------------------------------------------------------------
 # Flat overrides (CLI flags, runtime.load(**overrides))
 
-OVERRIDE_KEYS = ("model", "gpu", "threads", "gpu_dtype", "context", "cpu_moe", "n_cpu_moe", "override_tensor",
+OVERRIDE_KEYS = ("model", "gpu", "threads", "repack", "gpu_dtype", "context", "cpu_moe", "n_cpu_moe", "override_tensor",
                  "mtp", "draft_max", "p_min", "adaptive") + _SAMPLING
 
 
@@ -522,6 +533,8 @@ def apply_overrides(plan: Plan, overrides: dict[str, Any] | None) -> Plan:
             plan.gpu = check_gpu(v, w)
         elif key == "threads":
             plan.threads = check_threads(v, w)
+        elif key == "repack":
+            plan.repack = check_repack(v, w)
         elif key == "gpu_dtype":
             plan.gpu_dtype = check_dtype(v, w)
         elif key == "context":

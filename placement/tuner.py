@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import NextnError
+from runtime.loader import mem_available
 
 from .memory import GPU_RESERVE_BYTES, estimate_memory, fmt_bytes
 from .schema import PlanError, load_plan
@@ -106,18 +107,6 @@ class Machine:
         return (f"{gpu}; RAM available {fmt_bytes(self.ram)}; {self.cores} physical cores; CPU read bandwidth "
                 f"{bw}; gpu-side matvec {g}; matmul {self.flops / 1e9:.0f} GFLOP/s")
 
-
-def mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # pragma: no cover
-        return 8 << 30
 
 
 def physical_cores() -> int:

@@ -20,7 +20,7 @@ DEMO_PLAN = _PKG.parent / "configs" / "demo.yaml"
 def load(plan_or_gguf_path: str | os.PathLike | None = None, **overrides) -> Engine:
     """Load a model per a YAML plan, or a GGUF file with the default placement (routed experts on
     the CPU side, everything else on the GPU side). No path: the bundled demo model and plan.
-    Overrides are plan keys (gpu, threads, gpu_dtype, context, cpu_moe, n_cpu_moe, override_tensor,
+    Overrides are plan keys (gpu, threads, repack, gpu_dtype, context, cpu_moe, n_cpu_moe, override_tensor,
     mtp, draft_max, p_min, adaptive, temperature, top_k, top_p, min_p, seed, max_tokens) plus
     `progress` (bool), `use_kernels` (bool, False forces the torch expert path) and `overlap`
     (bool: CPU experts on a worker beside the shared expert; default on with CUDA)."""
@@ -46,6 +46,6 @@ def engine_from_plan(plan, *, progress=True, use_kernels=True, overlap=None) -> 
     resolved = resolve(plan, f, cfg)
     threads = None if plan.threads in (None, "auto") else int(plan.threads)
     return Engine(f, side_of=resolved.side_of, gpu=plan.gpu, gpu_dtype=plan.gpu_dtype,
-                  threads=threads, context=plan.context, use_kernels=use_kernels, sampling=plan.sampling,
+                  threads=threads, repack=plan.repack, context=plan.context, use_kernels=use_kernels, sampling=plan.sampling,
                   speculative=plan.speculative,
                   progress=progress, plan=plan, placement=resolved, overlap=overlap)

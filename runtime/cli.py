@@ -21,6 +21,9 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-dtype", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of weights and KV cache on the GPU side")
     g.add_argument("--threads", help="CPU expert threads (N or auto)")
+    g.add_argument("--repack", choices=["auto", "true", "false"],
+                   help="copy CPU experts into a faster layout at load where one exists (Q5_0; auto: when "
+                        "the SIMD kernels are active and the copy fits in free memory)")
     g.add_argument("--ctx", "--context", dest="context", type=int, help="context length (KV cache size)")
     g.add_argument("--cpu-moe", action="store_true", default=None, help="all routed experts on the CPU side")
     g.add_argument("--n-cpu-moe", type=int, help="routed experts of blocks 0..N-1 on the CPU, the rest on the GPU (llama.cpp semantics: "
@@ -33,7 +36,7 @@ def _overrides(a: argparse.Namespace, keys) -> dict:
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
-PLACEMENT_KEYS = ("model", "gpu", "gpu_dtype", "threads", "context", "cpu_moe", "n_cpu_moe", "override_tensor")
+PLACEMENT_KEYS = ("model", "gpu", "gpu_dtype", "threads", "repack", "context", "cpu_moe", "n_cpu_moe", "override_tensor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +123,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         lines.append(f"-- bytes moved between sides: weights {s['weight_bytes_moved']}, "
                      f"activations {s['activation_bytes_moved']}; busy: gpu side {s['gpu_busy_s']:.2f}s, "
                      f"cpu experts {s['cpu_busy_s']:.2f}s, both {s['overlap_s']:.2f}s, idle {s['idle_wait_s']:.2f}s")
+        rep = eng.load_report
+        if rep.repacked_bytes or rep.repack_skipped:
+            lines.append(f"-- CPU experts repacked at load: {rep.repacked_bytes / 2**30:.2f} GiB"
+                         + (f" ({rep.repack_skipped})" if rep.repack_skipped else ""))
         if a.trace:
             lines.append(f"-- trace written to {a.trace} (open in ui.perfetto.dev or chrome://tracing)")
         print("\n".join(lines), file=sys.stderr)

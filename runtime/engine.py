@@ -67,7 +67,8 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, model_path, *, side_of: Callable[[str], str] = default_side_of, gpu: str = "auto",
-                 gpu_dtype: str | None = "auto", threads: int | None = None, context: int | None = None,
+                 gpu_dtype: str | None = "auto", threads: int | None = None, repack: bool | str = "auto",
+                 context: int | None = None,
                  use_kernels: bool = True, sampling: Sampling | None = None,
                  speculative: Speculative | None = None, progress: bool = True,
                  prefill_chunk: int = 512, plan=None, placement=None, overlap: bool | None = None):
@@ -98,7 +99,7 @@ class Engine:
                 pass
         self.model, self.load_report = build_model(
             self.file, self.cfg, side_of=side_of, gpu_device=self.device, gpu_dtype=self.dtype,
-            use_kernels=use_kernels, threads=None, max_context=self.context, progress=progress)
+            use_kernels=use_kernels, threads=None, repack=repack, max_context=self.context, progress=progress)
         # CPU experts beside the shared expert: pays when the GPU side is a real GPU; on a
         # CPU-only machine both sides share the same cores, so it is off unless asked for.
         self.model.overlap = (self.device.type == "cuda") if overlap is None else bool(overlap)

@@ -8,8 +8,10 @@ weight is read or copied again. `LoadReport` says how many bytes each side actua
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,11 +33,32 @@ def default_side_of(name: str) -> str:
     return "cpu" if "_exps." in name else "gpu"
 
 
+# `repack: auto` leaves this much memory free after each repacked copy (the copies are ordinary
+# memory; the GGUF's pages they replace become reclaimable page cache, not free memory)
+REPACK_RESERVE_BYTES = 2 << 30
+
+
+def mem_available() -> int:
+    """Bytes of memory available to new allocations (MemAvailable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover
+        return 8 << 30
+
+
 @dataclass
 class LoadReport:
     bytes_by_side: dict = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
     kernel_expert_layers: int = 0
     torch_expert_layers: int = 0
+    repacked_bytes: int = 0  # CPU expert bytes copied into a faster layout at load
+    repack_skipped: str = ""  # why `repack: auto` stopped repacking, if it did
     mtp_shares_embed: bool = True
     mtp_shares_head: bool = True
 
@@ -46,8 +69,11 @@ def same_tensor(a: TensorInfo, b: TensorInfo) -> bool:
 
 class _Builder:
     def __init__(self, f: GGUFFile, cfg: ModelConfig, side_of: SideOf, gpu_device, gpu_dtype,
-                 use_kernels: bool, threads: int | None, progress: bool):
+                 use_kernels: bool, threads: int | None, progress: bool, repack: bool | str = "auto"):
         self.f, self.cfg, self.side_of = f, cfg, side_of
+        if repack not in (True, False, "auto"):
+            raise ValueError(f"repack must be True, False or 'auto', got {repack!r}")
+        self.repack = repack
         self.devices = {"gpu": torch.device(gpu_device), "cpu": torch.device("cpu")}
         self.dtypes = {"gpu": gpu_dtype, "cpu": torch.float32}
         self.use_kernels, self.threads = use_kernels, threads
@@ -117,7 +143,8 @@ class _Builder:
         if side == "cpu" and self.use_kernels:
             import cpu_kernels
 
-            ets = [cpu_kernels.ExpertTensor(i.raw(), int(i.ggml_type), i.shape) for i in infos]
+            ets = [self._maybe_repack(cpu_kernels.ExpertTensor(i.raw(), int(i.ggml_type), i.shape), name)
+                   for i, name in zip(infos, names)]
             experts = KernelExperts(*ets, threads=self.threads)
             for i in infos:
                 self.report.bytes_by_side["cpu"] += i.nbytes
@@ -127,6 +154,28 @@ class _Builder:
             experts = TorchExperts(*(self.tensor(n, side) for n in names))
             self.report.torch_expert_layers += 1
         return RoutedExperts(side, experts)
+
+    def _maybe_repack(self, t, name: str):
+        """The plan's `repack`: true copies every tensor that has a faster layout; auto does so
+        while the SIMD kernels are active and the copy leaves REPACK_RESERVE_BYTES free; false
+        keeps every tensor in the GGUF's own bytes."""
+        if self.repack is False:
+            return t
+        if self.repack == "auto":
+            if not t.can_repack() or self.report.repack_skipped:
+                return t
+            free = mem_available()
+            if free - t.nbytes < REPACK_RESERVE_BYTES:
+                self.report.repack_skipped = (f"stopped before {name}: {free / 2**30:.1f} GiB available, the copy "
+                                              f"needs {t.nbytes / 2**30:.2f} GiB and {REPACK_RESERVE_BYTES >> 30} GiB "
+                                              f"stays free")
+                warnings.warn(f"repack: auto {self.report.repack_skipped}; the remaining CPU experts are read "
+                              f"from the GGUF as they are (set repack: false to silence, or free memory)")
+                return t
+        r = t.repacked(self.threads)
+        if r is not t:
+            self.report.repacked_bytes += r.nbytes
+        return r
 
     def block(self, layer: int) -> Block:
         p = f"blk.{layer}."
@@ -140,14 +189,14 @@ class _Builder:
 def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side_of,
                 gpu_device="cpu", gpu_dtype=torch.float32, use_kernels: bool = True,
                 threads: int | None = None, load_mtp: bool = True, max_context: int = 4096,
-                progress: bool = True) -> tuple[GLM4Model, LoadReport]:
+                progress: bool = True, repack: bool | str = "auto") -> tuple[GLM4Model, LoadReport]:
     if use_kernels:
         try:
             import cpu_kernels  # noqa: F401
         except ImportError as e:
             warnings.warn(f"CPU expert kernels unavailable ({e}); routed experts use the torch path")
             use_kernels = False
-    b = _Builder(f, cfg, side_of, gpu_device, gpu_dtype, use_kernels, threads, progress)
+    b = _Builder(f, cfg, side_of, gpu_device, gpu_dtype, use_kernels, threads, progress, repack)
     bus = Bus(b.devices["gpu"], gpu_dtype)
     t = f.tensors
     embed_side = side_of("token_embd.weight")

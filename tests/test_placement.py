@@ -239,6 +239,7 @@ def test_default_placement_agrees_with_the_loader_units(models):
      r"^{f}:4: placement\.routed_experts\.n_cpu_mo: unknown key \(did you mean 'n_cpu'\?\)"),
     ("overrides:\n  - pattern: x\n    devise: cpu\n", r"^{f}:3: overrides\[0\]\.devise: unknown key"),
     ("threads: many\n", r"^{f}:1: threads: expected auto or a thread count, got a string 'many'"),
+    ("repack: sometimes\n", r"^{f}:1: repack: expected auto, true or false, got a string 'sometimes'"),
     ("context: true\n", r"^{f}:1: context: expected auto or a context length, got a boolean"),
     ("gpu: auto\ncontext: 4\n", r"^{f}:2: context: expected auto or a context length >= 16, got 4"),
     ("sampling:\n  temperature: hot\n", r"^{f}:2: sampling\.temperature: expected a number"),
@@ -329,6 +330,10 @@ def test_flat_overrides_are_checked(models):
     assert (plan.gpu, plan.gpu_dtype, plan.context, plan.threads) == ("cuda:1", "bfloat16", 2048, 8)
     assert plan.speculative.mtp is False
     assert P.load_plan(None).sampling.top_k == 0  # overrides do not leak into the defaults
+    assert P.load_plan(None).repack == "auto"
+    assert P.load_plan(None, {"repack": "false"}).repack is False and P.load_plan(None, {"repack": True}).repack is True
+    with pytest.raises(P.PlanError, match=r"^override 'repack': expected auto, true or false, got an integer 2$"):
+        P.load_plan(None, {"repack": 2})
 
 
 # ---------------------------------------------------------------------------------------------- resolution

@@ -114,9 +114,53 @@ def test_file_loads_and_generates(air_file):
     assert np.isfinite(eng.logits(ids)).all()
     assert np.isfinite(eng.mtp_logits(ids)).all()
 
+    # repack (default auto): the Q5_0 down projections are copied into the Q5_0_R8 layout when
+    # the SIMD kernels run; the logits match those read from the GGUF's own bytes
+    import cpu_kernels
+    repackable = sum(f.tensors[n].nbytes for n in f.tensors
+                     if n.endswith("ffn_down_exps.weight") and f.tensors[n].ggml_type == T.Q5_0)
+    assert repackable > 0
+    assert eng.load_report.repacked_bytes == (repackable if cpu_kernels.active_path() != "ref" else 0)
+    plain = runtime.load(path, cpu_moe=True, progress=False, context=64, repack=False)
+    assert plain.load_report.repacked_bytes == 0
+    a, b = eng.logits(ids), plain.logits(ids)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+
 
 def test_cli_errors(tmp_path, capsys):
     assert main([str(tmp_path / "x.gguf"), "--mix", "q9_9"]) == 2
     assert "unknown mix" in capsys.readouterr().err
     assert main([str(tmp_path / "x.gguf"), "--layers", "0"]) == 2
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_repack_auto_stops_when_memory_is_short(monkeypatch):
+    """`repack: auto` copies while the copy leaves REPACK_RESERVE_BYTES free, then keeps the rest
+    in the GGUF's bytes with one warning; `true` copies regardless; `false` never."""
+    import torch
+    import cpu_kernels
+    from runtime import loader
+
+    if cpu_kernels.active_path() == "ref":
+        pytest.skip("auto repacks only when a SIMD path is active")
+    rng = np.random.default_rng(0)
+    t = cpu_kernels.ExpertTensor(cpu_kernels.random_blocks(T.Q5_0, (2, 8, 256), rng), T.Q5_0, (2, 8, 256))
+
+    def builder(mode):
+        return loader._Builder(None, None, None, "cpu", torch.float32, True, None, False, repack=mode)
+
+    free = [loader.REPACK_RESERVE_BYTES + 2 * t.nbytes]
+    monkeypatch.setattr(loader, "mem_available", lambda: free[0])
+    b = builder("auto")
+    assert b._maybe_repack(t, "blk.1.ffn_down_exps.weight").layout == "q5_0_r8"
+    free[0] = loader.REPACK_RESERVE_BYTES + t.nbytes // 2
+    with pytest.warns(UserWarning, match=r"repack: auto stopped before blk\.2\.ffn_down_exps\.weight"):
+        assert b._maybe_repack(t, "blk.2.ffn_down_exps.weight") is t
+    free[0] = 1 << 40
+    assert b._maybe_repack(t, "blk.3.ffn_down_exps.weight") is t   # stays stopped (copies now would crowd out the rest)
+    assert b.report.repacked_bytes == t.nbytes and "blk.2" in b.report.repack_skipped
+    free[0] = 0
+    assert builder(True)._maybe_repack(t, "x").layout == "q5_0_r8"
+    assert builder(False)._maybe_repack(t, "x") is t
+    with pytest.raises(ValueError, match="repack must be"):
+        builder("yes")
