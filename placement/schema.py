@@ -103,6 +103,7 @@ class Speculative:
     draft_max: int = 1
     p_min: float = 0.0
     adaptive: bool = True
+    draft_ahead: bool | None = None  # None ("auto"): on with CUDA and CPU experts overlapped
 
 
 @dataclass
@@ -340,7 +341,7 @@ _TOP = ("description", "model", "gpu", "threads", "repack", "gpu_dtype", "contex
         "speculative", "sampling")
 _LAYER_KEYS = ("default", "layers", "n_cpu")
 _MTP_KEYS = ("device", "routed_experts")
-_SPEC = ("mtp", "draft_max", "p_min", "adaptive")
+_SPEC = ("mtp", "draft_max", "p_min", "adaptive", "draft_ahead")
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens")
 
 
@@ -350,6 +351,7 @@ def _check_spec(name: str, v, where: str):
         "draft_max": lambda v, w: check_int(v, w, lo=1, hi=16, what="a draft length"),
         "p_min": lambda v, w: check_float(v, w, 0.0, 1.0),
         "adaptive": check_bool,
+        "draft_ahead": check_mtp,  # auto | true | false
     }[name](v, where)
 
 
@@ -504,7 +506,7 @@ def parse_plan_text(text: str, source: str, base_dir: Path | None = None) -> Pla
 # Flat overrides (CLI flags, runtime.load(**overrides))
 
 OVERRIDE_KEYS = ("model", "gpu", "threads", "repack", "gpu_dtype", "context", "cpu_moe", "n_cpu_moe", "override_tensor",
-                 "mtp", "draft_max", "p_min", "adaptive") + _SAMPLING
+                 "mtp", "draft_max", "p_min", "adaptive", "draft_ahead") + _SAMPLING
 
 
 def apply_overrides(plan: Plan, overrides: dict[str, Any] | None) -> Plan:

@@ -44,6 +44,9 @@ def bench_model(argv: list[str]) -> int:
     p.add_argument("--gpu", default=None)
     p.add_argument("--threads", default=None)
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--ahead", action="store_true",
+                   help="also each fixed length with draft-ahead on (drafts for the next step made beside "
+                        "the verification's last CPU experts)")
     a = p.parse_args(argv)
     try:
         drafts = [int(x) for x in a.draft.split(",") if x.strip()]
@@ -67,7 +70,11 @@ def bench_model(argv: list[str]) -> int:
     settings = [("plain", None, dict(mtp=False))]
     if eng.has_mtp:
         for alpha in alphas:
-            settings += [(f"k={k}", alpha, dict(mtp=True, draft_max=k, adaptive=False)) for k in drafts]
+            settings += [(f"k={k}", alpha, dict(mtp=True, draft_max=k, adaptive=False, draft_ahead=False))
+                         for k in drafts]
+            if a.ahead:
+                settings += [(f"k={k} ahead", alpha, dict(mtp=True, draft_max=k, adaptive=False, draft_ahead=True))
+                             for k in drafts]
             settings += [(f"adaptive<={max(drafts)}", alpha, dict(mtp=True, draft_max=max(drafts), adaptive=True))]
     acc = {i: {"speed": [], "stats": []} for i in range(len(settings))}
     # Each adaptive setting keeps its own policy across rounds, as a long-running engine keeps it
@@ -92,7 +99,7 @@ def bench_model(argv: list[str]) -> int:
           f"overlap: {eng.model.overlap}  prompts: {len(prompts)} x {a.max_tokens} tokens, "
           f"median of {a.repeats} rounds")
     hdr = (f"{'oracle':>6} {'setting':<12} {'tok/s':>8} {'vs plain':>8} {'sum':>6} {'accept':>7} {'tok/step':>8} "
-           f"{'experts/verify':>14} {'act MB':>7} {'w bytes':>7} {'overlap':>7} {'k chosen':<20}")
+           f"{'experts/verify':>14} {'act MB':>7} {'w bytes':>7} {'overlap':>7} {'k chosen':<20} ahead used/made")
     print(hdr)
     for i, (name, alpha, s) in enumerate(settings):
         sp = statistics.median(acc[i]["speed"])
@@ -111,7 +118,8 @@ def bench_model(argv: list[str]) -> int:
               f"{mean('acceptance_rate'):>7.1%} {mean('mean_tokens_per_step'):>8.2f} "
               f"{mean('distinct_experts_per_verify'):>14.1f} {mean('activation_bytes_moved') / 1e6:>7.2f} "
               f"{max(x['weight_bytes_moved'] for x in st):>7d} {ov:>7.1%} "
-              f"{' '.join(f'{k}:{n}' for k, n in sorted(ks.items())) or '-':<20}")
+              f"{' '.join(f'{k}:{n}' for k, n in sorted(ks.items())) or '-':<20} "
+              + (f"{sum(x['ahead_used'] for x in st)}/{sum(x['ahead_made'] for x in st)}" if s.get("draft_ahead") else "-"))
     return 0
 
 

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draft-p-min", type=float, dest="p_min", help="stop drafting below this draft probability")
     r.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                    help="choose each step's draft length (0..draft-max) from measured costs (default: on)")
+    r.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=None, dest="draft_ahead",
+                   help="draft the next step's tokens beside the verification's last CPU experts, used when "
+                        "every draft is accepted (default: on with CUDA and overlap)")
     r.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="run CPU experts beside the shared expert (default: on with CUDA)")
     r.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON) of the run")
@@ -96,7 +99,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     overrides = _overrides(a, PLACEMENT_KEYS + ("overlap",))
     eng = load(a.target, **overrides)
     gen = _overrides(a, ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "mtp", "draft_max",
-                         "p_min", "adaptive", "stop", "trace"))
+                         "p_min", "adaptive", "draft_ahead", "stop", "trace"))
     prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
     run_stream = eng.stream(prompt, chat=a.chat, **gen)
     out = sys.stdout
@@ -117,7 +120,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             lines.append(f"-- MTP draft_max {s['draft_max']}{' adaptive' if s['adaptive'] else ''}: "
                          f"drafted {s['drafted']}, accepted {s['accepted']} ({s['acceptance_rate']:.1%}; "
                          f"by position {pos}), {s['mean_tokens_per_step']:.2f} tokens/step, "
-                         f"draft {s['draft_s']:.2f}s verify {s['verify_s']:.2f}s, steps by draft length {ks}")
+                         f"draft {s['draft_s']:.2f}s verify {s['verify_s']:.2f}s, steps by draft length {ks}"
+                         + (f", drafted ahead {s['ahead_made']} used {s['ahead_used']}" if s["draft_ahead"] else ""))
         else:
             lines.append("-- MTP off")
         lines.append(f"-- bytes moved between sides: weights {s['weight_bytes_moved']}, "

@@ -16,6 +16,12 @@ speculative algorithm of DESIGN.md §2:
   else sample the replacement from p with d removed and renormalised.
 - UPDATE / ROLLBACK: the main cache keeps the accepted rows; the MTP cache drops every speculative
   row; the accepted rows' true hidden states become the MTP rows owed for the next step.
+- DRAFT-AHEAD (optional): while the verification's last routed experts run on the CPU, the MTP
+  chain goes on past the last draft, assuming every draft is accepted: one row guesses the main
+  model's own next token, the next ones are drafts for the step after. If every draft is accepted
+  and the main model's token equals the guess, the next step verifies those drafts without a draft
+  phase (its owed MTP rows wait for the step after); otherwise they are dropped. Verification
+  decides every emitted token, so the output is the same either way.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class SpecStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     distinct_experts: int = 0  # summed over verify steps (routed layers of the main model)
+    ahead_made: int = 0  # steps that drafted ahead beside their verification
+    ahead_used: int = 0  # steps that verified drafts made ahead (no draft phase of their own)
 
     def add_position(self, i: int, accepted: bool):
         while len(self.drafted_at) <= i:
@@ -57,7 +65,7 @@ class SpecStats:
 
 class Sequence:
     def __init__(self, model: GLM4Model, context: int, kv_dtype: torch.dtype, use_mtp: bool,
-                 params: SamplingParams, prefill_chunk: int = 512):
+                 params: SamplingParams, prefill_chunk: int = 512, draft_ahead: bool = False):
         self.model, self.params, self.chunk = model, params, prefill_chunk
         self.cache = model.new_cache(context, kv_dtype)
         self.use_mtp = use_mtp and model.nextn is not None
@@ -69,6 +77,11 @@ class Sequence:
         self.stats = SpecStats()
         self.oracle: Oracle | None = None
         self.last_sample: StepSample | None = None  # cost of the last step, for the draft policy
+        self.draft_ahead = draft_ahead
+        self.ahead: list[tuple[int, float]] | None = None  # drafts made ahead, valid if pending == ahead_for
+        self.ahead_for: int | None = None
+        self._chain = None  # (z, last draft not yet fed or None): the MTP chain after draft()
+        self._made = None  # (guess, drafts) from the last draft-ahead
 
     def _begin(self):
         ctx = self.model.bus.ctx
@@ -121,6 +134,7 @@ class Sequence:
         self.tokens.append(token)
         self.last_logits = m.logits(h)[0]
         self._end(begin, 0)
+        self.ahead = None
         if self.use_mtp:  # owe the MTP row, so drafting can resume at any step
             self.owed_h = h if self.owed_h is None else torch.cat([self.owed_h, h])
             if self.owed_h.shape[0] > MAX_OWED_MTP_ROWS:
@@ -133,6 +147,7 @@ class Sequence:
         self.use_mtp = False
         self.owed_h = None
         self.mtp_cache = None
+        self.ahead = None
 
     def _pay_owed(self, keep: int) -> None:
         """UPDATE the MTP cache with all owed rows but the last `keep` (whose next token is not
@@ -167,9 +182,39 @@ class Sequence:
                 d = self.oracle.replace(pos + len(drafts), d)
             drafts.append((d, prob))
             if len(drafts) >= k:
+                self._chain = (z, d)
                 break
             z = m.mtp_forward(z, torch.tensor([d]), mc, mc.length, h_side=m.nextn.side)
+        if len(drafts) < k:
+            self._chain = (z, None)  # stopped by p_min: z already holds the last draft's row
         return drafts
+
+    def _draft_ahead(self, k: int, p_min: float, pos: int) -> None:
+        """DRAFT-AHEAD: continue the MTP chain past the last draft: a guess of the main model's
+        token at sequence position `pos`, then up to k drafts after it."""
+        m, mc = self.model, self.mtp_cache
+        side = m.nextn.side
+        z, feed = self._chain
+        if feed is not None:
+            z = m.mtp_forward(z, torch.tensor([feed]), mc, mc.length, h_side=side)
+        guess, ahead = None, []
+        while len(ahead) < k:
+            p = torch.softmax(m.mtp_logits(z)[0], -1)
+            d = int(p.argmax())
+            prob = float(p[d])
+            if self.oracle is not None:
+                d = self.oracle.replace(pos + len(ahead) + (guess is not None), d)
+            if guess is None:
+                guess = d
+            else:
+                if ahead and prob < p_min:
+                    break
+                ahead.append((d, prob))
+                if len(ahead) >= k:
+                    break
+            z = m.mtp_forward(z, torch.tensor([d]), mc, mc.length, h_side=side)
+        self._made = (guess, ahead)
+        self.stats.ahead_made += 1
 
     def spec_step(self, token: int, k: int, p_min: float) -> list[int]:
         """One speculative step from pending `token`: returns the emitted tokens (accepted drafts
@@ -177,14 +222,28 @@ class Sequence:
         m, st = self.model, self.stats
         begin = self._begin()
         start = self.cache.length
-        mtp_start = start  # MTP slots >= this are speculative after drafting
         t0 = time.perf_counter()
-        with m.timeline.span("phase", "draft", k=k):
-            drafts = self.draft(token, k, p_min)
+        use_ahead = bool(self.ahead) and self.ahead_for == token
+        if use_ahead:  # drafted during the last verification: no draft phase, the owed rows wait
+            drafts = self.ahead[:k]
+            mtp_start = self.mtp_cache.length
+            st.ahead_used += 1
+        else:
+            mtp_start = start  # MTP slots >= this are speculative after drafting
+            with m.timeline.span("phase", "draft", k=k):
+                drafts = self.draft(token, k, p_min)
+        self.ahead, self._made = None, None
+        hook = None
+        if self.draft_ahead and not use_ahead and drafts:
+            pos = len(self.tokens) + 1 + len(drafts)  # the main model's own token after the drafts
+
+            def hook():
+                with m.timeline.span("phase", "draft ahead", k=k):
+                    self._draft_ahead(k, p_min, pos)
         t1 = time.perf_counter()
         batch = torch.tensor([token] + [d for d, _ in drafts], dtype=torch.long)
         e0 = m.bus.ctx.cpu_experts_read
-        h = m.forward(batch, self.cache, start)
+        h = m.forward(batch, self.cache, start, beside_last_experts=hook)
         logits = m.logits(h)
         st.distinct_experts += m.bus.ctx.cpu_experts_read - e0
         t2 = time.perf_counter()
@@ -202,8 +261,12 @@ class Sequence:
         self.mtp_cache.truncate(mtp_start)
         self.tokens.append(token)
         self.tokens.extend(out[:-1])
-        # UPDATE is owed: rows (h_p, x_{p+1}) for the accepted positions, paid by the next draft.
-        self.owed_h = h[:a + 1]
+        # UPDATE is owed: rows (h_p, x_{p+1}) for the accepted positions, paid by the next draft
+        # (after rows still owed from before when this step used drafts made ahead).
+        self.owed_h = h[:a + 1] if self.owed_h is None else torch.cat([self.owed_h, h[:a + 1]])
+        if self._made is not None and a == len(drafts) and out[-1] == self._made[0] and self._made[1]:
+            self.ahead, self.ahead_for = self._made[1], out[-1]
+        self._made = None
         self.last_logits = logits[a]
         self._end(begin, len(drafts))
         self.last_drafted, self.last_accepted = len(drafts), a

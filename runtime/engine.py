@@ -153,8 +153,16 @@ class Engine:
             self._policies[key] = DraftPolicy(draft_max, adaptive, moe_cpu * self.cfg.n_experts)
         return self._policies[key]
 
-    def new_sequence(self, params: SamplingParams, use_mtp: bool) -> Sequence:
-        return Sequence(self.model, self.context, self.dtype, use_mtp, params, self.prefill_chunk)
+    def new_sequence(self, params: SamplingParams, use_mtp: bool, draft_ahead: bool = False) -> Sequence:
+        return Sequence(self.model, self.context, self.dtype, use_mtp, params, self.prefill_chunk,
+                        draft_ahead=draft_ahead)
+
+    def resolve_draft_ahead(self, want: bool | None) -> bool:
+        """Draft-ahead pays only when the GPU idles while CPU experts run (a real GPU, overlap on);
+        on a CPU-only machine it would take the same cores as the experts. auto (None) decides so."""
+        if want is None:
+            return self.device.type == "cuda" and self.model.overlap
+        return bool(want)
 
     @torch.inference_mode()
     def logits(self, ids) -> np.ndarray:
@@ -245,7 +253,7 @@ class _Run:
 
     def __init__(self, engine: Engine, prompt, *, max_tokens=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, seed=None, mtp=None, draft_max=None, p_min=None,
-                 adaptive=None, stop=None, chat: bool = False, trace=None, oracle=None):
+                 adaptive=None, draft_ahead=None, stop=None, chat: bool = False, trace=None, oracle=None):
         d, sp = engine.sampling, engine.speculative
         pick = lambda v, dv: dv if v is None else v  # noqa: E731
         self.engine = engine
@@ -261,6 +269,7 @@ class _Run:
         if not 0 <= self.p_min <= 1:
             raise NextnError(f"invalid p_min={self.p_min!r}: expected a number in [0, 1]")
         self.adaptive = bool(pick(adaptive, sp.adaptive))
+        self.draft_ahead = engine.resolve_draft_ahead(pick(draft_ahead, sp.draft_ahead))
         self.use_mtp = engine._resolve_mtp(mtp) and self.draft_max > 0
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
@@ -303,7 +312,7 @@ class _Run:
         ctx = bus.begin_run(tl)
         try:
             with torch.inference_mode():
-                seq = e.new_sequence(self.params, use_mtp)
+                seq = e.new_sequence(self.params, use_mtp, self.draft_ahead)
                 seq.oracle = self.oracle
                 t0 = time.perf_counter()
                 with tl.span("phase", "prefill", tokens=len(self.prompt_ids)):
@@ -386,6 +395,9 @@ class _Run:
             "verify_steps": st.steps,
             "mean_tokens_per_step": (st.accepted + st.steps) / st.steps if st.steps else 1.0,
             "distinct_experts_per_verify": st.distinct_experts / st.steps if st.steps else 0.0,
+            "draft_ahead": self.use_mtp and self.draft_ahead,
+            "ahead_made": st.ahead_made,  # steps that drafted ahead beside their verification
+            "ahead_used": st.ahead_used,  # steps that verified drafts made ahead (no draft phase)
             "draft_s": st.draft_s,
             "verify_s": st.verify_s,
             "weight_bytes_moved": ctx.weight_bytes,

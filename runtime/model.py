@@ -21,6 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -292,7 +293,10 @@ class GLM4Model:
         return o @ a.wo.T
 
     def _block(self, b: Block, x: torch.Tensor, x_side: str, layer: int, cache: KVCache, start: int,
-               pos: torch.Tensor, tag: str = "") -> tuple[torch.Tensor, str]:
+               pos: torch.Tensor, tag: str = "", beside_experts: Callable[[], None] | None = None
+               ) -> tuple[torch.Tensor, str]:
+        """One block. `beside_experts` (only given for an MoE block) runs on this thread while the
+        block's CPU experts run on the worker when overlapping, else right after them."""
         bus = self.bus
         ctx = bus.ctx  # this thread's run: the expert worker below reports into it
         tl = ctx.timeline
@@ -326,16 +330,23 @@ class GLM4Model:
             return y
 
         shared = moe.shared
-        if self.overlap and r.side == "cpu" and shared is not None and shared.side != "cpu":
+        gpu_shared = shared is not None and shared.side != "cpu"
+        if self.overlap and r.side == "cpu" and (gpu_shared or beside_experts is not None):
             # CPU experts on the worker (the C kernels release the GIL) while this thread runs
             # the shared expert on the GPU side; the sum below keeps the plain order.
             fut = self._pool().submit(routed)
-            t = perf_counter()
-            ys = bus.to(shared(bus.to(h, a.side, shared.side)), shared.side, a.side)
-            tl.add("gpu", f"{tag}shared expert {layer}", t, perf_counter())
+            ys = None
+            if gpu_shared:
+                t = perf_counter()
+                ys = bus.to(shared(bus.to(h, a.side, shared.side)), shared.side, a.side)
+                tl.add("gpu", f"{tag}shared expert {layer}", t, perf_counter())
+            if beside_experts is not None:
+                beside_experts()
             yr = fut.result()
         else:
             yr = routed()
+            if beside_experts is not None:
+                beside_experts()
             ys = None
             if shared is not None:
                 t = perf_counter()
@@ -364,9 +375,12 @@ class GLM4Model:
         dev = self.bus.devices[self.nextn.block.attn.side]
         return KVCache([dev], max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int,
+                beside_last_experts: Callable[[], None] | None = None) -> torch.Tensor:
         """Run tokens [T] at slots/positions start..start+T-1; returns h after output_norm [T, H]
-        on the head's side. The cache's valid length becomes start+T."""
+        on the head's side. The cache's valid length becomes start+T. `beside_last_experts` runs
+        once, beside the last MoE block's routed experts (draft-ahead uses it: the GPU is otherwise
+        idle while they run on the CPU), or at the end when there is no MoE block."""
         T = tokens.shape[0]
         if start + T > cache.max_len:
             raise ValueError(f"positions {start}..{start + T - 1} exceed the context of {cache.max_len}")
@@ -374,8 +388,12 @@ class GLM4Model:
         t0 = perf_counter()
         x, side = self.embed(tokens), self.embed.side
         self.timeline.add("gpu", "embed", t0, perf_counter())
+        last_moe = max((i for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)), default=-1)
         for layer, b in enumerate(self.blocks):
-            x, side = self._block(b, x, side, layer, cache, start, pos)
+            hook = beside_last_experts if layer == last_moe else None
+            x, side = self._block(b, x, side, layer, cache, start, pos, beside_experts=hook)
+        if last_moe < 0 and beside_last_experts is not None:
+            beside_last_experts()
         cache.length = start + T
         t0 = perf_counter()
         x = self.bus.to(x, side, self.output_norm_side)

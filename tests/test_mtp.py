@@ -169,10 +169,61 @@ def test_random_model_acceptance_is_low(random_engine):
     assert s["acceptance_rate"] < 0.3
 
 
+@pytest.mark.parametrize("draft_max", [1, 2, 3])
+@pytest.mark.parametrize("p_min", [0.0, 0.5])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_with_draft_ahead_equals_plain_greedy(random_engine, copy_engine, draft_max, p_min, overlap):
+    """Draft-ahead (drafts for the next step made beside the verification's last experts, on the
+    worker thread when overlapping) changes which drafts are verified, never the output."""
+    for eng in (random_engine, copy_engine):
+        old = eng.model.overlap
+        eng.model.overlap = overlap
+        try:
+            used = 0
+            for n in (1, 7, 12):
+                ids = prompt(n, eng.cfg.n_vocab, seed=50 + n + draft_max)
+                plain = eng.generate(ids, max_tokens=24, mtp=False)
+                spec = eng.generate(ids, max_tokens=24, mtp=True, draft_max=draft_max, p_min=p_min,
+                                    adaptive=False, draft_ahead=True)
+                assert spec.tokens == plain.tokens
+                assert spec.stats["draft_ahead"] and spec.stats["ahead_made"] > 0
+                used += spec.stats["ahead_used"]
+            if eng is copy_engine:  # drafts nearly always right: made-ahead drafts get used
+                assert used > 0
+        finally:
+            eng.model.overlap = old
+
+
+def test_draft_ahead_default_is_off_without_cuda(random_engine):
+    ids = prompt(5, random_engine.cfg.n_vocab, seed=1)
+    r = random_engine.generate(ids, max_tokens=8, mtp=True, adaptive=False)
+    assert not r.stats["draft_ahead"] and r.stats["ahead_made"] == 0
+
+
+def test_draft_ahead_with_oracle_full_acceptance(random_engine):
+    """Oracle acceptance 1: every draft and every guess is the true token, so every other step
+    verifies drafts made ahead (the one after drafts for itself), and the output is plain's."""
+    from runtime.engine import _Run
+    from runtime.scheduler import Oracle
+
+    eng = random_engine
+    ids = prompt(6, eng.cfg.n_vocab, seed=2)
+    plain = eng.generate(ids, max_tokens=30, mtp=False)
+    run = _Run(eng, ids, max_tokens=30, mtp=True, draft_max=2, adaptive=False, draft_ahead=True,
+               oracle=Oracle(ids + plain.tokens, 1.0, eng.cfg.n_vocab))
+    for _ in run:
+        pass
+    st = run.result.stats
+    assert run.result.tokens == plain.tokens
+    assert st["acceptance_rate"] == 1.0
+    assert st["ahead_used"] >= st["verify_steps"] // 2 - 1 and st["ahead_made"] >= st["ahead_used"]
+
+
 # ---- cache state -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_caches_hold_exactly_the_emitted_tokens(temperature, make_test_model, copy_model_path):
+@pytest.mark.parametrize("draft_ahead", [False, True])
+def test_caches_hold_exactly_the_emitted_tokens(temperature, draft_ahead, make_test_model, copy_model_path):
     """After many accept/reject steps the main and MTP caches hold exactly the emitted positions,
     with the same contents as a fresh run over the emitted tokens."""
     eng = runtime.load(copy_model_path, progress=False, use_kernels=False)
@@ -182,7 +233,7 @@ def test_caches_hold_exactly_the_emitted_tokens(temperature, make_test_model, co
     blk.attn.wo += 0.05 * torch.randn(blk.attn.wo.shape, generator=g)
     params = SamplingParams(temperature=temperature, top_k=5, seed=3)
     with torch.inference_mode():
-        seq = eng.new_sequence(params, use_mtp=True)
+        seq = eng.new_sequence(params, use_mtp=True, draft_ahead=draft_ahead)
         pending = seq.prefill(prompt(11, eng.cfg.n_vocab, seed=8))
         outcomes = set()
         for i in range(25):
@@ -190,6 +241,8 @@ def test_caches_hold_exactly_the_emitted_tokens(temperature, make_test_model, co
             outcomes.add(len(out) - 1 < (1 + i % 4))
             pending = out[-1]
         assert outcomes == {True, False}, "need both full acceptance and rejections"
+        if temperature == 0.0:  # (sampled main tokens rarely equal the greedy guess)
+            assert (seq.stats.ahead_used > 0) == draft_ahead
         n = len(seq.tokens)
         assert seq.cache.length == n
         fresh = eng.new_sequence(params, use_mtp=True)
@@ -224,6 +277,11 @@ def test_sampling_distribution_unchanged_by_mtp(copy_model_path):
     a = Counter(tuple(eng.generate(ids, seed=s, mtp=False, **kw).tokens) for s in range(N))
     b = Counter(tuple(eng.generate(ids, seed=10_000 + s, mtp=True, draft_max=2, adaptive=False, **kw).tokens)
                 for s in range(N))
+    _assert_same_distribution(a, b)
+
+
+def _assert_same_distribution(a: Counter, b: Counter) -> None:
+    """Chi-square test of homogeneity of two samples (counts per outcome) at the 99.9% point."""
     cells = sorted(set(a) | set(b))
     # merge rare cells (expected count < 5) into one
     common = [c for c in cells if a[c] + b[c] >= 10]
@@ -241,6 +299,23 @@ def test_sampling_distribution_unchanged_by_mtp(copy_model_path):
     df = len(rows[0]) - 1
     assert df >= 3, "the test needs a spread-out distribution"
     assert stat < _chi2_critical(df), (stat, df, rows)
+
+
+def test_sampling_distribution_unchanged_by_draft_ahead(copy_model_path):
+    """Sampling with drafts made ahead: the 4th generated token (reached through a step that can
+    verify drafts made during the previous verification) keeps plain sampling's distribution."""
+    eng = runtime.load(copy_model_path, progress=False, use_kernels=False)
+    ids = prompt(6, eng.cfg.n_vocab, seed=13)
+    N = 400
+    kw = dict(max_tokens=4, temperature=1.0, top_k=3)
+    a = Counter(tuple(eng.generate(ids, seed=s, mtp=False, **kw).tokens[3:4]) for s in range(N))  # () at eos
+    b, used = Counter(), 0
+    for s in range(N):
+        r = eng.generate(ids, seed=20_000 + s, mtp=True, draft_max=1, adaptive=False, draft_ahead=True, **kw)
+        b[tuple(r.tokens[3:4])] += 1
+        used += r.stats["ahead_used"]
+    assert used > N // 10, "the runs must actually verify drafts made ahead"
+    _assert_same_distribution(a, b)
 
 
 def test_sampling_with_mtp_accepts_some_drafts(copy_engine):
