@@ -49,6 +49,9 @@ ffibuilder.set_source(
     # relative paths: setuptools requires them (the build runs from the repo root)
     sources=[os.path.relpath(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
+    # the kernels live in headers (moe_impl.h is compiled once per path): list them so that an
+    # edit to a header rebuilds the extension (setuptools only compares the .c files otherwise)
+    depends=[os.path.relpath(os.path.join(HERE, h)) for h in ("moe_impl.h", "moe_kernels.h", "dispatch.h")],
     extra_compile_args=COMPILE_ARGS,
     extra_link_args=LINK_ARGS,
     define_macros=[("NX_BUILD_FLAGS", '"%s"' % _flags)],

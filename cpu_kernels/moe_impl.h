@@ -1043,6 +1043,30 @@ static inline void FN(row_dots)(int type, int fam, int sgn, const uint8_t *row, 
         res[j] = FN(dot_row)(fam, sgn, wr, abase + (size_t)(aidx ? aidx[j] : j) * astride, n);
 }
 
+#define NX_TILE_T 64   /* tokens per phase-2 tile */
+/* res[j * ld + (r - r0)] = dot(row r of expert e, acts(j)) for rows r0..r1-1 and j < ns
+ * (fused types only), tiled: for each NX_TILE_R rows (kept in L2), each group of NX_GRP tokens
+ * (kept in L1) meets every row of the tile.  Same per-(row, group) dots as row_dots, so results
+ * are bit-identical; 1.12-1.18x faster than rows-outside at T=128..512 on the Air shape (paired
+ * A/B in one process), ~1.03x at T=64. */
+static void FN(tile_dots)(const nx_tensor *t, int64_t e, int64_t r0, int64_t r1, const uint8_t *abase,
+                          const int32_t *aidx, size_t astride, int64_t ns, float *res, int64_t ld) {
+#ifndef NX_TILE_R
+#define NX_TILE_R 64   /* rows per tile: 64 Q4_K gate + up rows of 4096 are ~300 KB, in L2 */
+#endif
+    for (int64_t q0 = r0; q0 < r1; q0 += NX_TILE_R)
+    for (int64_t j = 0; j < ns; j += NX_GRP) {
+        const int nt = ns - j < NX_GRP ? (int)(ns - j) : NX_GRP;
+        const uint8_t *ap[4];
+        for (int i = 0; i < nt; i++) ap[i] = abase + (size_t)(aidx ? aidx[j + i] : j + i) * astride;
+        for (int64_t r = q0; r < (q0 + NX_TILE_R < r1 ? q0 + NX_TILE_R : r1); r++) {
+            float v[4];
+            FN(fused_dot)(t->type, t->data + (e * t->rows + r) * t->row_bytes, t->cols, ap, v, nt);
+            for (int i = 0; i < nt; i++) res[(j + i) * ld + (r - r0)] = v[i];
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ the fused MoE call */
 static inline void FN(prefetch)(const uint8_t *p, int64_t n) {
     for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 3);
@@ -1082,7 +1106,9 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
         const size_t a1 = FN(unpacked_bytes)(fg, H), a2 = FN(unpacked_bytes)(fu, H), a3 = FN(unpacked_bytes)(fd, I);
         dec = ((a1 > a2 ? a1 : a2) > a3 ? (a1 > a2 ? a1 : a2) : a3) + 64;
     }
-    const size_t scr_stride = ((dec + (size_t)P * sizeof(float)) + 127) & ~(size_t)63;
+    /* results: one per pair (row_dots), or a tile of NX_TILE_T tokens x at most 64 rows (phase 2) */
+    const size_t nres = (size_t)P > (size_t)NX_TILE_T * 64 ? (size_t)P : (size_t)NX_TILE_T * 64;
+    const size_t scr_stride = ((dec + nres * sizeof(float)) + 127) & ~(size_t)63;
     uint8_t *scr_all = (uint8_t *)aligned_alloc(64, scr_stride * (size_t)nthreads);
     if (!start || !fill || !ptok || !pw || !active || (fg != NX_FAM_F && !qxg) || (fu != NX_FAM_F && fu != fg && !qxu) ||
         !G || (fd != NX_FAM_F && !qa) || !scr_all) {
@@ -1150,6 +1176,13 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
             const int64_t e = active[unit / nrb1], r0 = (unit % nrb1) * rb1;
             const int64_t r1 = r0 + rb1 < I ? r0 + rb1 : I;
             const int64_t s0 = start[e], ns = start[e + 1] - s0;
+            if (ns > NX_GRP && FN(has_fused)(gate->type) && FN(has_fused)(up->type)) {
+                /* many tokens (prefill): token groups outside, rows inside, so a group's
+                 * activations stay in L1 while the unit's rows (in L2) stream past them; rows
+                 * outside would pull every token's activations from L2 once per row */
+                FN(tile_dots)(gate, e, r0, r1, ag, ptok + s0, sxg, ns, G + s0 * I + r0, I);
+                FN(tile_dots)(up, e, r0, r1, au, ptok + s0, sxu, ns, U + s0 * I + r0, I);
+            } else
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t *wg = gate->data + (e * I + r) * gate->row_bytes, *wu = up->data + (e * I + r) * up->row_bytes;
 #ifndef NX_PF_ROWS
@@ -1179,6 +1212,20 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
             for (int64_t t = 0; t < T; t++) memset(out + t * H + r0, 0, (size_t)(r1 - r0) * sizeof(float));
             for (int64_t ia = 0; ia < nact; ia++) {
                 const int64_t e = active[ia], s0 = start[e], ns = start[e + 1] - s0;
+                if (ns > NX_GRP && FN(has_fused)(down->type)) {
+                    /* as in phase 1, in chunks of NX_TILE_T tokens (res holds one chunk); each
+                     * out element still gets its experts' and pairs' terms in the same order */
+                    for (int64_t j0 = 0; j0 < ns; j0 += NX_TILE_T) {
+                        const int64_t nj = ns - j0 < NX_TILE_T ? ns - j0 : NX_TILE_T;
+                        FN(tile_dots)(down, e, r0, r1, aa + (s0 + j0) * sa, NULL, sa, nj, res, r1 - r0);
+                        for (int64_t j = 0; j < nj; j++) {
+                            float *o = out + ptok[s0 + j0 + j] * H;
+                            const float wj = pw[s0 + j0 + j];
+                            for (int64_t r = r0; r < r1; r++) o[r] += wj * res[j * (r1 - r0) + (r - r0)];
+                        }
+                    }
+                    continue;
+                }
                 for (int64_t r = r0; r < r1; r++) {
                     const uint8_t *wd = down->data + (e * H + r) * down->row_bytes;
                     if (NX_PF_ROWS > 0 && r + NX_PF_ROWS < r1) FN(prefetch)(wd + NX_PF_ROWS * down->row_bytes, down->row_bytes);

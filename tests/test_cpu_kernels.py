@@ -189,10 +189,13 @@ def test_repeated_ids_and_k1(path):
            ids=np.array([[7], [7], [0], [3]], dtype=np.int32))
 
 
-def test_all_tokens_same_experts(path):
+@pytest.mark.parametrize("T", [6, 70])
+def test_all_tokens_same_experts(path, T):
+    """Every expert gets all T tokens: the tiled many-token path (T > 4), and at T=70 the down
+    projection's token chunks (64 + 6)."""
     rng = np.random.default_rng(12)
-    ids = np.tile(np.array([[1, 4, 6, 9]], dtype=np.int32), (6, 1))
-    _check(QT.Q4_K, QT.Q4_K, QT.Q8_0, E=12, I=64, H=256, T=6, K=4, rng=rng, ids=ids)
+    ids = np.tile(np.array([[1, 4, 6, 9]], dtype=np.int32), (T, 1))
+    _check(QT.Q4_K, QT.Q4_K, QT.Q8_0, E=12, I=64, H=256, T=T, K=4, rng=rng, ids=ids, emulate=T <= 6)
 
 
 # ------------------------------------------------------------------ repacked layouts
