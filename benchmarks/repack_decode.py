@@ -17,7 +17,7 @@ from runtime.bench import PROMPTS
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("target", help="PLAN.yaml or MODEL.gguf")
+    ap.add_argument("target", nargs="?", default=None, help="PLAN.yaml or MODEL.gguf (default: the demo model)")
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--prompts", type=int, default=2)
