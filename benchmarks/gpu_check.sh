@@ -33,8 +33,9 @@ python3 -m cpu_kernels
 python3 -m runtime.synthetic /tmp/air.gguf --shape glm45-air --layers "$LAYERS" --mix q4k_q5_0
 python3 -m runtime.cli plan /tmp/air.gguf --gpu cuda:0 | tee "$OUT/plan.txt"
 
-# Plain vs fixed draft lengths vs adaptive, oracle acceptance 0..0.9, in one process.
-python3 -m runtime.cli bench model /tmp/air.gguf --gpu cuda:0 --oracle 0,0.3,0.6,0.9 \
+# Plain vs fixed draft lengths (without and with draft-ahead) vs adaptive, oracle acceptance
+# 0..0.9, in one process.
+python3 -m runtime.cli bench model /tmp/air.gguf --gpu cuda:0 --oracle 0,0.3,0.6,0.9 --draft 1,2 --ahead \
   --max-tokens 32 --repeats 2 --prompts 2 | tee "$OUT/bench_air.txt"
 # The same with the CPU experts overlapped against the GPU side switched off, for the overlap share.
 python3 -m runtime.cli bench model /tmp/air.gguf --gpu cuda:0 --oracle 0.6 --draft 1 \
