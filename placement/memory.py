@@ -149,7 +149,7 @@ def format_report(plan: Plan, placement: Placement, est: MemoryEstimate, gpu_fre
            f"model: {placement.model}  ({cfg.n_layers} layers + {cfg.n_nextn} nextn, hidden {cfg.hidden}, "
            f"{cfg.n_experts} experts x {cfg.expert_ffn}, top-{cfg.n_experts_used})",
            f"gpu side: {est.gpu_device} ({est.gpu_dtype})   cpu side: routed experts in GGUF form, "
-           f"threads {plan.threads}   context {est.context}",
+           f"threads {plan.threads}, repack {str(plan.repack).lower()}   context {est.context}",
            ""]
     head = ("group", "layers", "side", "types", "tensors", "file", "loaded")
     table = [head]
