@@ -324,9 +324,11 @@ class GLM4Model:
                 t = perf_counter()
                 y = r(he, ids, w)
                 t1 = perf_counter()
+                # counted under the lock: with draft-ahead, the MTP block's CPU experts (main
+                # thread) and these (worker) report into the same run
+                ctx.cpu_expert_s += t1 - t
+                ctx.cpu_experts_read += int(torch.unique(ids).numel())
             tl.add("cpu", f"{tag}experts {layer}", t, t1, {"rows": int(ids.shape[0])})
-            ctx.cpu_expert_s += t1 - t
-            ctx.cpu_experts_read += int(torch.unique(ids).numel())
             return y
 
         shared = moe.shared
