@@ -1044,6 +1044,9 @@ static inline void FN(row_dots)(int type, int fam, int sgn, const uint8_t *row, 
 }
 
 #define NX_TILE_T 64   /* tokens per phase-2 tile */
+#ifndef NX_RB2_MAX
+#define NX_RB2_MAX 64  /* most output rows per phase-2 work unit */
+#endif
 /* res[j * ld + (r - r0)] = dot(row r of expert e, acts(j)) for rows r0..r1-1 and j < ns
  * (fused types only), tiled: for each NX_TILE_R rows (kept in L2), each group of NX_GRP tokens
  * (kept in L1) meets every row of the tile.  Same per-(row, group) dots as row_dots, so results
@@ -1107,7 +1110,7 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
         dec = ((a1 > a2 ? a1 : a2) > a3 ? (a1 > a2 ? a1 : a2) : a3) + 64;
     }
     /* results: one per pair (row_dots), or a tile of NX_TILE_T tokens x at most 64 rows (phase 2) */
-    const size_t nres = (size_t)P > (size_t)NX_TILE_T * 64 ? (size_t)P : (size_t)NX_TILE_T * 64;
+    const size_t nres = (size_t)P > (size_t)NX_TILE_T * NX_RB2_MAX ? (size_t)P : (size_t)NX_TILE_T * NX_RB2_MAX;
     const size_t scr_stride = ((dec + nres * sizeof(float)) + 127) & ~(size_t)63;
     uint8_t *scr_all = (uint8_t *)aligned_alloc(64, scr_stride * (size_t)nthreads);
     if (!start || !fill || !ptok || !pw || !active || (fg != NX_FAM_F && !qxg) || (fu != NX_FAM_F && fu != fg && !qxu) ||
@@ -1146,7 +1149,7 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
     const int64_t nrb1 = (I + rb1 - 1) / rb1, nu1 = nact * nrb1;
     int64_t rb2 = H / ((int64_t)nth * 16);
     if (rb2 < 8) rb2 = 8;
-    if (rb2 > 64) rb2 = 64;
+    if (rb2 > NX_RB2_MAX) rb2 = NX_RB2_MAX;
     const int64_t nu2 = (H + rb2 - 1) / rb2;
     const uint8_t *aa = qa ? qa : (const uint8_t *)G;
     const size_t sa = qa ? aad : (size_t)I * 4;

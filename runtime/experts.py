@@ -58,10 +58,14 @@ class KernelExperts:
         self._out = None
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        xs = x.to(torch.float32).contiguous()
-        T = xs.shape[0]
-        out = np.empty((T, xs.shape[1]), dtype=np.float32)
-        self._moe(xs.numpy(), ids.to(torch.int32).contiguous().numpy(),
-                  weights.to(torch.float32).contiguous().numpy(),
-                  self.gate, self.up, self.down, out=out, threads=self.threads)
+        # called once per MoE layer per step: skip conversions that would be no-ops (each torch
+        # op costs microseconds; int64 router ids are narrowed in numpy, which is cheaper)
+        xs = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        ws = weights if weights.dtype == torch.float32 and weights.is_contiguous() else \
+            weights.to(torch.float32).contiguous()
+        idn = ids.contiguous().numpy()
+        if idn.dtype != np.int32:
+            idn = idn.astype(np.int32)
+        out = np.empty((xs.shape[0], xs.shape[1]), dtype=np.float32)
+        self._moe(xs.numpy(), idn, ws.numpy(), self.gate, self.up, self.down, out=out, threads=self.threads)
         return torch.from_numpy(out)
