@@ -40,27 +40,62 @@ def _median(xs) -> float:
 @dataclass
 class CostModel:
     """Medians of recent samples: a noisy machine (other processes, the first call's one-time
-    costs) adds delays; a median of the last few steps ignores the odd slow one."""
+    costs) adds delays; a median of the last few steps ignores the odd slow one.
+
+    Draft steps are kept relative to the plain steps around them (the ratio to the median of the
+    last few plain steps when they ran), and priced at today's plain cost: the policy mostly runs
+    one length, so the others' samples grow old, and a machine that speeds up or slows down (other
+    jobs, clocks, caches warming up) would otherwise make the old samples look too dear or too
+    cheap next to fresh ones."""
 
     window: int = 9
-    gpu_by_k: dict = field(default_factory=dict)  # k -> recent GPU-side step times
+    ref_steps: int = 5  # plain steps whose median is a draft step's reference
+    gpu_by_k: dict = field(default_factory=dict)  # k -> recent GPU-side step times (seconds)
+    ratio_by_k: dict = field(default_factory=dict)  # k > 0 -> recent times / plain reference
     cpu_per_expert: deque = field(default_factory=lambda: deque(maxlen=17))
     experts_by_rows: dict = field(default_factory=dict)  # rows -> EMA of distinct experts
+    _unreferenced: list = field(default_factory=list)  # (k, seconds) seen before any plain step
+
+    def _plain_ref(self) -> float | None:
+        """Median of the last few plain steps' GPU-side times; None before any (or when it is ~0,
+        where a ratio would mean nothing: then draft steps are priced as measured)."""
+        p = self.gpu_by_k.get(0)
+        ref = _median(list(p)[-self.ref_steps:]) if p else 0.0
+        return ref if ref > 1e-9 else None
 
     def observe(self, s: StepSample) -> None:
         self.gpu_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s)
+        if s.k > 0:
+            ref = self._plain_ref()
+            if ref:
+                self.ratio_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s / ref)
+            else:
+                self._unreferenced.append((s.k, s.gpu_s))
+        elif self._unreferenced and s.gpu_s > 1e-9:  # the first plain step references the draft steps before it
+            for k, g in self._unreferenced:
+                self.ratio_by_k.setdefault(k, deque(maxlen=self.window)).append(g / s.gpu_s)
+            self._unreferenced.clear()
         if s.experts:
             self.cpu_per_expert.append(s.cpu_s / s.experts)
             r = s.k + 1
             old = self.experts_by_rows.get(r)
             self.experts_by_rows[r] = s.experts if old is None else 0.8 * old + 0.2 * s.experts
 
+    def _measured(self, k: int, best: bool) -> float:
+        """GPU-side time at a measured k: at the current plain cost when k > 0 has a reference."""
+        ref = self._plain_ref() if k > 0 and k in self.ratio_by_k else None
+        if ref is not None:
+            r = self.ratio_by_k[k]
+            return (min(r) if best else _median(r)) * ref
+        g = self.gpu_by_k[k]
+        return min(g) if best else _median(g)
+
     def gpu(self, k: int, best: bool = False) -> float:
         """Median GPU-side time at k (`best`: the fastest sample, an optimistic figure); for an
         unmeasured k, the line through the measured ones (a per-draft slope of 10% of the step
         when only one length was measured)."""
         if k in self.gpu_by_k:
-            return min(self.gpu_by_k[k]) if best else _median(self.gpu_by_k[k])
+            return self._measured(k, best)
         known = sorted(self.gpu_by_k)
         if not known:
             return 0.0
@@ -172,8 +207,10 @@ class DraftPolicy:
           step, at the faster of the draft steps: the first may carry one-time costs), by a margin
           of HOPELESS_MARGIN (a CPU-only machine, where the MTP layer and a verification batch's
           expert union both cost CPU time, is the usual case);
-        - measured: with 3 plain and 2 single-draft steps, one draft at the measured acceptance
-          yields under 70% of plain's tokens per second.
+        - measured: with 3 plain and 4 single-draft steps, one draft at the measured acceptance
+          yields under 70% of plain's tokens per second (4 draft steps: with 2, a draft model
+          that is right 72% of the time is rejected twice in a row 8% of the time, and the
+          prior alone would then turn MTP off where it pays).
         Keeping the MTP layer's cache up to date then costs more than it can return, so the engine
         turns MTP off for the rest of the sequence and for the next sequences (see `give_up`)."""
         m = self.model.gpu_by_k
@@ -184,7 +221,7 @@ class DraftPolicy:
                    for k in range(1, self.draft_max + 1))
         if best * self.HOPELESS_MARGIN < plain:
             return True
-        if len(m[0]) < 3 or len(m[1]) < 2:
+        if len(m[0]) < 3 or len(m[1]) < 4:
             return False
         return self.rate(1) < 0.7 * self.rate(0)
 
@@ -201,6 +238,8 @@ class DraftPolicy:
                 self.model = CostModel()
                 self._warm = [1, 0, 1, 0]
                 self._cold = True
+                self.explore_every = self.explore_base  # probe at the first pace again
+                self._next_probe = self.steps + self.explore_every
             return False
         return True
 

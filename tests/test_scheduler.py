@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.scheduler import DraftPolicy, Oracle, StepSample
+from runtime.scheduler import CostModel, DraftPolicy, Oracle, StepSample
 
 
 def prompt(n, vocab, seed=0):
@@ -146,7 +146,7 @@ def test_generate_batch_equals_one_by_one(eng):
 
 def test_policy_gives_up_when_drafting_loses_and_retries_later():
     p = DraftPolicy(draft_max=2, adaptive=True, total_experts=100)
-    simulate(p, accept=0.0, cost=lambda k: (0.001 + 0.002 * k, 0.01 * (1 + k), 8 * (1 + k)), steps=60)
+    simulate(p, accept=0.0, cost=lambda k: (0.001 + 0.002 * k, 0.01 * (1 + k), 8 * (1 + k)), steps=150)
     assert p.mtp_loses()
     p.give_up()
     runs = [p.start_sequence() for _ in range(DraftPolicy.RETRY_AFTER)]
@@ -154,7 +154,7 @@ def test_policy_gives_up_when_drafting_loses_and_retries_later():
     assert runs == [False] * (DraftPolicy.RETRY_AFTER - 1) + [True]
     assert not p.model.gpu_by_k and not p.mtp_loses()
     # losing again doubles the wait; a sequence that keeps MTP resets it
-    simulate(p, accept=0.0, cost=lambda k: (0.001 + 0.002 * k, 0.01 * (1 + k), 8 * (1 + k)), steps=60)
+    simulate(p, accept=0.0, cost=lambda k: (0.001 + 0.002 * k, 0.01 * (1 + k), 8 * (1 + k)), steps=150)
     assert p.mtp_loses()
     p.give_up()
     runs = [p.start_sequence() for _ in range(2 * DraftPolicy.RETRY_AFTER)]
@@ -218,3 +218,29 @@ def test_adaptive_overhead_script_runs_paired_and_lossless(model, capsys):
     assert mod.main([str(model.gguf_path), "--pairs", "3", "--max-tokens", "6", "--prompts", "1"]) == 0
     out = capsys.readouterr().out
     assert "3 pairs" in out and "ratio" in out
+
+
+def test_cost_model_prices_old_draft_samples_at_todays_plain_cost():
+    """The machine speeds up 2x while only plain steps run (the policy had settled on k=0 or is
+    between probes): the old single-draft samples, 1.4x the plain steps of their time, must be
+    priced at 1.4x today's plain step, not at their old absolute time (which would make drafting
+    look 2.8x dearer than plain and turn MTP off although it pays at this acceptance)."""
+    p = DraftPolicy(draft_max=1, adaptive=True, total_experts=0)
+    for i in range(4):                                      # warm-up on the slow machine (the
+        k = p.choose(8)                                     # first, cold step is not used)
+        p.observe(k, k, k, StepSample(k, 0.007 if k else 0.005, 0.0, 0))
+    for i in range(30):                                     # then plain steps, getting 2x faster
+        g = 0.005 - 0.0025 * min(i / 10, 1)
+        p.observe(0, 0, 0, StepSample(0, g, 0.0, 0))
+    p.reached[1], p.accepted[1] = 100, 72                   # the model's real acceptance
+    assert p.model.gpu(0) == pytest.approx(0.0025)
+    assert p.model.gpu(1) == pytest.approx(1.4 * 0.0025)
+    assert p.rate(1) > 1.2 * p.rate(0)
+    assert not p.mtp_loses() and p.choose(8) == 1
+    # a draft step seen before any plain step is referenced by the first plain step after it
+    q = CostModel()
+    q.observe(StepSample(1, 0.006, 0.0, 0))
+    q.observe(StepSample(0, 0.004, 0.0, 0))
+    assert q.gpu(1) == pytest.approx(0.006)
+    q.observe(StepSample(0, 0.002, 0.0, 0))
+    assert q.gpu(1) == pytest.approx(1.5 * 0.003)           # ratio 1.5 x median(4, 2) ms
