@@ -7,7 +7,9 @@
 out[t] = sum_k w[t,k] * down[e](silu(gate[e] @ x[t]) * (up[e] @ x[t])),  e = expert_ids[t,k].
 
 Weights stay in their GGUF block format (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL Q2_K Q3_K
-Q4_K Q5_K Q6_K IQ4_XS, any mix across gate/up/down).  Activations are quantized once per call to
+Q4_K Q5_K Q6_K IQ4_XS, any mix across gate/up/down); ``ExpertTensor.repacked()`` makes a one-time
+copy in a layout the SIMD dots read faster where one exists (Q5_0 -> q5_0_r8: same size, same
+values).  Activations are quantized once per call to
 8-bit blocks (float types use float activations).  Each distinct expert's weights are read once
 per call, whatever the number of tokens routed to it.
 

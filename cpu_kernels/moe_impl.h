@@ -1180,25 +1180,26 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
             const int64_t r1 = r0 + rb1 < I ? r0 + rb1 : I;
             const int64_t s0 = start[e], ns = start[e + 1] - s0;
             if (ns > NX_GRP && FN(has_fused)(gate->type) && FN(has_fused)(up->type)) {
-                /* many tokens (prefill): token groups outside, rows inside, so a group's
-                 * activations stay in L1 while the unit's rows (in L2) stream past them; rows
-                 * outside would pull every token's activations from L2 once per row */
+                /* many tokens (prefill): tiles of rows x 4-token groups (tile_dots), so a group's
+                 * activations stay in L1 while the tile's rows (in L2) pass them; one row at a
+                 * time would pull every token's activations from L2 once per row */
                 FN(tile_dots)(gate, e, r0, r1, ag, ptok + s0, sxg, ns, G + s0 * I + r0, I);
                 FN(tile_dots)(up, e, r0, r1, au, ptok + s0, sxu, ns, U + s0 * I + r0, I);
-            } else
-            for (int64_t r = r0; r < r1; r++) {
-                const uint8_t *wg = gate->data + (e * I + r) * gate->row_bytes, *wu = up->data + (e * I + r) * up->row_bytes;
+            } else {
+                for (int64_t r = r0; r < r1; r++) {
+                    const uint8_t *wg = gate->data + (e * I + r) * gate->row_bytes, *wu = up->data + (e * I + r) * up->row_bytes;
 #ifndef NX_PF_ROWS
 #define NX_PF_ROWS 0
 #endif
-                if (NX_PF_ROWS > 0 && r + NX_PF_ROWS < r1) {
-                    FN(prefetch)(wg + NX_PF_ROWS * gate->row_bytes, gate->row_bytes);
-                    FN(prefetch)(wu + NX_PF_ROWS * up->row_bytes, up->row_bytes);
+                    if (NX_PF_ROWS > 0 && r + NX_PF_ROWS < r1) {
+                        FN(prefetch)(wg + NX_PF_ROWS * gate->row_bytes, gate->row_bytes);
+                        FN(prefetch)(wu + NX_PF_ROWS * up->row_bytes, up->row_bytes);
+                    }
+                    FN(row_dots)(gate->type, fg, sg, wg, H, ag, ptok + s0, sxg, ns, res, scratch);
+                    for (int64_t j = 0; j < ns; j++) G[(s0 + j) * I + r] = res[j];
+                    FN(row_dots)(up->type, fu, su, wu, H, au, ptok + s0, sxu, ns, res, scratch);
+                    for (int64_t j = 0; j < ns; j++) U[(s0 + j) * I + r] = res[j];
                 }
-                FN(row_dots)(gate->type, fg, sg, wg, H, ag, ptok + s0, sxg, ns, res, scratch);
-                for (int64_t j = 0; j < ns; j++) G[(s0 + j) * I + r] = res[j];
-                FN(row_dots)(up->type, fu, su, wu, H, au, ptok + s0, sxu, ns, res, scratch);
-                for (int64_t j = 0; j < ns; j++) U[(s0 + j) * I + r] = res[j];
             }
             for (int64_t s = s0; s < s0 + ns; s++) {
                 float *g = G + s * I;
