@@ -152,7 +152,7 @@ if _IMPORT_ERROR is None:
         return _default_threads_cached
 
     # layout name -> (ggml type it applies to, kernel type id); ggml type -> its repacked layout
-    _LAYOUTS = {"ggml": (None, None), "q5_0_r8": (qtype("Q5_0"), 106)}
+    _LAYOUTS = {"ggml": (None, None), "q5_0_r8": (qtype("Q5_0"), 106)}  # 106: NX_Q5_0_R8, moe_kernels.h
     _REPACK_OF = {qtype("Q5_0"): "q5_0_r8"}
 
     class ExpertTensor:

@@ -674,8 +674,17 @@ NX_FUSED __m256i FN(r8_fold4)(const __m256i *q, const int8_t *y) {
     return _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
                              _mm256_set1_epi16(1));
 }
-NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
+/* the codes of 2 * pairs blocks: nibbles from qs (pair p: low = block 2p, high = block 2p+1),
+ * 5th bits from the plane hb (bit i of each byte -> block i) */
+NX_FUSED void FN(r8_codes)(const uint8_t *qs, const __m256i hb, const int pairs, __m256i *q) {
     const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16);
+    for (int p = 0; p < pairs; p++) {
+        const __m256i v = FN(ld256)(qs + 32 * p);
+        q[2 * p] = _mm256_or_si256(_mm256_and_si256(v, m4), NX_R8_HI(hb, 2 * p));
+        q[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), NX_R8_HI(hb, 2 * p + 1));
+    }
+}
+NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
     const int8_t *y[NX_NT];
     const float *dy[NX_NT], *sy[NX_NT];
     __m256 acc[NX_NT];
@@ -689,13 +698,8 @@ NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8
         NX_PF(w, 3);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
         const __m256 ow = _mm256_mul_ps(dw, _mm256_set1_ps(-16.0f));
-        const __m256i hb = FN(ld256)(w + 16);
         __m256i q[8];
-        for (int p = 0; p < 4; p++) {
-            const __m256i v = FN(ld256)(w + 48 + 32 * p);
-            q[2 * p] = _mm256_or_si256(_mm256_and_si256(v, m4), NX_R8_HI(hb, 2 * p));
-            q[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), NX_R8_HI(hb, 2 * p + 1));
-        }
+        FN(r8_codes)(w + 48, FN(ld256)(w + 16), 4, q);
         for (int t = 0; t < nt; t++) {
             /* h0 lanes: blocks 0-3 (elements 0-15 | 16-31); h1: blocks 4-7 -> one vector of 8 sums */
             const __m256i h0 = FN(r8_fold4)(q, y[t] + 32 * b), h1 = FN(r8_fold4)(q + 4, y[t] + 32 * (b + 4));
@@ -711,11 +715,7 @@ NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8
         const __m256i hb = _mm256_srlv_epi64(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w + 8))),
                                              _mm256_setr_epi64x(0, 0, 4, 4));
         __m256i q[4];
-        for (int p = 0; p < 2; p++) {
-            const __m256i v = FN(ld256)(w + 24 + 32 * p);
-            q[2 * p] = _mm256_or_si256(_mm256_and_si256(v, m4), NX_R8_HI(hb, 2 * p));
-            q[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), NX_R8_HI(hb, 2 * p + 1));
-        }
+        FN(r8_codes)(w + 24, hb, 2, q);
         for (int t = 0; t < nt; t++) {
             const __m256i h0 = FN(r8_fold4)(q, y[t] + 32 * b);
             const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(h0), _mm256_extracti128_si256(h0, 1));

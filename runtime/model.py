@@ -256,6 +256,7 @@ class GLM4Model:
     # One CPU expert call at a time: the cores are one resource, and concurrent sequences should
     # take turns on them while their GPU-side work proceeds.
     _cpu_lock: threading.Lock = field(default_factory=threading.Lock)
+    _last_moe: int | None = None  # index of the last MoE block (-1: none), found on first use
 
     @property
     def timeline(self) -> Timeline:
@@ -390,7 +391,9 @@ class GLM4Model:
         t0 = perf_counter()
         x, side = self.embed(tokens), self.embed.side
         self.timeline.add("gpu", "embed", t0, perf_counter())
-        last_moe = max((i for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)), default=-1)
+        if self._last_moe is None:
+            self._last_moe = max((i for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)), default=-1)
+        last_moe = self._last_moe
         for layer, b in enumerate(self.blocks):
             hook = beside_last_experts if layer == last_moe else None
             x, side = self._block(b, x, side, layer, cache, start, pos, beside_experts=hook)
