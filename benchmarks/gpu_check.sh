@@ -2,20 +2,39 @@
 # The prepared GPU check (issue 7): on a machine with CUDA, install what it needs from wheels carried
 # with it, build the CPU kernels, write a synthetic GLM-4.5-Air-shaped file of a few layers, and run
 # the benchmark with the GPU plan (MTP layer, attention, shared experts on the GPU; routed experts on
-# the CPU kernels). Budget: under 8 minutes on a 16-core H100 machine.
+# the CPU kernels). Budget: under 8 minutes on a 16-core H100/H200 machine.
 #
-# Prepare the wheels here once (the device has torch, numpy, pyyaml, jinja2, tokenizers, tqdm):
+# Prepare the wheels here once (the device has torch, numpy, pyyaml, jinja2, tokenizers, tqdm, pytest):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl gguf==0.19.0 cffi==2.0.0 pycparser
-# then run it with the device tool: command `bash benchmarks/gpu_check.sh`, carry [".whl"].
-set -euo pipefail
+# then run it with the device tool: command `bash benchmarks/gpu_check.sh`, carry [".whl"] (and
+# "cpu_kernels/_moe.abi3.so", a build made here, used only if the in-place build fails there).
+#
+# Stages run one after another; a failing stage is reported and the next one still runs, so one
+# call gives everything it can. Environment: GPU (default cuda:0), LAYERS (4), VOCAB, TOKENS (32), STAGES (a subset of
+# "kernels bench trace demo tests kbench"), OUT (where logs go).
+set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nextn-gpu-check}
+GPU=${GPU:-cuda:0}
+LAYERS=${LAYERS:-4}
+VOCAB=${VOCAB:-}
+TOKENS=${TOKENS:-32}
+STAGES=${STAGES:-"kernels bench trace demo tests kbench"}
 mkdir -p "$OUT"
-LAYERS=${LAYERS:-6}
 exec > >(tee "$OUT/gpu_check.log") 2>&1
+T0=$SECONDS
+stage() {  # stage NAME LIMIT_S CMD... : run one stage under a time limit, say how it ended
+  local name=$1 limit=$2; shift 2
+  [[ " $STAGES " == *" $name "* ]] || return 0
+  echo "=== stage $name (limit ${limit}s, at $((SECONDS - T0))s)"
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "=== stage $name: rc=$rc after $((SECONDS - T0))s"
+  return $rc
+}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -24,25 +43,41 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv || true
+lscpu | grep -E "Model name|^CPU\(s\)|Thread|L3" || true
+grep -o -w -E "avx2|avx512f|avx512bw|avx512vl|avx512_vnni|avx512_bf16|avx_vnni" /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
-# Build the cffi extension in place (no pip install: nothing can be fetched there).
-python3 cpu_kernels/build.py >/dev/null
-python3 -m cpu_kernels
+# Build the cffi extension in place (no pip install: nothing can be fetched there). A
+# version-specific build wins over a carried abi3 one at import.
+python3 cpu_kernels/build.py >"$OUT/build.log" 2>&1 || { echo "in-place build failed (tail below); using a carried build if any"; tail -5 "$OUT/build.log"; }
+python3 -m cpu_kernels || { echo "cpu_kernels does not import: stopping"; exit 1; }
+# pytest-xdist and pytest-timeout are in the device image; used when present.
+PX=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+PT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 
-python3 -m runtime.synthetic /tmp/air.gguf --shape glm45-air --layers "$LAYERS" --mix q4k_q5_0
-python3 -m runtime.cli plan /tmp/air.gguf --gpu cuda:0 | tee "$OUT/plan.txt"
+# Every kernel path this CPU has (AVX-512 too), against gguf's dequantize + float64.
+# If a path fails here, the later stages use the AVX2 one, so that they still say something.
+stage kernels 90 python3 -m pytest -q -p no:cacheprovider -x tests/test_cpu_kernels.py ${PX/8/4} \
+  || { [[ " $STAGES " != *" kernels "* ]] || { echo "kernel tests failed: forcing avx2"; export NEXTN_KERNEL_PATH=avx2; }; }
 
+if [[ " $STAGES " == *" bench "* || " $STAGES " == *" trace "* ]]; then
+  python3 -m runtime.synthetic /tmp/air.gguf --shape glm45-air --layers "$LAYERS" --mix q4k_q5_0 ${VOCAB:+--vocab $VOCAB}
+  python3 -m runtime.cli plan /tmp/air.gguf --gpu "$GPU" | tee "$OUT/plan.txt"
+fi
 # Plain vs fixed draft lengths (without and with draft-ahead) vs adaptive, oracle acceptance
-# 0..0.9, in one process.
-python3 -m runtime.cli bench model /tmp/air.gguf --gpu cuda:0 --oracle 0,0.3,0.6,0.9 --draft 1,2 --ahead \
-  --max-tokens 32 --repeats 2 --prompts 2 | tee "$OUT/bench_air.txt"
-# The same with the CPU experts overlapped against the GPU side switched off, for the overlap share.
-python3 -m runtime.cli bench model /tmp/air.gguf --gpu cuda:0 --oracle 0.6 --draft 1 \
-  --max-tokens 32 --repeats 2 --prompts 2 --no-overlap | tee "$OUT/bench_air_no_overlap.txt"
+# 0..0.9, in one process; then the same with the CPU/GPU overlap switched off, for the overlap share.
+stage bench 180 python3 -m runtime.cli bench model /tmp/air.gguf --gpu "$GPU" --oracle 0,0.3,0.6,0.9 \
+  --draft 1,2 --ahead --max-tokens "$TOKENS" --repeats 2 --prompts 2
 # One traced run: busy/overlap figures and weight_bytes_moved (must be 0).
-python3 -m runtime.cli run /tmp/air.gguf --gpu cuda:0 --max-tokens 32 --draft-max 2 \
-  --trace "$OUT/trace_air.json" --prompt "def main():" | tee "$OUT/run_air.txt"
-# The bundled demo model on the GPU.
-python3 -m runtime.cli bench model --gpu cuda:0 --max-tokens 64 --repeats 2 | tee "$OUT/bench_demo.txt"
-echo "gpu check done"
+stage trace 90 python3 -m runtime.cli run /tmp/air.gguf --gpu "$GPU" --max-tokens "$TOKENS" --draft-max 2 \
+  --trace "$OUT/trace_air.json" --prompt "def main():"
+stage bench 90 python3 -m runtime.cli bench model /tmp/air.gguf --gpu "$GPU" --oracle 0.6 --draft 1 \
+  --max-tokens "$TOKENS" --repeats 2 --prompts 2 --no-overlap
+# The bundled demo model on the GPU (its real acceptance).
+stage demo 60 python3 -m runtime.cli bench model --gpu "$GPU" --max-tokens 64 --repeats 2
+# The whole test suite with CUDA present (engines default to gpu: auto there).
+stage tests 100 python3 -m pytest -q -p no:cacheprovider $PX $PT tests
+# The kernel benchmark on this machine's cores, Air shape, decode and verification sizes.
+stage kbench 45 python3 benchmarks/bench_kernels.py --shapes air --mixes q4k_q5_0 --tokens 1,2,4,8,512 --same 4 \
+  --interleave --repeats 5
+echo "gpu check done after $((SECONDS - T0))s"
