@@ -13,8 +13,8 @@
 # "cpu_kernels/_moe.abi3.so", a build made here, used only if the in-place build fails there).
 #
 # Stages run one after another; a failing stage is reported and the next one still runs, so one
-# call gives everything it can. Environment: GPU (default cuda:0), LAYERS (4), VOCAB, TOKENS (32), STAGES (a subset of
-# "kernels bench trace demo tests kbench"), OUT (where logs go).
+# call gives everything it can. Environment: GPU (default cuda:0), LAYERS (4), VOCAB, TOKENS (32), TESTS (test paths), STAGES (a subset of
+# "kernels bench trace demo profile tests kbench", in the order they run), OUT (where logs go).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nextn-gpu-check}
@@ -22,7 +22,7 @@ GPU=${GPU:-cuda:0}
 LAYERS=${LAYERS:-4}
 VOCAB=${VOCAB:-}
 TOKENS=${TOKENS:-32}
-STAGES=${STAGES:-"kernels bench trace demo tests kbench"}
+STAGES=${STAGES:-"kernels bench trace demo profile tests kbench"}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 T0=$SECONDS
@@ -60,7 +60,7 @@ PT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 stage kernels 90 python3 -m pytest -q -p no:cacheprovider -x tests/test_cpu_kernels.py ${PX/8/4} \
   || { [[ " $STAGES " != *" kernels "* ]] || { echo "kernel tests failed: forcing avx2"; export NEXTN_KERNEL_PATH=avx2; }; }
 
-if [[ " $STAGES " == *" bench "* || " $STAGES " == *" trace "* ]]; then
+if [[ " $STAGES " == *" bench "* || " $STAGES " == *" trace "* || " $STAGES " == *" profile "* ]]; then
   python3 -m runtime.synthetic /tmp/air.gguf --shape glm45-air --layers "$LAYERS" --mix q4k_q5_0 ${VOCAB:+--vocab $VOCAB}
   python3 -m runtime.cli plan /tmp/air.gguf --gpu "$GPU" | tee "$OUT/plan.txt"
 fi
@@ -74,9 +74,11 @@ stage trace 90 python3 -m runtime.cli run /tmp/air.gguf --gpu "$GPU" --max-token
 stage bench 90 python3 -m runtime.cli bench model /tmp/air.gguf --gpu "$GPU" --oracle 0.6 --draft 1 \
   --max-tokens "$TOKENS" --repeats 2 --prompts 2 --no-overlap
 # The bundled demo model on the GPU (its real acceptance).
-stage demo 60 python3 -m runtime.cli bench model --gpu "$GPU" --max-tokens 64 --repeats 2
+stage demo 45 python3 -m runtime.cli bench model --gpu "$GPU" --max-tokens 64 --repeats 2
+# torch.profiler over plain and 2-row verify steps (where a step's time goes).
+stage profile 75 python3 benchmarks/gpu_profile.py /tmp/air.gguf --gpu "$GPU"
 # The whole test suite with CUDA present (engines default to gpu: auto there).
-stage tests 100 python3 -m pytest -q -p no:cacheprovider $PX $PT tests
+stage tests 100 python3 -m pytest -q -p no:cacheprovider $PX $PT ${TESTS:-tests}
 # The kernel benchmark on this machine's cores, Air shape, decode and verification sizes.
 stage kbench 45 python3 benchmarks/bench_kernels.py --shapes air --mixes q4k_q5_0 --tokens 1,2,4,8,512 --same 4 \
   --interleave --repeats 5

@@ -96,8 +96,15 @@ class Machine:
     cores: int  # physical
     cpu_bw: dict[int, float] = field(default_factory=dict)  # threads -> bytes/s (CPU expert threads)
     gpu_bw: dict[str, float] = field(default_factory=dict)  # dtype -> bytes/s of a matrix-vector product
+    # the same on the CPU, for candidates whose "gpu side" is the CPU (gpu: cpu) on a CUDA machine
+    host_bw: dict[str, float] = field(default_factory=dict)
     flops: float = 1e10  # gpu-side float matmul rate
     seconds: float = 0.0
+
+    def matvec_bw(self, device: str, dtype: str) -> float:
+        """bytes/s of the gpu side's matrix-vector products for a plan whose gpu side is `device`."""
+        bw = self.gpu_bw if device.startswith("cuda") else self.host_bw
+        return bw.get(dtype) or min(bw.values())
 
     def describe(self) -> str:
         bw = ", ".join(f"{t} thr {b / 1e9:.1f} GB/s" for t, b in sorted(self.cpu_bw.items()))
@@ -153,13 +160,10 @@ def read_machine(thread_options: list[int]) -> Machine:
         best = min(_timed(lambda: a.sum()) for _ in range(3))
         for t in thread_options:
             m.cpu_bw[t] = a.nbytes / best
-    dtypes = ("bfloat16", "float16") if dev.startswith("cuda") else ("float32", "bfloat16")
-    for d in dtypes:
-        w = torch.ones(8192, 4096, dtype=getattr(torch, d), device=dev)  # 128 MiB f32: past the caches
-        x = torch.ones(4096, dtype=w.dtype, device=dev)
-        _sync(dev, w @ x)
-        best = min(_timed(lambda: _sync(dev, w @ x)) for _ in range(5))
-        m.gpu_bw[d] = w.numel() * w.element_size() / best
+    on_cuda = dev.startswith("cuda")
+    for d in ("bfloat16", "float16") if on_cuda else ("float32", "bfloat16"):
+        m.gpu_bw[d] = _matvec_bw(dev, d)
+    m.host_bw = {d: _matvec_bw("cpu", d) for d in ("float32", "bfloat16")} if on_cuda else m.gpu_bw
     a = torch.ones(256, 1024, dtype=torch.float32, device=dev)
     b = torch.ones(1024, 1024, dtype=torch.float32, device=dev)
     _sync(dev, a @ b)
@@ -167,6 +171,16 @@ def read_machine(thread_options: list[int]) -> Machine:
     m.flops = 2 * 256 * 1024 * 1024 / best
     m.seconds = time.perf_counter() - t0
     return m
+
+
+def _matvec_bw(dev: str, dtype: str) -> float:
+    import torch
+
+    w = torch.ones(8192, 4096, dtype=getattr(torch, dtype), device=dev)  # 128 MiB f32: past the caches
+    x = torch.ones(4096, dtype=w.dtype, device=dev)
+    _sync(dev, w @ x)
+    best = min(_timed(lambda: _sync(dev, w @ x)) for _ in range(5))
+    return w.numel() * w.element_size() / best
 
 
 def _timed(fn) -> float:
@@ -261,7 +275,7 @@ class CostModel:
         return out
 
     def _time(self, by_side: dict, c: Candidate, layers: int) -> float:
-        return (by_side["cpu"] / self.m.cpu_bw[c.threads] + by_side["gpu"] / self.m.gpu_bw[c.est.gpu_dtype]
+        return (by_side["cpu"] / self.m.cpu_bw[c.threads] + by_side["gpu"] / self.m.matvec_bw(c.est.gpu_device, c.est.gpu_dtype)
                 + self.overhead * layers)
 
     def decode(self, c: Candidate) -> float:
@@ -295,7 +309,7 @@ class CostModel:
 
     def calibrate(self, c: Candidate) -> None:
         b = self.split_bytes(c)["main"]
-        bytes_t = b["cpu"] / self.m.cpu_bw[c.threads] + b["gpu"] / self.m.gpu_bw[c.est.gpu_dtype]
+        bytes_t = b["cpu"] / self.m.cpu_bw[c.threads] + b["gpu"] / self.m.matvec_bw(c.est.gpu_device, c.est.gpu_dtype)
         if c.m_decode:
             self.overhead = max(0.0, (1.0 / c.m_decode - bytes_t) / max(self.cfg.n_layers, 1))
         if c.m_prefill:

@@ -70,7 +70,7 @@ class Sequence:
         self.cache = model.new_cache(context, kv_dtype)
         self.use_mtp = use_mtp and model.nextn is not None
         self.mtp_cache = model.new_mtp_cache(context, kv_dtype) if self.use_mtp else None
-        self.gen = params.generator()
+        self.gen: torch.Generator | None = None  # made on first use, on the logits' device (_rng)
         self.tokens: list[int] = []  # every token of the sequence (prompt + emitted)
         self.owed_h: torch.Tensor | None = None  # hidden states of MTP rows not yet in the MTP cache
         self.last_logits: torch.Tensor | None = None
@@ -120,8 +120,13 @@ class Sequence:
         self.last_logits = m.logits(h[-1:])[0]
         return self._sample(self.last_logits)
 
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self.gen is None or self.gen.device != device:
+            self.gen = self.params.generator(device)
+        return self.gen
+
     def _sample(self, logits: torch.Tensor) -> int:
-        return self.params.sample(logits, self.gen)
+        return self.params.sample(logits, None if self.params.greedy else self._rng(logits.device))
 
     # ---- decode steps -------------------------------------------------------------------------
 
@@ -195,6 +200,8 @@ class Sequence:
         m, mc = self.model, self.mtp_cache
         side = m.nextn.side
         z, feed = self._chain
+        if mc.length + k + 1 > mc.max_len:  # near the end of the context: no room to draft ahead
+            return
         if feed is not None:
             z = m.mtp_forward(z, torch.tensor([feed]), mc, mc.length, h_side=side)
         guess, ahead = None, []
@@ -284,12 +291,13 @@ class Sequence:
                 out.append(d)
                 continue
             p = params.probs(logits[i])
-            if float(torch.rand((), generator=self.gen)) < float(p[d]):
+            g = self._rng(p.device)
+            if float(torch.rand((), generator=g, device=p.device)) < float(p[d]):
                 out.append(d)
                 continue
             q = p.clone()
             q[d] = 0
-            out.append(int(torch.multinomial(q / q.sum(), 1, generator=self.gen)))
+            out.append(int(torch.multinomial(q / q.sum(), 1, generator=g)))
             return out
         out.append(self._sample(logits[len(drafts)]))
         return out

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .trace import NULL_TIMELINE, Timeline
@@ -84,6 +86,11 @@ class Bus:
         return x.to(self.dtypes[dst]) if x.is_floating_point() else x
 
 
+# Attention backends on CUDA: not cuDNN's, which builds a plan for every new shape, and decoding
+# makes a new KV length at every step (the first GPU check measured ~36 ms per 2-row forward).
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and w.dtype == torch.float32:  # the common CPU case: no casts
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
@@ -101,12 +108,22 @@ class RoPE:
         self.cos = t.cos().float().to(device)  # [max_pos, dim/2]
         self.sin = t.sin().float().to(device)
         self.dim = dim
+        # A plan may put some layers' attention on the CPU while others are on the GPU: one copy of
+        # the (small) tables per device, made on first use there.
+        self._tables = {self.cos.device: (self.cos, self.sin)}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._tables.get(device)
+        if t is None:
+            t = self._tables[device] = (self.cos.to(device), self.sin.to(device))
+        return t
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # x [T, heads, D]; pos [T]
+        # x [T, heads, D]; pos [T] on x's device
         half = self.dim // 2
-        c = self.cos[pos][:, None, :]
-        s = self.sin[pos][:, None, :]
+        cos, sin = self._on(x.device)
+        c = cos[pos][:, None, :]
+        s = sin[pos][:, None, :]
         x1 = x[..., :half].float()
         x2 = x[..., half:self.dim].float()
         rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
@@ -288,8 +305,9 @@ class GLM4Model:
         Q = q.transpose(0, 1)  # [heads, T, D]
         # Query t (slot start+t) sees slots 0..start+t.
         mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        o = F.scaled_dot_product_attention(Q[None].to(K.dtype), K[None], V[None], attn_mask=mask,
-                                           scale=cfg.head_dim ** -0.5, enable_gqa=True)[0]
+        with sdpa_kernel(_CUDA_SDPA) if x.is_cuda else nullcontext():
+            o = F.scaled_dot_product_attention(Q[None].to(K.dtype), K[None], V[None], attn_mask=mask,
+                                               scale=cfg.head_dim ** -0.5, enable_gqa=True)[0]
         o = o.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim).to(x.dtype)
         return o @ a.wo.T
 

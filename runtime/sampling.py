@@ -43,8 +43,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self) -> torch.Generator:
-        g = torch.Generator()
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """Seeded generator on `device`: sampling runs where the logits are, and a CUDA tensor needs a
+        CUDA generator."""
+        g = torch.Generator(device=device)
         g.manual_seed(self.seed if self.seed is not None else torch.seed() & 0x7FFFFFFF)
         return g
 
@@ -67,7 +69,7 @@ class SamplingParams:
             p = p.masked_fill(p < self.min_p * p.max(-1, keepdim=True).values, 0.0)
         return p / p.sum(-1, keepdim=True)
 
-    def sample(self, logits: torch.Tensor, gen: torch.Generator) -> int:
+    def sample(self, logits: torch.Tensor, gen: torch.Generator | None) -> int:
         if self.greedy:
             return int(logits.argmax(-1))
         return int(torch.multinomial(self.probs(logits), 1, generator=gen))

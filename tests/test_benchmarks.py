@@ -35,3 +35,35 @@ def test_repack_decode_script_runs(capsys):
     assert mod.main(["--pairs", "2", "--max-tokens", "4", "--prompts", "1"]) == 0   # the demo model
     out = capsys.readouterr().out
     assert "nothing to repack" in out and "repacked / ggml decode time" in out
+
+
+def test_divergence_explained_only_at_a_rounding_tie():
+    """`nextn bench model` tells a bfloat16 near-tie (argmax flipped by rounding) from a real bug."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from runtime.bench import explain_divergence
+    from runtime.errors import NextnError
+
+    row = np.zeros(8, np.float32)
+    row[3], row[5] = 10.0, 9.99  # 0.01 apart: inside bfloat16 rounding at |logit| 10, not float32's
+    seen = []
+
+    def logits(ids):
+        seen.append(list(ids))
+        return np.stack([row] * len(ids))
+
+    want, got = [1, 2, 3, 4], [1, 2, 5, 4]
+    bf16 = SimpleNamespace(logits=logits, dtype=torch.bfloat16)
+    msg = explain_divergence(bf16, [7, 7], got, want)
+    assert "near-tie" in msg and "generated token 2" in msg
+    assert seen == [[7, 7, 1, 2]]  # plain's logits at the first differing position
+    with pytest.raises(NextnError, match="a bug"):
+        explain_divergence(SimpleNamespace(logits=logits, dtype=torch.float32), [7, 7], got, want)
+    row[5] = 8.0  # clearly apart: a bug in any dtype
+    with pytest.raises(NextnError, match="not a rounding tie"):
+        explain_divergence(bf16, [7, 7], got, want)
+    with pytest.raises(NextnError, match="length differs"):
+        explain_divergence(bf16, [7, 7], want[:3], want)

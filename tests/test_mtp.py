@@ -115,12 +115,14 @@ def test_prompt_ending_on_chunk_boundary(copy_engine, random_engine):
             eng.prefill_chunk = saved
 
 
+@pytest.mark.parametrize("draft_ahead", [False, True])
 @pytest.mark.parametrize("draft_max", [1, 3, 4])
-def test_generation_hitting_context_limit(copy_model_path, draft_max):
+def test_generation_hitting_context_limit(copy_model_path, draft_max, draft_ahead):
     eng = runtime.load(copy_model_path, progress=False, use_kernels=False, context=48)
     ids = prompt(37, eng.cfg.n_vocab, seed=1)
     plain = eng.generate(ids, max_tokens=100, mtp=False)
-    spec = eng.generate(ids, max_tokens=100, mtp=True, draft_max=draft_max, adaptive=False)
+    spec = eng.generate(ids, max_tokens=100, mtp=True, draft_max=draft_max, adaptive=False,
+                        draft_ahead=draft_ahead)
     assert plain.finish_reason == spec.finish_reason == "context"
     assert spec.tokens == plain.tokens
     assert len(ids) + len(plain.tokens) == 48 + 1  # the last token needs no cache slot
@@ -232,7 +234,7 @@ def test_caches_hold_exactly_the_emitted_tokens(temperature, draft_ahead, make_t
     # perturb the MTP block so that drafts are sometimes rejected
     blk = eng.model.nextn.block
     g = torch.Generator().manual_seed(0)
-    blk.attn.wo += 0.05 * torch.randn(blk.attn.wo.shape, generator=g)
+    blk.attn.wo += 0.05 * torch.randn(blk.attn.wo.shape, generator=g).to(blk.attn.wo)
     params = SamplingParams(temperature=temperature, top_k=5, seed=3)
     with torch.inference_mode():
         seq = eng.new_sequence(params, use_mtp=True, draft_ahead=draft_ahead)

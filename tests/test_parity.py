@@ -51,7 +51,7 @@ def test_selection_bias_changes_the_chosen_experts(engines):
     tm, eng = engines("selection_bias", use_kernels=False)
     blk = next(b for b in eng.model.blocks if hasattr(b.ffn, "router"))
     r = blk.ffn.router
-    x = torch.randn(64, eng.cfg.hidden, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(64, eng.cfg.hidden, generator=torch.Generator().manual_seed(0)).to(r.weight.device)
     with_bias = r(x)[0]
     saved = r.bias
     r.bias = torch.zeros_like(saved)
