@@ -86,8 +86,10 @@ class Bus:
         return x.to(self.dtypes[dst]) if x.is_floating_point() else x
 
 
-# Attention backends on CUDA: not cuDNN's, which builds a plan for every new shape, and decoding
-# makes a new KV length at every step (the first GPU check measured ~36 ms per 2-row forward).
+# Attention backends on CUDA, named: with torch's default choice, decode-shaped calls with a new
+# KV length each time took ~37 ms each on an H200 (benchmarks/gpu_profile.py; 0.06-0.3 ms with
+# this list), and decoding makes a new KV length at every step. GQA rules out the efficient
+# kernel and a mask rules out flash, so 2+ query rows take the math path.
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -303,8 +305,11 @@ class GLM4Model:
         K = ck[:end].transpose(0, 1)  # [kv, S, D]
         V = cv[:end].transpose(0, 1)
         Q = q.transpose(0, 1)  # [heads, T, D]
-        # Query t (slot start+t) sees slots 0..start+t.
-        mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        # Query t (slot start+t) sees slots 0..start+t. One query row on CUDA sees every slot:
+        # no mask, so the flash kernel can take it (0.06 ms against the math path's 0.22 ms per
+        # call in the GPU check); the CPU keeps one path for every row count.
+        mask = (None if T == 1 and x.is_cuda else
+                torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start))
         with sdpa_kernel(_CUDA_SDPA) if x.is_cuda else nullcontext():
             o = F.scaled_dot_product_attention(Q[None].to(K.dtype), K[None], V[None], attn_mask=mask,
                                                scale=cfg.head_dim ** -0.5, enable_gqa=True)[0]

@@ -48,12 +48,13 @@ def test_room_for_some_expert_layers(model, tmp_path):
                   tokens=4, log=lambda s: None)
     probe.enumerate()
     L = probe.cfg.n_layers
-    by_n = {c.n_cpu: c for c in probe.candidates if c.kind == "tuned" and c.est.gpu_dtype == "float32"}
+    dt = "bfloat16" if probe.cuda else "float32"  # the first gpu dtype the tuner tries
+    by_n = {c.n_cpu: c for c in probe.candidates if c.kind == "tuned" and c.est.gpu_dtype == dt}
     limit = (by_n[L - 1].est.gpu_bytes + by_n[L - 2].est.gpu_bytes) // 2
     t = Tuner(model, tmp_path / "plan.yaml", gpu_mem=limit, ram=None, context=256, threads="1", budget=60, tokens=4,
               log=lambda s: None, machine=probe.machine)
     t.enumerate()
-    tuned = {c.n_cpu: c for c in t.candidates if c.kind == "tuned" and c.est.gpu_dtype == "float32"}
+    tuned = {c.n_cpu: c for c in t.candidates if c.kind == "tuned" and c.est.gpu_dtype == dt}
     assert tuned[L - 1].reject is None or tuned[L - 1].reject.startswith("pruned")
     for n in range(probe.cfg.n_dense, L - 1):
         assert tuned[n].reject and "gpu side needs" in tuned[n].reject
