@@ -7,6 +7,8 @@ The rules (the engine allocates by the same ones; `tensor_load_bytes` is the sin
              resolves to the CPU.
   cpu side   routed experts stay in GGUF form (the CPU kernels read them): nbytes as in the file;
              any other tensor placed on the cpu side is dequantized to float32: n_elements * 4.
+             Where the gpu side resolves to the CPU (no CUDA), routed experts placed on the gpu
+             side (the MTP layer's, by default) stay in GGUF form too: the same kernels run them.
   none       duplicates that are not loaded (the nextn embed/head copies of the main ones): 0.
   KV cache   per block (main layers + nextn layers), on the side of that block's attention:
              context * n_kv_heads * head_dim * 2 (k and v) * gpu dtype size (the KV dtype is the gpu
@@ -53,17 +55,19 @@ def resolve_gpu_dtype(plan: Plan, gpu_device: str) -> str:
     return "bfloat16" if gpu_device.startswith("cuda") else "float32"
 
 
-def tensor_load_bytes(info, side: str, role_part: str, gpu_dtype: str, use_kernels: bool = True) -> int:
+def tensor_load_bytes(info, side: str, role_part: str, gpu_dtype: str, use_kernels: bool = True,
+                      gpu_on_cpu: bool = False) -> int:
     """Bytes a tensor occupies once loaded on `side` (see the module docstring). Without the CPU
-    kernels (`use_kernels=False`, the torch expert path) cpu-side experts are float32 too."""
+    kernels (`use_kernels=False`, the torch expert path) cpu-side experts are float32 too.
+    `gpu_on_cpu`: the gpu side runs on the CPU."""
     if side == "none":
         return 0
     if info.name.endswith(_FLOAT32_ALWAYS):  # the router runs in float32 on either side
         return info.n_elements * 4
+    if role_part == "routed_experts" and use_kernels and (side == "cpu" or gpu_on_cpu):
+        return int(info.nbytes)
     if side == "gpu":
         return info.n_elements * DTYPE_SIZE[gpu_dtype]
-    if role_part == "routed_experts" and use_kernels:
-        return int(info.nbytes)
     return info.n_elements * 4
 
 
@@ -117,7 +121,7 @@ def estimate_memory(placement: Placement, gguf_file, cfg: ModelConfig, plan: Pla
     skipped = 0
     for name, info in gguf_file.tensors.items():
         side = placement.tensors[name]
-        b = tensor_load_bytes(info, side, placement.roles[name].part, dtype, use_kernels)
+        b = tensor_load_bytes(info, side, placement.roles[name].part, dtype, use_kernels, device == "cpu")
         per_tensor[name] = b
         totals[side] += b
         if side == "none":

@@ -140,14 +140,16 @@ class _Builder:
         names = [f"{p}ffn_{w}_exps.weight" for w in ("gate", "up", "down")]
         side = self.unit_side(names)
         infos = [self.f.tensors[n] for n in names]
-        if side == "cpu" and self.use_kernels:
+        # Experts on the gpu side where that side is the CPU (no CUDA; the MTP layer's, by
+        # default) run on the same kernels: a float copy would only be larger and slower.
+        if self.use_kernels and (side == "cpu" or self.devices["gpu"].type == "cpu"):
             import cpu_kernels
 
             ets = [self._maybe_repack(cpu_kernels.ExpertTensor(i.raw(), int(i.ggml_type), i.shape), name)
                    for i, name in zip(infos, names)]
             experts = KernelExperts(*ets, threads=self.threads)
             for i in infos:
-                self.report.bytes_by_side["cpu"] += i.nbytes
+                self.report.bytes_by_side[side] += i.nbytes
                 self._tick(i)
             self.report.kernel_expert_layers += 1
         else:

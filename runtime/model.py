@@ -342,8 +342,9 @@ class GLM4Model:
         tl.add("gpu", f"{tag}attention+router {layer}", t0, perf_counter())
 
         def routed() -> torch.Tensor:
-            if r.side != "cpu":
-                return r(he, ids, w)
+            if r.side != "cpu":  # the kernels return float32 when the gpu side is the CPU
+                y = r(he, ids, w)
+                return y if y.dtype == he.dtype else y.to(he.dtype)
             with self._cpu_lock:  # the CPU track: what the cost model and overlap figures measure
                 t = perf_counter()
                 y = r(he, ids, w)

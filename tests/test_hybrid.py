@@ -23,6 +23,7 @@ def write_plan(tmp_path, model_path, body: str, name="plan.yaml"):
 PLANS = {
     "default": "",
     "all_gpu": "placement: {routed_experts: gpu}\n",
+    "torch_experts": "placement: {routed_experts: gpu}\n",  # loaded with use_kernels=False
     "all_cpu": """\
         placement:
           token_embd: cpu
@@ -48,7 +49,8 @@ def runs(model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plans")
     out = {}
     for name, body in PLANS.items():
-        eng = runtime.load(write_plan(tmp, model.gguf_path, body, f"{name}.yaml"), progress=False)
+        kw = {"use_kernels": False} if name == "torch_experts" else {}
+        eng = runtime.load(write_plan(tmp, model.gguf_path, body, f"{name}.yaml"), progress=False, **kw)
         out[name] = (eng, {mtp: eng.generate("def f(x):\n    return", max_tokens=64, mtp=mtp)
                            for mtp in (False, True)})
     return out
@@ -71,10 +73,13 @@ def test_no_weight_moves(runs, name):
 
 def test_placements_really_differ(runs):
     reports = {n: e.load_report for n, (e, _) in runs.items()}
-    assert reports["default"].kernel_expert_layers == 3  # main MoE layers 1..3 on the CPU kernels
-    assert reports["all_gpu"].kernel_expert_layers == 0
+    # Experts placed on the gpu side run on the CPU kernels too where that side is the CPU.
+    no_cuda = runs["default"][0].device.type == "cpu"
+    assert reports["default"].kernel_expert_layers == 3 + no_cuda  # main MoE layers 1..3 (+ the MTP layer's)
+    assert reports["all_gpu"].kernel_expert_layers == 4 * no_cuda
+    assert (reports["torch_experts"].kernel_expert_layers, reports["torch_experts"].torch_expert_layers) == (0, 4)
     assert reports["all_cpu"].bytes_by_side["gpu"] == 0
-    assert reports["mixed_layers"].kernel_expert_layers == 2 + 1  # blocks 1,2 and the MTP layer's
+    assert reports["mixed_layers"].kernel_expert_layers == 2 + 1 + no_cuda  # blocks 1,2, the MTP layer's (+ 3)
 
 
 def test_activation_bytes_match_the_formula(runs):

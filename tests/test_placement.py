@@ -508,8 +508,15 @@ def test_memory_estimate_arithmetic(tmp_path, models):
         assert cpu == 2 * 3 * E * I * H // 32 * 34  # Q8_0 in GGUF form
         assert est.cpu_weight_bytes == cpu
         gpu_elems = sum(t.n_elements for n, t in f.tensors.items() if res.tensors[n] == "gpu"
-                        and not n.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias")))
-        assert est.gpu_weight_bytes == gpu_elems * size + 3 * router  # routers of blk.1-3, on the gpu side
+                        and not n.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias", "_exps.weight")))
+        # the MTP layer's routed experts (blk.3, gpu side): in GGUF form for the kernels when the gpu
+        # side is the CPU, dequantized to the gpu dtype on CUDA
+        mtp_exps = [f.tensors[f"blk.3.ffn_{w}_exps.weight"] for w in ("gate", "up", "down")]
+        assert all(res.tensors[t.name] == "gpu" for t in mtp_exps)
+        router3 = 3 * router  # routers of blk.1-3, on the gpu side
+        assert est.gpu_weight_bytes == gpu_elems * size + router3 + sum(t.nbytes for t in mtp_exps)
+        cuda = P.estimate_memory(res, f, cfg, replace(plan, gpu_dtype=dtype), gpu_device="cuda:0")
+        assert cuda.gpu_weight_bytes == (gpu_elems + sum(t.n_elements for t in mtp_exps)) * size + router3
         assert est.tensor_bytes["token_embd.weight"] == V * H * size
         assert est.gpu_bytes == est.gpu_weight_bytes + kv
         assert sum(est.row_bytes) == est.gpu_weight_bytes + est.cpu_weight_bytes
