@@ -77,6 +77,8 @@ class Sequence:
         self.stats = SpecStats()
         self.oracle: Oracle | None = None
         self.last_sample: StepSample | None = None  # cost of the last step, for the draft policy
+        self._plain_owed = 0  # owed MTP rows added by plain steps since the last draft
+        self._catchup = 0  # of those, paid by the current step's draft
         self.draft_ahead = draft_ahead
         self.ahead: list[tuple[int, float]] | None = None  # drafts made ahead, valid if pending == ahead_for
         self.ahead_for: int | None = None
@@ -91,7 +93,9 @@ class Sequence:
         t0, c0, e0 = begin
         ctx = self.model.bus.ctx
         cpu = ctx.cpu_expert_s - c0
-        self.last_sample = StepSample(k, perf_counter() - t0 - cpu, cpu, ctx.cpu_experts_read - e0)
+        self.last_sample = StepSample(k, perf_counter() - t0 - cpu, cpu, ctx.cpu_experts_read - e0,
+                                      self._catchup if k else 0)
+        self._catchup = 0
 
     @property
     def context(self) -> int:
@@ -142,8 +146,10 @@ class Sequence:
         self.ahead = None
         if self.use_mtp:  # owe the MTP row, so drafting can resume at any step
             self.owed_h = h if self.owed_h is None else torch.cat([self.owed_h, h])
+            self._plain_owed += 1
             if self.owed_h.shape[0] > MAX_OWED_MTP_ROWS:
                 self._pay_owed(keep=1)
+                self._plain_owed = 1
         return self._sample(self.last_logits)
 
     def stop_mtp(self) -> None:
@@ -151,6 +157,7 @@ class Sequence:
         pay): no more owed rows, no MTP cache."""
         self.use_mtp = False
         self.owed_h = None
+        self._plain_owed = 0
         self.mtp_cache = None
         self.ahead = None
 
@@ -175,6 +182,7 @@ class Sequence:
         nxt = torch.tensor(self.tokens[first + 1:] + [token], dtype=torch.long)
         z = m.mtp_forward(self.owed_h, nxt, mc, first)[-1:]
         self.owed_h = None
+        self._catchup, self._plain_owed = self._plain_owed, 0
         drafts = []
         pos = len(self.tokens) + 1  # sequence position of the first draft
         while True:

@@ -29,6 +29,7 @@ class StepSample:
     gpu_s: float  # wall time of the step minus its CPU expert time
     cpu_s: float  # CPU expert time
     experts: int  # distinct (layer, expert) pairs read on the CPU side
+    catchup: int = 0  # MTP rows owed by plain steps before this one that its draft paid
 
 
 def _median(xs) -> float:
@@ -158,6 +159,7 @@ class DraftPolicy:
         self._warm = [1, 0, 1, 0] if adaptive else []
         self._cold = True
         self._retry = self.RETRY_AFTER  # sequences without MTP after a give-up; doubles each time
+        self._again = 0  # a length to run once more: its last step's cost was not steady-state
 
     def accept_rate(self, j: int) -> float:
         m, w = self.prior
@@ -182,6 +184,10 @@ class DraftPolicy:
         self.steps += 1
         if self._warm:
             return min(self._warm.pop(), hi)
+        if self._again:
+            k, self._again = min(self._again, hi), 0
+            self.chosen[k] = self.chosen.get(k, 0) + 1
+            return k
         k = max(range(hi + 1), key=self.rate)
         if self._probe_from is not None:  # the step after a probe: did it change the choice?
             same = k == self._probe_from
@@ -264,6 +270,13 @@ class DraftPolicy:
                 self.accepted[j] += int(j <= n_accepted)
         if self._cold:
             self._cold = False
+            return
+        if sample.catchup > 1 and self.adaptive:
+            # A draft after a run of plain steps first brings the MTP cache up to date: its cost
+            # is not what this length costs step after step (a probe after 16 plain steps ran
+            # 10-15% dearer on the demo model). Keep its acceptance, drop its cost, and run the
+            # length once more for a steady sample.
+            self._again = k
             return
         self.model.observe(sample)
 

@@ -244,3 +244,43 @@ def test_cost_model_prices_old_draft_samples_at_todays_plain_cost():
     assert q.gpu(1) == pytest.approx(0.006)
     q.observe(StepSample(0, 0.002, 0.0, 0))
     assert q.gpu(1) == pytest.approx(1.5 * 0.003)           # ratio 1.5 x median(4, 2) ms
+
+
+def test_catch_up_draft_cost_is_not_taken_as_the_steady_cost():
+    """A draft after a run of plain steps first pays the MTP rows those steps owed: that step's cost
+    is dropped (its acceptance kept) and the same length runs once more for a steady sample."""
+    p = DraftPolicy(draft_max=2, adaptive=True, total_experts=0)
+    for i in range(4):  # warm-up
+        k = p.choose(8)
+        p.observe(k, k, k, StepSample(k, 0.007 if k else 0.005, 0.0, 0))
+    before = {k: list(v) for k, v in p.model.gpu_by_k.items()}
+    reached = p.reached[1]
+    p.observe(1, 1, 1, StepSample(1, 0.050, 0.0, 0, catchup=16))  # a probe after 16 plain steps
+    assert {k: list(v) for k, v in p.model.gpu_by_k.items()} == before
+    assert p.reached[1] == reached + 1
+    assert p.choose(8) == 1  # once more, whatever the rates say
+    p.observe(1, 1, 1, StepSample(1, 0.007, 0.0, 0, catchup=0))
+    assert len(p.model.gpu_by_k[1]) == len(before[1]) + 1
+    # one owed plain row (the warm-up's alternation) is a steady enough sample
+    p.observe(1, 1, 1, StepSample(1, 0.007, 0.0, 0, catchup=1))
+    assert len(p.model.gpu_by_k[1]) == len(before[1]) + 2
+
+
+def test_sequence_reports_catch_up_rows(test_model):
+    import torch
+
+    import runtime
+    from runtime.sampling import SamplingParams
+
+    eng = runtime.load(test_model.gguf_path, progress=False, use_kernels=False)
+    with torch.inference_mode():
+        seq = eng.new_sequence(SamplingParams(), use_mtp=True)
+        pending = seq.prefill(list(range(3, 12)))
+        out = seq.spec_step(pending, 1, 0.0)
+        assert seq.last_sample.catchup == 0
+        pending = out[-1]
+        for _ in range(5):
+            pending = seq.plain_step(pending)
+            assert seq.last_sample.catchup == 0
+        seq.spec_step(pending, 1, 0.0)
+        assert seq.last_sample.catchup == 5
