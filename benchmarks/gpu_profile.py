@@ -69,7 +69,7 @@ def sdpa_backends(dev) -> None:
                 print(f"sdpa {label:<21} T={T}: n/a ({str(e).splitlines()[0][:90]})")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -79,7 +79,7 @@ def main() -> int:
     p.add_argument("model")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--gpu", default="cuda:0")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.gpu.startswith("cuda"):
         sdpa_backends(a.gpu)
         bare_matmuls(a.gpu)

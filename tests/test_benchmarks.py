@@ -37,6 +37,18 @@ def test_repack_decode_script_runs(capsys):
     assert "nothing to repack" in out and "repacked / ggml decode time" in out
 
 
+def test_gpu_profile_script_runs_on_the_cpu(capsys):
+    """benchmarks/gpu_profile.py is meant for a lent GPU machine: it must not rot between loans."""
+    from runtime.api import DEMO_MODEL
+
+    spec = importlib.util.spec_from_file_location("gpu_profile", BENCH / "gpu_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(DEMO_MODEL), "--gpu", "cpu", "--tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "===== plain: 3 tokens" in out and "===== mtp k=1: 3 tokens" in out and "aten::" in out
+
+
 def test_divergence_explained_only_at_a_rounding_tie():
     """`nextn bench model` tells a bfloat16 near-tie (argmax flipped by rounding) from a real bug."""
     from types import SimpleNamespace
