@@ -114,8 +114,15 @@ class _Builder:
                                  "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight")]
         side = self.unit_side(names)
         t = [self.opt(n, side) for n in names]
+        qk_norm = None
+        if (t[8] is None) != (t[9] is None):
+            raise ModelFileError(f"{self.f.path.name}: {p}attn_q_norm.weight and {p}attn_k_norm.weight: "
+                                 f"one is present without the other")
+        if t[8] is not None:
+            cfg = self.cfg
+            qk_norm = torch.cat([t[8].expand(cfg.n_heads, -1), t[9].expand(cfg.n_kv_heads, -1)])
         return Attention(side, t[0], self.stack(t[1:4]), t[4], self.stack(t[5:8]) if t[5] is not None else None,
-                         t[8], t[9], t[10])
+                         qk_norm, t[10])
 
     def stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Rows of several weights in one tensor (same bytes: the parts are freed), so one matmul

@@ -81,9 +81,9 @@ class Bus:
             # Host-to-device from the kernel's output: queued on the stream; later GPU work on
             # the same stream sees it, the host does not wait.
             x = x.pin_memory().to(ddev, non_blocking=True)
-        else:
+        elif x.device != ddev:
             x = x.to(ddev)
-        return x.to(self.dtypes[dst]) if x.is_floating_point() else x
+        return _as(x, self.dtypes[dst]) if x.is_floating_point() else x
 
 
 # Attention backends on CUDA, named: with torch's default choice, decode-shaped calls with a new
@@ -91,6 +91,12 @@ class Bus:
 # this list), and decoding makes a new KV length at every step. GQA rules out the efficient
 # kernel and a mask rules out flash, so 2+ query rows take the math path.
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype; no torch call when it already is (a call costs microseconds of host time, and the
+    host is what a decode step waits on)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -120,18 +126,48 @@ class RoPE:
             t = self._tables[device] = (self.cos.to(device), self.sin.to(device))
         return t
 
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # x [T, heads, D]; pos [T] on x's device
+    def __call__(self, x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x [T, heads, D]; cs: Positions.cos_sin(x.device), [T, 1, dim/2] each
         half = self.dim // 2
-        cos, sin = self._on(x.device)
-        c = cos[pos][:, None, :]
-        s = sin[pos][:, None, :]
-        x1 = x[..., :half].float()
-        x2 = x[..., half:self.dim].float()
-        rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+        c, s = cs
+        x1 = _as(x[..., :half], torch.float32)
+        x2 = _as(x[..., half:self.dim], torch.float32)
+        rot = _as(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1), x.dtype)
         if self.dim == x.shape[-1]:
             return rot
         return torch.cat([rot, x[..., self.dim:]], dim=-1)
+
+
+class Positions:
+    """One forward's rows: their positions, rotary cos/sin rows and causal mask, made once per
+    device that runs the forward's attention, not once per layer (each is a kernel launch on a
+    GPU). Rows sit at cache slots start..start+T-1."""
+
+    def __init__(self, rope: RoPE, pos: torch.Tensor, start: int):
+        self.rope, self.pos, self.start = rope, pos, start
+        self._cs: dict = {}
+        self._mask: dict = {}
+
+    def mask(self, device: torch.device) -> torch.Tensor | None:
+        """Row t (slot start+t) sees slots 0..start+t. One row on CUDA sees every slot: no mask,
+        so the flash kernel can take it (0.06 ms against the math path's 0.22 ms per call in the
+        GPU check); the CPU keeps one path for every row count."""
+        T = self.pos.shape[0]
+        if T == 1 and device.type == "cuda":
+            return None
+        m = self._mask.get(device)
+        if m is None:
+            end = self.start + T
+            m = self._mask[device] = torch.ones(T, end, dtype=torch.bool, device=device).tril(diagonal=self.start)
+        return m
+
+    def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cs = self._cs.get(device)
+        if cs is None:
+            cos, sin = self.rope._on(device)
+            p = self.pos.to(device)
+            cs = self._cs[device] = (cos[p][:, None, :], sin[p][:, None, :])
+        return cs
 
 
 class KVCache:
@@ -168,8 +204,9 @@ class Attention:
     wqkv: torch.Tensor  # attn_q, attn_k, attn_v stacked at load: one matmul per step, not three
     wo: torch.Tensor
     bqkv: torch.Tensor | None = None
-    q_norm: torch.Tensor | None = None
-    k_norm: torch.Tensor | None = None
+    # attn_q_norm for each query head, then attn_k_norm for each KV head: [n_heads + n_kv_heads,
+    # head_dim], so one RMSNorm (and one rotation) covers q and k, which lie side by side in qkv
+    qk_norm: torch.Tensor | None = None
     post_norm: torch.Tensor | None = None  # post_attention_norm: prepares the FFN input on this side
 
 
@@ -197,7 +234,7 @@ class Router:
     scale: float
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(x.float() @ self.weight.T)
+        scores = torch.sigmoid(_as(x, torch.float32) @ self.weight.T)
         ids = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
         w = scores.gather(-1, ids)
         if self.norm:
@@ -284,40 +321,34 @@ class GLM4Model:
     # ---- building blocks -------------------------------------------------------------------
 
     def _attention(self, a: Attention, x: torch.Tensor, layer: int, cache: KVCache, start: int,
-                   pos: torch.Tensor) -> torch.Tensor:
+                   pos: Positions) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
         h = rms_norm(x, a.norm, cfg.rms_eps)
         qkv = h @ a.wqkv.T if a.bqkv is None else torch.addmm(a.bqkv, h, a.wqkv.T)
-        nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        q = qkv[:, :nq].view(T, cfg.n_heads, cfg.head_dim)
-        k = qkv[:, nq:nq + nkv].view(T, cfg.n_kv_heads, cfg.head_dim)
+        nh, nq, nkv = cfg.n_heads, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         v = qkv[:, nq + nkv:].view(T, cfg.n_kv_heads, cfg.head_dim)
-        if a.q_norm is not None:
-            q = rms_norm(q, a.q_norm, cfg.rms_eps)
-            k = rms_norm(k, a.k_norm, cfg.rms_eps)
-        q = self.rope(q, pos)
-        k = self.rope(k, pos)
+        qk = qkv[:, :nq + nkv].view(T, nh + cfg.n_kv_heads, cfg.head_dim)  # q's heads, then k's
+        if a.qk_norm is not None:
+            qk = rms_norm(qk, a.qk_norm, cfg.rms_eps)
+        qk = self.rope(qk, pos.cos_sin(x.device))
+        q, k = qk[:, :nh], qk[:, nh:]
         end = start + T
         ck, cv = cache.k[layer], cache.v[layer]
-        ck[start:end] = k.to(ck.dtype)
-        cv[start:end] = v.to(cv.dtype)
+        ck[start:end] = _as(k, ck.dtype)
+        cv[start:end] = _as(v, cv.dtype)
         K = ck[:end].transpose(0, 1)  # [kv, S, D]
         V = cv[:end].transpose(0, 1)
         Q = q.transpose(0, 1)  # [heads, T, D]
-        # Query t (slot start+t) sees slots 0..start+t. One query row on CUDA sees every slot:
-        # no mask, so the flash kernel can take it (0.06 ms against the math path's 0.22 ms per
-        # call in the GPU check); the CPU keeps one path for every row count.
-        mask = (None if T == 1 and x.is_cuda else
-                torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start))
+        mask = pos.mask(x.device)
         with sdpa_kernel(_CUDA_SDPA) if x.is_cuda else nullcontext():
-            o = F.scaled_dot_product_attention(Q[None].to(K.dtype), K[None], V[None], attn_mask=mask,
+            o = F.scaled_dot_product_attention(_as(Q[None], K.dtype), K[None], V[None], attn_mask=mask,
                                                scale=cfg.head_dim ** -0.5, enable_gqa=True)[0]
-        o = o.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim).to(x.dtype)
+        o = _as(o.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim), x.dtype)
         return o @ a.wo.T
 
     def _block(self, b: Block, x: torch.Tensor, x_side: str, layer: int, cache: KVCache, start: int,
-               pos: torch.Tensor, tag: str = "", beside_experts: Callable[[], None] | None = None
+               pos: Positions, tag: str = "", beside_experts: Callable[[], None] | None = None
                ) -> tuple[torch.Tensor, str]:
         """One block. `beside_experts` (only given for an MoE block) runs on this thread while the
         block's CPU experts run on the worker when overlapping, else right after them."""
@@ -327,7 +358,7 @@ class GLM4Model:
         a = b.attn
         t0 = perf_counter()
         x = bus.to(x, x_side, a.side)
-        x = x + self._attention(a, x, layer, cache, start, pos.to(x.device))
+        x = x + self._attention(a, x, layer, cache, start, pos)
         h = rms_norm(x, a.post_norm, self.cfg.rms_eps)
         if isinstance(b.ffn, DenseFFN):
             y = bus.to(b.ffn(bus.to(h, a.side, b.ffn.side)), b.ffn.side, a.side)
@@ -411,7 +442,7 @@ class GLM4Model:
         T = tokens.shape[0]
         if start + T > cache.max_len:
             raise ValueError(f"positions {start}..{start + T - 1} exceed the context of {cache.max_len}")
-        pos = torch.arange(start, start + T)
+        pos = Positions(self.rope, torch.arange(start, start + T), start)
         t0 = perf_counter()
         x, side = self.embed(tokens), self.embed.side
         self.timeline.add("gpu", "embed", t0, perf_counter())
@@ -455,7 +486,7 @@ class GLM4Model:
         eps = self.cfg.rms_eps
         z = torch.cat([rms_norm(e, n.enorm, eps), rms_norm(h, n.hnorm, eps)], dim=-1) @ n.eh_proj.T
         self.timeline.add("gpu", "mtp eh_proj", t0, perf_counter())
-        pos = torch.arange(start + 1, start + T + 1)
+        pos = Positions(self.rope, torch.arange(start + 1, start + T + 1), start)
         z, side = self._block(n.block, z, n.side, 0, cache, start, pos, tag="mtp ")
         cache.length = start + T
         z = bus.to(z, side, n.side)
