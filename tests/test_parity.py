@@ -141,3 +141,21 @@ def test_cpu_kernel_path_close_to_transformers(make_test_model, mix):
     span = want.max() - want.min()
     assert np.abs(got - want).max() <= 0.02 * span
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_against_float64(dtype):
+    """Both forms of the model's RMSNorm (one weight row, and one row per head as the joint q/k norm
+    uses) against float64, rounded once to the dtype."""
+    from runtime.model import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 6, 64, generator=g) * 3).to(dtype)
+    for shape in ((64,), (6, 64)):
+        w = (torch.rand(shape, generator=g) + 0.5).to(dtype)
+        xd, wd = x.double(), w.double()
+        want = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * wd).to(dtype)
+        got = rms_norm(x, w, 1e-5)
+        assert got.dtype == dtype and got.shape == x.shape
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+        assert torch.allclose(got.double(), want.double(), rtol=tol, atol=tol)
