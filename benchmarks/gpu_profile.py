@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     for mtp in (False, True):  # warm-up both shapes
         eng.generate(ids, max_tokens=8, mtp=mtp, draft_max=1, adaptive=False, draft_ahead=False)
     for name, mtp in (("plain", False), ("mtp k=1", True)):
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.gpu.startswith("cuda") else [])
+        with profile(activities=acts) as prof:
             t0 = time.perf_counter()
             r = eng.generate(ids, max_tokens=a.tokens, mtp=mtp, draft_max=1, adaptive=False, draft_ahead=False)
             wall = time.perf_counter() - t0
