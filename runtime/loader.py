@@ -120,7 +120,8 @@ class _Builder:
                                  f"one is present without the other")
         if t[8] is not None:
             cfg = self.cfg
-            qk_norm = torch.cat([t[8].expand(cfg.n_heads, -1), t[9].expand(cfg.n_kv_heads, -1)])
+            # float32 whatever the side's dtype (a few KiB): RMSNorm multiplies in float32 anyway
+            qk_norm = torch.cat([t[8].expand(cfg.n_heads, -1), t[9].expand(cfg.n_kv_heads, -1)]).float()
         return Attention(side, t[0], self.stack(t[1:4]), t[4], self.stack(t[5:8]) if t[5] is not None else None,
                          qk_norm, t[10])
 

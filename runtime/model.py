@@ -108,7 +108,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * w.float()).to(x.dtype)
+    return (y * _as(w, torch.float32)).to(x.dtype)
 
 
 class RoPE:
@@ -134,8 +134,8 @@ class RoPE:
         # x [T, heads, D]; cs: Positions.cos_sin(x.device), [T, 1, dim/2] each
         half = self.dim // 2
         c, s = cs
-        x1 = _as(x[..., :half], torch.float32)
-        x2 = _as(x[..., half:self.dim], torch.float32)
+        xr = _as(x[..., :self.dim], torch.float32)  # one conversion for both halves
+        x1, x2 = xr[..., :half], xr[..., half:]
         rot = _as(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1), x.dtype)
         if self.dim == x.shape[-1]:
             return rot
