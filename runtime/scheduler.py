@@ -11,9 +11,9 @@ per distinct routed expert read (per layer), and experts(r) is the expected numb
 of r rows touches (measured per r; before a measurement, extrapolated from r = 1 as if routing
 were random). A step yields 1 + sum_{i<=k} prod_{j<=i} a_j tokens, with a_j the measured
 acceptance at draft position j given the earlier drafts were accepted. The policy picks the k in
-0..draft_max that maximises tokens per second, and now and then probes the next length up (or
-down), since acceptance and costs drift with the text and the machine; the probes thin out
-(16, 32, ... 256 steps apart) while they confirm the choice.
+0..draft_max that maximises tokens per second, and now and then probes a neighbouring length, up
+and down in turn, since acceptance and costs drift with the text and the machine; the probes thin
+out (16, 32, ... 256 steps apart) while they confirm the choice.
 """
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ class DraftPolicy:
         self.explore_base, self.explore_max = explore_every, explore_max  # choice; resets when not
         self._next_probe = explore_every
         self._probe_from: int | None = None  # the best length when the last probe was made
+        self._probes = 0
         self.off_for = 0  # sequences left to run without MTP after drafting was found to lose
         self.steps = 0
         self.chosen: dict[int, int] = {}
@@ -198,7 +199,10 @@ class DraftPolicy:
             # neighbour costs little more than the best, and probes thin out while they confirm it
             self._next_probe = self.steps + self.explore_every
             self._probe_from = k
-            k = k + 1 if k < hi else max(k - 1, 0)
+            # up and down in turn: draft costs are priced against recent plain steps, so while
+            # drafting, the probes down are what keep those fresh
+            self._probes += 1
+            k = k + 1 if k < hi and (k == 0 or self._probes % 2) else max(k - 1, 0)
         self.chosen[k] = self.chosen.get(k, 0) + 1
         return k
 

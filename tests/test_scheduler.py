@@ -284,3 +284,21 @@ def test_sequence_reports_catch_up_rows(test_model):
             assert seq.last_sample.catchup == 0
         seq.spec_step(pending, 1, 0.0)
         assert seq.last_sample.catchup == 5
+
+
+def test_probes_go_down_as_well_as_up():
+    """Settled on k=1 below draft_max, the policy must also probe k=0 now and then: draft steps are
+    priced against recent plain steps, which only such probes refresh while it drafts."""
+    p = DraftPolicy(draft_max=3, adaptive=True, total_experts=0)
+    cost = {0: 0.010, 1: 0.012, 2: 0.014, 3: 0.016}
+    p.reached[1], p.accepted[1] = 1000, 900  # a second draft is never right: k=1 is best
+    p.reached[2], p.accepted[2] = 1000, 0
+    p.reached[3], p.accepted[3] = 1000, 0
+    seen = []
+    for _ in range(400):
+        k = p.choose(8)
+        seen.append(k)
+        p.observe(k, k, min(k, 1), StepSample(k, cost[k], 0.0, 0))
+    late = seen[50:]
+    assert late.count(1) > 0.8 * len(late)
+    assert 0 in late and 2 in late
