@@ -158,6 +158,7 @@ class DraftPolicy:
         # calls, caches); it is a plain step, so that after two single-draft steps and one plain
         # step `mtp_loses` can see a placement where drafting can never pay.
         self._warm = [1, 0, 1, 0] if adaptive else []
+        self._hopeless_after = 2  # single-draft samples the hopeless test needs (1 in a re-measure)
         self._cold = True
         self._retry = self.RETRY_AFTER  # sequences without MTP after a give-up; doubles each time
         self._again = 0  # a length to run once more: its last step's cost was not steady-state
@@ -212,7 +213,9 @@ class DraftPolicy:
 
     def mtp_loses(self) -> bool:
         """True when drafting clearly does not pay here. Two tests, after plain steps:
-        - hopeless: with a plain and two single-draft steps measured, no draft length up to
+        - hopeless: with a plain and two single-draft steps measured (one when re-measuring after
+          a give-up: the process has paid its one-time costs by then, and each draft step where
+          drafting cannot pay costs ~3 plain steps on a CPU-only machine), no draft length up to
           draft_max beats plain decoding even if every draft were accepted ((k+1) tokens per
           step, at the faster of the draft steps: the first may carry one-time costs), by a margin
           of HOPELESS_MARGIN (a CPU-only machine, where the MTP layer and a verification batch's
@@ -224,7 +227,7 @@ class DraftPolicy:
         Keeping the MTP layer's cache up to date then costs more than it can return, so the engine
         turns MTP off for the rest of the sequence and for the next sequences (see `give_up`)."""
         m = self.model.gpu_by_k
-        if not self.adaptive or not m.get(0) or len(m.get(1, ())) < 2:
+        if not self.adaptive or not m.get(0) or len(m.get(1, ())) < self._hopeless_after:
             return False
         plain = 1.0 / max(self.model.cost(0, self.total), 1e-12)
         best = max((k + 1) / max(self.model.cost(k, self.total, best=True), 1e-12)
@@ -246,7 +249,8 @@ class DraftPolicy:
                 # the sequence after this one measures again from scratch: costs drift with the
                 # machine and the context (the acceptance counts are kept: they describe the model)
                 self.model = CostModel()
-                self._warm = [1, 0, 1, 0]
+                self._warm = [0, 1, 0]  # popped from the end: plain, one draft, plain
+                self._hopeless_after = 1
                 self._cold = True
                 self.explore_every = self.explore_base  # probe at the first pace again
                 self._next_probe = self.steps + self.explore_every

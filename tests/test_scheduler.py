@@ -180,6 +180,17 @@ def test_policy_gives_up_after_two_draft_steps_where_drafting_can_never_pay():
         p.observe(k, k, k, StepSample(k, *cost[k]))  # even with every draft accepted
         assert len(ks) < 10
     assert ks == [0, 1, 0, 1]
+    # after the back-off, the re-measuring sequence needs one draft step to see it again
+    p.give_up()
+    while not p.start_sequence():
+        pass
+    ks = []
+    while not p.mtp_loses():
+        k = p.choose(8)
+        ks.append(k)
+        p.observe(k, k, k, StepSample(k, *cost[k]))
+        assert len(ks) < 10
+    assert ks == [0, 1, 0]
     # one slow first draft step (one-time costs) does not make it give up: the faster one counts
     r = DraftPolicy(draft_max=1, adaptive=True, total_experts=256)
     first = {0: (0.0, 0.1, 16), 1: (0.5, 0.12, 20)}
