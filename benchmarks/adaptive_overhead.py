@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from runtime.api import load
-from runtime.bench import PROMPTS
+from runtime.bench import PROMPTS, explain_divergence
 from runtime.engine import _Run
 from runtime.scheduler import Oracle
 
@@ -46,8 +46,8 @@ def main(argv=None) -> int:
             for _ in run:
                 pass
             r = run.result
-            if r.tokens != targets[p][len(prompts[p]):]:
-                raise SystemExit(f"{name}: output differs from plain greedy decoding (a bug)")
+            if r.tokens != targets[p][len(prompts[p]):]:  # a bfloat16 near-tie is reported, a bug raises
+                print(f"# {name}: " + explain_divergence(eng, prompts[p], r.tokens, targets[p][len(prompts[p]):]))
             decode[name] += r.stats["decode_s"]
             total[name] += r.stats["decode_s"] + r.stats["prefill_s"]
             measured += int(name == "adaptive" and bool(r.stats["draft_lengths"]))
@@ -60,4 +60,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from runtime.errors import NextnError
+
+    try:
+        raise SystemExit(main())
+    except NextnError as e:  # a real divergence from plain greedy, or bad input: one line
+        raise SystemExit(f"error: {e}")
