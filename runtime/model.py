@@ -124,7 +124,7 @@ class RoPE:
         # the (small) tables per device, made on first use there.
         self._tables = {self.cos.device: (self.cos, self.sin)}
 
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         t = self._tables.get(device)
         if t is None:
             t = self._tables[device] = (self.cos.to(device), self.sin.to(device))
@@ -168,7 +168,7 @@ class Positions:
     def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cs = self._cs.get(device)
         if cs is None:
-            cos, sin = self.rope._on(device)
+            cos, sin = self.rope.tables(device)
             p = self.pos.to(device)
             cs = self._cs[device] = (cos[p][:, None, :], sin[p][:, None, :])
         return cs
