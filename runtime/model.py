@@ -67,23 +67,35 @@ class Bus:
         self._tls.ctx = RunContext()
 
     def to(self, x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+        return x if src == dst else self.to_all((x,), src, dst)[0]
+
+    def to_all(self, xs, src: str, dst: str) -> list[torch.Tensor]:
+        """Several tensors from src to dst; a device-to-host move waits once for all of them (each
+        wait is a round trip to the GPU, and an MoE layer sends its rows, ids and weights)."""
         if src == dst:
-            return x
-        self.ctx.activation_bytes += x.numel() * x.element_size()
-        # Move in the source dtype, convert on arrival: what crosses is what we count.
+            return list(xs)
+        ctx = self.ctx
         sdev, ddev = self.devices[src], self.devices[dst]
-        if sdev.type == "cuda" and ddev.type == "cpu":
-            # Into pinned host memory, asynchronously, then wait for exactly this stream: the CPU
-            # side must not read the rows before they have landed.
-            x = x.to(ddev, non_blocking=True)
+        d2h = sdev.type == "cuda" and ddev.type == "cpu"
+        out = []
+        for x in xs:
+            ctx.activation_bytes += x.numel() * x.element_size()
+            # Move in the source dtype, convert on arrival: what crosses is what we count.
+            if d2h:
+                # Into pinned host memory, asynchronously; the wait below is for exactly this
+                # stream: the CPU side must not read the rows before they have landed.
+                x = x.to(ddev, non_blocking=True)
+            elif ddev.type == "cuda" and sdev.type == "cpu":
+                # Host-to-device from the kernel's output: queued on the stream; later GPU work on
+                # the same stream sees it, the host does not wait.
+                x = x.pin_memory().to(ddev, non_blocking=True)
+            elif x.device != ddev:
+                x = x.to(ddev)
+            out.append(x)
+        if d2h:
             torch.cuda.current_stream(sdev).synchronize()
-        elif ddev.type == "cuda" and sdev.type == "cpu":
-            # Host-to-device from the kernel's output: queued on the stream; later GPU work on
-            # the same stream sees it, the host does not wait.
-            x = x.pin_memory().to(ddev, non_blocking=True)
-        elif x.device != ddev:
-            x = x.to(ddev)
-        return _as(x, self.dtypes[dst]) if x.is_floating_point() else x
+        dt = self.dtypes[dst]
+        return [_as(x, dt) if x.is_floating_point() else x for x in out]
 
 
 # Attention backends on CUDA, named: with torch's default choice, decode-shaped calls with a new
@@ -372,8 +384,11 @@ class GLM4Model:
         rs = moe.router.side
         hr = bus.to(h, a.side, rs)
         ids, w = moe.router(hr)
-        he = hr if rs == r.side else bus.to(h, a.side, r.side)
-        ids, w = bus.to(ids, rs, r.side), bus.to(w, rs, r.side)
+        if rs != r.side and a.side == rs:  # rows, ids and weights cross together: one wait
+            he, ids, w = bus.to_all((h, ids, w), rs, r.side)
+        else:
+            he = hr if rs == r.side else bus.to(h, a.side, r.side)
+            ids, w = bus.to_all((ids, w), rs, r.side)
         tl.add("gpu", f"{tag}attention+router {layer}", t0, perf_counter())
 
         def routed() -> torch.Tensor:
