@@ -15,19 +15,50 @@ import torch
 import torch.nn.functional as F
 
 
+# Up to this many (row, expert) pairs a call runs pair by pair (decode, drafts, short verify
+# batches); more (prefill) are grouped by expert.
+PAIRWISE_MAX = 32
+
+
 class TorchExperts:
     side_kind = "torch"
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
-        self.gate, self.up, self.down = gate, up, down  # [E, I, H], [E, I, H], [E, H, I]
-        self.device = gate.device
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
+        # gate_up: ffn_gate_exps and ffn_up_exps stacked per expert at load [E, 2I, H] (one matmul
+        # for both); down [E, H, I]
+        self.gate_up, self.down = gate_up, down
+        self.width = down.shape[2]
+        self.device = gate_up.device
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        T, K = ids.shape
+        if T * K <= PAIRWISE_MAX:
+            return self._pairwise(x, ids, weights)
+        return self._grouped(x, ids, weights)
+
+    def _ffn(self, xs: torch.Tensor, e: int) -> torch.Tensor:
+        g, u = (xs @ self.gate_up[e].T).split(self.width, dim=-1)
+        return (F.silu(g) * u) @ self.down[e].T
+
+    def _pairwise(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each (row, expert) pair on views of that expert's weights, then one weighted sum: on a
+        GPU every torch call is a kernel launch the host waits to issue, and the grouped path's
+        sort, count and scatter cost more launches (and a second wait) than they save at this
+        size. Each row is computed on its own, so a row's output does not depend on the batch."""
+        T, K = ids.shape
+        ys = [self._ffn(x[t:t + 1], e) for t, row in enumerate(ids.tolist()) for e in row]
+        y = torch.cat(ys).view(T, K, -1)
+        w = weights.view(T, 1, K)
+        # the weighted sum in float32, as the grouped path accumulates
+        return torch.bmm(w if w.dtype == torch.float32 else w.float(),
+                         y if y.dtype == torch.float32 else y.float()).view(T, -1).to(x.dtype)
+
+    def _grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, K = ids.shape
         out = torch.zeros(T, self.down.shape[1], dtype=torch.float32, device=x.device)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.gate_up.shape[0]).tolist()
         tok = order // K
         wflat = weights.reshape(-1)[order].to(torch.float32)
         start = 0
@@ -35,9 +66,7 @@ class TorchExperts:
             if n == 0:
                 continue
             rows = tok[start:start + n]
-            xs = x[rows]
-            h = F.silu(xs @ self.gate[e].T) * (xs @ self.up[e].T)
-            y = (h @ self.down[e].T).to(torch.float32) * wflat[start:start + n, None]
+            y = self._ffn(x[rows], e).to(torch.float32) * wflat[start:start + n, None]
             out.index_add_(0, rows, y)
             start += n
         return out.to(x.dtype)

@@ -125,6 +125,24 @@ class _Builder:
         return Attention(side, t[0], self.stack(t[1:4]), t[4], self.stack(t[5:8]) if t[5] is not None else None,
                          qk_norm, t[10])
 
+    def stacked(self, names: list[str], side: str, dim: int) -> torch.Tensor:
+        """Several tensors concatenated along `dim`, filled one at a time into the result, so the
+        side holds the result and at most one dequantized part on the host, not all parts twice
+        (the MTP layer's routed experts are GiBs on a GPU with little to spare)."""
+        infos = [self.f.tensors[n] for n in names]
+        shapes = [torch.Size(i.shape) for i in infos]
+        total = list(shapes[0])
+        total[dim] = sum(s[dim] for s in shapes)
+        out = torch.empty(total, device=self.devices[side], dtype=self.dtypes[side])
+        at = 0
+        for i, shp in zip(infos, shapes):
+            n = shp[dim]
+            out.narrow(dim, at, n).copy_(torch.from_numpy(i.dequantize()))
+            at += n
+            self._tick(i)
+        self.report.bytes_by_side[side] += out.numel() * out.element_size()
+        return out
+
     def stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Rows of several weights in one tensor (same bytes: the parts are freed), so one matmul
         serves them all."""
@@ -161,7 +179,7 @@ class _Builder:
                 self._tick(i)
             self.report.kernel_expert_layers += 1
         else:
-            experts = TorchExperts(*(self.tensor(n, side) for n in names))
+            experts = TorchExperts(self.stacked(names[:2], side, dim=1), self.tensor(names[2], side))
             self.report.torch_expert_layers += 1
         return RoutedExperts(side, experts)
 

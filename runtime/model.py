@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Callable
@@ -105,6 +104,20 @@ class Bus:
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def use_named_attention_backends() -> None:
+    """Restrict torch's attention to _CUDA_SDPA for the process, once, when a model is built on
+    CUDA. `sdpa_kernel(...)` around each call did the same but cost 16 us of host time per layer,
+    and its save/restore of these process-wide flags races between threads (a thread leaving it
+    restores the default under another thread's attention)."""
+    with sdpa_kernel(_CUDA_SDPA):  # the flags the context would set, read back and kept
+        flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                 torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+    torch.backends.cuda.enable_flash_sdp(flags[0])
+    torch.backends.cuda.enable_mem_efficient_sdp(flags[1])
+    torch.backends.cuda.enable_math_sdp(flags[2])
+    torch.backends.cuda.enable_cudnn_sdp(flags[3])
+
+
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x in dtype; no torch call when it already is (a call costs microseconds of host time, and the
     host is what a decode step waits on)."""
@@ -116,8 +129,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         # one call (torch computes bfloat16 in float32 inside, as below: bit-identical results on
         # the CPU in both dtypes, checked over many shapes)
         return F.rms_norm(x, w.shape, w, eps)
-    if x.dtype == torch.float32 and w.dtype == torch.float32:  # a weight per head ([heads, D])
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    if w.dim() == 2 and w.dtype == torch.float32:
+        # a float32 weight per head ([heads, D], the q/k norms): each head normalised in one call
+        # (in float32 inside), times the weight in float32; the result stays float32, which the
+        # rotation that follows works in
+        return F.rms_norm(x, (x.shape[-1],), None, eps) * w
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * _as(w, torch.float32)).to(x.dtype)
@@ -143,12 +159,12 @@ class RoPE:
         return t
 
     def __call__(self, x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        # x [T, heads, D]; cs: Positions.cos_sin(x.device), [T, 1, dim/2] each
+        # x [T, heads, D]; cs: Positions.cos_sin(x.device): [c, c] and [-s, s], [T, 1, dim] each,
+        # so (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) is x * C + (x2, x1) * S: four calls
         half = self.dim // 2
         c, s = cs
-        xr = _as(x[..., :self.dim], torch.float32)  # one conversion for both halves
-        x1, x2 = xr[..., :half], xr[..., half:]
-        rot = _as(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1), x.dtype)
+        xr = _as(x[..., :self.dim], torch.float32)
+        rot = _as(xr * c + torch.cat([xr[..., half:], xr[..., :half]], dim=-1) * s, x.dtype)
         if self.dim == x.shape[-1]:
             return rot
         return torch.cat([rot, x[..., self.dim:]], dim=-1)
@@ -182,7 +198,8 @@ class Positions:
         if cs is None:
             cos, sin = self.rope.tables(device)
             p = self.pos.to(device)
-            cs = self._cs[device] = (cos[p][:, None, :], sin[p][:, None, :])
+            c, s = cos[p][:, None, :], sin[p][:, None, :]
+            cs = self._cs[device] = (torch.cat([c, c], dim=-1), torch.cat([-s, s], dim=-1))
         return cs
 
 
@@ -255,7 +272,9 @@ class Router:
         w = scores.gather(-1, ids)
         if self.norm:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return ids.to(torch.int32), w * self.scale
+        # int64 ids as topk makes them: the kernels' wrapper narrows them on the host, cheaper
+        # than a conversion launched on a GPU
+        return ids, (w * self.scale if self.scale != 1.0 else w)
 
 
 @dataclass
@@ -330,6 +349,10 @@ class GLM4Model:
     _cpu_lock: threading.Lock = field(default_factory=threading.Lock)
     _last_moe: int | None = None  # index of the last MoE block (-1: none), found on first use
 
+    def __post_init__(self):
+        if self.bus.devices["gpu"].type == "cuda":
+            use_named_attention_backends()
+
     @property
     def timeline(self) -> Timeline:
         return self.bus.ctx.timeline
@@ -357,9 +380,8 @@ class GLM4Model:
         V = cv[:end].transpose(0, 1)
         Q = q.transpose(0, 1)  # [heads, T, D]
         mask = pos.mask(x.device)
-        with sdpa_kernel(_CUDA_SDPA) if x.is_cuda else nullcontext():
-            o = F.scaled_dot_product_attention(_as(Q[None], K.dtype), K[None], V[None], attn_mask=mask,
-                                               scale=cfg.head_dim ** -0.5, enable_gqa=True)[0]
+        o = F.scaled_dot_product_attention(_as(Q[None], K.dtype), K[None], V[None], attn_mask=mask,
+                                           scale=cfg.head_dim ** -0.5, enable_gqa=True)[0]
         o = _as(o.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim), x.dtype)
         return o @ a.wo.T
 

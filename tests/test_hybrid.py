@@ -84,9 +84,9 @@ def test_placements_really_differ(runs):
 
 def test_activation_bytes_match_the_formula(runs):
     """Default plan, plain decoding. Per token and per MoE layer the normed hidden state goes to
-    the CPU side (H x 4 bytes: the gpu side is float32 here), with the router's choice (K int32
-    ids + K float32 weights), and the expert output comes back (H x 4 bytes):
-        bytes/token = n_moe_layers * (4H + 8K + 4H)
+    the CPU side (H x 4 bytes: the gpu side is float32 here), with the router's choice (K int64
+    ids, as topk makes them + K float32 weights), and the expert output comes back (H x 4 bytes):
+        bytes/token = n_moe_layers * (4H + 12K + 4H)
     Every prompt token and every generated token passes through the model once, except the last
     one when generation stops at the token limit (an end-of-sequence token is never emitted, but
     the token before it was fed to produce it)."""
@@ -94,7 +94,7 @@ def test_activation_bytes_match_the_formula(runs):
     cfg = eng.cfg
     r = res[False]
     n_moe = cfg.n_layers - cfg.n_dense
-    per_token = n_moe * (4 * cfg.hidden + 8 * cfg.n_experts_used + 4 * cfg.hidden)
+    per_token = n_moe * (4 * cfg.hidden + 12 * cfg.n_experts_used + 4 * cfg.hidden)
     fed = r.stats["prompt_tokens"] + r.stats["generated_tokens"] - (r.finish_reason == "length")
     assert r.stats["activation_bytes_moved"] == per_token * fed
 
