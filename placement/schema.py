@@ -103,7 +103,7 @@ class Speculative:
     draft_max: int = 1
     p_min: float = 0.0
     adaptive: bool = True
-    draft_ahead: bool | None = None  # None ("auto"): on with CUDA and CPU experts overlapped
+    draft_ahead: bool | None = None  # None ("auto"): off (it lost on the GPU check, BENCHMARKS.md)
 
 
 @dataclass

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose each step's draft length (0..draft-max) from measured costs (default: on)")
     r.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=None, dest="draft_ahead",
                    help="draft the next step's tokens beside the verification's last CPU experts, used when "
-                        "every draft is accepted (default: on with CUDA and overlap)")
+                        "every draft is accepted (default: off; it lost in the GPU check)")
     r.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="run CPU experts beside the shared expert (default: on with CUDA)")
     r.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON) of the run")

@@ -158,10 +158,10 @@ class Engine:
                         draft_ahead=draft_ahead)
 
     def resolve_draft_ahead(self, want: bool | None) -> bool:
-        """Draft-ahead pays only when the GPU idles while CPU experts run (a real GPU, overlap on);
-        on a CPU-only machine it would take the same cores as the experts. auto (None) decides so."""
-        if want is None:
-            return self.device.type == "cuda" and self.model.overlap
+        """Draft-ahead could pay only where the GPU idles while CPU experts run; on a CPU-only
+        machine it takes the same cores as the experts. On an H200 it lost to the same draft length
+        without it in 15 of 16 settings of the GPU check (BENCHMARKS.md): the MTP layer's host time
+        there is longer than the last layer's experts it hides behind. So auto (None) is off."""
         return bool(want)
 
     @torch.inference_mode()

@@ -196,9 +196,7 @@ def test_greedy_with_draft_ahead_equals_plain_greedy(random_engine, copy_engine,
             eng.model.overlap = old
 
 
-def test_draft_ahead_default_is_off_without_cuda(random_engine):
-    if random_engine.device.type == "cuda":
-        pytest.skip("the default is on with CUDA")
+def test_draft_ahead_default_is_off(random_engine):
     ids = prompt(5, random_engine.cfg.n_vocab, seed=1)
     r = random_engine.generate(ids, max_tokens=8, mtp=True, adaptive=False)
     assert not r.stats["draft_ahead"] and r.stats["ahead_made"] == 0
