@@ -3,7 +3,9 @@
     nextn bench model [PLAN.yaml|MODEL.gguf] [--max-tokens N] [--repeats R] [--draft 1,2,3]
                       [--oracle 0,0.3,0.6,0.9]
         plain greedy decoding vs MTP at fixed draft lengths vs adaptive, same prompts, same
-        process, settings interleaved; every MTP output is checked equal to plain greedy
+        process, settings interleaved; every MTP output is checked equal to plain greedy.
+        "k chosen": decode steps per draft length over all rounds (0: a plain step, including
+        those after the adaptive policy turned drafting off)
     nextn bench kernels [...]
         the CPU expert kernel benchmark (benchmarks/bench_kernels.py; see BENCHMARKS.md)
 """

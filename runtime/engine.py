@@ -355,9 +355,10 @@ class _Run:
                             finish = "context"
                             break
                         nxt = seq.plain_step(pending)
+                        if self.use_mtp and limit > 0:  # also after the policy turned drafting off
+                            lengths[0] = lengths.get(0, 0) + 1
                         if policy is not None and limit > 0:
                             policy.observe(0, 0, 0, seq.last_sample)
-                            lengths[0] = lengths.get(0, 0) + 1
                             if policy.mtp_loses():
                                 policy.give_up()
                                 seq.stop_mtp()
