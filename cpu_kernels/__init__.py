@@ -72,12 +72,12 @@ except ImportError as _e:  # pragma: no cover - exercised only without a build
     def _missing(*a, **k):
         __getattr__("")
 
-    moe_forward = set_threads = get_threads = active_path = available_paths = ExpertTensor = _missing
+    moe_forward = linear = set_threads = get_threads = active_path = available_paths = ExpertTensor = _missing
 else:
     _IMPORT_ERROR = None
 
 __all__ = [
-    "ExpertTensor", "moe_forward", "set_threads", "get_threads", "active_path", "available_paths",
+    "ExpertTensor", "moe_forward", "linear", "set_threads", "get_threads", "active_path", "available_paths",
     "SUPPORTED_TYPES", "random_blocks", "dequantize", "reference_moe", "read_bandwidth", "build_info",
 ]
 
@@ -352,6 +352,63 @@ if _IMPORT_ERROR is None:
             raise MemoryError("cpu_kernels.moe_forward: scratch allocation failed")
         if rc != 0:
             raise RuntimeError(f"cpu_kernels.moe_forward: kernel path {active_path()} unavailable (rc={rc})")
+        return out
+
+    _c_linear = _lib.nx_linear
+    _cast = _ffi.cast
+
+    def linear(x, w, out=None, threads=None):
+        """Dense quantized matmul: `out` float32 [T, N] = x [T, K] @ W.T, W [N, K] in its GGUF
+        blocks, given as an ExpertTensor of one expert, shape (1, N, K). Activations are quantized
+        as in moe_forward (same per-type tolerances). `out` may be a column slice of a wider
+        float32 array (unit column stride, any row stride), so several weights fill one output."""
+        if not isinstance(w, ExpertTensor):
+            raise TypeError(f"w must be a cpu_kernels.ExpertTensor, got {type(w).__name__}")
+        E, N, K = w.shape
+        if E != 1:
+            raise ValueError(f"w must hold one matrix, shape (1, N, K); got {w.shape}")
+        if type(x) is not _ND:
+            x = _as_f32_2d("x", x)
+        if x.dtype is not _F32 and x.dtype != _F32:
+            raise TypeError(f"x must be float32, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != K:
+            raise ValueError(f"x must be [T, {K}] for a weight of {K} columns, got shape {x.shape}")
+        if not x.flags.c_contiguous:
+            raise ValueError("x must be C-contiguous")
+        T = x.shape[0]
+        if out is None:
+            out = np.empty((T, N), dtype=_F32)
+        else:
+            if type(out) is not _ND:
+                out = _as_f32_2d("out", out)
+            if out.dtype is not _F32 and out.dtype != _F32:
+                raise TypeError(f"out must be float32, got {out.dtype}")
+            if out.shape != (T, N):
+                raise ValueError(f"out must have shape {(T, N)}, got {out.shape}")
+            if not out.flags.writeable:
+                raise ValueError("out must be writable")
+            if T and (out.strides[1] != 4 or out.strides[0] < 4 * N or out.strides[0] % 4):
+                raise ValueError(f"out must have unit column stride and rows at least {N} floats apart "
+                                 f"(strides {out.strides})")
+        if threads is None:
+            nth = _state["threads"] or _default_threads()
+        else:
+            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or int(threads) < 1:
+                raise ValueError(f"threads must be a positive integer, got {threads!r}")
+            nth = int(threads)
+        if T == 0:
+            return out
+        ld = out.strides[0] // 4
+        o0 = out.__array_interface__["data"][0]
+        o1 = o0 + ((T - 1) * ld + N) * 4
+        x0, x1 = _span(x)
+        if o0 < x1 and x0 < o1:
+            raise ValueError("out must not overlap x")
+        rc = _c_linear(_state["path"], _from_buffer("float[]", x), T, w._c, _cast("float *", o0), ld, nth)
+        if rc == -1:
+            raise MemoryError("cpu_kernels.linear: scratch allocation failed")
+        if rc != 0:
+            raise RuntimeError(f"cpu_kernels.linear: kernel path {active_path()} unavailable (rc={rc})")
         return out
 
     def _set_min_work_per_thread(nbytes: int) -> int:

@@ -36,6 +36,16 @@ int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, cons
     return -2;
 }
 
+int nx_linear(int path, const float *x, int64_t T, const nx_tensor *w, float *out, int64_t ld, int nthreads) {
+    if (!((nx_cpu_paths() >> path) & 1)) return -2;
+    switch (path) {
+    case 0: return nx_linear_ref(x, T, w, out, ld, nthreads);
+    case 1: return nx_linear_avx2(x, T, w, out, ld, nthreads);
+    case 2: return nx_linear_avx512(x, T, w, out, ld, nthreads);
+    }
+    return -2;
+}
+
 int64_t nx_min_work_per_thread = 1 << 20;
 int64_t nx_set_min_work(int64_t bytes) { int64_t old = nx_min_work_per_thread; nx_min_work_per_thread = bytes; return old; }
 

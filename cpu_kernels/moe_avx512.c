@@ -12,4 +12,8 @@ int nx_moe_forward_avx512(const float *x, int64_t T, const int32_t *ids, const f
     (void)x; (void)T; (void)ids; (void)wts; (void)K; (void)gate; (void)up; (void)down; (void)out; (void)nthreads;
     return -2;
 }
+int nx_linear_avx512(const float *x, int64_t T, const nx_tensor *w, float *out, int64_t ld, int nthreads) {
+    (void)x; (void)T; (void)w; (void)out; (void)ld; (void)nthreads;
+    return -2;
+}
 #endif

@@ -1242,3 +1242,68 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
     free(start); free(ptok); free(pw); free(active); free(qxg); free(qxu); free(G); free(qa); free(scr_all);
     return 0;
 }
+
+/* ------------------------------------------------------------------ the dense linear call
+ * out[t * ld + r] = dot(row r of w's first matrix, x[t]) for r < w->rows, t < T: the non-expert
+ * weights that sit on the CPU (attention, dense and shared FFNs, the head), read in their GGUF
+ * blocks instead of a float copy 2-8x their size.  The same activation quantization and dot cores
+ * as the MoE call, so the same per-type tolerances hold.  Parallel (dynamic) over blocks of rows:
+ * each row is read once per call whatever T is; many tokens go through tile_dots as in phase 2.
+ * Returns 0 or -1 (allocation failed). */
+int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, float *out, int64_t ld,
+                               int nthreads) {
+    const int64_t N = w->rows, H = w->cols;
+    const int fam = FN(family)(w->type), sgn = FN(is_signed)(w->type), fused = FN(has_fused)(w->type);
+    if (nthreads < 1) nthreads = 1;
+    if (T <= 0) return 0;
+    const double work = (double)N * (double)w->row_bytes + (double)T * (double)(N * H) * 0.25;
+    int nth = nthreads;
+    const double mw = (double)nx_min_work_per_thread;
+    if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
+    if (nth > nthreads) nth = nthreads;
+    int64_t rb = N / ((int64_t)nth * 8);
+    if (rb < 8) rb = 8;
+    if (rb > NX_RB2_MAX) rb = NX_RB2_MAX;
+    const int64_t nu = (N + rb - 1) / rb;
+    const size_t ax = FN(act_bytes)(fam, H);
+    uint8_t *qx = fam == NX_FAM_F ? NULL : (uint8_t *)malloc((size_t)T * ax);
+    const size_t dec = fused ? 0 : FN(unpacked_bytes)(fam, H) + 64;
+    const size_t tile = (size_t)NX_TILE_T * (size_t)rb, nres = (size_t)T > tile ? (size_t)T : tile;
+    const size_t scr_stride = ((dec + nres * sizeof(float)) + 127) & ~(size_t)63;
+    uint8_t *scr_all = (uint8_t *)aligned_alloc(64, scr_stride * (size_t)nth);
+    if ((fam != NX_FAM_F && !qx) || !scr_all) { free(qx); free(scr_all); return -1; }
+    const uint8_t *a = qx ? qx : (const uint8_t *)x;
+    const size_t sa = qx ? ax : (size_t)H * 4;
+    const int par_quant = T * H > (1 << 16);
+    if (qx && !par_quant)
+        for (int64_t t = 0; t < T; t++) FN(quant_act)(fam, x + t * H, H, qx + t * ax);
+
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        uint8_t *scratch = scr_all + scr_stride * (size_t)omp_get_thread_num();
+        float *res = (float *)(scratch + dec);
+        if (qx && par_quant) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++) FN(quant_act)(fam, x + t * H, H, qx + t * ax);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t unit = 0; unit < nu; unit++) {
+            const int64_t r0 = unit * rb, r1 = r0 + rb < N ? r0 + rb : N, nr = r1 - r0;
+            if (T > NX_GRP && fused) {
+                for (int64_t j0 = 0; j0 < T; j0 += NX_TILE_T) {
+                    const int64_t nj = T - j0 < NX_TILE_T ? T - j0 : NX_TILE_T;
+                    FN(tile_dots)(w, 0, r0, r1, a + (size_t)j0 * sa, NULL, sa, nj, res, nr);
+                    for (int64_t j = 0; j < nj; j++)
+                        memcpy(out + (j0 + j) * ld + r0, res + j * nr, (size_t)nr * sizeof(float));
+                }
+                continue;
+            }
+            for (int64_t r = r0; r < r1; r++) {
+                FN(row_dots)(w->type, fam, sgn, w->data + r * w->row_bytes, H, a, NULL, sa, T, res, scratch);
+                for (int64_t j = 0; j < T; j++) out[j * ld + r] = res[j];
+            }
+        }
+    }
+    free(qx); free(scr_all);
+    return 0;
+}

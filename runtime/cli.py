@@ -129,8 +129,10 @@ def cmd_run(a: argparse.Namespace) -> int:
                      f"cpu experts {s['cpu_busy_s']:.2f}s, both {s['overlap_s']:.2f}s, idle {s['idle_wait_s']:.2f}s")
         rep = eng.load_report
         if rep.repacked_bytes or rep.repack_skipped:
-            lines.append(f"-- CPU experts repacked at load: {rep.repacked_bytes / 2**30:.2f} GiB"
+            lines.append(f"-- CPU kernel weights repacked at load: {rep.repacked_bytes / 2**30:.2f} GiB"
                          + (f" ({rep.repack_skipped})" if rep.repack_skipped else ""))
+        if rep.kernel_weights:
+            lines.append(f"-- dense weights run by the CPU kernels in GGUF form: {rep.kernel_weights}")
         if a.trace:
             lines.append(f"-- trace written to {a.trace} (open in ui.perfetto.dev or chrome://tracing)")
         print("\n".join(lines), file=sys.stderr)

@@ -18,10 +18,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from placement.memory import in_gguf_form
+
 from .config import ModelConfig
 from .errors import ModelFileError
 from .experts import KernelExperts, TorchExperts
 from .gguf_file import GGUFFile, TensorInfo
+from .linear import KernelLinear
 from .model import (Attention, Block, Bus, DenseFFN, Embedding, GLM4Model, Head, MoE, NextnHead, RoPE,
                     RoutedExperts, Router)
 
@@ -57,6 +60,7 @@ class LoadReport:
     bytes_by_side: dict = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
     kernel_expert_layers: int = 0
     torch_expert_layers: int = 0
+    kernel_weights: int = 0  # dense weights kept in GGUF form on the CPU (runtime/linear.py)
     repacked_bytes: int = 0  # CPU expert bytes copied into a faster layout at load
     repack_skipped: str = ""  # why `repack: auto` stopped repacking, if it did
     mtp_shares_embed: bool = True
@@ -113,7 +117,7 @@ class _Builder:
                                  "attn_output.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
                                  "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight")]
         side = self.unit_side(names)
-        t = [self.opt(n, side) for n in names]
+        t = [self.opt(n, side) if i not in (1, 2, 3, 4) else None for i, n in enumerate(names)]
         qk_norm = None
         if (t[8] is None) != (t[9] is None):
             raise ModelFileError(f"{self.f.path.name}: {p}attn_q_norm.weight and {p}attn_k_norm.weight: "
@@ -122,7 +126,8 @@ class _Builder:
             cfg = self.cfg
             # float32 whatever the side's dtype (a few KiB): RMSNorm multiplies in float32 anyway
             qk_norm = torch.cat([t[8].expand(cfg.n_heads, -1), t[9].expand(cfg.n_kv_heads, -1)]).float()
-        return Attention(side, t[0], self.stack(t[1:4]), t[4], self.stack(t[5:8]) if t[5] is not None else None,
+        return Attention(side, t[0], self.matrix(names[1:4], side), self.matrix(names[4:5], side),
+                         self.stack(t[5:8]) if t[5] is not None else None,
                          qk_norm, t[10])
 
     def stacked(self, names: list[str], side: str, dim: int) -> torch.Tensor:
@@ -143,6 +148,31 @@ class _Builder:
         self.report.bytes_by_side[side] += out.numel() * out.element_size()
         return out
 
+    def matrix(self, names: list[str], side: str):
+        """A weight the model multiplies by, several tensors stacked by rows (one call serves them
+        all): a torch tensor on the side's device, or, where the tensors stay in GGUF form
+        (placement.memory.in_gguf_form: block-quantized on a side that runs on the CPU), a
+        KernelLinear over views of the file (runtime/linear.py)."""
+        infos = [self.f.tensors[n] for n in names]
+        gpu_on_cpu = self.devices["gpu"].type == "cpu"
+        gguf = [in_gguf_form(i, side, "weight", self.use_kernels, gpu_on_cpu) for i in infos]
+        if not any(gguf):
+            ts = [self.tensor(n, side) for n in names]
+            return ts[0] if len(ts) == 1 else self.stack(ts)
+        import cpu_kernels
+
+        parts = []
+        for i, keep in zip(infos, gguf):
+            if not keep:  # a float-typed part of a mixed unit: float32 rows (the estimate's rule)
+                parts.append(self.tensor(i.name, side, torch.float32))
+                continue
+            t = cpu_kernels.ExpertTensor(i.raw(), int(i.ggml_type), (1, *i.shape))
+            parts.append(self._maybe_repack(t, i.name))
+            self.report.bytes_by_side[side] += i.nbytes
+            self._tick(i)
+        self.report.kernel_weights += len(infos)
+        return KernelLinear(parts, threads=self.threads)
+
     def stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Rows of several weights in one tensor (same bytes: the parts are freed), so one matmul
         serves them all."""
@@ -151,8 +181,7 @@ class _Builder:
     def ffn(self, p: str, suffix: str) -> DenseFFN:
         names = [f"{p}ffn_{w}{suffix}.weight" for w in ("gate", "up", "down")]
         side = self.unit_side(names)
-        g, u, d = (self.tensor(n, side) for n in names)
-        return DenseFFN(side, self.stack([g, u]), d)
+        return DenseFFN(side, self.matrix(names[:2], side), self.matrix(names[2:], side))
 
     def router(self, p: str) -> Router:
         cfg = self.cfg
@@ -232,7 +261,7 @@ def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side
     head_name = "output.weight" if "output.weight" in t else "token_embd.weight"  # tied when absent
     head_side = side_of(head_name)
     head = embed.table if head_name == "token_embd.weight" and head_side == embed_side else None
-    head = Head(head_side, head if head is not None else b.tensor(head_name, head_side))
+    head = Head(head_side, head if head is not None else b.matrix([head_name], head_side))
     norm_side = side_of("output_norm.weight")
     output_norm = b.tensor("output_norm.weight", norm_side)
     blocks = [b.block(layer) for layer in range(cfg.n_layers)]
@@ -254,8 +283,8 @@ def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side
         if own_head is not None and not same_tensor(own_head, t[head_name]):
             b.report.mtp_shares_head = False
             s = side_of(own_head.name)
-            n_head = Head(s, b.tensor(own_head.name, s))
-        nextn = NextnHead(side, b.tensor(p + "eh_proj.weight", side), b.tensor(p + "enorm.weight", side),
+            n_head = Head(s, b.matrix([own_head.name], s))
+        nextn = NextnHead(side, b.matrix([p + "eh_proj.weight"], side), b.tensor(p + "enorm.weight", side),
                           b.tensor(p + "hnorm.weight", side), b.tensor(p + "shared_head_norm.weight", side),
                           n_embed, n_head, b.block(L))
     if b.bar is not None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
+from .linear import KernelLinear, linear
 from .trace import NULL_TIMELINE, Timeline
 
 
@@ -234,8 +235,10 @@ class KVCache:
 class Attention:
     side: str
     norm: torch.Tensor
-    wqkv: torch.Tensor  # attn_q, attn_k, attn_v stacked at load: one matmul per step, not three
-    wo: torch.Tensor
+    # attn_q, attn_k, attn_v stacked at load: one matmul per step, not three. A weight is a torch
+    # tensor [N, K], or a KernelLinear (GGUF blocks on the CPU: runtime/linear.py)
+    wqkv: torch.Tensor | KernelLinear
+    wo: torch.Tensor | KernelLinear
     bqkv: torch.Tensor | None = None
     # attn_q_norm for each query head, then attn_k_norm for each KV head: [n_heads + n_kv_heads,
     # head_dim], so one RMSNorm (and one rotation) covers q and k, which lie side by side in qkv
@@ -246,12 +249,12 @@ class Attention:
 @dataclass
 class DenseFFN:
     side: str
-    gate_up: torch.Tensor  # ffn_gate and ffn_up stacked at load [2F, H]
-    down: torch.Tensor
+    gate_up: torch.Tensor | KernelLinear  # ffn_gate and ffn_up stacked at load [2F, H]
+    down: torch.Tensor | KernelLinear
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = (x @ self.gate_up.T).chunk(2, dim=-1)
-        return (F.silu(g) * u) @ self.down.T
+        g, u = linear(x, self.gate_up).chunk(2, dim=-1)
+        return linear(F.silu(g) * u, self.down)
 
 
 @dataclass
@@ -304,7 +307,7 @@ class NextnHead:
     """The MTP layer's own parts (its decoder block is a regular Block)."""
 
     side: str
-    eh_proj: torch.Tensor  # [H, 2H]
+    eh_proj: torch.Tensor | KernelLinear  # [H, 2H]
     enorm: torch.Tensor
     hnorm: torch.Tensor
     shared_head_norm: torch.Tensor
@@ -325,10 +328,10 @@ class Embedding:
 @dataclass
 class Head:
     side: str
-    weight: torch.Tensor  # [V, H]
+    weight: torch.Tensor | KernelLinear  # [V, H]
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return (h @ self.weight.T).float()
+        return linear(h, self.weight).float()
 
 
 @dataclass
@@ -364,7 +367,10 @@ class GLM4Model:
         cfg = self.cfg
         T = x.shape[0]
         h = rms_norm(x, a.norm, cfg.rms_eps)
-        qkv = h @ a.wqkv.T if a.bqkv is None else torch.addmm(a.bqkv, h, a.wqkv.T)
+        if isinstance(a.wqkv, torch.Tensor):
+            qkv = h @ a.wqkv.T if a.bqkv is None else torch.addmm(a.bqkv, h, a.wqkv.T)
+        else:  # GGUF blocks on the CPU (runtime/linear.py)
+            qkv = a.wqkv(h) if a.bqkv is None else a.wqkv(h) + a.bqkv
         nh, nq, nkv = cfg.n_heads, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         v = qkv[:, nq + nkv:].view(T, cfg.n_kv_heads, cfg.head_dim)
         qk = qkv[:, :nq + nkv].view(T, nh + cfg.n_kv_heads, cfg.head_dim)  # q's heads, then k's
@@ -383,7 +389,7 @@ class GLM4Model:
         o = F.scaled_dot_product_attention(_as(Q[None], K.dtype), K[None], V[None], attn_mask=mask,
                                            scale=cfg.head_dim ** -0.5, enable_gqa=True)[0]
         o = _as(o.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim), x.dtype)
-        return o @ a.wo.T
+        return linear(o, a.wo)
 
     def _block(self, b: Block, x: torch.Tensor, x_side: str, layer: int, cache: KVCache, start: int,
                pos: Positions, tag: str = "", beside_experts: Callable[[], None] | None = None
@@ -525,7 +531,7 @@ class GLM4Model:
         e = bus.to(n.embed(next_tokens), n.embed.side, n.side)
         h = bus.to(h_prev, h_side or self.output_norm_side, n.side)
         eps = self.cfg.rms_eps
-        z = torch.cat([rms_norm(e, n.enorm, eps), rms_norm(h, n.hnorm, eps)], dim=-1) @ n.eh_proj.T
+        z = linear(torch.cat([rms_norm(e, n.enorm, eps), rms_norm(h, n.hnorm, eps)], dim=-1), n.eh_proj)
         self.timeline.add("gpu", "mtp eh_proj", t0, perf_counter())
         pos = Positions(self.rope, torch.arange(start + 1, start + T + 1), start)
         z, side = self._block(n.block, z, n.side, 0, cache, start, pos, tag="mtp ")

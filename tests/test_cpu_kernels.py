@@ -483,3 +483,101 @@ def test_triple_cache_does_not_hide_bad_triples(good):
         _call(good, down=good["gate"])
     with pytest.raises(TypeError, match="gate must be"):
         _call(good, gate=None)
+
+
+# ------------------------------------------------------------------ the dense linear call
+
+def _linear_case(t, N, K, T, rng):
+    w = ck.random_blocks(t, (1, N, K), rng)
+    W = ck.ExpertTensor(w, t, (1, N, K))
+    wf = ck.dequantize(w, t, (1, N, K))[0]
+    x = rng.standard_normal((T, K), dtype=np.float32)
+    return W, wf, x
+
+
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("T", [1, 3, 5, 70])
+def test_linear_each_type(path, t, T):
+    """out = x @ W.T against gguf's dequantize + float64, and against the same with the kernels'
+    activation rounding emulated (tight). N is odd (a partial block of rows); K is the smallest
+    legal width for T=1 and several blocks otherwise; the output is poisoned with NaN."""
+    rng = np.random.default_rng(int(t) * 10 + T)
+    K = _bs(t) if T == 1 else 3 * _bs(t)
+    N = 77
+    W, wf, x = _linear_case(t, N, K, T, rng)
+    out = np.full((T, N), np.nan, dtype=np.float32)
+    assert ck.linear(x, W, out=out) is out
+    ref = x.astype(np.float64) @ wf.astype(np.float64).T
+    scale = np.abs(ref).max()
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).max() / scale < TOL_EXACT[t]
+    emu = _fake_quant(x, _fam(t)) @ wf.astype(np.float64).T
+    assert np.abs(out - emu).max() / scale < TOL_EMU
+
+
+def test_linear_fills_a_column_slice(path):
+    """Several weights fill one output: each call writes exactly its columns, every row."""
+    rng = np.random.default_rng(7)
+    T, K = 6, 512
+    parts = [_linear_case(t, n, K, T, rng)[:2] for t, n in ((QT.Q4_K, 40), (QT.Q8_0, 9), (QT.Q6_K, 33))]
+    x = rng.standard_normal((T, K), dtype=np.float32)
+    out = np.full((T, 82 + 5), np.nan, dtype=np.float32)  # 5 columns no call may touch
+    r0 = 0
+    for W, wf in parts:
+        n = W.shape[1]
+        ck.linear(x, W, out=out[:, r0:r0 + n])
+        ref = x.astype(np.float64) @ wf.astype(np.float64).T
+        assert np.abs(out[:, r0:r0 + n] - ref).max() / np.abs(ref).max() < TOL_EXACT[QT.Q4_K]
+        r0 += n
+    assert np.isnan(out[:, 82:]).all()
+
+
+def test_linear_independent_of_thread_count(all_threads):
+    rng = np.random.default_rng(3)
+    W, _, x = _linear_case(QT.Q4_K, 300, 1024, 4, rng)
+    one = ck.linear(x, W, threads=1)
+    for n in (2, 3, 8):
+        assert np.array_equal(ck.linear(x, W, threads=n), one)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("three_experts", ValueError, "one matrix"),
+    ("wrong_k", ValueError, r"x must be \[T, 256\]"),
+    ("f64", TypeError, "float32"),
+    ("strided_x", ValueError, "C-contiguous"),
+    ("out_shape", ValueError, "out must have shape"),
+    ("out_column_stride", ValueError, "unit column stride"),
+    ("out_readonly", ValueError, "writable"),
+    ("overlap", ValueError, "overlap"),
+    ("threads", ValueError, "positive integer"),
+    ("not_a_tensor", TypeError, "ExpertTensor"),
+])
+def test_linear_bad_arguments(case, exc, match):
+    rng = np.random.default_rng(1)
+    W, _, x = _linear_case(QT.Q8_0, 16, 256, 2, rng)
+    kw = {}
+    if case == "three_experts":
+        W = ck.ExpertTensor(ck.random_blocks(QT.Q8_0, (3, 16, 256), rng), QT.Q8_0, (3, 16, 256))
+    elif case == "wrong_k":
+        x = np.zeros((2, 128), np.float32)
+    elif case == "f64":
+        x = x.astype(np.float64)
+    elif case == "strided_x":
+        x = np.zeros((2, 512), np.float32)[:, ::2]
+    elif case == "out_shape":
+        kw["out"] = np.zeros((2, 15), np.float32)
+    elif case == "out_column_stride":
+        kw["out"] = np.zeros((2, 32), np.float32)[:, ::2]
+    elif case == "out_readonly":
+        o = np.zeros((2, 16), np.float32)
+        o.flags.writeable = False
+        kw["out"] = o
+    elif case == "overlap":
+        buf = np.zeros((2, 256), np.float32)
+        x, kw["out"] = buf, buf[:, :16]
+    elif case == "threads":
+        kw["threads"] = 0
+    elif case == "not_a_tensor":
+        W = np.zeros((16, 256), np.float32)
+    with pytest.raises(exc, match=match):
+        ck.linear(x, W, **kw)

@@ -507,16 +507,25 @@ def test_memory_estimate_arithmetic(tmp_path, models):
         cpu = sum(f.tensors[f"blk.{L}.ffn_{w}_exps.weight"].nbytes for L in (1, 2) for w in ("gate", "up", "down"))
         assert cpu == 2 * 3 * E * I * H // 32 * 34  # Q8_0 in GGUF form
         assert est.cpu_weight_bytes == cpu
-        gpu_elems = sum(t.n_elements for n, t in f.tensors.items() if res.tensors[n] == "gpu"
-                        and not n.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias", "_exps.weight")))
+        gpu_t = [t for n, t in f.tensors.items() if res.tensors[n] == "gpu"
+                 and not n.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias", "_exps.weight"))]
+        gpu_elems = sum(t.n_elements for t in gpu_t)
+        # where the gpu side is the CPU, block-quantized matrices the model multiplies by stay in
+        # GGUF form (runtime/linear.py); embeddings (a lookup), norms, biases and float types do not
+        kept = [t for t in gpu_t if t.type_name not in ("F32", "F16", "BF16") and len(t.shape) == 2
+                and not t.name.endswith(("token_embd.weight", "embed_tokens.weight"))]
+        assert {t.name for t in kept} >= {"blk.0.attn_q.weight", "output.weight", "blk.3.nextn.eh_proj.weight"}
         # the MTP layer's routed experts (blk.3, gpu side): in GGUF form for the kernels when the gpu
         # side is the CPU, dequantized to the gpu dtype on CUDA
         mtp_exps = [f.tensors[f"blk.3.ffn_{w}_exps.weight"] for w in ("gate", "up", "down")]
         assert all(res.tensors[t.name] == "gpu" for t in mtp_exps)
         router3 = 3 * router  # routers of blk.1-3, on the gpu side
-        assert est.gpu_weight_bytes == gpu_elems * size + router3 + sum(t.nbytes for t in mtp_exps)
+        assert est.gpu_weight_bytes == ((gpu_elems - sum(t.n_elements for t in kept)) * size + sum(t.nbytes for t in kept)
+                                        + router3 + sum(t.nbytes for t in mtp_exps))
         cuda = P.estimate_memory(res, f, cfg, replace(plan, gpu_dtype=dtype), gpu_device="cuda:0")
         assert cuda.gpu_weight_bytes == (gpu_elems + sum(t.n_elements for t in mtp_exps)) * size + router3
+        assert P.estimate_memory(res, f, cfg, replace(plan, gpu_dtype=dtype), gpu_device="cpu",
+                                 use_kernels=False).gpu_weight_bytes == (gpu_elems + sum(t.n_elements for t in mtp_exps)) * size + router3
         assert est.tensor_bytes["token_embd.weight"] == V * H * size
         assert est.gpu_bytes == est.gpu_weight_bytes + kv
         assert sum(est.row_bytes) == est.gpu_weight_bytes + est.cpu_weight_bytes
@@ -525,7 +534,9 @@ def test_memory_estimate_arithmetic(tmp_path, models):
                                "override_tensor": ["blk\\.1\\.(attn|post_attention)=cpu"]})
     f2, cfg2 = open_model(plan2.model_path)
     est2 = P.estimate_memory(P.resolve(plan2, f2, cfg2), f2, cfg2, plan2, gpu_device="cpu")
-    assert est2.tensor_bytes["blk.1.attn_q.weight"] == f2.tensors["blk.1.attn_q.weight"].n_elements * 4
+    q, qn = f2.tensors["blk.1.attn_q.weight"], f2.tensors["blk.1.attn_norm.weight"]
+    assert est2.tensor_bytes["blk.1.attn_q.weight"] == q.nbytes < q.n_elements * 2  # GGUF form
+    assert est2.tensor_bytes["blk.1.attn_norm.weight"] == qn.n_elements * 4
     per_block = 64 * cfg2.n_kv_heads * cfg2.head_dim * 2 * 2
     assert est2.cpu_kv_bytes == per_block and est2.gpu_kv_bytes == 3 * per_block
 

@@ -115,10 +115,12 @@ def test_file_loads_and_generates(air_file):
     assert np.isfinite(eng.mtp_logits(ids)).all()
 
     # repack (default auto): the Q5_0 down projections are copied into the Q5_0_R8 layout when
-    # the SIMD kernels run; the logits match those read from the GGUF's own bytes
+    # the SIMD kernels run, and so are Q5_0 dense weights the kernels run (all of them where the
+    # gpu side is the CPU); the logits match those read from the GGUF's own bytes
     import cpu_kernels
-    repackable = sum(f.tensors[n].nbytes for n in f.tensors
-                     if n.endswith("ffn_down_exps.weight") and f.tensors[n].ggml_type == T.Q5_0)
+    on_cpu = eng.device.type == "cpu"
+    repackable = sum(t.nbytes for n, t in f.tensors.items() if t.ggml_type == T.Q5_0 and (
+        n.endswith("ffn_down_exps.weight") or (on_cpu and len(t.shape) == 2 and n != "token_embd.weight")))
     assert repackable > 0
     assert eng.load_report.repacked_bytes == (repackable if cpu_kernels.active_path() != "ref" else 0)
     plain = runtime.load(path, cpu_moe=True, progress=False, context=64, repack=False)

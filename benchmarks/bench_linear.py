@@ -1,0 +1,77 @@
+"""Benchmark of the dense quantized linear (cpu_kernels.linear, runtime/linear.py) against the
+float32 copy and torch matmul it replaces on the CPU: the non-expert weights of a GLM-4.5-Air
+layer, and a 32k-row slice of its output head.
+
+    python benchmarks/bench_linear.py [--types q8_0,q4_k,q6_k] [--tokens 1,2,4,512] [--repeats 7]
+
+Per (weight, type, T): median ms of the kernel and of torch (x @ W.T on the dequantized float32
+copy, torch.set_num_threads = the kernel threads), interleaved call by call in one process; the
+kernel's GB/s of weight bytes; the ratio torch / kernel. The read bandwidth (C sum over 256 MiB,
+best of 3) is printed first. Several weights of 4-60 MB are cycled so each call reads from DRAM.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import cpu_kernels as ck
+from gguf import GGMLQuantizationType as QT
+
+# name: (rows N, cols K) of GLM-4.5-Air's weights (hidden 4096, 96 heads x 128, 8 KV heads,
+# shared expert 1408, vocabulary 151552; the head here is a 32768-row slice)
+WEIGHTS = {"attn_qkv": (14336, 4096), "attn_output": (4096, 12288), "shexp_gate_up": (2816, 4096),
+           "shexp_down": (4096, 1408), "head_slice": (32768, 4096)}
+TYPES = {"q8_0": QT.Q8_0, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K, "q5_0": QT.Q5_0}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--types", default="q8_0,q4_k,q6_k")
+    p.add_argument("--tokens", default="1,2,4,512")
+    p.add_argument("--weights", default=",".join(WEIGHTS))
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--copies", type=int, default=3, help="weights cycled per call (cache-cold reads)")
+    a = p.parse_args()
+    nth = ck.get_threads()
+    torch.set_num_threads(nth)
+    print(f"# cpu_kernels path={ck.active_path()} threads={nth}")
+    print(f"# read bandwidth: {ck.read_bandwidth(256 << 20, repeats=3):.2f} GB/s")
+    print(f"{'weight':<14} {'type':<5} {'T':>4} {'kernel ms':>10} {'torch f32 ms':>12} {'GB/s':>7} {'x torch':>8}")
+    rng = np.random.default_rng(0)
+    for wname in a.weights.split(","):
+        N, K = WEIGHTS[wname]
+        for tname in a.types.split(","):
+            t = TYPES[tname]
+            if K % ck.quant.block_size(t)[0]:
+                continue
+            raw = [ck.random_blocks(t, (1, N, K), rng, method="bytes") for _ in range(a.copies)]
+            fs = [torch.from_numpy(ck.dequantize(r, t, (1, N, K))[0]) for r in raw]
+            qs = [ck.ExpertTensor(r, t, (1, N, K)) for r in raw]
+            qs = [q.repacked() for q in qs]  # the load's repack: auto (Q5_0 -> q5_0_r8)
+            for T in (int(s) for s in a.tokens.split(",")):
+                x = rng.standard_normal((T, K), dtype=np.float32)
+                xt = torch.from_numpy(x)
+                out = np.empty((T, N), np.float32)
+                kt, tt = [], []
+                for r in range(a.repeats + 1):
+                    q, f = qs[r % len(qs)], fs[r % len(fs)]
+                    t0 = time.perf_counter()
+                    ck.linear(x, q, out=out)
+                    t1 = time.perf_counter()
+                    xt @ f.T
+                    t2 = time.perf_counter()
+                    if r:
+                        kt.append(t1 - t0)
+                        tt.append(t2 - t1)
+                km, tm = statistics.median(kt), statistics.median(tt)
+                print(f"{wname:<14} {tname:<5} {T:>4} {km * 1e3:>10.3f} {tm * 1e3:>12.3f} "
+                      f"{qs[0].nbytes / km / 1e9:>7.2f} {tm / km:>7.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""Dense weights on the CPU in their GGUF blocks: `KernelLinear(x)` = x @ W.T by the C kernels.
+
+A weight the model multiplies by (attention, dense and shared FFNs, the head, the MTP layer's
+eh_proj) is a torch tensor [N, K] where its side is a GPU, or where its type is a float one; on the
+CPU a block-quantized weight stays in the file's bytes (a view of the memory map) and runs on
+`cpu_kernels.linear`, which reads 2-8x fewer bytes than a float32 copy and keeps that copy out of
+memory. Several tensors stacked by rows (q/k/v, gate/up) are parts of one KernelLinear: each part
+fills its columns of one output. `linear(x, w)` takes either kind.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class KernelLinear:
+    """Parts stacked by rows: cpu_kernels.ExpertTensor (1, N_i, K), or a float32 torch tensor
+    [N_i, K] for a part of a float type (a unit may mix them: q in Q8_0, v in F16)."""
+
+    def __init__(self, parts: list, threads: int | None = None):
+        import cpu_kernels
+
+        self._linear = cpu_kernels.linear
+        self.parts = parts
+        self.threads = threads
+        dims = [tuple(p.shape[-2:]) for p in parts]
+        self.in_features = dims[0][1]
+        if any(k != self.in_features for _, k in dims):
+            raise ValueError(f"stacked weights have different widths: {dims}")
+        self.out_features = sum(n for n, _ in dims)
+        self.shape = (self.out_features, self.in_features)  # as a torch weight's
+        self.nbytes = sum(p.nbytes if not isinstance(p, torch.Tensor) else p.numel() * p.element_size()
+                          for p in parts)
+
+    def __repr__(self):
+        kinds = [p.ggml_type.name if not isinstance(p, torch.Tensor) else str(p.dtype) for p in self.parts]
+        return f"KernelLinear({', '.join(kinds)}, shape={self.shape})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        xs = xs.reshape(-1, self.in_features)
+        xn = xs.numpy()
+        out = np.empty((xn.shape[0], self.out_features), dtype=np.float32)
+        r0 = 0
+        for p in self.parts:
+            n = p.shape[-2]
+            o = out if n == self.out_features else out[:, r0:r0 + n]
+            if isinstance(p, torch.Tensor):
+                torch.from_numpy(o).copy_(xs @ p.T)
+            else:
+                self._linear(xn, p, out=o, threads=self.threads)
+            r0 += n
+        y = torch.from_numpy(out).reshape(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T for a torch weight [N, K]; a KernelLinear computes the same from its GGUF blocks."""
+    return x @ w.T if isinstance(w, torch.Tensor) else w(x)
