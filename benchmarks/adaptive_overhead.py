@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                 print(f"# {name}: " + explain_divergence(eng, prompts[p], r.tokens, targets[p][len(prompts[p]):]))
             decode[name] += r.stats["decode_s"]
             total[name] += r.stats["decode_s"] + r.stats["prefill_s"]
-            measured += int(name == "adaptive" and bool(r.stats["draft_lengths"]))
+            measured += int(name == "adaptive" and any(k > 0 for k in r.stats["draft_lengths"]))
     print(f"{a.pairs} pairs, alpha {a.alpha}: adaptive measured drafting in {measured} sequences")
     print(f"decode s: plain {decode['plain']:.2f}  adaptive {decode['adaptive']:.2f}  "
           f"ratio {decode['adaptive'] / decode['plain']:.3f}")

@@ -761,17 +761,19 @@ NX_FUSED void FN(unfold4)(__m256 acc, __m128 extra, float *res, const int nt) {
  * Per 256-block: the 8 six-bit scales and 8 mins are unpacked once, in vector registers; the
  * scales go to a small stack array as int16 pairs so each sub-block's madd operand is one
  * broadcast load rather than a shuffle (the shuffle port is the busy one here); the mins meet the
- * activations' per-32 sums (bsum32, precomputed per token) in one madd.  One or two tokens keep a
- * float accumulator each (no horizontal folds in the hot loop); three or four fold their int32
- * sums into one vector first. */
+ * activations' per-32 sums (bsum32, precomputed per token) in one madd.  Each token keeps its own
+ * float accumulators, so a token's result has the same bits whether it is dotted alone or with up
+ * to three others (a verify batch's row must equal a plain step's; folding 3-4 tokens' int32 sums
+ * into one vector, as this did before, changed the float summation order). */
 NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t nb,
                         const uint8_t *const *a, float *res, const int nt) {
     const size_t bs = type == NX_Q4_K ? 144 : 176;
     const __m256i m4 = _mm256_set1_epi8(15);
     const ak256 *ab[NX_NT];
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
-    __m256 acc = _mm256_setzero_ps(), acc1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    __m128 accm = _mm_setzero_ps(), accm1[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    __m256 acc1[NX_NT];
+    __m128 accm1[NX_NT];
+    for (int t = 0; t < nt; t++) { acc1[t] = _mm256_setzero_ps(); accm1[t] = _mm_setzero_ps(); }
     int32_t scp[16];
     for (int64_t b = 0; b < nb; b++, w += bs) {
         NX_PF(w, 3);
@@ -822,27 +824,13 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_hadd_epi16(pl, ph), slh));
             }
         }
-        if (nt <= 2) {
-            for (int t = 0; t < nt; t++) {
-                const float dy = ab[t][b].d;
-                acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * dy), acc1[t]);
-                accm1[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(msum[t]), _mm_set1_ps(-dmin * dy), accm1[t]);
-            }
-        } else {
-            const __m128 dyv = FN(dy4)(ab, b, nt);
-            const __m128 scv = _mm_mul_ps(dyv, _mm_set1_ps(d));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(fold4)(sumi, nt)), _mm256_set_m128(scv, scv), acc);
-            const __m128i z = _mm_setzero_si128();
-            const __m128i m01 = _mm_hadd_epi32(msum[0], nt > 1 ? msum[1] : z);
-            const __m128i m23 = nt > 2 ? _mm_hadd_epi32(msum[2], nt > 3 ? msum[3] : z) : z;
-            accm = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_hadd_epi32(m01, m23)), _mm_mul_ps(dyv, _mm_set1_ps(-dmin)), accm);
+        for (int t = 0; t < nt; t++) {
+            const float dy = ab[t][b].d;
+            acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * dy), acc1[t]);
+            accm1[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(msum[t]), _mm_set1_ps(-dmin * dy), accm1[t]);
         }
     }
-    if (nt <= 2) {
-        for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc1[t]) + FN(hsum128)(accm1[t]);
-    } else {
-        FN(unfold4)(acc, accm, res, nt);
-    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc1[t]) + FN(hsum128)(accm1[t]);
 }
 
 /* Q6_K against Q8_K-like activations: unsigned 6-bit q, the -32 offset through the per-16 sums */

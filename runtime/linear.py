@@ -54,6 +54,22 @@ class KernelLinear:
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+# Calls of up to this many rows (decode steps, drafts, verify batches: draft_max <= 16 in
+# placement/schema.py, plus the pending token) compute each row as a one-row call on the CPU,
+# here and in the attention (model.py); prefill chunks of more rows stay batched.
+ROWWISE_MAX = 17
+
+
 def linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w.T for a torch weight [N, K]; a KernelLinear computes the same from its GGUF blocks."""
-    return x @ w.T if isinstance(w, torch.Tensor) else w(x)
+    """x @ w.T for a torch weight [N, K]; a KernelLinear computes the same from its GGUF blocks.
+
+    On the CPU a float weight meets a few rows one row at a time: a 2-row GEMM and a 1-row GEMV
+    round differently (MKL picks other kernels), and a verify batch's row must get the bits a
+    plain step gets for it, or greedy MTP can part from plain greedy at a near-tie (the C
+    kernels' 8-bit activation rounding turns a 1e-7 difference into a 1e-3 one now and then).
+    MKL reads the weight once per row at these sizes anyway. On a GPU the batch stays whole."""
+    if not isinstance(w, torch.Tensor):
+        return w(x)
+    if x.dim() == 2 and 1 < x.shape[0] <= ROWWISE_MAX and x.device.type == "cpu":
+        return torch.cat([x[t:t + 1] @ w.T for t in range(x.shape[0])])
+    return x @ w.T

@@ -581,3 +581,36 @@ def test_linear_bad_arguments(case, exc, match):
         W = np.zeros((16, 256), np.float32)
     with pytest.raises(exc, match=match):
         ck.linear(x, W, **kw)
+
+
+FUSED_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.IQ4_NL, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS]
+
+
+@pytest.mark.parametrize("t", FUSED_TYPES + [QT.Q4_1, QT.F16], ids=lambda t: t.name)
+def test_linear_rows_do_not_depend_on_the_batch(path, t):
+    """A row's result has the same bits alone or in a batch of 2..9 (the multi-token dots, the
+    tiled path and the threads must not change a token's summation order): a verify batch's row
+    must equal the plain step's, or greedy MTP can part from plain greedy."""
+    rng = np.random.default_rng(int(t))
+    W, _, x = _linear_case(t, 37, 2 * _bs(t) if _bs(t) > 32 else 288, 9, rng)
+    W = W.repacked()
+    rows = np.stack([ck.linear(x[i:i + 1], W)[0] for i in range(9)])
+    for T in range(2, 10):
+        assert np.array_equal(ck.linear(x[:T], W), rows[:T]), f"T={T}"
+
+
+@pytest.mark.parametrize("mix", [(QT.Q4_K, QT.Q4_K, QT.Q5_0), (QT.Q6_K, QT.Q5_K, QT.Q8_0),
+                                 (QT.IQ4_XS, QT.Q3_K, QT.IQ4_NL)], ids=lambda m: "-".join(t.name for t in m))
+def test_moe_rows_do_not_depend_on_the_batch(path, mix):
+    """The same for the MoE call, with rows that share experts (grouped and dotted together)."""
+    rng = np.random.default_rng(5)
+    E, I, H = 6, 256, 512
+    (G, U, D), _ = _make(*mix, E, I, H, rng)
+    G, U, D = G.repacked(), U.repacked(), D.repacked()
+    x = rng.standard_normal((7, H), dtype=np.float32)
+    ids = _routing(7, 3, E, rng)
+    ids[1] = ids[0]  # two rows with the same experts
+    w = rng.random(ids.shape, dtype=np.float32)
+    rows = np.stack([ck.moe_forward(x[i:i + 1], ids[i:i + 1], w[i:i + 1], G, U, D)[0] for i in range(7)])
+    for T in range(2, 8):
+        assert np.array_equal(ck.moe_forward(x[:T], ids[:T], w[:T], G, U, D), rows[:T]), f"T={T}"

@@ -344,3 +344,29 @@ def test_model_without_nextn_layer(make_test_model, capsys):
 def test_invalid_draft_settings(random_engine):
     with pytest.raises(NextnError):
         random_engine.generate("x", draft_max=100)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_verify_rows_equal_plain_steps_bit_for_bit(make_test_model, use_kernels):
+    """Lossless MTP needs more than close logits: a verify batch's row must give the bits a plain
+    step gives for that position, or a near-tie can flip the greedy token (the kernels' 8-bit
+    activation rounding turns a 1e-7 difference into a 1e-3 one now and then: it happened on the
+    synthetic GLM-4.5-Air). Every matrix here is block-quantized and every side on the CPU, so
+    the dense kernels, the MoE kernels, the attention and the torch matmuls all take part."""
+    tm = make_test_model(types={"default": "Q4_K", "attn_v": "Q6_K", "ffn_down": "Q5_0", "ffn_down_exps": "Q5_0"},
+                         match_hf=True, seed=23, hidden=256, expert_ffn=256, dense_ffn=256, n_heads=4, head_dim=64,
+                         n_kv_heads=2, n_layers=3)
+    eng = runtime.load(tm.gguf_path, progress=False, gpu="cpu", use_kernels=use_kernels)
+    m = eng.model
+    ids = prompt(40, eng.cfg.n_vocab, seed=9)
+    n0 = 30  # a prefill chunk longer than ROWWISE_MAX: the batched attention path fills the cache
+    with torch.inference_mode():
+        plain = eng.new_sequence(SamplingParams(), use_mtp=False)
+        plain.prefill(ids[:n0])
+        steps = [m.logits(m.forward(torch.tensor([ids[p]]), plain.cache, p))[0] for p in range(n0, 40)]
+        for T in (2, 3, 5, 10):
+            seq = eng.new_sequence(SamplingParams(), use_mtp=False)
+            seq.prefill(ids[:n0])
+            got = m.logits(m.forward(torch.tensor(ids[n0:n0 + T]), seq.cache, n0))
+            for t in range(T):
+                assert torch.equal(got[t], steps[t]), f"T={T}, row {t}"
