@@ -162,6 +162,8 @@ class DraftPolicy:
         self._cold = True
         self._retry = self.RETRY_AFTER  # sequences without MTP after a give-up; doubles each time
         self._again = 0  # a length to run once more: its last step's cost was not steady-state
+        self._flip = False  # while undecided: draft on every other step (see `choose`)
+        self._measured_after = self.MEASURED_DRAFTS  # draft samples the measured test needs (1 in a re-measure)
 
     def accept_rate(self, j: int) -> float:
         m, w = self.prior
@@ -195,6 +197,16 @@ class DraftPolicy:
             same = k == self._probe_from
             self.explore_every = min(self.explore_every * 2, self.explore_max) if same else self.explore_base
             self._probe_from = None
+        if k == 0 and len(self.model.gpu_by_k.get(1, ())) < self._measured_after:
+            # The estimates say plain, but `mtp_loses` has too few draft steps to judge: draft on
+            # every other step until it can. Otherwise drafts come only from probes, 16+ steps
+            # apart, and MTP stays on for several sequences at the cost of its cache upkeep
+            # (measured on synthetic GLM-4.5-Air on the CPU: 5-12% against plain at alpha 0-0.6).
+            self._flip = not self._flip
+            if self._flip:
+                k = min(1, hi)
+                self.chosen[k] = self.chosen.get(k, 0) + 1
+                return k
         if self.steps >= self._next_probe:
             # probe a neighbour, so estimates stay fresh as the text and the machine change; a
             # neighbour costs little more than the best, and probes thin out while they confirm it
@@ -211,6 +223,13 @@ class DraftPolicy:
     # factor to be kept on from a single measured step (noise on one step is well below it)
     HOPELESS_MARGIN = 1.15
 
+    MEASURED_DRAFTS = 4  # single-draft steps the measured test of `mtp_loses` needs
+    MEASURED_PLAIN = 3
+
+    def _undecided(self) -> bool:
+        m = self.model.gpu_by_k
+        return len(m.get(1, ())) < self._measured_after or len(m.get(0, ())) < self.MEASURED_PLAIN
+
     def mtp_loses(self) -> bool:
         """True when drafting clearly does not pay here. Two tests, after plain steps:
         - hopeless: with a plain and two single-draft steps measured (one when re-measuring after
@@ -220,10 +239,12 @@ class DraftPolicy:
           step, at the faster of the draft steps: the first may carry one-time costs), by a margin
           of HOPELESS_MARGIN (a CPU-only machine, where the MTP layer and a verification batch's
           expert union both cost CPU time, is the usual case);
-        - measured: with 3 plain and 4 single-draft steps, one draft at the measured acceptance
-          yields under 70% of plain's tokens per second (4 draft steps: with 2, a draft model
-          that is right 72% of the time is rejected twice in a row 8% of the time, and the
-          prior alone would then turn MTP off where it pays).
+        - measured: with 3 plain and 4 single-draft steps (`choose` drafts on every other step
+          until there are), no draft length beats plain at the measured acceptance: the policy
+          would not draft, and keeping the MTP layer's cache up to date only costs. (4 draft
+          steps: with 2, a draft model that is right 72% of the time is rejected twice in a row
+          8% of the time; 4 times in a row, 0.6%. A re-measure after a give-up needs one: the
+          acceptance counts are kept, only the costs are measured again.)
         Keeping the MTP layer's cache up to date then costs more than it can return, so the engine
         turns MTP off for the rest of the sequence and for the next sequences (see `give_up`)."""
         m = self.model.gpu_by_k
@@ -234,9 +255,9 @@ class DraftPolicy:
                    for k in range(1, self.draft_max + 1))
         if best * self.HOPELESS_MARGIN < plain:
             return True
-        if len(m[0]) < 3 or len(m[1]) < 4:
+        if self._undecided():
             return False
-        return self.rate(1) < 0.7 * self.rate(0)
+        return max(self.rate(k) for k in range(1, self.draft_max + 1)) < self.rate(0)
 
     RETRY_AFTER = 8  # first back-off, in sequences; doubled at each give-up, up to RETRY_MAX
     RETRY_MAX = 64
@@ -251,6 +272,8 @@ class DraftPolicy:
                 self.model = CostModel()
                 self._warm = [0, 1, 0]  # popped from the end: plain, one draft, plain
                 self._hopeless_after = 1
+                # the acceptance counts are kept, so only the costs need new samples
+                self._measured_after = 1
                 self._cold = True
                 self.explore_every = self.explore_base  # probe at the first pace again
                 self._next_probe = self.steps + self.explore_every

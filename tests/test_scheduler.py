@@ -313,3 +313,38 @@ def test_probes_go_down_as_well_as_up():
     late = seen[50:]
     assert late.count(1) > 0.8 * len(late)
     assert 0 in late and 2 in late
+
+
+def test_policy_decides_within_a_dozen_steps_where_drafting_could_pay_but_does_not():
+    """A draft step costs 1.7x a plain step (the CPU-only synthetic GLM-4.5-Air with the dense
+    kernels): not hopeless, since 2 accepted tokens per step would pay. At acceptance 0 the policy
+    prefers plain after its first drafts; it must still collect the draft steps `mtp_loses` needs
+    (every other step) instead of waiting for probes 16+ steps apart with MTP's upkeep running,
+    and give up within a dozen steps. At full acceptance it keeps drafting."""
+    cost = {0: (0.0, 0.1, 16), 1: (0.02, 0.15, 24)}  # 0.00625 s per expert on either; 1.7x
+    for accept, loses in ((0.0, True), (1.0, False)):
+        p = DraftPolicy(draft_max=1, adaptive=True, total_experts=256)
+        ks = []
+        for _ in range(12):
+            k = p.choose(8)
+            ks.append(k)
+            p.observe(k, k, k if accept else 0, StepSample(k, *cost[k]))
+            if k == 0 and p.mtp_loses():
+                break
+        assert p.mtp_loses() == loses, ks
+        assert ks.count(1) >= DraftPolicy.MEASURED_DRAFTS
+    # the re-measure after the back-off keeps the acceptance counts: one draft step decides
+    p = DraftPolicy(draft_max=1, adaptive=True, total_experts=256)
+    while not p.mtp_loses():
+        k = p.choose(8)
+        p.observe(k, k, 0, StepSample(k, *cost[k]))
+    p.give_up()
+    while not p.start_sequence():
+        pass
+    ks = []
+    while not (ks and ks[-1] == 0 and p.mtp_loses()):
+        k = p.choose(8)
+        ks.append(k)
+        p.observe(k, k, 0, StepSample(k, *cost[k]))
+        assert len(ks) < 12
+    assert ks.count(1) == 1, ks
