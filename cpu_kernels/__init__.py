@@ -274,6 +274,14 @@ if _IMPORT_ERROR is None:
         # the tensors are kept alive by the cache entry, so their ids cannot be reused while cached
         _checked[(id(gate), id(up), id(down))] = (gate, up, down)
 
+    def _call_threads(threads) -> int:
+        """A call's thread count: `threads`, else the engine-wide setting, else the default."""
+        if threads is None:
+            return _state["threads"] or _default_threads()
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or int(threads) < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        return int(threads)
+
     def _span(a):
         p = a.__array_interface__["data"][0]
         return p, p + a.nbytes
@@ -330,12 +338,7 @@ if _IMPORT_ERROR is None:
                 if a0 < b1 and b0 < a1:
                     raise ValueError("out must not overlap x")
             out_np = o
-        if threads is None:
-            nth = _state["threads"] or _default_threads()
-        else:
-            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or int(threads) < 1:
-                raise ValueError(f"threads must be a positive integer, got {threads!r}")
-            nth = int(threads)
+        nth = _call_threads(threads)
         if T == 0:
             return out
         if not ids.flags.c_contiguous:
@@ -390,12 +393,7 @@ if _IMPORT_ERROR is None:
             if T and (out.strides[1] != 4 or out.strides[0] < 4 * N or out.strides[0] % 4):
                 raise ValueError(f"out must have unit column stride and rows at least {N} floats apart "
                                  f"(strides {out.strides})")
-        if threads is None:
-            nth = _state["threads"] or _default_threads()
-        else:
-            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or int(threads) < 1:
-                raise ValueError(f"threads must be a positive integer, got {threads!r}")
-            nth = int(threads)
+        nth = _call_threads(threads)
         if T == 0:
             return out
         ld = out.strides[0] // 4
