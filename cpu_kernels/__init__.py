@@ -6,6 +6,12 @@
 
 out[t] = sum_k w[t,k] * down[e](silu(gate[e] @ x[t]) * (up[e] @ x[t])),  e = expert_ids[t,k].
 
+    w = cpu_kernels.ExpertTensor(data, ggml_type, (1, N, K))          # one dense matrix
+    y = cpu_kernels.linear(x, w)                                       # x [T, K] @ W.T -> [T, N]
+
+The same activation quantization and dot cores for the dense weights the model multiplies by on
+the CPU side (runtime/linear.py). A row's result has the same bits alone or in a batch.
+
 Weights stay in their GGUF block format (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL Q2_K Q3_K
 Q4_K Q5_K Q6_K IQ4_XS, any mix across gate/up/down); ``ExpertTensor.repacked()`` makes a one-time
 copy in a layout the SIMD dots read faster where one exists (Q5_0 -> q5_0_r8: same size, same
