@@ -22,7 +22,8 @@ def load(plan_or_gguf_path: str | os.PathLike | None = None, **overrides) -> Eng
     the CPU side, everything else on the GPU side). No path: the bundled demo model and plan.
     Overrides are plan keys (gpu, threads, repack, gpu_dtype, context, cpu_moe, n_cpu_moe, override_tensor,
     mtp, draft_max, p_min, adaptive, temperature, top_k, top_p, min_p, seed, max_tokens) plus
-    `progress` (bool), `use_kernels` (bool, False forces the torch expert path) and `overlap`
+    `progress` (bool), `use_kernels` (bool, False: torch on float copies for every weight, the
+    reference path; default: the C kernels run CPU-side quantized weights) and `overlap`
     (bool: CPU experts on a worker beside the shared expert; default on with CUDA)."""
     progress = overrides.pop("progress", True)
     use_kernels = overrides.pop("use_kernels", True)

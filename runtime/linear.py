@@ -60,8 +60,9 @@ class KernelLinear:
 ROWWISE_MAX = 17
 
 
-def linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w.T for a torch weight [N, K]; a KernelLinear computes the same from its GGUF blocks.
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) for a torch weight [N, K]; a KernelLinear computes the same from its GGUF
+    blocks.
 
     On the CPU a float weight meets a few rows (1 included) as a batch of one-row products
     (`bmm` over the rows, the weight broadcast): a 2-row GEMM and a 1-row GEMV round differently
@@ -72,8 +73,8 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
     weight once: 2 rows of a [14336, 4096] weight in 10.8 ms against 21 ms for the GEMM on the
     2-core machine. On a GPU the batch stays one matmul."""
     if not isinstance(w, torch.Tensor):
-        return w(x)
+        return w(x) if bias is None else w(x) + bias
     if x.dim() == 2 and x.shape[0] <= ROWWISE_MAX and x.device.type == "cpu":
-        T = x.shape[0]
-        return torch.bmm(x[:, None, :], w.T.expand(T, *w.T.shape))[:, 0]
-    return x @ w.T
+        y = torch.bmm(x[:, None, :], w.T.expand(x.shape[0], *w.T.shape))[:, 0]
+        return y if bias is None else y + bias
+    return x @ w.T if bias is None else torch.addmm(bias, x, w.T)

@@ -364,7 +364,7 @@ class GLM4Model:
         cfg = self.cfg
         T = x.shape[0]
         h = rms_norm(x, a.norm, cfg.rms_eps)
-        qkv = linear(h, a.wqkv) if a.bqkv is None else linear(h, a.wqkv) + a.bqkv
+        qkv = linear(h, a.wqkv, a.bqkv)
         nh, nq, nkv = cfg.n_heads, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         v = qkv[:, nq + nkv:].view(T, cfg.n_kv_heads, cfg.head_dim)
         qk = qkv[:, :nq + nkv].view(T, nh + cfg.n_kv_heads, cfg.head_dim)  # q's heads, then k's
