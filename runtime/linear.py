@@ -1,4 +1,5 @@
-"""Dense weights on the CPU in their GGUF blocks: `KernelLinear(x)` = x @ W.T by the C kernels.
+"""Dense weights on the CPU in their GGUF blocks: `KernelLinear(x)` = x @ W.T by the C kernels,
+and `QuantizedTable[ids]`, an embedding lookup that dequantizes only the rows it reads.
 
 A weight the model multiplies by (attention, dense and shared FFNs, the head, the MTP layer's
 eh_proj) is a torch tensor [N, K] where its side is a GPU, or where its type is a float one; on the
@@ -58,6 +59,29 @@ class KernelLinear:
 # placement/schema.py, plus the pending token) compute each row as a one-row call on the CPU,
 # here and in the attention (model.py); prefill chunks of more rows stay batched.
 ROWWISE_MAX = 17
+
+
+class QuantizedTable:
+    """An embedding table on the CPU in its GGUF blocks: a lookup dequantizes only the rows it
+    reads (gguf's own decoder, so the values equal the float copy's), instead of a float32 copy
+    of the whole table (GLM-4.5-Air's: 2.3 GiB against 0.33 GiB in Q4_K). ~0.2 ms per row."""
+
+    def __init__(self, info, dtype: torch.dtype = torch.float32):
+        self.info = info  # runtime.gguf_file.TensorInfo [V, H]
+        self.shape = tuple(info.shape)
+        self.dtype = dtype  # of the rows returned: the side's
+        self.device = torch.device("cpu")
+
+    def __repr__(self):
+        return f"QuantizedTable({self.info.type_name}, shape={self.shape})"
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        flat = ids.reshape(-1).numpy()
+        rows = dequantize(self.info.raw()[flat], self.info.ggml_type)
+        out = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).reshape(*ids.shape, self.shape[1])
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .errors import ModelFileError
 from .experts import KernelExperts, TorchExperts
 from .gguf_file import GGUFFile, TensorInfo
-from .linear import KernelLinear
+from .linear import KernelLinear, QuantizedTable
 from .model import (Attention, Block, Bus, DenseFFN, Embedding, GLM4Model, Head, MoE, NextnHead, RoPE,
                     RoutedExperts, Router)
 
@@ -173,6 +173,16 @@ class _Builder:
         self.report.kernel_weights += len(infos)
         return KernelLinear(parts, threads=self.threads)
 
+    def table(self, name: str, side: str):
+        """An embedding table: in GGUF form on the CPU (a QuantizedTable over the file's bytes)
+        where in_gguf_form says so, else a torch tensor on the side's device."""
+        info = self.f.tensors[name]
+        if not in_gguf_form(info, side, "weight", self.use_kernels, self.devices["gpu"].type == "cpu"):
+            return self.tensor(name, side)
+        self.report.bytes_by_side[side] += info.nbytes
+        self._tick(info)
+        return QuantizedTable(info, self.dtypes[side])
+
     def stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Rows of several weights in one tensor (same bytes: the parts are freed), so one matmul
         serves them all."""
@@ -257,10 +267,13 @@ def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side
     bus = Bus(b.devices["gpu"], gpu_dtype)
     t = f.tensors
     embed_side = side_of("token_embd.weight")
-    embed = Embedding(embed_side, b.tensor("token_embd.weight", embed_side))
+    embed = Embedding(embed_side, b.table("token_embd.weight", embed_side))
     head_name = "output.weight" if "output.weight" in t else "token_embd.weight"  # tied when absent
     head_side = side_of(head_name)
-    head = embed.table if head_name == "token_embd.weight" and head_side == embed_side else None
+    # tied (no output.weight): the head multiplies by the embedding's own float table, or by the
+    # same GGUF bytes through the kernels where the table stays in GGUF form
+    head = embed.table if (head_name == "token_embd.weight" and head_side == embed_side
+                           and isinstance(embed.table, torch.Tensor)) else None
     head = Head(head_side, head if head is not None else b.matrix([head_name], head_side))
     norm_side = side_of("output_norm.weight")
     output_norm = b.tensor("output_norm.weight", norm_side)
@@ -278,7 +291,7 @@ def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side
         if own_embed is not None and not same_tensor(own_embed, t["token_embd.weight"]):
             b.report.mtp_shares_embed = False
             s = side_of(own_embed.name)
-            n_embed = Embedding(s, b.tensor(own_embed.name, s))
+            n_embed = Embedding(s, b.table(own_embed.name, s))
         n_head = head
         if own_head is not None and not same_tensor(own_head, t[head_name]):
             b.report.mtp_shares_head = False

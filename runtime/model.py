@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
-from .linear import ROWWISE_MAX, KernelLinear, linear
+from .linear import ROWWISE_MAX, KernelLinear, QuantizedTable, linear
 from .trace import NULL_TIMELINE, Timeline
 
 
@@ -316,7 +316,7 @@ class NextnHead:
 @dataclass
 class Embedding:
     side: str
-    table: torch.Tensor  # [V, H]
+    table: torch.Tensor | QuantizedTable  # [V, H]
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table[ids.to(self.table.device)]

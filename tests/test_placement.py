@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 import pytest
 from gguf import GGMLQuantizationType as T
 
@@ -437,7 +438,11 @@ def test_mtp_shares_embed_and_head_when_missing_or_identical(models, kind, share
     else:
         assert res.tensors[e] == res.tensors[h] == "gpu"
         assert res.mtp_embed_name == e and res.mtp_head_name == h
-        assert est.tensor_bytes[e] == f.tensors[e].n_elements * 4
+        # the MTP layer's own embedding, Q8_0, where the gpu side is the CPU: in GGUF form (looked up
+        # row by row); on CUDA a float copy in the gpu dtype
+        assert est.tensor_bytes[e] == f.tensors[e].nbytes
+        cuda = P.estimate_memory(res, f, cfg, plan, gpu_device="cuda:0")
+        assert cuda.tensor_bytes[e] == f.tensors[e].n_elements * 2
 
 
 def test_same_bytes_compares_data(models):
@@ -510,11 +515,11 @@ def test_memory_estimate_arithmetic(tmp_path, models):
         gpu_t = [t for n, t in f.tensors.items() if res.tensors[n] == "gpu"
                  and not n.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias", "_exps.weight"))]
         gpu_elems = sum(t.n_elements for t in gpu_t)
-        # where the gpu side is the CPU, block-quantized matrices the model multiplies by stay in
-        # GGUF form (runtime/linear.py); embeddings (a lookup), norms, biases and float types do not
-        kept = [t for t in gpu_t if t.type_name not in ("F32", "F16", "BF16") and len(t.shape) == 2
-                and not t.name.endswith(("token_embd.weight", "embed_tokens.weight"))]
-        assert {t.name for t in kept} >= {"blk.0.attn_q.weight", "output.weight", "blk.3.nextn.eh_proj.weight"}
+        # where the gpu side is the CPU, block-quantized 2-D weights (matrices and embedding tables)
+        # stay in GGUF form (runtime/linear.py); norms, biases and float types do not
+        kept = [t for t in gpu_t if t.type_name not in ("F32", "F16", "BF16") and len(t.shape) == 2]
+        assert {t.name for t in kept} >= {"blk.0.attn_q.weight", "output.weight", "blk.3.nextn.eh_proj.weight",
+                                          "token_embd.weight"}
         # the MTP layer's routed experts (blk.3, gpu side): in GGUF form for the kernels when the gpu
         # side is the CPU, dequantized to the gpu dtype on CUDA
         mtp_exps = [f.tensors[f"blk.3.ffn_{w}_exps.weight"] for w in ("gate", "up", "down")]
@@ -526,7 +531,8 @@ def test_memory_estimate_arithmetic(tmp_path, models):
         assert cuda.gpu_weight_bytes == (gpu_elems + sum(t.n_elements for t in mtp_exps)) * size + router3
         assert P.estimate_memory(res, f, cfg, replace(plan, gpu_dtype=dtype), gpu_device="cpu",
                                  use_kernels=False).gpu_weight_bytes == (gpu_elems + sum(t.n_elements for t in mtp_exps)) * size + router3
-        assert est.tensor_bytes["token_embd.weight"] == V * H * size
+        assert est.tensor_bytes["token_embd.weight"] == f.tensors["token_embd.weight"].nbytes
+        assert cuda.tensor_bytes["token_embd.weight"] == V * H * size
         assert est.gpu_bytes == est.gpu_weight_bytes + kv
         assert sum(est.row_bytes) == est.gpu_weight_bytes + est.cpu_weight_bytes
     # cpu-side non-expert tensors are float32; KV follows the attention's side
@@ -627,3 +633,25 @@ def test_gguf_given_as_plan_and_mtp_override_on_a_model_without_nextn(models):
         P.resolve(plan, f, cfg)
     res = P.resolve(P.apply_overrides(plan, {"mtp": False}), f, cfg)
     assert not res.mtp_enabled and res.mtp_embed_name is None
+
+
+def test_tied_head_and_embedding_in_gguf_form_on_the_cpu(models):
+    """No output.weight, everything on the CPU: the embedding is looked up row by row from the
+    file's Q8_0 bytes and the head multiplies by the same bytes through the kernels; logits match
+    the float-copy path (torch, use_kernels=False) within the kernels' activation rounding."""
+    from runtime.linear import KernelLinear, QuantizedTable
+    from runtime.loader import build_model
+
+    f, cfg = open_model(models["tied"])
+    got, want = [], []
+    for use_kernels, out in ((True, got), (False, want)):
+        m, _ = build_model(f, cfg, gpu_device="cpu", use_kernels=use_kernels, load_mtp=False, progress=False)
+        if use_kernels:
+            assert isinstance(m.embed.table, QuantizedTable) and isinstance(m.head.weight, KernelLinear)
+        with torch.inference_mode():
+            ids = torch.arange(1, 30)
+            out.append(m.logits(m.forward(ids, m.new_cache(64, torch.float32), 0)).numpy())
+            out.append(m.embed(torch.tensor([[3, 7], [0, cfg.n_vocab - 1]])))
+    span = want[0].max() - want[0].min()
+    assert np.median(np.abs(got[0] - want[0]).max(-1)) <= 0.02 * span
+    assert torch.equal(got[1], want[1])  # the lookup itself is exact: the same decoder as the float copy
