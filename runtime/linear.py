@@ -46,8 +46,8 @@ class KernelLinear:
         for p in self.parts:
             n = p.shape[-2]
             o = out if n == self.out_features else out[:, r0:r0 + n]
-            if isinstance(p, torch.Tensor):
-                torch.from_numpy(o).copy_(xs @ p.T)
+            if isinstance(p, torch.Tensor):  # batch-invariant as any float weight (`linear`)
+                torch.from_numpy(o).copy_(linear(xs, p))
             else:
                 self._linear(xn, p, out=o, threads=self.threads)
             r0 += n

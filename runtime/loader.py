@@ -148,11 +148,12 @@ class _Builder:
         self.report.bytes_by_side[side] += out.numel() * out.element_size()
         return out
 
-    def matrix(self, names: list[str], side: str):
+    def matrix(self, names: list[str], side: str, counted: bool = False):
         """A weight the model multiplies by, several tensors stacked by rows (one call serves them
         all): a torch tensor on the side's device, or, where the tensors stay in GGUF form
         (placement.memory.in_gguf_form: block-quantized on a side that runs on the CPU), a
-        KernelLinear over views of the file (runtime/linear.py)."""
+        KernelLinear over views of the file (runtime/linear.py). `counted`: the bytes are already
+        in the report (a tied head over the embedding's GGUF bytes)."""
         infos = [self.f.tensors[n] for n in names]
         gpu_on_cpu = self.devices["gpu"].type == "cpu"
         gguf = [in_gguf_form(i, side, "weight", self.use_kernels, gpu_on_cpu) for i in infos]
@@ -168,8 +169,9 @@ class _Builder:
                 continue
             t = cpu_kernels.ExpertTensor(i.raw(), int(i.ggml_type), (1, *i.shape))
             parts.append(self._maybe_repack(t, i.name))
-            self.report.bytes_by_side[side] += i.nbytes
-            self._tick(i)
+            if not counted:
+                self.report.bytes_by_side[side] += i.nbytes
+                self._tick(i)
         self.report.kernel_weights += len(infos)
         return KernelLinear(parts, threads=self.threads)
 
@@ -274,7 +276,8 @@ def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side
     # same GGUF bytes through the kernels where the table stays in GGUF form
     head = embed.table if (head_name == "token_embd.weight" and head_side == embed_side
                            and isinstance(embed.table, torch.Tensor)) else None
-    head = Head(head_side, head if head is not None else b.matrix([head_name], head_side))
+    tied_gguf = head_name == "token_embd.weight" and head_side == embed_side and head is None
+    head = Head(head_side, head if head is not None else b.matrix([head_name], head_side, counted=tied_gguf))
     norm_side = side_of("output_norm.weight")
     output_norm = b.tensor("output_norm.weight", norm_side)
     blocks = [b.block(layer) for layer in range(cfg.n_layers)]

@@ -645,9 +645,13 @@ def test_tied_head_and_embedding_in_gguf_form_on_the_cpu(models):
     f, cfg = open_model(models["tied"])
     got, want = [], []
     for use_kernels, out in ((True, got), (False, want)):
-        m, _ = build_model(f, cfg, gpu_device="cpu", use_kernels=use_kernels, load_mtp=False, progress=False)
+        m, rep = build_model(f, cfg, gpu_device="cpu", use_kernels=use_kernels, progress=False)
         if use_kernels:
             assert isinstance(m.embed.table, QuantizedTable) and isinstance(m.head.weight, KernelLinear)
+            # the head's bytes are the embedding's: counted once, as the estimate counts them
+            plan = P.load_plan(None, {"model": str(models["tied"]), "gpu": "cpu"})
+            est = P.estimate_memory(P.resolve(plan, f, cfg), f, cfg, plan, gpu_device="cpu")
+            assert rep.bytes_by_side["gpu"] + rep.bytes_by_side["cpu"] == est.gpu_weight_bytes + est.cpu_weight_bytes
         with torch.inference_mode():
             ids = torch.arange(1, 30)
             out.append(m.logits(m.forward(ids, m.new_cache(64, torch.float32), 0)).numpy())
