@@ -8,6 +8,8 @@
         those after the adaptive policy turned drafting off)
     nextn bench kernels [...]
         the CPU expert kernel benchmark (benchmarks/bench_kernels.py; see BENCHMARKS.md)
+    nextn bench linear [...]
+        the dense quantized linear against torch on float32 copies (benchmarks/bench_linear.py)
 """
 
 from __future__ import annotations
@@ -150,14 +152,19 @@ def explain_divergence(eng, ids: list[int], got: list[int], want: list[int]) -> 
             f"{str(eng.dtype).replace('torch.', '')} rounding), not a bug")
 
 
-def bench_kernels(argv: list[str]) -> int:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+def _run_script(name: str, argv: list[str]) -> int:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     if not script.exists():
-        raise NextnError("the kernel benchmark ships with the source tree (benchmarks/bench_kernels.py)")
+        raise NextnError(f"this benchmark ships with the source tree (benchmarks/{name})")
     sys.argv = [str(script)] + list(argv)
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:  # the script's own exit status
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 
 def main(what: str, argv: list[str]) -> int:
-    return {"model": bench_model, "kernels": bench_kernels}[what](argv)
+    if what == "model":
+        return bench_model(argv)
+    return _run_script({"kernels": "bench_kernels.py", "linear": "bench_linear.py"}[what], argv)

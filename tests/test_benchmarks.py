@@ -79,3 +79,12 @@ def test_divergence_explained_only_at_a_rounding_tie():
         explain_divergence(bf16, [7, 7], got, want)
     with pytest.raises(NextnError, match="length differs"):
         explain_divergence(bf16, [7, 7], want[:3], want)
+
+
+def test_bench_linear_runs_through_the_cli(capsys):
+    """`nextn bench linear`: one small weight, one type, one size; every row prints both timings."""
+    from runtime.bench import main
+    assert main("linear", ["--weights", "shexp_down", "--types", "q8_0", "--tokens", "1,2", "--repeats", "1",
+                           "--copies", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("shexp_down")]
+    assert [r[2] for r in rows] == ["1", "2"] and all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
