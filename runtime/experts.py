@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .linear import ROWWISE_MAX
+
 
 # Up to this many (row, expert) pairs a call runs pair by pair (decode, drafts, short verify
 # batches); more (prefill) are grouped by expert.
@@ -32,7 +34,9 @@ class TorchExperts:
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, K = ids.shape
-        if T * K <= PAIRWISE_MAX:
+        # on the CPU every decode-sized call goes pair by pair, whatever K: a verify batch's rows
+        # then get a plain step's bits (see runtime/linear.py); a GPU groups from 32 pairs up
+        if T * K <= PAIRWISE_MAX or (T <= ROWWISE_MAX and x.device.type == "cpu"):
             return self._pairwise(x, ids, weights)
         return self._grouped(x, ids, weights)
 
