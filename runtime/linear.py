@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf.quants import dequantize
 
 
 class KernelLinear:
@@ -76,8 +77,6 @@ class QuantizedTable:
         return f"QuantizedTable({self.info.type_name}, shape={self.shape})"
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
-        from gguf.quants import dequantize
-
         flat = ids.reshape(-1).numpy()
         rows = dequantize(self.info.raw()[flat], self.info.ggml_type)
         out = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).reshape(*ids.shape, self.shape[1])

@@ -117,7 +117,9 @@ class _Builder:
                                  "attn_output.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
                                  "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight")]
         side = self.unit_side(names)
-        t = [self.opt(n, side) if i not in (1, 2, 3, 4) else None for i, n in enumerate(names)]
+        # norms and biases here; the q/k/v and output matrices through `matrix` below
+        t = [None if n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")) else self.opt(n, side)
+             for n in names]
         qk_norm = None
         if (t[8] is None) != (t[9] is None):
             raise ModelFileError(f"{self.f.path.name}: {p}attn_q_norm.weight and {p}attn_k_norm.weight: "

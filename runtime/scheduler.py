@@ -158,12 +158,13 @@ class DraftPolicy:
         # calls, caches); it is a plain step, so that after two single-draft steps and one plain
         # step `mtp_loses` can see a placement where drafting can never pay.
         self._warm = [1, 0, 1, 0] if adaptive else []
-        self._hopeless_after = 2  # single-draft samples the hopeless test needs (1 in a re-measure)
+        # re-measuring after a give-up: the process has paid its one-time costs and the acceptance
+        # counts are kept, so both tests of `mtp_loses` need one single-draft sample, not 2 and 4
+        self._remeasure = False
         self._cold = True
         self._retry = self.RETRY_AFTER  # sequences without MTP after a give-up; doubles each time
         self._again = 0  # a length to run once more: its last step's cost was not steady-state
         self._flip = False  # while undecided: draft on every other step (see `choose`)
-        self._measured_after = self.MEASURED_DRAFTS  # draft samples the measured test needs (1 in a re-measure)
 
     def accept_rate(self, j: int) -> float:
         m, w = self.prior
@@ -197,7 +198,7 @@ class DraftPolicy:
             same = k == self._probe_from
             self.explore_every = min(self.explore_every * 2, self.explore_max) if same else self.explore_base
             self._probe_from = None
-        if k == 0 and len(self.model.gpu_by_k.get(1, ())) < self._measured_after:
+        if k == 0 and self._drafts_short():
             # The estimates say plain, but `mtp_loses` has too few draft steps to judge: draft on
             # every other step until it can. Otherwise drafts come only from probes, 16+ steps
             # apart, and MTP stays on for several sequences at the cost of its cache upkeep
@@ -226,9 +227,12 @@ class DraftPolicy:
     MEASURED_DRAFTS = 4  # single-draft steps the measured test of `mtp_loses` needs
     MEASURED_PLAIN = 3
 
+    def _drafts_short(self) -> bool:
+        """Fewer single-draft samples than the measured test of `mtp_loses` needs."""
+        return len(self.model.gpu_by_k.get(1, ())) < (1 if self._remeasure else self.MEASURED_DRAFTS)
+
     def _undecided(self) -> bool:
-        m = self.model.gpu_by_k
-        return len(m.get(1, ())) < self._measured_after or len(m.get(0, ())) < self.MEASURED_PLAIN
+        return self._drafts_short() or len(self.model.gpu_by_k.get(0, ())) < self.MEASURED_PLAIN
 
     def mtp_loses(self) -> bool:
         """True when drafting clearly does not pay here. Two tests, after plain steps:
@@ -248,7 +252,7 @@ class DraftPolicy:
         Keeping the MTP layer's cache up to date then costs more than it can return, so the engine
         turns MTP off for the rest of the sequence and for the next sequences (see `give_up`)."""
         m = self.model.gpu_by_k
-        if not self.adaptive or not m.get(0) or len(m.get(1, ())) < self._hopeless_after:
+        if not self.adaptive or not m.get(0) or len(m.get(1, ())) < (1 if self._remeasure else 2):
             return False
         plain = 1.0 / max(self.model.cost(0, self.total), 1e-12)
         best = max((k + 1) / max(self.model.cost(k, self.total, best=True), 1e-12)
@@ -271,9 +275,7 @@ class DraftPolicy:
                 # machine and the context (the acceptance counts are kept: they describe the model)
                 self.model = CostModel()
                 self._warm = [0, 1, 0]  # popped from the end: plain, one draft, plain
-                self._hopeless_after = 1
-                # the acceptance counts are kept, so only the costs need new samples
-                self._measured_after = 1
+                self._remeasure = True
                 self._cold = True
                 self.explore_every = self.explore_base  # probe at the first pace again
                 self._next_probe = self.steps + self.explore_every
