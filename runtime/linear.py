@@ -83,6 +83,16 @@ class QuantizedTable:
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
 
+def rowwise(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for an elementwise transcendental (sigmoid, silu), row by row on the CPU for calls of
+    up to ROWWISE_MAX rows: torch runs a row's elements through its vector or its scalar code
+    depending on where they fall in the whole tensor (a row of 8 router scores alone takes the
+    tail path, the same row in a 3-row batch the vector one), and the two differ in the last bit."""
+    if x.dim() == 2 and 1 < x.shape[0] <= ROWWISE_MAX and x.device.type == "cpu":
+        return torch.cat([fn(x[t:t + 1]) for t in range(x.shape[0])])
+    return fn(x)
+
+
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias) for a torch weight [N, K]; a KernelLinear computes the same from its GGUF
     blocks.
@@ -93,8 +103,9 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     it, or greedy MTP can part from plain greedy at a near-tie (the C kernels' 8-bit activation
     rounding turns a 1e-7 difference into a 1e-3 one now and then). The batched one-row products
     give each row the same bits whatever the batch (tests/test_mtp.py checks it), and read the
-    weight once: 2 rows of a [14336, 4096] weight in 10.8 ms against 21 ms for the GEMM on the
-    2-core machine. On a GPU the batch stays one matmul."""
+    weight once: 2 rows of a [14336, 4096] weight in 11.7 ms against 22.5 ms for the GEMM on the
+    2-core machine (`benchmarks/bench_linear.py --float-path`). On a GPU the batch stays one
+    matmul."""
     if not isinstance(w, torch.Tensor):
         return w(x) if bias is None else w(x) + bias
     if x.dim() == 2 and x.shape[0] <= ROWWISE_MAX and x.device.type == "cpu":

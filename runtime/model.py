@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
-from .linear import ROWWISE_MAX, KernelLinear, QuantizedTable, linear
+from .linear import ROWWISE_MAX, KernelLinear, QuantizedTable, linear, rowwise
 from .trace import NULL_TIMELINE, Timeline
 
 
@@ -251,7 +251,7 @@ class DenseFFN:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         g, u = linear(x, self.gate_up).chunk(2, dim=-1)
-        return linear(F.silu(g) * u, self.down)
+        return linear(rowwise(F.silu, g) * u, self.down)
 
 
 @dataclass
@@ -267,7 +267,7 @@ class Router:
     scale: float
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(linear(_as(x, torch.float32), self.weight))
+        scores = rowwise(torch.sigmoid, linear(_as(x, torch.float32), self.weight))
         ids = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
         w = scores.gather(-1, ids)
         if self.norm:
