@@ -88,3 +88,22 @@ def test_bench_linear_runs_through_the_cli(capsys):
                            "--copies", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("shexp_down")]
     assert [r[2] for r in rows] == ["1", "2"] and all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_verify_rows_script_finds_no_difference_on_the_demo(capsys):
+    from runtime.api import DEMO_PLAN
+    assert _script("verify_rows").main([str(DEMO_PLAN), "--rows", "3", "--tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip().endswith("max |logit difference| 0")
+
+
+def test_decode_ab_script_runs(capsys):
+    from runtime.api import DEMO_PLAN
+    assert _script("decode_ab").main([str(ROOT), str(DEMO_PLAN), "--tokens", "2", "--repeats", "1"]) == 0
+    assert "plain" in capsys.readouterr().out
