@@ -3,7 +3,9 @@ float32 copy and torch matmul it replaces on the CPU: the non-expert weights of 
 layer, and a 32k-row slice of its output head.
 
     python benchmarks/bench_linear.py [--types q8_0,q4_k,q6_k] [--tokens 1,2,4,512] [--repeats 7]
-                                      [--float-path]
+                                      [--float-path] [--runtime-path]
+
+Types: q8_0, q4_k, q6_k, q5_0, f16, bf16.
 
 Per (weight, type, T): median ms of the kernel and of torch (x @ W.T on the dequantized float32
 copy, torch.set_num_threads = the kernel threads), interleaved call by call in one process; the
@@ -11,6 +13,9 @@ kernel's GB/s of weight bytes; the ratio torch / kernel. The read bandwidth (C s
 best of 3) is printed first. Several weights of 4-60 MB are cycled so each call reads from DRAM.
 --float-path adds a column: the runtime's own path for a float32 weight on the CPU
 (`runtime.linear.linear`: batched one-row products for up to 17 rows, batch-invariant).
+--runtime-path adds the model's own call on the file-form weight (`runtime.linear.KernelLinear`:
+the kernel, except F16/BF16 weights at FLOAT_GEMM_MIN_ROWS rows or more, which take chunked
+float32 GEMMs).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from gguf import GGMLQuantizationType as QT
 # shared expert 1408, vocabulary 151552; the head here is a 32768-row slice)
 WEIGHTS = {"attn_qkv": (14336, 4096), "attn_output": (4096, 12288), "shexp_gate_up": (2816, 4096),
            "shexp_down": (4096, 1408), "head_slice": (32768, 4096)}
-TYPES = {"q8_0": QT.Q8_0, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K, "q5_0": QT.Q5_0}
+TYPES = {"q8_0": QT.Q8_0, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K, "q5_0": QT.Q5_0, "f16": QT.F16, "bf16": QT.BF16}
 
 
 def main() -> int:
@@ -39,14 +44,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--copies", type=int, default=3, help="weights cycled per call (cache-cold reads)")
     p.add_argument("--float-path", action="store_true", help="also time runtime.linear.linear on the float32 copy")
+    p.add_argument("--runtime-path", action="store_true", help="also time runtime.linear.KernelLinear on the file form")
     a = p.parse_args()
-    from runtime.linear import linear
+    from runtime.linear import KernelLinear, linear
     nth = ck.get_threads()
     torch.set_num_threads(nth)
     print(f"# cpu_kernels path={ck.active_path()} threads={nth}")
     print(f"# read bandwidth: {ck.read_bandwidth(256 << 20, repeats=3):.2f} GB/s")
     print(f"{'weight':<14} {'type':<5} {'T':>4} {'kernel ms':>10} {'torch f32 ms':>12} {'GB/s':>7} {'x torch':>8}"
-          + (f" {'rows f32 ms':>12}" if a.float_path else ""))
+          + (f" {'rows f32 ms':>12}" if a.float_path else "") + (f" {'runtime ms':>10}" if a.runtime_path else ""))
     rng = np.random.default_rng(0)
     for wname in a.weights.split(","):
         N, K = WEIGHTS[wname]
@@ -62,7 +68,7 @@ def main() -> int:
                 x = rng.standard_normal((T, K), dtype=np.float32)
                 xt = torch.from_numpy(x)
                 out = np.empty((T, N), np.float32)
-                kt, tt, rt = [], [], []
+                kt, tt, rt, ut = [], [], [], []
                 for r in range(a.repeats + 1):
                     q, f = qs[r % len(qs)], fs[r % len(fs)]
                     t0 = time.perf_counter()
@@ -73,14 +79,19 @@ def main() -> int:
                     if a.float_path:
                         linear(xt, f)
                     t3 = time.perf_counter()
+                    if a.runtime_path:
+                        KernelLinear([q])(xt)
+                    t4 = time.perf_counter()
                     if r:
                         kt.append(t1 - t0)
                         tt.append(t2 - t1)
                         rt.append(t3 - t2)
+                        ut.append(t4 - t3)
                 km, tm = statistics.median(kt), statistics.median(tt)
                 print(f"{wname:<14} {tname:<5} {T:>4} {km * 1e3:>10.3f} {tm * 1e3:>12.3f} "
                       f"{qs[0].nbytes / km / 1e9:>7.2f} {tm / km:>7.2f}x"
-                      + (f" {statistics.median(rt) * 1e3:>12.3f}" if a.float_path else ""), flush=True)
+                      + (f" {statistics.median(rt) * 1e3:>12.3f}" if a.float_path else "")
+                      + (f" {statistics.median(ut) * 1e3:>10.3f}" if a.runtime_path else ""), flush=True)
     return 0
 
 

@@ -6,9 +6,10 @@ The rules (the engine allocates by the same ones; `tensor_load_bytes` is the sin
              gpu dtype: plan.gpu_dtype, or with "auto" bfloat16 on CUDA and float32 when the gpu side
              resolves to the CPU.
   cpu side   routed experts stay in GGUF form (the CPU kernels read them): nbytes as in the file;
-             so do the other block-quantized weights (attention, dense and shared FFNs, the
-             head, eh_proj, the embedding tables: `in_gguf_form`); other tensors placed on the cpu
-             side (norms, biases, F32/F16/BF16 weights) are float32: n_elements * 4.
+             so do the other 2-D weights of a block-quantized, F16 or BF16 type (attention, dense
+             and shared FFNs, the head, eh_proj, the embedding tables: `in_gguf_form`); other
+             tensors placed on the cpu side (norms, biases, F32 weights) are float32:
+             n_elements * 4.
              Where the gpu side resolves to the CPU (no CUDA), the gpu side follows the same rules
              (the MTP layer's routed experts, placed there by default, included).
   none       duplicates that are not loaded (the nextn embed/head copies of the main ones): 0.
@@ -57,20 +58,21 @@ def resolve_gpu_dtype(plan: Plan, gpu_device: str) -> str:
     return "bfloat16" if gpu_device.startswith("cuda") else "float32"
 
 
-_FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16 (ggml type ids)
+_F32 = 0  # ggml type id
 
 
 def in_gguf_form(info, side: str, role_part: str, use_kernels: bool = True, gpu_on_cpu: bool = False) -> bool:
     """Whether a tensor stays in its GGUF bytes once loaded, read by the CPU kernels: where its
     side runs on the CPU (the cpu side, or the gpu side without CUDA) and the kernels are on,
-    routed experts of any type, and the block-quantized 2-D weights: the matrices the model
-    multiplies by and the embedding tables it looks rows up in (runtime/linear.py). The loader
-    decides by this function too."""
+    routed experts of any type, and the 2-D weights of any type but F32 (block-quantized, F16,
+    BF16): the matrices the model multiplies by and the embedding tables it looks rows up in
+    (runtime/linear.py). An F32 weight gains nothing from its file form: it stays a torch tensor.
+    The loader decides by this function too."""
     if not use_kernels or not (side == "cpu" or (side == "gpu" and gpu_on_cpu)):
         return False
     if role_part == "routed_experts":
         return True
-    return (int(info.ggml_type) not in _FLOAT_TYPES and len(info.shape) == 2
+    return (int(info.ggml_type) != _F32 and len(info.shape) == 2
             and info.name.endswith(".weight") and not info.name.endswith(_FLOAT32_ALWAYS))
 
 

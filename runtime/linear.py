@@ -2,13 +2,16 @@
 and `QuantizedTable[ids]`, an embedding lookup that dequantizes only the rows it reads.
 
 A weight the model multiplies by (attention, dense and shared FFNs, the head, the MTP layer's
-eh_proj) is a torch tensor [N, K] where its side is a GPU, or where its type is a float one; on the
-CPU a block-quantized weight stays in the file's bytes (a view of the memory map) and runs on
-`cpu_kernels.linear`, which reads 2-8x fewer bytes than a float32 copy and keeps that copy out of
-memory. Several tensors stacked by rows (q/k/v, gate/up) are parts of one KernelLinear: each part
-fills its columns of one output. `linear(x, w)` takes either kind.
+eh_proj) is a torch tensor [N, K] where its side is a GPU, or where its type is F32; on the CPU a
+block-quantized, F16 or BF16 weight stays in the file's bytes (a view of the memory map) and runs
+on `cpu_kernels.linear`, which reads 2-8x fewer bytes than a float32 copy, reads them once for all
+the rows of a call, and keeps that copy out of memory. Several tensors stacked by rows (q/k/v,
+gate/up) are parts of one KernelLinear: each part fills its columns of one output.
+`linear(x, w)` takes either kind.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -40,20 +43,62 @@ class KernelLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xs = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        xs = xs.reshape(-1, self.in_features)
+        flat = xs.dim() == 2  # the model's calls: [T, K] in, [T, N] out, no reshapes (3 us each)
+        if not flat:
+            xs = xs.reshape(-1, self.in_features)
         xn = xs.numpy()
         out = np.empty((xn.shape[0], self.out_features), dtype=np.float32)
         r0 = 0
+        many = xn.shape[0] >= FLOAT_GEMM_MIN_ROWS
         for p in self.parts:
             n = p.shape[-2]
             o = out if n == self.out_features else out[:, r0:r0 + n]
             if isinstance(p, torch.Tensor):  # batch-invariant as any float weight (`linear`)
                 torch.from_numpy(o).copy_(linear(xs, p))
+            elif many and p.ggml_type in _HALF_VIEWS:
+                _half_gemm(xs, p, torch.from_numpy(o))
             else:
                 self._linear(xn, p, out=o, threads=self.threads)
             r0 += n
-        y = torch.from_numpy(out).reshape(*x.shape[:-1], self.out_features)
+        y = torch.from_numpy(out)
+        if not flat:
+            y = y.reshape(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+# F16/BF16 weights meet calls of at least this many rows (prefill chunks) as torch float32 GEMMs
+# over row chunks converted on the fly: the kernels' float path dots each row with each token in
+# turn, 3x slower than torch's GEMM at 512 rows, while at a few rows it is 1.5-3.7x faster than
+# the GEMM on a float32 copy (it reads half the bytes, once for all rows). Measured crossover
+# between 32 and 64 rows on a GLM-4.5-Air attention weight (`benchmarks/bench_linear.py --types f16`).
+FLOAT_GEMM_MIN_ROWS = 48
+_GEMM_CHUNK_ROWS = 512  # rows converted at a time: 4-8 MB of float32 at GLM widths, cache-sized
+
+
+def _half_views():
+    from gguf import GGMLQuantizationType as QT
+
+    return {QT.F16: torch.float16, QT.BF16: torch.bfloat16}
+
+
+_HALF_VIEWS = _half_views()
+
+
+def _half_rows(p, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0..r1-1 of an F16/BF16 ExpertTensor (1, N, K), as a torch view of its bytes."""
+    K = p.shape[-1]
+    with warnings.catch_warnings():  # a read-only memory map: this view is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(p.data.reshape(-1).view(np.uint8)[r0 * 2 * K:r1 * 2 * K].view(np.int16))
+    return raw.view(_HALF_VIEWS[p.ggml_type]).view(r1 - r0, K)
+
+
+def _half_gemm(x: torch.Tensor, p, out: torch.Tensor) -> None:
+    """out [T, N] = x [T, K] @ W.T for an F16/BF16 weight, converted to float32 chunk by chunk."""
+    N = p.shape[-2]
+    for r0 in range(0, N, _GEMM_CHUNK_ROWS):
+        r1 = min(N, r0 + _GEMM_CHUNK_ROWS)
+        out[:, r0:r1] = x @ _half_rows(p, r0, r1).float().T
 
 
 # Calls of up to this many rows (decode steps, drafts, verify batches: draft_max <= 16 in
@@ -64,8 +109,9 @@ ROWWISE_MAX = 17
 
 class QuantizedTable:
     """An embedding table on the CPU in its GGUF blocks: a lookup dequantizes only the rows it
-    reads (gguf's own decoder, so the values equal the float copy's), instead of a float32 copy
-    of the whole table (GLM-4.5-Air's: 2.3 GiB against 0.33 GiB in Q4_K). ~0.2 ms per row."""
+    reads (gguf's own decoder, so the values equal the float copy's; F16/BF16 rows convert in
+    torch), instead of a float32 copy of the whole table (GLM-4.5-Air's: 2.3 GiB against 0.33 GiB
+    in Q4_K). ~0.2 ms per row (F16/BF16: ~10 us a call)."""
 
     def __init__(self, info, dtype: torch.dtype = torch.float32):
         self.info = info  # runtime.gguf_file.TensorInfo [V, H]
@@ -78,6 +124,11 @@ class QuantizedTable:
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).numpy()
+        half = _HALF_VIEWS.get(self.info.ggml_type)
+        if half is not None:  # F16/BF16: the rows' bytes as torch halves, converted exactly
+            raw = torch.from_numpy(self.info.raw()[flat].view(np.int16)).view(half)
+            out = raw.to(self.dtype).reshape(*ids.shape, self.shape[1])
+            return out
         rows = dequantize(self.info.raw()[flat], self.info.ggml_type)
         out = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).reshape(*ids.shape, self.shape[1])
         return out if self.dtype == torch.float32 else out.to(self.dtype)

@@ -88,6 +88,11 @@ def test_bench_linear_runs_through_the_cli(capsys):
                            "--copies", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("shexp_down")]
     assert [r[2] for r in rows] == ["1", "2"] and all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    # a half type on both sides of the runtime's GEMM threshold, with the runtime path's column
+    assert main("linear", ["--weights", "shexp_down", "--types", "bf16", "--tokens", "1,64", "--repeats", "1",
+                           "--copies", "1", "--runtime-path"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("shexp_down")]
+    assert [r[1:3] for r in rows] == [["bf16", "1"], ["bf16", "64"]] and all(float(r[-1]) > 0 for r in rows)
 
 
 def _script(name):

@@ -146,10 +146,11 @@ def test_cpu_kernel_path_close_to_transformers(make_test_model, mix):
 
 @pytest.mark.parametrize("mix", [{"default": "Q8_0"},
                                  {"default": "Q4_K", "attn_v": "Q6_K", "ffn_down": "Q5_0", "ffn_down_exps": "Q5_0",
-                                  "token_embd": "Q4_K", "output": "Q6_K"}])
+                                  "token_embd": "Q4_K", "output": "Q6_K"},
+                                 {"default": "F16", "ffn_down_exps": "Q8_0", "output": "BF16"}])
 def test_dense_weights_on_the_kernels_close_to_transformers(make_test_model, mix):
-    """Every side on the CPU: the block-quantized matrices (attention, dense and shared FFNs, the
-    head, eh_proj) run on cpu_kernels.linear from the file's bytes, activations rounded to 8 bits
+    """Every side on the CPU: the block-quantized, F16 and BF16 matrices (attention, dense and
+    shared FFNs, the head, eh_proj) run on cpu_kernels.linear from the file's bytes, activations rounded to 8 bits
     as for the experts; logits and MTP logits agree with transformers to ~1e-2 of their range at a
     typical position (median), and greedy MTP decoding still gives plain greedy's tokens. The worst
     position can be further off: a rounding that flips one of the router's top-k choices changes
