@@ -174,7 +174,8 @@ class Sequence:
 
     def draft(self, token: int, k: int, p_min: float) -> list[tuple[int, float]]:
         """DRAFT: pay the owed MTP rows (the last one pairs with the pending token) and chain up
-        to k greedy drafts. Returns [(token, prob)]; the MTP cache ends past the drafted rows."""
+        to k greedy drafts. Returns [(token, prob)] (prob: NaN where p_min does not need it);
+        the MTP cache ends past the drafted rows."""
         m = self.model
         mc = self.mtp_cache
         n_owed = self.owed_h.shape[0]
@@ -186,9 +187,7 @@ class Sequence:
         drafts = []
         pos = len(self.tokens) + 1  # sequence position of the first draft
         while True:
-            p = torch.softmax(m.mtp_logits(z)[0], -1)
-            d = int(p.argmax())
-            prob = float(p[d])
+            d, prob = self._greedy_draft(z, need_prob=bool(drafts) and p_min > 0)
             if drafts and prob < p_min:
                 break
             if self.oracle is not None:
@@ -202,6 +201,14 @@ class Sequence:
             self._chain = (z, None)  # stopped by p_min: z already holds the last draft's row
         return drafts
 
+    def _greedy_draft(self, z: torch.Tensor, need_prob: bool) -> tuple[int, float]:
+        """The MTP head's argmax for the row z, and its probability when p_min needs it (NaN
+        otherwise: the softmax over the vocabulary and its read-back cost a call or two per draft,
+        and the first draft, or any with p_min 0, is kept whatever its probability)."""
+        logits = self.model.mtp_logits(z)[0]
+        d = int(logits.argmax())
+        return d, float(torch.softmax(logits, -1)[d]) if need_prob else float("nan")
+
     def _draft_ahead(self, k: int, p_min: float, pos: int) -> None:
         """DRAFT-AHEAD: continue the MTP chain past the last draft: a guess of the main model's
         token at sequence position `pos`, then up to k drafts after it."""
@@ -214,9 +221,7 @@ class Sequence:
             z = m.mtp_forward(z, torch.tensor([feed]), mc, mc.length, h_side=side)
         guess, ahead = None, []
         while len(ahead) < k:
-            p = torch.softmax(m.mtp_logits(z)[0], -1)
-            d = int(p.argmax())
-            prob = float(p[d])
+            d, prob = self._greedy_draft(z, need_prob=guess is not None and bool(ahead) and p_min > 0)
             if self.oracle is not None:
                 d = self.oracle.replace(pos + len(ahead) + (guess is not None), d)
             if guess is None:

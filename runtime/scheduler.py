@@ -166,20 +166,26 @@ class DraftPolicy:
         self._again = 0  # a length to run once more: its last step's cost was not steady-state
         self._flip = False  # while undecided: draft on every other step (see `choose`)
 
-    def accept_rate(self, j: int) -> float:
+    def accept_rate(self, j: int, optimistic: bool = False) -> float:
+        """Acceptance at draft position j (the prior's pseudo-counts added); `optimistic`: one
+        standard error higher, the most a few samples leave plausible."""
         m, w = self.prior
-        return (self.accepted[j] + m * w) / (self.reached[j] + w)
+        n = self.reached[j] + w
+        p = (self.accepted[j] + m * w) / n
+        return min(1.0, p + (p * (1 - p) / n) ** 0.5) if optimistic else p
 
-    def expected_tokens(self, k: int) -> float:
+    def expected_tokens(self, k: int, optimistic: bool = False) -> float:
         tot, run = 1.0, 1.0
         for j in range(1, k + 1):
-            run *= self.accept_rate(j)
+            run *= self.accept_rate(j, optimistic)
             tot += run
         return tot
 
-    def rate(self, k: int) -> float:
-        c = self.model.cost(k, self.total)
-        return self.expected_tokens(k) / c if c > 0 else 0.0
+    def rate(self, k: int, optimistic: bool = False) -> float:
+        """Expected tokens per second at k; `optimistic`: at the optimistic acceptance and the
+        fastest measured cost (what a few noisy samples cannot rule out)."""
+        c = self.model.cost(k, self.total, best=optimistic)
+        return self.expected_tokens(k, optimistic) / c if c > 0 else 0.0
 
     def choose(self, limit: int) -> int:
         """Draft length for the next step, at most `limit` (context and token budget)."""
@@ -198,11 +204,12 @@ class DraftPolicy:
             same = k == self._probe_from
             self.explore_every = min(self.explore_every * 2, self.explore_max) if same else self.explore_base
             self._probe_from = None
-        if k == 0 and self._drafts_short():
-            # The estimates say plain, but `mtp_loses` has too few draft steps to judge: draft on
-            # every other step until it can. Otherwise drafts come only from probes, 16+ steps
-            # apart, and MTP stays on for several sequences at the cost of its cache upkeep
-            # (measured on synthetic GLM-4.5-Air on the CPU: 5-12% against plain at alpha 0-0.6).
+        if k == 0 and self._gathering():
+            # The estimates say plain, but `mtp_loses` has too few draft steps to judge, or so few
+            # that the acceptance could still be high enough to pay: draft on every other step
+            # until it can tell. Otherwise drafts come only from probes, 16+ steps apart, and MTP
+            # stays on for several sequences at the cost of its cache upkeep (measured on
+            # synthetic GLM-4.5-Air on the CPU: 5-12% against plain at alpha 0-0.6).
             self._flip = not self._flip
             if self._flip:
                 k = min(1, hi)
@@ -226,13 +233,32 @@ class DraftPolicy:
 
     MEASURED_DRAFTS = 4  # single-draft steps the measured test of `mtp_loses` needs
     MEASURED_PLAIN = 3
+    # draft steps after which the measured test goes by the acceptance estimate alone, even where
+    # the optimistic one still says drafting would pay
+    MEASURED_DRAFTS_MAX = 16
 
     def _drafts_short(self) -> bool:
         """Fewer single-draft samples than the measured test of `mtp_loses` needs."""
         return len(self.model.gpu_by_k.get(1, ())) < (1 if self._remeasure else self.MEASURED_DRAFTS)
 
+    def _ambiguous(self) -> bool:
+        """Plain wins at the estimated acceptance and costs but not at the optimistic ones, and
+        there are fewer than MEASURED_DRAFTS_MAX acceptance samples: the first few drafts decide
+        too little. (The demo model on the CPU accepts 72% of its drafts and one draft pays
+        1.1-1.2x there; 2 accepted of its first 4, a 31% chance, or a draft step measured 1.9x a
+        plain step instead of 1.6x on a noisy machine, made the policy give up on it.)"""
+        if self.reached[1] >= self.MEASURED_DRAFTS_MAX:
+            return False
+        ks = range(1, self.draft_max + 1)
+        plain = self.rate(0)
+        return max(self.rate(k) for k in ks) < plain <= max(self.rate(k, optimistic=True) for k in ks)
+
+    def _gathering(self) -> bool:
+        """Drafting on every other step to collect what `mtp_loses` needs."""
+        return self._drafts_short() or self._ambiguous()
+
     def _undecided(self) -> bool:
-        return self._drafts_short() or len(self.model.gpu_by_k.get(0, ())) < self.MEASURED_PLAIN
+        return self._gathering() or len(self.model.gpu_by_k.get(0, ())) < self.MEASURED_PLAIN
 
     def mtp_loses(self) -> bool:
         """True when drafting clearly does not pay here. Two tests, after plain steps:
@@ -244,11 +270,12 @@ class DraftPolicy:
           of HOPELESS_MARGIN (a CPU-only machine, where the MTP layer and a verification batch's
           expert union both cost CPU time, is the usual case);
         - measured: with 3 plain and 4 single-draft steps (`choose` drafts on every other step
-          until there are), no draft length beats plain at the measured acceptance: the policy
-          would not draft, and keeping the MTP layer's cache up to date only costs. (4 draft
-          steps: with 2, a draft model that is right 72% of the time is rejected twice in a row
-          8% of the time; 4 times in a row, 0.6%. A re-measure after a give-up needs one: the
-          acceptance counts are kept, only the costs are measured again.)
+          until there are), no draft length beats plain at the measured acceptance, nor at one
+          standard error above it (up to 16 draft steps; `_ambiguous`): the policy would not
+          draft, and keeping the MTP layer's cache up to date only costs. (4 draft steps: with
+          2, a draft model that is right 72% of the time is rejected twice in a row 8% of the
+          time; 4 times in a row, 0.6%. A re-measure after a give-up needs one: the acceptance
+          counts are kept, only the costs are measured again.)
         Keeping the MTP layer's cache up to date then costs more than it can return, so the engine
         turns MTP off for the rest of the sequence and for the next sequences (see `give_up`)."""
         m = self.model.gpu_by_k
