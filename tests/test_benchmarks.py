@@ -112,3 +112,9 @@ def test_decode_ab_script_runs(capsys):
     from runtime.api import DEMO_PLAN
     assert _script("decode_ab").main([str(ROOT), str(DEMO_PLAN), "--tokens", "2", "--repeats", "1"]) == 0
     assert "plain" in capsys.readouterr().out
+
+
+def test_step_costs_script_runs_on_the_demo(capsys):
+    assert _script("step_costs").main([str(ROOT), "--reps", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "x plain" in line]
+    assert len(rows) == 5 and rows[0].split()[-1] == "1.00"
