@@ -46,6 +46,16 @@ int nx_linear(int path, const float *x, int64_t T, const nx_tensor *w, float *ou
     return -2;
 }
 
+int nx_dequant_rows(int path, const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads) {
+    if (!((nx_cpu_paths() >> path) & 1)) return -2;
+    switch (path) {
+    case 0: return nx_dequant_rows_ref(w, rows, n, out, nthreads);
+    case 1: return nx_dequant_rows_avx2(w, rows, n, out, nthreads);
+    case 2: return nx_dequant_rows_avx512(w, rows, n, out, nthreads);
+    }
+    return -2;
+}
+
 int64_t nx_min_work_per_thread = 1 << 20;
 int64_t nx_set_min_work(int64_t bytes) { int64_t old = nx_min_work_per_thread; nx_min_work_per_thread = bytes; return old; }
 

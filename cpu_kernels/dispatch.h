@@ -7,6 +7,7 @@ int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, cons
                    const nx_tensor *gate, const nx_tensor *up, const nx_tensor *down, float *out,
                    int nthreads);
 int nx_linear(int path, const float *x, int64_t T, const nx_tensor *w, float *out, int64_t ld, int nthreads);
+int nx_dequant_rows(int path, const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads);
 int nx_omp_max_threads(void);
 int64_t nx_set_min_work(int64_t bytes);
 int nx_omp_num_procs(void);

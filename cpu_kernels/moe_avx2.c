@@ -16,4 +16,8 @@ int nx_linear_avx2(const float *x, int64_t T, const nx_tensor *w, float *out, in
     (void)x; (void)T; (void)w; (void)out; (void)ld; (void)nthreads;
     return -2;
 }
+int nx_dequant_rows_avx2(const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads) {
+    (void)w; (void)rows; (void)n; (void)out; (void)nthreads;
+    return -2;
+}
 #endif

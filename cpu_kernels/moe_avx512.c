@@ -16,4 +16,8 @@ int nx_linear_avx512(const float *x, int64_t T, const nx_tensor *w, float *out, 
     (void)x; (void)T; (void)w; (void)out; (void)ld; (void)nthreads;
     return -2;
 }
+int nx_dequant_rows_avx512(const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads) {
+    (void)w; (void)rows; (void)n; (void)out; (void)nthreads;
+    return -2;
+}
 #endif

@@ -1295,3 +1295,68 @@ int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, flo
     free(qx); free(scr_all);
     return 0;
 }
+
+/* ------------------------------------------------------------------ dequantization to float32
+ * out[i * cols + c] = element c of matrix row rows[i] (rows NULL: every row of the tensor, E * rows
+ * of them, in order). The values equal gguf's reference decoder, bit for bit: a block's scale
+ * times its code is exact in float32 (an fp16 scale, a sub-block scale of <= 8 bits, a code of
+ * <= 6 bits), so the one rounding left, of the product plus a min (or of the scale times the code
+ * less its zero point), is the reference's own. For weights bound for a GPU, dequantized once at
+ * load, and for embedding rows looked up on the CPU. Threads split the rows. Returns 0 or -1
+ * (allocation failed). */
+static void FN(dequant_row)(int type, int fam, const uint8_t *src, int64_t H, void *scratch, float *restrict o) {
+    const void *p = FN(prep_row)(type, fam, src, H, scratch);
+    if (fam == NX_FAM_F) {
+        memcpy(o, p, (size_t)H * sizeof(float));
+    } else if (fam == NX_FAM_B32) {
+        /* ub32 rows in structure-of-arrays form: codes, then d[nb], then off[nb] = zero point * d
+         * (Q4_0, Q5_0: -8d, -16d; exact, so d*q + off is d*(q - zero point) rounded once) or a min */
+        const int64_t nb = H / 32;
+        const int8_t *q = (const int8_t *)p;
+        const float *d = (const float *)((const uint8_t *)p + 32 * nb), *off = d + nb;
+        for (int64_t b = 0; b < nb; b++)
+            for (int j = 0; j < 32; j++) o[32 * b + j] = d[b] * (float)q[32 * b + j] + off[b];
+    } else {
+        /* uk256: element j has scale d * scv[j/2] (a lane of the maddubs pair it falls in) and
+         * offset off[j/16]; Q3_K and Q6_K keep a zero point in the offset (4 and 32 times d*sc),
+         * subtracted from the code first as the reference does (their product may round) */
+        const int zp = type == NX_Q6_K ? 32 : type == NX_Q3_K ? 4 : 0;
+        const uk256 *u = (const uk256 *)p;
+        for (int64_t b = 0; b < H / 256; b++, u++) {
+            for (int g = 0; g < 16; g++, o += 16) {  /* 16 elements share a scale and an offset */
+                const float ds = u->d * (float)u->scv[8 * g], off = u->off[g];
+                const int8_t *q = u->q + 16 * g;
+                if (zp) {
+                    for (int j = 0; j < 16; j++) o[j] = ds * (float)(q[j] - zp);
+                } else {
+                    for (int j = 0; j < 16; j++) o[j] = ds * (float)q[j] + off;
+                }
+            }
+        }
+    }
+}
+
+int NX_CAT(nx_dequant_rows, NX_SFX)(const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads) {
+    const int64_t H = w->cols;
+    const int fam = FN(family)(w->type);
+    if (n <= 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    int nth = nthreads;
+    const double work = (double)n * (double)H * 4.0, mw = (double)nx_min_work_per_thread;
+    if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
+    if (nth > nthreads) nth = nthreads;
+    const size_t stride = (FN(unpacked_bytes)(fam, H) + 64 + 63) & ~(size_t)63;
+    uint8_t *scr_all = (uint8_t *)aligned_alloc(64, stride * (size_t)nth);
+    if (!scr_all) return -1;
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        uint8_t *scratch = scr_all + stride * (size_t)omp_get_thread_num();
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t r = rows ? rows[i] : i;
+            FN(dequant_row)(w->type, fam, w->data + r * w->row_bytes, H, scratch, out + i * H);
+        }
+    }
+    free(scr_all);
+    return 0;
+}

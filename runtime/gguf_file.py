@@ -23,6 +23,18 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import ModelFileError
 
+try:  # the C kernels' decoder, where the extension is built (tests and tools run without it too)
+    import cpu_kernels as _ck
+
+    _ck.active_path()
+except ImportError:
+    _ck = None
+
+
+def _ck_types() -> set[int]:
+    return {int(t) for t in _ck.SUPPORTED_TYPES}
+
+
 GGUF_MAGIC = b"GGUF"
 
 # GGUF value types -> (struct format, numpy dtype) for scalars and arrays.
@@ -63,14 +75,42 @@ class TensorInfo:
         flat = self._mmap[self._offset:self._offset + self.nbytes]
         return flat.reshape(*self.shape[:-1], row_bytes)
 
-    def dequantize(self) -> np.ndarray:
-        """float32 numpy array of `shape` (a new array; the reference decoder of the gguf package)."""
+    def dequantize(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 numpy array of `shape` (a new array), or with `rows` (indices along the first
+        axis of a 2-D tensor: an embedding lookup) those rows. Decoded by the C kernels where they
+        are built and support the type: the values of gguf's reference decoder, bit for bit
+        (tests/test_cpu_kernels.py), 10-100x faster, which is most of a GPU model's load time;
+        else by gguf itself."""
+        kv = self._kernel_view()
+        if kv is not None:
+            out = _ck.dequantize_rows(kv, rows=rows)
+            return out if rows is not None else out.reshape(self.shape)
         from gguf.quants import dequantize
 
+        raw = self.raw() if rows is None else self.raw()[np.asarray(rows)]
         if self.ggml_type == GGMLQuantizationType.F32:
-            return np.array(self.raw().view(np.float32).reshape(self.shape))
-        out = dequantize(self.raw(), self.ggml_type)
-        return np.ascontiguousarray(out.reshape(self.shape), dtype=np.float32)
+            out = np.array(raw.view(np.float32))
+        else:
+            out = dequantize(raw, self.ggml_type)
+        shape = self.shape if rows is None else (len(rows), self.shape[-1])
+        return np.ascontiguousarray(out.reshape(shape), dtype=np.float32)
+
+    def _kernel_view(self):
+        """The tensor as a cpu_kernels.ExpertTensor (E, R, C) over the map, made once; None for F32
+        (a copy is all it needs) and where the kernels are not built, do not know the type, or the
+        bytes are misaligned."""
+        kv = self.__dict__.get("_kv", False)
+        if kv is False:
+            kv = None
+            if (_ck is not None and len(self.shape) in (2, 3) and self.ggml_type != GGMLQuantizationType.F32
+                    and int(self.ggml_type) in _ck_types()):
+                shape = self.shape if len(self.shape) == 3 else (1, *self.shape)
+                try:
+                    kv = _ck.ExpertTensor(self.raw(), int(self.ggml_type), shape)
+                except ValueError:  # e.g. an odd offset: gguf decodes it
+                    kv = None
+            self.__dict__["_kv"] = kv
+        return kv
 
 
 def _read_header(path: Path) -> tuple[dict, list[tuple], int, np.memmap]:

@@ -15,7 +15,6 @@ import warnings
 
 import numpy as np
 import torch
-from gguf.quants import dequantize
 
 
 class KernelLinear:
@@ -109,9 +108,8 @@ ROWWISE_MAX = 17
 
 class QuantizedTable:
     """An embedding table on the CPU in its GGUF blocks: a lookup dequantizes only the rows it
-    reads (gguf's own decoder, so the values equal the float copy's; F16/BF16 rows convert in
-    torch), instead of a float32 copy of the whole table (GLM-4.5-Air's: 2.3 GiB against 0.33 GiB
-    in Q4_K). ~0.2 ms per row (F16/BF16: ~10 us a call)."""
+    reads (`TensorInfo.dequantize`: the values of the float copy, bit for bit), instead of a
+    float32 copy of the whole table (GLM-4.5-Air's: 2.3 GiB against 0.33 GiB in Q4_K)."""
 
     def __init__(self, info, dtype: torch.dtype = torch.float32):
         self.info = info  # runtime.gguf_file.TensorInfo [V, H]
@@ -123,14 +121,8 @@ class QuantizedTable:
         return f"QuantizedTable({self.info.type_name}, shape={self.shape})"
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1).numpy()
-        half = _HALF_VIEWS.get(self.info.ggml_type)
-        if half is not None:  # F16/BF16: the rows' bytes as torch halves, converted exactly
-            raw = torch.from_numpy(self.info.raw()[flat].view(np.int16)).view(half)
-            out = raw.to(self.dtype).reshape(*ids.shape, self.shape[1])
-            return out
-        rows = dequantize(self.info.raw()[flat], self.info.ggml_type)
-        out = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).reshape(*ids.shape, self.shape[1])
+        rows = self.info.dequantize(rows=ids.reshape(-1).numpy())
+        out = torch.from_numpy(rows).reshape(*ids.shape, self.shape[1])
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
 

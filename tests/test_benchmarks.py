@@ -118,3 +118,10 @@ def test_step_costs_script_runs_on_the_demo(capsys):
     assert _script("step_costs").main([str(ROOT), "--reps", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "x plain" in line]
     assert len(rows) == 5 and rows[0].split()[-1] == "1.00"
+
+
+def test_bench_dequant_script_checks_every_tensor_of_the_demo(capsys):
+    from runtime.api import DEMO_MODEL
+    assert _script("bench_dequant").main([str(DEMO_MODEL), "--experts"]) == 0
+    out = capsys.readouterr().out
+    assert "every tensor equal" in out and "Q8_0" in out and "F16" in out

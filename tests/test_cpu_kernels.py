@@ -614,3 +614,75 @@ def test_moe_rows_do_not_depend_on_the_batch(path, mix):
     rows = np.stack([ck.moe_forward(x[i:i + 1], ids[i:i + 1], w[i:i + 1], G, U, D)[0] for i in range(7)])
     for T in range(2, 8):
         assert np.array_equal(ck.moe_forward(x[:T], ids[:T], w[:T], G, U, D), rows[:T]), f"T={T}"
+
+
+# ---- dequantize_rows -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_dequantize_rows_equals_gguf_bit_for_bit(path, t):
+    """Every type, on every path: all rows of a 3-D tensor, and a selection with repeats, equal
+    gguf's reference decoder exactly (random bytes: any scale, NaN and infinity included, any
+    code); the output is poisoned first."""
+    rng = np.random.default_rng(int(t) + 100)
+    E, R, C = 3, 37, 2 * _bs(t) if _bs(t) > 32 else 96
+    raw = ck.random_blocks(t, (E, R, C), rng) if t in FLOAT_TYPES else ck.random_blocks(t, (E, R, C), rng, method="bytes")
+    W = ck.ExpertTensor(raw, t, (E, R, C))
+    ref = ck.dequantize(raw, t, (E, R, C)).reshape(E * R, C)  # gguf.quants.dequantize
+    out = np.full((E * R, C), np.nan, np.float32)
+    assert ck.dequantize_rows(W, out=out) is out
+    assert np.array_equal(out, ref, equal_nan=True)
+    idx = np.array([5, 0, E * R - 1, 5, 40])
+    assert np.array_equal(ck.dequantize_rows(W, rows=idx), ref[idx], equal_nan=True)
+    assert ck.dequantize_rows(W, rows=np.array([], np.int64)).shape == (0, C)
+    if W.can_repack():  # a repacked copy decodes to the same values
+        assert np.array_equal(ck.dequantize_rows(W.repacked()), ref, equal_nan=True)
+
+
+def test_dequantize_rows_independent_of_thread_count(all_threads):
+    rng = np.random.default_rng(4)
+    W = ck.ExpertTensor(ck.random_blocks(QT.Q4_K, (1, 301, 512), rng), QT.Q4_K, (1, 301, 512))
+    one = ck.dequantize_rows(W, threads=1)
+    for n in (2, 3, 8):
+        assert np.array_equal(ck.dequantize_rows(W, threads=n), one)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("not_a_tensor", TypeError, "ExpertTensor"),
+    ("rows_2d", ValueError, "1-D array of integers"),
+    ("rows_float", ValueError, "1-D array of integers"),
+    ("rows_negative", ValueError, "out of range"),
+    ("rows_past_end", ValueError, "out of range"),
+    ("out_shape", ValueError, "shape"),
+    ("out_dtype", ValueError, "float32"),
+    ("out_readonly", ValueError, "writable"),
+    ("out_strided", ValueError, "C-contiguous"),
+    ("threads", ValueError, "positive integer"),
+])
+def test_dequantize_rows_bad_arguments(case, exc, match):
+    rng = np.random.default_rng(2)
+    W = ck.ExpertTensor(ck.random_blocks(QT.Q8_0, (2, 8, 64), rng), QT.Q8_0, (2, 8, 64))
+    kw = {}
+    if case == "not_a_tensor":
+        W = np.zeros((16, 64), np.float32)
+    elif case == "rows_2d":
+        kw["rows"] = np.zeros((2, 2), np.int64)
+    elif case == "rows_float":
+        kw["rows"] = np.array([1.0])
+    elif case == "rows_negative":
+        kw["rows"] = np.array([0, -1])
+    elif case == "rows_past_end":
+        kw["rows"] = np.array([16])
+    elif case == "out_shape":
+        kw["out"] = np.zeros((16, 32), np.float32)
+    elif case == "out_dtype":
+        kw["out"] = np.zeros((16, 64), np.float64)
+    elif case == "out_readonly":
+        o = np.zeros((16, 64), np.float32)
+        o.flags.writeable = False
+        kw["out"] = o
+    elif case == "out_strided":
+        kw["out"] = np.zeros((16, 128), np.float32)[:, ::2]
+    elif case == "threads":
+        kw["threads"] = 0
+    with pytest.raises(exc, match=match):
+        ck.dequantize_rows(W, **kw)
