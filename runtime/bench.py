@@ -3,7 +3,10 @@
     nextn bench model [PLAN.yaml|MODEL.gguf] [--max-tokens N] [--repeats R] [--draft 1,2,3]
                       [--oracle 0,0.3,0.6,0.9]
         plain greedy decoding vs MTP at fixed draft lengths vs adaptive, same prompts, same
-        process, settings interleaved; every MTP output is checked equal to plain greedy.
+        process, settings interleaved prompt by prompt; every MTP output is checked equal to
+        plain greedy. Ratios to plain: "vs plain" (median of rounds), "sum" (whole run),
+        "paired" (median over each prompt of each round, the settings run back to back).
+        "accept", "tok/step", "experts/verify": pooled over the runs' verification steps.
         "k chosen": decode steps per draft length over all rounds (0: a plain step, including
         those after the adaptive policy turned drafting off)
     nextn bench kernels [...]
@@ -80,30 +83,41 @@ def bench_model(argv: list[str]) -> int:
                 settings += [(f"k={k} ahead", alpha, dict(mtp=True, draft_max=k, adaptive=False, draft_ahead=True))
                              for k in drafts]
             settings += [(f"adaptive<={max(drafts)}", alpha, dict(mtp=True, draft_max=max(drafts), adaptive=True))]
-    acc = {i: {"speed": [], "stats": []} for i in range(len(settings))}
+    acc = {i: {"speed": [], "stats": [], "paired": []} for i in range(len(settings))}
     # Each adaptive setting keeps its own policy across rounds, as a long-running engine keeps it
     # across generations (the first round pays the warm-up).
     policies = {i: {} for i, (_, _, s) in enumerate(settings) if s.get("adaptive")}
     ties: list[str] = []
-    for _ in range(a.repeats):  # round-robin, so machine drift hits every setting alike
-        for i, (name, alpha, s) in enumerate(settings):
-            if i in policies:
-                eng._policies = policies[i]
-            toks, secs = 0, 0.0
-            for ids, target in zip(prompts, targets):
+    for rnd in range(a.repeats):
+        toks = [0] * len(settings)
+        secs = [0.0] * len(settings)
+        # Every setting runs each prompt in turn, so machine drift (other jobs, clocks) hits them
+        # alike at the scale of one generation; the order turns each round.
+        order = list(range(len(settings)))
+        order = order[rnd % len(order):] + order[:rnd % len(order)]
+        for ids, target in zip(prompts, targets):
+            dec = {}
+            for i in order:
+                name, alpha, s = settings[i]
+                if i in policies:
+                    eng._policies = policies[i]
                 r = run(ids, alpha, target, **s)
                 if r.tokens != target[len(ids):]:
                     ties.append(f"{name}: " + explain_divergence(eng, ids, r.tokens, target[len(ids):]))
-                toks += r.stats["generated_tokens"] - 1
-                secs += r.stats["decode_s"]
+                toks[i] += r.stats["generated_tokens"] - 1
+                secs[i] += r.stats["decode_s"]
+                dec[i] = r.stats["decode_s"]
                 acc[i]["stats"].append(r.stats)
-            acc[i]["speed"].append(toks / max(secs, 1e-9))
+            for i in order:  # the same tokens as plain's: a ratio of decode times is a speed ratio
+                acc[i]["paired"].append(dec[0] / max(dec[i], 1e-9))
+        for i in range(len(settings)):
+            acc[i]["speed"].append(toks[i] / max(secs[i], 1e-9))
     base = statistics.median(acc[0]["speed"])
     base_s = sum(x["decode_s"] for x in acc[0]["stats"])
     print(f"model: {eng.file.path.name}  gpu side: {eng.device} ({str(eng.dtype).replace('torch.', '')})  "
           f"overlap: {eng.model.overlap}  prompts: {len(prompts)} x {a.max_tokens} tokens, "
           f"median of {a.repeats} rounds")
-    hdr = (f"{'oracle':>6} {'setting':<12} {'tok/s':>8} {'vs plain':>8} {'sum':>6} {'accept':>7} {'tok/step':>8} "
+    hdr = (f"{'oracle':>6} {'setting':<12} {'tok/s':>8} {'vs plain':>8} {'sum':>6} {'paired':>6} {'accept':>7} {'tok/step':>8} "
            f"{'experts/verify':>14} {'act MB':>7} {'w bytes':>7} {'overlap':>7} {'k chosen':<20} ahead used/made")
     print(hdr)
     for i, (name, alpha, s) in enumerate(settings):
@@ -117,11 +131,22 @@ def bench_model(argv: list[str]) -> int:
         busy = sum(x["gpu_busy_s"] + x["cpu_busy_s"] for x in st)
         ov = sum(x["overlap_s"] for x in st) / busy if busy else 0.0
         # "sum": plain's total decode time over every round / this setting's (same tokens): the
-        # whole run's ratio, where the median column shows a typical round
+        # whole run's ratio, where the median column shows a typical round; "paired": the median
+        # over (round, prompt) of plain's decode time / this setting's, each pair run back to back
         ratio_sum = base_s / max(sum(x["decode_s"] for x in st), 1e-9)
+        paired = statistics.median(acc[i]["paired"])
+        # pooled over the runs (an adaptive run that drafted nothing adds no draft, rather than
+        # a 0% acceptance): drafts accepted / drafted, tokens per verification step, distinct
+        # experts per verification
+        drafted, accepted = sum(x["drafted"] for x in st), sum(x["accepted"] for x in st)
+        verifies = sum(x["verify_steps"] for x in st)
+        accept = accepted / drafted if drafted else 0.0
+        tok_step = (accepted + verifies) / verifies if verifies else 1.0
+        experts = sum(x["distinct_experts_per_verify"] * x["verify_steps"] for x in st) / verifies if verifies else 0.0
         print(f"{'-' if alpha is None else f'{alpha:.2f}':>6} {name:<12} {sp:>8.2f} {sp / base:>7.2f}x {ratio_sum:>5.2f}x "
-              f"{mean('acceptance_rate'):>7.1%} {mean('mean_tokens_per_step'):>8.2f} "
-              f"{mean('distinct_experts_per_verify'):>14.1f} {mean('activation_bytes_moved') / 1e6:>7.2f} "
+              f"{paired:>5.2f}x "
+              f"{accept:>7.1%} {tok_step:>8.2f} "
+              f"{experts:>14.1f} {mean('activation_bytes_moved') / 1e6:>7.2f} "
               f"{max(x['weight_bytes_moved'] for x in st):>7d} {ov:>7.1%} "
               f"{' '.join(f'{k}:{n}' for k, n in sorted(ks.items())) or '-':<20} "
               + (f"{sum(x['ahead_used'] for x in st)}/{sum(x['ahead_made'] for x in st)}" if s.get("draft_ahead") else "-"))

@@ -215,7 +215,8 @@ def test_bench_model_runs_every_setting_and_checks_them_lossless(model, capsys):
     out = capsys.readouterr().out
     rows = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("-", "0.50"))]
     assert [r[1] for r in rows] == ["plain", "k=1", "k=2", "adaptive<=2"]
-    assert all(r[3].endswith("x") and r[4].endswith("x") for r in rows)  # median and whole-run ratios
+    assert all(r[3].endswith("x") and r[4].endswith("x") and r[5].endswith("x") for r in rows)  # median, sum, paired
+    assert rows[0][3:6] == ["1.00x", "1.00x", "1.00x"]
 
 
 def test_adaptive_overhead_script_runs_paired_and_lossless(model, capsys):
