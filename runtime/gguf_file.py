@@ -81,6 +81,8 @@ class TensorInfo:
         are built and support the type: the values of gguf's reference decoder, bit for bit
         (tests/test_cpu_kernels.py), 10-100x faster, which is most of a GPU model's load time;
         else by gguf itself."""
+        if rows is not None and len(self.shape) != 2:
+            raise ValueError(f"{self.name}: rows of a {len(self.shape)}-D tensor (a 2-D one expected)")
         kv = self._kernel_view()
         if kv is not None:
             out = _ck.dequantize_rows(kv, rows=rows)

@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
 
 
 class KernelLinear:
@@ -74,13 +75,7 @@ FLOAT_GEMM_MIN_ROWS = 48
 _GEMM_CHUNK_ROWS = 512  # rows converted at a time: 4-8 MB of float32 at GLM widths, cache-sized
 
 
-def _half_views():
-    from gguf import GGMLQuantizationType as QT
-
-    return {QT.F16: torch.float16, QT.BF16: torch.bfloat16}
-
-
-_HALF_VIEWS = _half_views()
+_HALF_VIEWS = {QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 
 
 def _half_rows(p, r0: int, r1: int) -> torch.Tensor:

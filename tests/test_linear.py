@@ -81,3 +81,25 @@ def test_table_lookup_is_exact(t, tmp_path):
     got = table[ids]
     assert got.dtype == torch.float32 and got.shape == (2, 2, H)
     assert torch.equal(got, full[ids])
+
+
+def test_tensor_dequantize_same_with_and_without_the_kernels(monkeypatch):
+    """TensorInfo.dequantize decodes with the kernels where it can and with gguf otherwise (no
+    build, a type the kernels lack): the same values either way, whole tensors and selected rows."""
+    import runtime.gguf_file as gf
+    from runtime.api import DEMO_MODEL
+
+    f = gf.GGUFFile(DEMO_MODEL)
+    names = ["token_embd.weight", "blk.1.ffn_gate_exps.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.bias"]
+    fast = {n: f.tensors[n].dequantize() for n in names}
+    rows = f.tensors["token_embd.weight"].dequantize(rows=np.array([7, 0, 7]))
+    assert f.tensors["token_embd.weight"]._kernel_view() is not None
+    monkeypatch.setattr(gf, "_ck", None)
+    g = gf.GGUFFile(DEMO_MODEL)
+    for n in names:
+        ref = g.tensors[n].dequantize()
+        assert ref.dtype == np.float32 and ref.shape == g.tensors[n].shape
+        assert np.array_equal(fast[n], ref), n
+    assert np.array_equal(rows, g.tensors["token_embd.weight"].dequantize(rows=np.array([7, 0, 7])))
+    with pytest.raises(ValueError, match="2-D"):
+        g.tensors["blk.1.ffn_gate_exps.weight"].dequantize(rows=np.array([0]))
