@@ -283,7 +283,7 @@ def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side
     norm_side = side_of("output_norm.weight")
     output_norm = b.tensor("output_norm.weight", norm_side)
     blocks = [b.block(layer) for layer in range(cfg.n_layers)]
-    rope = RoPE(cfg.rope_dim, cfg.rope_base, max_context + 2, b.devices["gpu"])
+    rope = RoPE(cfg.rope_dim, cfg.rope_base, max_context + 2, b.devices["gpu"], head_dim=cfg.head_dim)
 
     nextn = None
     if load_mtp and cfg.n_nextn > 0:

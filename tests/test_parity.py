@@ -190,3 +190,26 @@ def test_rms_norm_against_float64(dtype):
         assert got.dtype == dtype and got.shape == x.shape
         tol = 1e-6 if dtype == torch.float32 else 2 ** -7
         assert torch.allclose(got.double(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dim,head_dim", [(24, 48), (64, 64)])
+def test_rope_against_float64(dim, head_dim):
+    """Partial NEOX rotation, half-split order, against float64: the first `dim` dims of each head
+    rotate by position, the rest pass through unchanged; bfloat16 input comes back bfloat16."""
+    from runtime.model import Positions, RoPE
+
+    rope = RoPE(dim, 10000.0, 64, "cpu", head_dim=head_dim)
+    pos = torch.tensor([0, 5, 63])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, head_dim, generator=g)
+    got = rope(x, Positions(rope, pos, 0).cos_sin(torch.device("cpu")))
+    half = dim // 2
+    inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    ang = pos.double()[:, None, None] * inv  # [T, 1, half]
+    x1, x2 = x[..., :half].double(), x[..., half:dim].double()
+    want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin(), x[..., dim:].double()], -1)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    assert torch.equal(got[..., dim:], x[..., dim:])
+    xb = x.bfloat16()
+    gb = rope(xb, Positions(rope, pos, 0).cos_sin(torch.device("cpu")))
+    assert gb.dtype == torch.bfloat16 and torch.allclose(gb.double(), want, atol=0.05)
