@@ -125,10 +125,20 @@ def rowwise(fn, x: torch.Tensor) -> torch.Tensor:
     """fn(x) for an elementwise transcendental (sigmoid, silu), row by row on the CPU for calls of
     up to ROWWISE_MAX rows: torch runs a row's elements through its vector or its scalar code
     depending on where they fall in the whole tensor (a row of 8 router scores alone takes the
-    tail path, the same row in a 3-row batch the vector one), and the two differ in the last bit."""
-    if x.dim() == 2 and 1 < x.shape[0] <= ROWWISE_MAX and x.device.type == "cpu":
+    tail path, the same row in a 3-row batch the vector one), and the two differ in the last bit.
+    Rows of a multiple of 64 elements (contiguous, or a column slice such as gate/up's halves,
+    which torch loops over row by row) in a call small enough for one thread (torch splits larger
+    ones between threads at arbitrary points) start on a vector-step boundary whatever the batch,
+    so they go in one call (the demo's FFN widths 192 and 576; GLM's router's 128 and 160 too)."""
+    if x.dim() == 2 and 1 < x.shape[0] <= ROWWISE_MAX and x.device.type == "cpu" and not (
+            x.shape[1] % 64 == 0 and x.numel() <= _ONE_THREAD_ELEMENTS and x.stride(1) == 1):
         return torch.cat([fn(x[t:t + 1]) for t in range(x.shape[0])])
     return fn(x)
+
+
+# torch's CPU elementwise kernels run a call of up to this many elements on one thread (its
+# GRAIN_SIZE); vector steps are 2 x 8 (AVX2) or 2 x 16 (AVX-512) floats, so 64 divides both
+_ONE_THREAD_ELEMENTS = 32768
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

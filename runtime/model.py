@@ -380,24 +380,23 @@ class GLM4Model:
         ck, cv = cache.k[layer], cache.v[layer]
         ck[start:end].copy_(k)  # converts to the cache dtype in the same call (one kernel, not two)
         cv[start:end].copy_(v)
-        K = ck[:end].transpose(0, 1)  # [kv, S, D]
-        V = cv[:end].transpose(0, 1)
-        Q = q.transpose(0, 1)  # [heads, T, D]
-        Q, scale = _as(Q[None], K.dtype), cfg.head_dim ** -0.5
+        K = ck[:end].transpose(0, 1)[None]  # [1, kv, S, D]
+        V = cv[:end].transpose(0, 1)[None]
+        Q = _as(q.transpose(0, 1)[None], K.dtype)  # [1, heads, T, D]
+        scale = cfg.head_dim ** -0.5
         if T == 1:  # a decode step: the one-row call itself (no list, no concatenation)
-            o = F.scaled_dot_product_attention(Q, K[None], V[None], scale=scale, enable_gqa=True)[0]
+            o = F.scaled_dot_product_attention(Q, K, V, scale=scale, enable_gqa=True)
         elif T <= ROWWISE_MAX:
-            # decode steps, drafts and verify batches: each row as its own one-row call over the
-            # slots it sees, exactly the call a plain step makes for that position, so a verified
-            # row gets a plain step's bits (greedy MTP then equals plain greedy). No mask: on CUDA
-            # flash takes it (0.06-0.13 ms a call against the masked math path's 0.3-0.5 ms).
-            o = torch.cat([F.scaled_dot_product_attention(Q[:, :, t:t + 1], K[None, :, :start + t + 1],
-                                                          V[None, :, :start + t + 1], scale=scale,
-                                                          enable_gqa=True)[0] for t in range(T)], dim=1)
+            # drafts and verify batches: each row as its own one-row call over the slots it sees,
+            # exactly the call a plain step makes for that position, so a verified row gets a
+            # plain step's bits (greedy MTP then equals plain greedy). No mask: on CUDA flash
+            # takes it (0.06-0.13 ms a call against the masked math path's 0.3-0.5 ms).
+            o = torch.cat([F.scaled_dot_product_attention(Q[:, :, t:t + 1], K[:, :, :start + t + 1],
+                                                          V[:, :, :start + t + 1], scale=scale, enable_gqa=True)
+                           for t in range(T)], dim=2)
         else:
-            o = F.scaled_dot_product_attention(Q, K[None], V[None], attn_mask=pos.mask(x.device), scale=scale,
-                                               enable_gqa=True)[0]
-        o = _as(o.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim), x.dtype)
+            o = F.scaled_dot_product_attention(Q, K, V, attn_mask=pos.mask(x.device), scale=scale, enable_gqa=True)
+        o = _as(o[0].transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim), x.dtype)
         return linear(o, a.wo)
 
     def _block(self, b: Block, x: torch.Tensor, x_side: str, layer: int, cache: KVCache, start: int,

@@ -103,3 +103,23 @@ def test_tensor_dequantize_same_with_and_without_the_kernels(monkeypatch):
     assert np.array_equal(rows, g.tensors["token_embd.weight"].dequantize(rows=np.array([7, 0, 7])))
     with pytest.raises(ValueError, match="2-D"):
         g.tensors["blk.1.ffn_gate_exps.weight"].dequantize(rows=np.array([0]))
+
+
+@pytest.mark.parametrize("width", [8, 64, 160, 192, 576, 1408, 10944])
+@pytest.mark.parametrize("view", ["contiguous", "half_of_gate_up"])
+def test_rowwise_transcendentals_do_not_depend_on_the_batch(width, view):
+    """sigmoid/silu through `rowwise`: a row's bits alone equal its bits in a batch of 2..17 rows,
+    for widths that go in one call (multiples of 64 within one thread's share) and widths that go
+    row by row, contiguous or as the first half of a stacked gate/up output; torch on 2 threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(width)
+        full = torch.randn(L.ROWWISE_MAX, 2 * width, generator=g) * 4
+        x = full[:, :width] if view == "half_of_gate_up" else full[:, :width].contiguous()
+        for fn in (torch.sigmoid, torch.nn.functional.silu):
+            rows = torch.cat([L.rowwise(fn, x[t:t + 1]) for t in range(L.ROWWISE_MAX)])
+            for T in (2, 3, 5, L.ROWWISE_MAX):
+                assert torch.equal(L.rowwise(fn, x[:T]), rows[:T]), (fn.__name__, T)
+    finally:
+        torch.set_num_threads(old)
