@@ -15,8 +15,9 @@ the CPU side (runtime/linear.py). A row's result has the same bits alone or in a
     rows = cpu_kernels.dequantize_rows(w)                              # float32 [E*R, cols]
     emb = cpu_kernels.dequantize_rows(w, rows=ids)                     # selected rows
 
-Decodes blocks to float32, the same values as gguf's reference decoder, 10-50x faster: weights
-bound for a GPU at load, and embedding rows looked up on the CPU.
+Decodes blocks to float32, the same values as gguf's reference decoder bit for bit, 6-130x
+faster (benchmarks/bench_dequant.py): weights bound for a GPU at load, and embedding rows looked
+up on the CPU.
 
 Weights stay in their GGUF block format (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL Q2_K Q3_K
 Q4_K Q5_K Q6_K IQ4_XS, any mix across gate/up/down); ``ExpertTensor.repacked()`` makes a one-time

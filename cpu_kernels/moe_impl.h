@@ -1298,12 +1298,13 @@ int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, flo
 
 /* ------------------------------------------------------------------ dequantization to float32
  * out[i * cols + c] = element c of matrix row rows[i] (rows NULL: every row of the tensor, E * rows
- * of them, in order). The values equal gguf's reference decoder, bit for bit: a block's scale
- * times its code is exact in float32 (an fp16 scale, a sub-block scale of <= 8 bits, a code of
- * <= 6 bits), so the one rounding left, of the product plus a min (or of the scale times the code
- * less its zero point), is the reference's own. For weights bound for a GPU, dequantized once at
- * load, and for embedding rows looked up on the CPU. Threads split the rows. Returns 0 or -1
- * (allocation failed). */
+ * of them, in order). The values equal gguf's reference decoder, bit for bit: the same float
+ * operations in the same order. A block scale times a sub-block scale is exact in float32 (an
+ * fp16 scale, <= 8-bit sub-block scales); times a code of <= 5 bits it stays exact, so adding a min
+ * or a zero-point offset rounds once, as the reference's one rounding; Q3_K and Q6_K subtract their
+ * zero point from the code first, as the reference does (a 6-bit code's product may round).
+ * For weights bound for a GPU, dequantized once at load, and for embedding rows looked up on the
+ * CPU. Threads split the rows. Returns 0 or -1 (allocation failed). */
 static void FN(dequant_row)(int type, int fam, const uint8_t *src, int64_t H, void *scratch, float *restrict o) {
     const void *p = FN(prep_row)(type, fam, src, H, scratch);
     if (fam == NX_FAM_F) {
