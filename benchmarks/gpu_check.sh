@@ -15,7 +15,7 @@
 # Stages run one after another; a failing stage is reported and the next one still runs, so one
 # call gives everything it can. Environment: GPU (default cuda:0), LAYERS (4), VOCAB, TOKENS (32),
 # TESTS (test paths), STAGES (a subset of "kernels bench trace demo profile tests kbench", in the
-# order they run; "steps" is not in the default list), OUT (where logs go). On an H200: every stage, 372 s (fourth session);
+# order they run; "steps" and "graphs" are not in the default list), OUT (where logs go). On an H200: every stage, 372 s (fourth session);
 # "bench trace demo profile tests" with a test subset, 389 s, and "bench trace demo tests", 354 s
 # (fifth session); results in BENCHMARKS.md, "GPU check". A fresh machine takes ~35 s to start.
 set -uo pipefail
@@ -63,7 +63,7 @@ PT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 stage kernels 90 python3 -m pytest -q -p no:cacheprovider -x tests/test_cpu_kernels.py ${PX/8/4} \
   || { [[ " $STAGES " != *" kernels "* ]] || { echo "kernel tests failed: forcing avx2"; export NEXTN_KERNEL_PATH=avx2; }; }
 
-if [[ " $STAGES " == *" bench "* || " $STAGES " == *" trace "* || " $STAGES " == *" profile "* || " $STAGES " == *" steps "* ]]; then
+if [[ " $STAGES " == *" bench "* || " $STAGES " == *" trace "* || " $STAGES " == *" profile "* || " $STAGES " == *" steps "* || " $STAGES " == *" graphs "* ]]; then
   python3 -m runtime.synthetic /tmp/air.gguf --shape glm45-air --layers "$LAYERS" --mix q4k_q5_0 ${VOCAB:+--vocab $VOCAB}
   python3 -m runtime.cli plan /tmp/air.gguf --gpu "$GPU" | tee "$OUT/plan.txt"
 fi
@@ -81,6 +81,8 @@ stage demo 45 python3 -m runtime.cli bench model --gpu "$GPU" --max-tokens 64 --
 # Verify batches and drafts as ratios to a plain step (medians from one cache state): the
 # synthetic Air, then the demo model.
 stage steps 60 bash -c "python3 benchmarks/step_costs.py . /tmp/air.gguf --reps 20 && python3 benchmarks/step_costs.py . --reps 100"
+# Whether one layer's GPU segment captures in a CUDA graph, and its host time eager vs replayed.
+stage graphs 60 python3 benchmarks/cuda_graph_probe.py /tmp/air.gguf --gpu "$GPU"
 # torch.profiler over plain and 2-row verify steps (where a step's time goes).
 stage profile 75 python3 benchmarks/gpu_profile.py /tmp/air.gguf --gpu "$GPU"
 # The whole test suite with CUDA present (engines default to gpu: auto there).

@@ -125,3 +125,14 @@ def test_bench_dequant_script_checks_every_tensor_of_the_demo(capsys):
     assert _script("bench_dequant").main([str(DEMO_MODEL), "--experts"]) == 0
     out = capsys.readouterr().out
     assert "every tensor equal" in out and "Q8_0" in out and "F16" in out
+
+
+def test_cuda_graph_probe_says_so_without_cuda(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the probe is run by benchmarks/gpu_check.sh")
+    assert _script("cuda_graph_probe").main([]) == 0
+    assert "no CUDA" in capsys.readouterr().out
+    # the eager segment it would capture, on the CPU: the probe's own code runs
+    assert _script("cuda_graph_probe").main(["--dry-run", "--reps", "3"]) == 0
+    assert "eager:" in capsys.readouterr().out
