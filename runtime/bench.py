@@ -12,7 +12,7 @@
     nextn bench kernels [...]
         the CPU expert kernel benchmark (benchmarks/bench_kernels.py; see BENCHMARKS.md)
     nextn bench linear [...]
-        the dense quantized linear against torch on float32 copies (benchmarks/bench_linear.py)
+        the dense quantized (and F16/BF16) linear against torch on float32 copies (benchmarks/bench_linear.py)
 """
 
 from __future__ import annotations
