@@ -296,6 +296,13 @@ if _IMPORT_ERROR is None:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         return int(threads)
 
+    def _check_rc(rc: int, name: str) -> None:
+        """A C entry point's status: 0 ok, -1 scratch allocation failed, else the path is missing."""
+        if rc == -1:
+            raise MemoryError(f"cpu_kernels.{name}: scratch allocation failed")
+        if rc != 0:
+            raise RuntimeError(f"cpu_kernels.{name}: kernel path {active_path()} unavailable (rc={rc})")
+
     def _span(a):
         p = a.__array_interface__["data"][0]
         return p, p + a.nbytes
@@ -365,10 +372,7 @@ if _IMPORT_ERROR is None:
             _from_buffer("float[]", out_np), nth)
         if rc == -3:
             raise ValueError(f"expert_ids out of range [0, {E}): min {int(ids.min())}, max {int(ids.max())}")
-        if rc == -1:
-            raise MemoryError("cpu_kernels.moe_forward: scratch allocation failed")
-        if rc != 0:
-            raise RuntimeError(f"cpu_kernels.moe_forward: kernel path {active_path()} unavailable (rc={rc})")
+        _check_rc(rc, "moe_forward")
         return out
 
     _c_linear = _lib.nx_linear
@@ -417,10 +421,7 @@ if _IMPORT_ERROR is None:
         if o0 < x1 and x0 < o1:
             raise ValueError("out must not overlap x")
         rc = _c_linear(_state["path"], _from_buffer("float[]", x), T, w._c, _cast("float *", o0), ld, nth)
-        if rc == -1:
-            raise MemoryError("cpu_kernels.linear: scratch allocation failed")
-        if rc != 0:
-            raise RuntimeError(f"cpu_kernels.linear: kernel path {active_path()} unavailable (rc={rc})")
+        _check_rc(rc, "linear")
         return out
 
     _c_dequant = _lib.nx_dequant_rows
@@ -461,10 +462,7 @@ if _IMPORT_ERROR is None:
         if n == 0:
             return out
         rc = _c_dequant(_state["path"], w._c, rp, n, _from_buffer("float[]", out), nth)
-        if rc == -1:
-            raise MemoryError("cpu_kernels.dequantize_rows: scratch allocation failed")
-        if rc != 0:
-            raise RuntimeError(f"cpu_kernels.dequantize_rows: kernel path {active_path()} unavailable (rc={rc})")
+        _check_rc(rc, "dequantize_rows")
         return out
 
     def _set_min_work_per_thread(nbytes: int) -> int:

@@ -27,12 +27,9 @@ try:  # the C kernels' decoder, where the extension is built (tests and tools ru
     import cpu_kernels as _ck
 
     _ck.active_path()
+    _CK_TYPES = {int(t) for t in _ck.SUPPORTED_TYPES}
 except ImportError:
-    _ck = None
-
-
-def _ck_types() -> set[int]:
-    return {int(t) for t in _ck.SUPPORTED_TYPES}
+    _ck, _CK_TYPES = None, set()
 
 
 GGUF_MAGIC = b"GGUF"
@@ -105,7 +102,7 @@ class TensorInfo:
         if kv is False:
             kv = None
             if (_ck is not None and len(self.shape) in (2, 3) and self.ggml_type != GGMLQuantizationType.F32
-                    and int(self.ggml_type) in _ck_types()):
+                    and int(self.ggml_type) in _CK_TYPES):
                 shape = self.shape if len(self.shape) == 3 else (1, *self.shape)
                 try:
                     kv = _ck.ExpertTensor(self.raw(), int(self.ggml_type), shape)

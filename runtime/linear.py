@@ -11,8 +11,6 @@ gate/up) are parts of one KernelLinear: each part fills its columns of one outpu
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
@@ -55,7 +53,7 @@ class KernelLinear:
             o = out if n == self.out_features else out[:, r0:r0 + n]
             if isinstance(p, torch.Tensor):  # batch-invariant as any float weight (`linear`)
                 torch.from_numpy(o).copy_(linear(xs, p))
-            elif many and p.ggml_type in _HALF_VIEWS:
+            elif many and p.ggml_type in _HALF_TYPES:
                 _half_gemm(xs, p, torch.from_numpy(o))
             else:
                 self._linear(xn, p, out=o, threads=self.threads)
@@ -75,24 +73,17 @@ FLOAT_GEMM_MIN_ROWS = 48
 _GEMM_CHUNK_ROWS = 512  # rows converted at a time: 4-8 MB of float32 at GLM widths, cache-sized
 
 
-_HALF_VIEWS = {QT.F16: torch.float16, QT.BF16: torch.bfloat16}
-
-
-def _half_rows(p, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0..r1-1 of an F16/BF16 ExpertTensor (1, N, K), as a torch view of its bytes."""
-    K = p.shape[-1]
-    with warnings.catch_warnings():  # a read-only memory map: this view is only ever read
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.from_numpy(p.data.reshape(-1).view(np.uint8)[r0 * 2 * K:r1 * 2 * K].view(np.int16))
-    return raw.view(_HALF_VIEWS[p.ggml_type]).view(r1 - r0, K)
+_HALF_TYPES = (QT.F16, QT.BF16)
 
 
 def _half_gemm(x: torch.Tensor, p, out: torch.Tensor) -> None:
-    """out [T, N] = x [T, K] @ W.T for an F16/BF16 weight, converted to float32 chunk by chunk."""
+    """out [T, N] = x [T, K] @ W.T for an F16/BF16 weight, decoded to float32 chunk by chunk."""
+    import cpu_kernels
+
     N = p.shape[-2]
     for r0 in range(0, N, _GEMM_CHUNK_ROWS):
         r1 = min(N, r0 + _GEMM_CHUNK_ROWS)
-        out[:, r0:r1] = x @ _half_rows(p, r0, r1).float().T
+        out[:, r0:r1] = x @ torch.from_numpy(cpu_kernels.dequantize_rows(p, rows=np.arange(r0, r1))).T
 
 
 # Calls of up to this many rows (decode steps, drafts, verify batches: draft_max <= 16 in
