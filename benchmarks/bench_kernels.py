@@ -111,7 +111,7 @@ def main(argv=None):
                          "each) instead of one block of repeats per case: steadier ratios on a shared machine")
     ap.add_argument("--layout", default="repacked", choices=["repacked", "ggml", "both"],
                     help="expert tensors as the runtime loads them by default (repacked where a faster "
-                         "layout exists: Q5_0), as they lie in the GGUF, or both in the same run")
+                         "layout exists: Q4_K, Q5_0), as they lie in the GGUF, or both in the same run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
@@ -130,7 +130,7 @@ def main(argv=None):
     print(f"# load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} CPUs)")
     bw = best_bw(nth, 1 << 30, 5)
     print(f"# read bandwidth (C sum over 1 GiB, best of 5, max of 1 and {nth} threads): {bw:.2f} GB/s")
-    hdr = (f"{'shape':6} {'mix':12} {'T':>6} {'experts':>7} {'ms':>9} {'min ms':>9} {'GB/s':>6} {'bw':>6} {'bound ms':>9} "
+    hdr = (f"{'shape':6} {'mix':16} {'T':>6} {'experts':>7} {'ms':>9} {'min ms':>9} {'GB/s':>6} {'bw':>6} {'bound ms':>9} "
            f"{'x bound':>7} {'cpu ms':>8} {'GB/s/core':>9} {'torch ms':>9} {'vs torch':>8} {'x T=1':>5}")
     print(hdr)
     first = True
@@ -148,9 +148,13 @@ def main(argv=None):
             D = ck.ExpertTensor(ck.random_blocks(td, (E, H, I), rng, method="bytes"), td, (E, H, I))
             per_expert = G.expert_bytes() + U.expert_bytes() + D.expert_bytes()
             label = f"{tgu.name}/{td.name}"
-            downs = {"ggml": D}
-            if args.layout != "ggml" and D.can_repack():
-                downs["repacked"] = D.repacked()
+            # layout -> (gate, up, down) and its label: "r8" marks the tensors in a repacked layout
+            downs = {"ggml": (G, U, D)}
+            labels = {"ggml": label}
+            if args.layout != "ggml" and any(t.can_repack() for t in (G, U, D)):
+                downs["repacked"] = tuple(t.repacked() for t in (G, U, D))
+                labels["repacked"] = "/".join(t.ggml_type.name + ("r8" if t.layout != "ggml" else "")
+                                              for t in downs["repacked"][1:])
                 if args.layout == "repacked":
                     del downs["ggml"]
             print(f"# {sname} H={H} E={E} I={I} K={K} {label}: {per_expert / 1e6:.2f} MB per expert "
@@ -168,7 +172,7 @@ def main(argv=None):
                 rec["nd"].append(len(np.unique(ids)))
                 c1 = time.process_time()
                 t1 = time.perf_counter()
-                ck.moe_forward(x, ids, w, G, U, downs[lay], out=out)
+                ck.moe_forward(x, ids, w, *downs[lay], out=out)
                 t2 = time.perf_counter()
                 rec["cpu"].append(time.process_time() - c1)
                 rec["t"].append(t2 - t1)
@@ -219,8 +223,8 @@ def main(argv=None):
                     tstr, vs = f"{tmed * 1e3:9.2f}", f"{tmed / med:7.2f}x"
                 tl = f"{T}{'s' if is_same else ''}"
                 vs1 = f"{med / t1_med[lay]:5.2f}" if lay in t1_med else ""
-                lab = label + ("r8" if lay == "repacked" else "")
-                print(f"{sname:6} {lab:12} {tl:>6} {nd:7.1f} {med * 1e3:9.2f} {mn * 1e3:9.2f} "
+                lab = labels[lay]
+                print(f"{sname:6} {lab:16} {tl:>6} {nd:7.1f} {med * 1e3:9.2f} {mn * 1e3:9.2f} "
                       f"{byts / med / 1e9:6.2f} {bw_case:6.2f} {bound * 1e3:9.2f} {med / bound:7.2f} "
                       f"{cpu_med * 1e3:8.2f} {byts / max(cpu_med, 1e-9) / 1e9:9.2f} {tstr:>9} {vs:>8} {vs1:>5}", flush=True)
             del G, U, D, downs, ref

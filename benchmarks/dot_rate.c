@@ -33,7 +33,7 @@ static double rate(int type, size_t bs, size_t be, int64_t n, int nt, size_t tot
     for (size_t b = 0; b < nrows * rowb / bs; b++) {     /* fp16 scales 2^-7: finite, small */
         uint8_t *p = w + b * bs + (type == NX_Q6_K ? 208 : 0);
         p[0] = 0; p[1] = 0x20;
-        if (type == NX_Q4_K || type == NX_Q5_K) { p[2] = 0; p[3] = 0x20; }
+        if (type == NX_Q4_K || type == NX_Q5_K || type == NX_Q4_K_R8) { p[2] = 0; p[3] = 0x20; }
     }
     if (type == NX_Q5_0_R8) {                               /* the same Q5_0 rows, repacked */
         uint8_t *row = malloc(rowb);
@@ -71,6 +71,7 @@ static double rate(int type, size_t bs, size_t be, int64_t n, int nt, size_t tot
 int main(void) {
     const struct { const char *name; int type; size_t bs, be; int64_t n; } ty[] = {
         {"Q4_K (Air gate/up, 4096)", NX_Q4_K, 144, 256, 4096},
+        {"Q4_K repacked (r8)", NX_Q4_K_R8, 144, 256, 4096},
         {"Q5_0 (Air down, 1408)", NX_Q5_0, 22, 32, 1408},
         {"Q5_0 repacked (r8)", NX_Q5_0_R8, 22, 32, 1408},
         {"Q8_0 (1408)", NX_Q8_0, 34, 32, 1408},

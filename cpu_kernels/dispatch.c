@@ -81,3 +81,13 @@ void nx_repack_q5_0_r8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t
 
 /* block i of a Q5_0_R8 row back in Q5_0 form (for tests) */
 void nx_r8_get_block(const uint8_t *row, int64_t nb, int64_t i, uint8_t *out) { nx_r8_block(row, nb, i, out); }
+
+/* Q4_K -> Q4_K_R8 (layout in moe_kernels.h), by rows as above */
+void nx_repack_q4_k_r8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n_rows; r++) nx_q4kr_repack_row(src + 144 * nb * r, nb, dst + 144 * nb * r);
+}
+
+/* block i of a Q4_K_R8 row back in Q4_K form (for tests) */
+void nx_q4kr_get_block(const uint8_t *row, int64_t i, uint8_t *out) { nx_q4kr_block(row, i, out); }

@@ -66,22 +66,32 @@ static inline uint16_t FN(rd16)(const void *p) { uint16_t v; memcpy(&v, p, 2); r
 static const int8_t FN(kvalues)[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                        1, 13, 25, 38, 53, 69, 89, 113};
 
+static inline int FN(has_fused)(int type);
 static inline int FN(family)(int type) {
     switch (type) {
     case NX_F32: case NX_F16: case NX_BF16: return NX_FAM_F;
-    case NX_Q8_0: case NX_Q4_0: case NX_Q4_1: case NX_Q5_0: case NX_Q5_1: case NX_IQ4_NL: case NX_Q5_0_R8: return NX_FAM_B32;
+    case NX_Q8_0: case NX_Q4_0: case NX_Q4_1: case NX_Q5_0: case NX_Q5_1: case NX_IQ4_NL: return NX_FAM_B32;
+    /* the repacked layouts' fused dots read word-transposed activations; the generic path unpacks
+     * their blocks back to ggml's order and takes plain ones */
+    case NX_Q5_0_R8: return FN(has_fused)(type) ? NX_FAM_B32R : NX_FAM_B32;
+    case NX_Q4_K_R8: return FN(has_fused)(type) ? NX_FAM_KR : NX_FAM_K;
     default: return NX_FAM_K;
     }
 }
+/* the canonical (unpacked) form a family's rows decode to: the transposed families' are their
+ * plain families' */
+static inline int FN(canon)(int fam) { return fam == NX_FAM_KR ? NX_FAM_K : fam == NX_FAM_B32R ? NX_FAM_B32 : fam; }
 static inline int FN(is_signed)(int type) {
     return type == NX_Q8_0 || type == NX_IQ4_NL || type == NX_IQ4_XS;
 }
 /* bytes of one row in canonical (unpacked / activation) form */
 static inline size_t FN(unpacked_bytes)(int fam, int64_t n) {
+    fam = FN(canon)(fam);
     return fam == NX_FAM_F ? (size_t)n * 4 : fam == NX_FAM_B32 ? (size_t)(n / 32) * sizeof(ub32)
                                                                : (size_t)(n / 256) * sizeof(uk256);
 }
 static inline size_t FN(act_bytes)(int fam, int64_t n) {
+    fam = FN(canon)(fam);
     return fam == NX_FAM_F ? (size_t)n * 4 : fam == NX_FAM_B32 ? (size_t)(n / 32) * sizeof(ab32)
                                                                : (size_t)(n / 256) * sizeof(ak256);
 }
@@ -187,13 +197,18 @@ static inline void FN(expand_scales)(uk256 *restrict u, const int *sc) {
 
 static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk256 *restrict u) {
     int sc[16];
-    const size_t bs = type == NX_Q2_K ? 84 : type == NX_Q3_K ? 110 : type == NX_Q4_K ? 144 :
+    const size_t bs = type == NX_Q2_K ? 84 : type == NX_Q3_K ? 110 : type == NX_Q4_K || type == NX_Q4_K_R8 ? 144 :
                       type == NX_Q5_K ? 176 : type == NX_Q6_K ? 210 : 136;
+    uint8_t blk[144];
+    const int kr = type == NX_Q4_K_R8;  /* Q4_K_R8: each block back in Q4_K form first */
+    if (kr) type = NX_Q4_K;
 #if NX_PATH >= 1
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
 #endif
     for (int64_t i = 0; i < nb; i++, u++, src += bs) {
         int8_t *restrict q = u->q;
+        const uint8_t *const row_src = src;
+        if (kr) { nx_q4kr_block(src, 0, blk); src = blk; }
         switch (type) {
         case NX_Q2_K: {
             const blk_q2_K *b = (const blk_q2_K *)src;
@@ -321,11 +336,13 @@ static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk25
             memset(sc, 0, sizeof(sc));
         }
         FN(expand_scales)(u, sc);
+        src = row_src;
     }
 }
 
 /* decode one row; returns the canonical row (for F32 the source itself) */
 static inline const void *FN(prep_row)(int type, int fam, const uint8_t *src, int64_t n, void *scratch) {
+    fam = FN(canon)(fam);
     if (fam == NX_FAM_B32) { FN(unpack_b32)(type, src, n / 32, (uint8_t *)scratch); return scratch; }
     if (fam == NX_FAM_K) { FN(unpack_k)(type, src, n / 256, (uk256 *)scratch); return scratch; }
     if (type == NX_F32) return src;
@@ -346,16 +363,22 @@ static inline const void *FN(prep_row)(int type, int fam, const uint8_t *src, in
 /* ------------------------------------------------------------------ activation quantizers */
 /* B32 activations, structure-of-arrays like the weights: y[32*nb], d[nb], s[nb] = d*sum(y).
  * Quantizes blocks b0..b1-1 of a row of nb blocks (x points at the row's start). */
-static void FN(quant_b32)(const float *x, int64_t nb, int64_t b0, int64_t b1, uint8_t *base) {
+static void FN(quant_b32)(const float *x, int64_t nb, int64_t b0, int64_t b1, uint8_t *base, const int tr) {
     int8_t *yb = (int8_t *)base;
     float *dv = (float *)(base + 32 * nb), *sv = dv + nb;
+    const int64_t n8 = tr ? nb / 8 * 8 : 0;   /* NX_FAM_B32R: blocks in full groups of 8 move */
     for (int64_t b = b0; b < b1; b++) {
         const float *xb = x + 32 * b;
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) { float v = fabsf(xb[j]); amax = v > amax ? v : amax; }
         float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
-        for (int j = 0; j < 32; j++) { int v = (int)lrintf(xb[j] * id); yb[32 * b + j] = (int8_t)v; sum += v; }
+        int8_t y[32];
+        for (int j = 0; j < 32; j++) { int v = (int)lrintf(xb[j] * id); y[j] = (int8_t)v; sum += v; }
+        if (b < n8)   /* word r of block 8g+i -> word i of the group's register r */
+            for (int r = 0; r < 8; r++) memcpy(yb + 256 * (b / 8) + 32 * r + 4 * (b % 8), y + 4 * r, 4);
+        else
+            memcpy(yb + 32 * b, y, 32);
         dv[b] = d; sv[b] = d * (float)sum;
     }
 }
@@ -375,10 +398,21 @@ static void FN(quant_k)(const float *x, int64_t b0, int64_t b1, ak256 *a) {
         a[b].d = amax / 127.0f;
     }
 }
+/* NX_FAM_KR: each block's y as 8 x 8 four-byte words, transposed: word r of sub-block i (elements
+ * 32i+4r..+3) moves to word i of register r, matching Q4_K_R8's codes (moe_kernels.h) */
+static void FN(transpose_k)(ak256 *a, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+        uint32_t w[64], *y = (uint32_t *)(void *)a[b].y;
+        memcpy(w, a[b].y, 256);
+        for (int r = 0; r < 8; r++)
+            for (int i = 0; i < 8; i++) y[8 * r + i] = w[8 * i + r];
+    }
+}
 /* quantize elements i0..i1-1 (block-aligned) of a row of n (float family: copy) */
 static inline void FN(quant_act_range)(int fam, const float *x, int64_t n, int64_t i0, int64_t i1, void *dst) {
-    if (fam == NX_FAM_B32) FN(quant_b32)(x, n / 32, i0 / 32, i1 / 32, (uint8_t *)dst);
+    if (fam == NX_FAM_B32 || fam == NX_FAM_B32R) FN(quant_b32)(x, n / 32, i0 / 32, i1 / 32, (uint8_t *)dst, fam == NX_FAM_B32R);
     else if (fam == NX_FAM_K) FN(quant_k)(x, i0 / 256, i1 / 256, (ak256 *)dst);
+    else if (fam == NX_FAM_KR) { FN(quant_k)(x, i0 / 256, i1 / 256, (ak256 *)dst); FN(transpose_k)((ak256 *)dst, i0 / 256, i1 / 256); }
     else memcpy((float *)dst + i0, x + i0, (size_t)(i1 - i0) * 4);
 }
 static inline void FN(quant_act)(int fam, const float *x, int64_t n, void *dst) {
@@ -571,7 +605,7 @@ static inline int FN(has_fused)(int type) {
 #endif
     switch (type) {
     case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL: case NX_Q5_0_R8:
-    case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: return 1;
+    case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: case NX_Q4_K_R8: return 1;
     }
     return 0;
 }
@@ -663,10 +697,13 @@ NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t 
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(acco[t]);
 }
 
-/* Q5_0_R8 (layout in moe_kernels.h) against the same SoA activations as fb32.  Per group of 8
- * blocks: one load of 8 fp16 scales, one of the 5th-bit plane, four of nibbles; block i's codes
- * are (nibbles & 15) | (plane shifted so bit i lands on bit 4) & 16.  Integer sums fold in int16
- * as in fb32 (codes <= 31), the two 4-block halves meet in one vector of 8 block sums. */
+/* Q5_0_R8 (layout in moe_kernels.h) against SoA activations like fb32's, word-transposed in full
+ * groups of 8 blocks (NX_FAM_B32R).  Per group of 8: one load of 8 fp16 scales, one of the
+ * 5th-bit plane, four of nibbles; register r's codes are (nibbles & 15) | (plane shifted so bit r
+ * lands on bit 4) & 16, 4 elements of each block at that block's lane.  A token's 8 products add
+ * in int16 four at a time (codes <= 31: |lane| <= 4*2*31*127 < 2^15) and two madds leave the 8
+ * block sums in the 8 int32 lanes: no horizontal adds.  A trailing group of 4 keeps the older
+ * block-by-block order (plain activations) and folds with hadds. */
 #define NX_R8_HI(hb, i) _mm256_and_si256((i) < 4 ? _mm256_slli_epi16(hb, 4 - (i)) : (i) == 4 ? (hb) : _mm256_srli_epi16(hb, (i) - 4), m16)
 NX_FUSED __m256i FN(r8_fold4)(const __m256i *q, const int8_t *y) {
     __m256i p[4];
@@ -693,18 +730,31 @@ NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8
         y[t] = (const int8_t *)a[t]; dy[t] = (const float *)(a[t] + 32 * nb); sy[t] = dy[t] + nb;
         acc[t] = _mm256_setzero_ps(); acc4[t] = _mm_setzero_ps();
     }
+    const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8, w += 176) {
         NX_PF(w, 3);
+        const __m256i hb = FN(ld256)(w + 16);
+        __m256i s16[NX_NT], s32[NX_NT];
+        /* register pair by pair, every token (as fq4kr: the pair and the tokens' sums stay in
+         * registers) */
+        for (int r = 0; r < 8; r += 2) {
+            const __m256i v = FN(ld256)(w + 48 + 16 * r);
+            const __m256i ql = _mm256_or_si256(_mm256_and_si256(v, m4), NX_R8_HI(hb, r));
+            const __m256i qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), NX_R8_HI(hb, r + 1));
+            for (int t = 0; t < nt; t++) {
+                const int8_t *yr = y[t] + 32 * (b + r);
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(ql, FN(ld256)(yr)), _mm256_maddubs_epi16(qh, FN(ld256)(yr + 32)));
+                s16[t] = r % 4 ? _mm256_add_epi16(s16[t], p) : p;
+                if (r == 2) s32[t] = _mm256_madd_epi16(s16[t], ones);
+                if (r == 6) s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(s16[t], ones));
+                __asm__("" : "+x"(s16[t]));   /* keep gcc from hoisting the multiplies (fq4kr) */
+            }
+        }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
         const __m256 ow = _mm256_mul_ps(dw, _mm256_set1_ps(-16.0f));
-        __m256i q[8];
-        FN(r8_codes)(w + 48, FN(ld256)(w + 16), 4, q);
         for (int t = 0; t < nt; t++) {
-            /* h0 lanes: blocks 0-3 (elements 0-15 | 16-31); h1: blocks 4-7 -> one vector of 8 sums */
-            const __m256i h0 = FN(r8_fold4)(q, y[t] + 32 * b), h1 = FN(r8_fold4)(q + 4, y[t] + 32 * (b + 4));
-            const __m256i h = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(dw, _mm256_loadu_ps(dy[t] + b)), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[t]), _mm256_mul_ps(dw, _mm256_loadu_ps(dy[t] + b)), acc[t]);
             acc[t] = _mm256_fmadd_ps(ow, _mm256_loadu_ps(sy[t] + b), acc[t]);
         }
     }
@@ -757,6 +807,20 @@ NX_FUSED void FN(unfold4)(__m256 acc, __m128 extra, float *res, const int nt) {
     for (int t = 0; t < nt; t++) res[t] = (f[t] + f[t + 4]) + g[t];
 }
 
+/* a Q4_K / Q5_K block's 12 scale bytes -> int16 x16: the 8 scales, then the 8 mins, 6 bits each
+ * (ggml's get_scale_min_k4), in vector registers: sc[j<4] = q[j]&63, sc[j>=4] = q[j+4]&15 |
+ * (q[j-4]>>6)<<4, m[j<4] = q[j+4]&63, m[j>=4] = q[j+4]>>4 | (q[j]>>6)<<4 (16 bytes read: 12 + 4
+ * of qs) */
+NX_FUSED __m256i FN(k4_scales)(const uint8_t *w) {
+    const __m128i sb = _mm_loadu_si128((const __m128i *)(w + 4));
+    const __m128i A = _mm_shuffle_epi8(sb, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i B = _mm_shuffle_epi8(sb, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    const __m128i lo = _mm_and_si128(A, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0));
+    const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(A, 4), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15));
+    const __m128i top = _mm_and_si128(_mm_srli_epi16(B, 2), _mm_set1_epi8(0x30));
+    return _mm256_cvtepu8_epi16(_mm_or_si128(_mm_or_si128(lo, hi4), top));
+}
+
 /* Q4_K / Q5_K against Q8_K-like activations.
  * Per 256-block: the 8 six-bit scales and 8 mins are unpacked once, in vector registers; the
  * scales go to a small stack array as int16 pairs so each sub-block's madd operand is one
@@ -778,16 +842,7 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
     for (int64_t b = 0; b < nb; b++, w += bs) {
         NX_PF(w, 3);
         const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
-        /* the 12 scale bytes -> 8 scales then 8 mins, 6 bits each (ggml's get_scale_min_k4), in
-         * vector registers: sc[j<4] = q[j]&63, sc[j>=4] = q[j+4]&15 | (q[j-4]>>6)<<4,
-         * m[j<4] = q[j+4]&63, m[j>=4] = q[j+4]>>4 | (q[j]>>6)<<4 (16 bytes read: 12 + 4 of qs) */
-        const __m128i sb = _mm_loadu_si128((const __m128i *)(w + 4));
-        const __m128i A = _mm_shuffle_epi8(sb, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
-        const __m128i B = _mm_shuffle_epi8(sb, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
-        const __m128i lo = _mm_and_si128(A, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0));
-        const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(A, 4), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15));
-        const __m128i top = _mm_and_si128(_mm_srli_epi16(B, 2), _mm_set1_epi8(0x30));
-        const __m256i ms = _mm256_cvtepu8_epi16(_mm_or_si128(_mm_or_si128(lo, hi4), top));
+        const __m256i ms = FN(k4_scales)(w);
         const __m128i mins = _mm256_extracti128_si256(ms, 1), sc = _mm256_castsi256_si128(ms);
         {   /* scp[4j..4j+3] = int16 x8: scale 2j four times, then scale 2j+1 four times */
             const __m128i lo = _mm_unpacklo_epi16(sc, sc), hi = _mm_unpackhi_epi16(sc, sc);
@@ -831,6 +886,48 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
         }
     }
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc1[t]) + FN(hsum128)(accm1[t]);
+}
+
+/* Q4_K_R8 (layout in moe_kernels.h) against ak256 activations with word-transposed y (NX_FAM_KR).
+ * Register r holds 4 elements of each of the 8 sub-blocks at the same lane, so a token's 8
+ * maddubs results add in int16 (|lane| <= 8*2*15*127 = 30480 < 2^15) and one madd applies the 8
+ * scales: 9 multiplies per block per token against fq45k's 12, and no horizontal adds. */
+NX_FUSED void FN(fq4kr)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const ak256 *ab[NX_NT];
+    for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
+    __m256 acc[NX_NT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, w += 144) {
+        NX_PF(w, 3);
+        /* register by register, every token: 4 int16 sums + 4 accumulators + the register in use
+         * stay in the 16 ymm registers (all 8 code registers at once spilled to the stack) */
+        __m256i s[NX_NT];
+        for (int r = 0; r < 8; r += 2) {
+            const __m256i v = FN(ld256)(w + 16 + 16 * r);
+            const __m256i ql = _mm256_and_si256(v, m4), qh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            for (int t = 0; t < nt; t++) {
+                const int8_t *y = ab[t][b].y + 32 * r;
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(ql, FN(ld256)(y)), _mm256_maddubs_epi16(qh, FN(ld256)(y + 32)));
+                s[t] = r ? _mm256_add_epi16(s[t], p) : p;
+                /* keep the compiler from hoisting all 32 multiplies ahead of their adds (gcc did,
+                 * and spilled their results to the stack) */
+                __asm__("" : "+x"(s[t]));
+            }
+        }
+        const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
+        const __m256i ms = FN(k4_scales)(w);
+        const __m128i sc = _mm256_castsi256_si128(ms), mins = _mm256_extracti128_si256(ms, 1);
+        const __m256i scv = _mm256_set_m128i(_mm_unpackhi_epi16(sc, sc), _mm_unpacklo_epi16(sc, sc));
+        for (int t = 0; t < nt; t++) {
+            const float dy = ab[t][b].d;
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[t], scv)), _mm256_set1_ps(d * dy), acc[t]);
+            /* the mins' 4 int32 sums in the low lanes of one more product into the same accumulator */
+            const __m128i msum = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)ab[t][b].bsum32));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_zextsi128_si256(msum)), _mm256_set1_ps(-dmin * dy), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
 }
 
 /* Q6_K against Q8_K-like activations: unsigned 6-bit q, the -32 offset through the per-16 sums */
@@ -997,6 +1094,7 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
     case NX_IQ4_NL: NX_NT_SWITCH(FN(fb32)(NX_IQ4_NL, w, n / 32, a, res, NTC)) break;
     case NX_Q5_0_R8: NX_NT_SWITCH(FN(fq5r8)(w, n / 32, a, res, NTC)) break;
     case NX_Q4_K: NX_NT_SWITCH(FN(fq45k)(NX_Q4_K, w, n / 256, a, res, NTC)) break;
+    case NX_Q4_K_R8: NX_NT_SWITCH(FN(fq4kr)(w, n / 256, a, res, NTC)) break;
     case NX_Q5_K: NX_NT_SWITCH(FN(fq45k)(NX_Q5_K, w, n / 256, a, res, NTC)) break;
     case NX_Q6_K: NX_NT_SWITCH(FN(fq6k)(w, n / 256, a, res, NTC)) break;
     case NX_IQ4_XS: NX_NT_SWITCH(FN(fiq4xs)(w, n / 256, a, res, NTC)) break;
@@ -1065,7 +1163,7 @@ static inline void FN(prefetch)(const uint8_t *p, int64_t n) {
 
 static inline float FN(silu)(float g) { return g / (1.0f + expf(-g)); }
 
-static inline size_t FN(block_elems)(int fam) { return fam == NX_FAM_K ? 256 : fam == NX_FAM_B32 ? 32 : 1; }
+static inline size_t FN(block_elems)(int fam) { fam = FN(canon)(fam); return fam == NX_FAM_K ? 256 : fam == NX_FAM_B32 ? 32 : 1; }
 
 /* Returns 0, -1 (allocation failed), -3 (an expert id out of range: nothing written). */
 int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids, const float *wts,
@@ -1307,6 +1405,7 @@ int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, flo
  * CPU. Threads split the rows. Returns 0 or -1 (allocation failed). */
 static void FN(dequant_row)(int type, int fam, const uint8_t *src, int64_t H, void *scratch, float *restrict o) {
     const void *p = FN(prep_row)(type, fam, src, H, scratch);
+    fam = FN(canon)(fam);
     if (fam == NX_FAM_F) {
         memcpy(o, p, (size_t)H * sizeof(float));
     } else if (fam == NX_FAM_B32) {

@@ -27,10 +27,15 @@ enum {
     NX_Q2_K = 10, NX_Q3_K = 11, NX_Q4_K = 12, NX_Q5_K = 13, NX_Q6_K = 14, NX_IQ4_NL = 20,
     NX_IQ4_XS = 23, NX_BF16 = 30,
     /* not a ggml type: Q5_0 rows repacked once at load (same bytes per row, see below) */
-    NX_Q5_0_R8 = 106
+    NX_Q5_0_R8 = 106,
+    /* not a ggml type: Q4_K rows repacked once at load (same bytes per row, see below) */
+    NX_Q4_K_R8 = 112
 };
 
-enum { NX_FAM_F = 0, NX_FAM_B32 = 1, NX_FAM_K = 2 };
+/* Activation families: F, B32 and K above; KR and B32R are K and B32 with the 8-bit values
+ * word-transposed inside each 256 of them (each K block; each full group of 8 B32 blocks), as the
+ * fused dots of the repacked layouts Q4_K_R8 and Q5_0_R8 read them. */
+enum { NX_FAM_F = 0, NX_FAM_B32 = 1, NX_FAM_K = 2, NX_FAM_KR = 3, NX_FAM_B32R = 4 };
 
 /* ---- on-disk blocks (ggml layouts) ---- */
 #define QK 32
@@ -99,14 +104,20 @@ extern int64_t nx_min_work_per_thread;
 /* ---- Q5_0_R8: Q5_0 rows repacked at load for the SIMD dots (same size, same values) ----
  * A Q5_0 block keeps its 5th bits as a 32-bit mask and its nibbles as (element j, element j+16)
  * pairs, so the AVX2 dot spends ~7 vector ops per block just to rebuild 32 codes.  The repacked
- * row groups blocks so that one 32-byte load yields two blocks' nibbles in element order and one
- * shift + mask yields a block's 5th bits:
+ * row groups blocks so that one 32-byte load yields 64 codes' nibbles and one shift + mask a
+ * register's 5th bits:
  *   group of 8 blocks (176 bytes): d[8] fp16 | hb[32] | qs[4][32]
  *   group of 4 blocks  (88 bytes): d[4] fp16 | hb[16] | qs[2][32]   (when 4..7 blocks remain)
  *   then the last nb % 4 blocks unchanged (22 bytes each)
- * qs[p][l]: low nibble = low 4 bits of element l of block 2p, high nibble = of block 2p+1.
- * hb (group of 8): bit i of hb[l] = 5th bit of element l of block i.
- * hb (group of 4): bit i of hb[m] = 5th bit of element m of block i, bit 4+i = of element m+16.
+ * Group of 8, interleaved by 4-byte words like Q4_K_R8's sub-blocks: register r (r = 2p: the low
+ * nibbles of qs[p], 2p+1: the high ones) holds elements 4r..4r+3 of block i at bytes 4i..4i+3, so
+ * a maddubs lane pair stays in one block and 8 blocks' sums come out in the 8 int32 lanes:
+ *   qs[p][4i+k]: low nibble = low 4 bits of element 8p+k of block i, high = of element 8p+4+k;
+ *   hb[4i+k]: bit r = 5th bit of element 4r+k of block i.
+ * (its activations are word-transposed to match: NX_FAM_B32R)
+ * Group of 4 (activations in order): qs[p][l]: low nibble = low 4 bits of element l of block
+ * 2p, high nibble = of block 2p+1; bit i of hb[m] = 5th bit of element m of block i, bit 4+i = of
+ * element m+16.
  * Block i of a row starts at byte 22*i in both layouts' accounting, so groups never straddle. */
 static inline void nx_r8_block(const uint8_t *row, int64_t nb, int64_t i, uint8_t out[22]) {
     const int64_t n8 = nb / 8 * 8, n4 = n8 + ((nb - n8) >= 4 ? 4 : 0);
@@ -118,8 +129,9 @@ static inline void nx_r8_block(const uint8_t *row, int64_t nb, int64_t i, uint8_
     uint32_t qh = 0;
     out[0] = base[2 * j]; out[1] = base[2 * j + 1];
     for (int l = 0; l < 32; l++) {
-        const int q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
-        const int h = g == 8 ? (hb[l] >> j) & 1 : (hb[l % 16] >> (j + 4 * (l / 16))) & 1;
+        const int r = l / 4, k = l % 4;
+        const int q = g == 8 ? (qs[32 * (r / 2) + 4 * j + k] >> (4 * (r % 2))) & 15 : (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
+        const int h = g == 8 ? (hb[4 * j + k] >> r) & 1 : (hb[l % 16] >> (j + 4 * (l / 16))) & 1;
         qh |= (uint32_t)h << l;
         if (l < 16) out[6 + l] = (uint8_t)q; else out[6 + l - 16] |= (uint8_t)(q << 4);
     }
@@ -141,15 +153,58 @@ static inline void nx_r8_repack_row(const uint8_t *src, int64_t nb, uint8_t *dst
             d[2 * i + 1] = s[1];
             for (int l = 0; l < 32; l++) {
                 const int q = l < 16 ? s[6 + l] & 15 : s[6 + l - 16] >> 4;
-                const int h = (qh >> l) & 1;
-                qs[32 * (i / 2) + l] |= (uint8_t)(q << (4 * (i % 2)));
-                if (g == 8) hb[l] |= (uint8_t)(h << i);
-                else hb[l % 16] |= (uint8_t)(h << (i + 4 * (l / 16)));
+                const int h = (qh >> l) & 1, r = l / 4, k = l % 4;
+                if (g == 8) {
+                    qs[32 * (r / 2) + 4 * i + k] |= (uint8_t)(q << (4 * (r % 2)));
+                    hb[4 * i + k] |= (uint8_t)(h << r);
+                } else {
+                    qs[32 * (i / 2) + l] |= (uint8_t)(q << (4 * (i % 2)));
+                    hb[l % 16] |= (uint8_t)(h << (i + 4 * (l / 16)));
+                }
             }
         }
         b += g;
     }
     memcpy(dst + 22 * b, src + 22 * b, (size_t)(22 * (nb - b)));
+}
+
+/* ---- Q4_K_R8: Q4_K rows repacked at load for the SIMD dots (same size, same values) ----
+ * A Q4_K block's nibbles hold sub-block 2j in the low and 2j+1 in the high nibbles of qs[32j..],
+ * so one maddubs covers a single sub-block and the dot must fold sub-block pairs horizontally
+ * (vphaddw: one per 64 weights per token, at 2 cycles each on Zen 3 and 3 uops on Intel).  The
+ * repacked block interleaves the 8 sub-blocks in 4-byte words, so every register holds 4
+ * elements of each sub-block at the same word (= int32 lane) position:
+ *   d, dmin, scales[12] as in Q4_K | qs[4][32]
+ *   qs[p][4i+k]: low nibble = element 8p+k of sub-block i, high nibble = element 8p+4+k.
+ * Register r (r = 2p low nibbles, 2p+1 high) word i = elements 4r..4r+3 of sub-block i; the
+ * activations are word-transposed to match (quant_act for NX_FAM_KR), and a token's four
+ * registers' products add in int16 before one madd applies the 8 scales. */
+static inline void nx_q4kr_block(const uint8_t *row, int64_t i, uint8_t out[144]) {
+    const uint8_t *b = row + 144 * i;
+    memcpy(out, b, 16);
+    for (int sb = 0; sb < 8; sb++)
+        for (int e = 0; e < 32; e++) {
+            const int p = e / 8, k = e % 8;
+            const int q = (b[16 + 32 * p + 4 * sb + (k & 3)] >> (k < 4 ? 0 : 4)) & 15;
+            uint8_t *d = out + 16 + 32 * (sb / 2) + e;
+            *d = sb % 2 ? (uint8_t)((*d & 15) | q << 4) : (uint8_t)q;
+        }
+}
+/* one Q4_K row of nb blocks -> Q4_K_R8 (the inverse of nx_q4kr_block) */
+static inline void nx_q4kr_repack_row(const uint8_t *src, int64_t nb, uint8_t *dst) {
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *s = src + 144 * i;
+        uint8_t *d = dst + 144 * i;
+        memcpy(d, s, 16);
+        for (int p = 0; p < 4; p++)
+            for (int sb = 0; sb < 8; sb++)
+                for (int k = 0; k < 4; k++) {
+                    const uint8_t *q = s + 16 + 32 * (sb / 2);
+                    const int sh = 4 * (sb % 2);
+                    const int lo = (q[8 * p + k] >> sh) & 15, hi = (q[8 * p + 4 + k] >> sh) & 15;
+                    d[16 + 32 * p + 4 * sb + k] = (uint8_t)(lo | hi << 4);
+                }
+    }
 }
 
 /* per-path entry points (suffix = path name) */

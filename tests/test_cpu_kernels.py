@@ -247,16 +247,79 @@ def test_q5_0_r8_moe(path, I):
         np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("nb", [1, 2, 3, 16])
+def test_q4_k_r8_layout_roundtrip(nb):
+    """Every block of a repacked Q4_K row reads back as the original bytes (C accessor), with the
+    header (d, dmin, scales) in place and the row's size kept; the codes do move."""
+    rng = np.random.default_rng(40 + nb)
+    raw = rng.integers(0, 256, size=(2, 3, nb * 144), dtype=np.uint8)
+    t = ck.ExpertTensor(raw, QT.Q4_K, (2, 3, nb * 256))
+    r = t.repacked(threads=2)
+    assert r.layout == "q4_k_r8" and r.nbytes == t.nbytes
+    rows_in, rows_out = raw.reshape(6, nb, 144), r.data.reshape(6, nb, 144)
+    np.testing.assert_array_equal(rows_out[:, :, :16], rows_in[:, :, :16])
+    assert (rows_out[:, :, 16:] != rows_in[:, :, 16:]).any()
+    blk = ck._ffi.new("uint8_t[144]")
+    for row in range(6):
+        for i in range(nb):
+            ck._lib.nx_q4kr_get_block(ck._ffi.from_buffer(rows_out[row]), i, blk)
+            assert bytes(blk) == rows_in[row, i].tobytes(), (row, i)
+
+
+def test_q4_k_r8_element_order():
+    """The layout itself, element by element against moe_kernels.h: qs[p][4i+k] holds element
+    8p+k of sub-block i in its low nibble and 8p+4+k in its high one."""
+    q = np.arange(256) % 16                                       # element e of the block: code e % 16
+    q = (q + np.arange(256) // 32) % 16                           # ... shifted by its sub-block
+    blk = np.zeros(144, np.uint8)
+    for j in range(4):                                            # Q4_K: 64 elements per 32 bytes
+        blk[16 + 32 * j:48 + 32 * j] = q[64 * j:64 * j + 32] | (q[64 * j + 32:64 * j + 64] << 4)
+    r = ck.ExpertTensor(blk.reshape(1, 1, 144), QT.Q4_K, (1, 1, 256)).repacked().data.reshape(144)
+    for p in range(4):
+        for i in range(8):
+            for k in range(4):
+                b = r[16 + 32 * p + 4 * i + k]
+                assert b & 15 == q[32 * i + 8 * p + k] and b >> 4 == q[32 * i + 8 * p + 4 + k]
+
+
+@pytest.mark.parametrize("H", [256, 512, 4096])
+def test_q4_k_r8_moe(path, H):
+    """Repacked Q4_K gate/up (and down) give the reference result, and the GGUF layout's result
+    to float32 summation order, for 1..4 tokens per expert pass and more."""
+    rng = np.random.default_rng(H)
+    I = 256
+    (G, U, D), (gf, uf, df) = _make(QT.Q4_K, QT.Q4_K, QT.Q4_K, 6, I, H, rng)
+    RG, RU, RD = G.repacked(), U.repacked(), D.repacked()
+    assert RG.layout == RU.layout == RD.layout == "q4_k_r8"
+    for T in (1, 2, 3, 4, 9):
+        x = rng.standard_normal((T, H), dtype=np.float32)
+        ids = _routing(T, 3, 6, rng)
+        w = rng.random(ids.shape, dtype=np.float32)
+        out = np.full((T, H), np.nan, dtype=np.float32)
+        ck.moe_forward(x, ids, w, RG, RU, RD, out=out)
+        base = ck.moe_forward(x, ids, w, G, U, D)
+        ref = ck.reference_moe(x, ids, w, gf, uf, df)
+        scale = np.abs(ref).max()
+        assert np.abs(out - ref).max() / scale < TOL_EXACT[QT.Q4_K]
+        np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
+        mixed = ck.moe_forward(x, ids, w, RG, U, RD)              # gate and up in different layouts
+        np.testing.assert_allclose(mixed, base, rtol=0, atol=1e-5 * scale)
+
+
 def test_repacked_api():
     rng = np.random.default_rng(31)
+    q6k = ck.ExpertTensor(ck.random_blocks(QT.Q6_K, (2, 8, 256), rng), QT.Q6_K, (2, 8, 256))
+    assert q6k.repacked() is q6k and not q6k.can_repack()          # no repacked layout for Q6_K
     q4k = ck.ExpertTensor(ck.random_blocks(QT.Q4_K, (2, 8, 256), rng), QT.Q4_K, (2, 8, 256))
-    assert q4k.repacked() is q4k and not q4k.can_repack()          # no repacked layout for Q4_K
+    assert "q4_k_r8" in repr(q4k.repacked()) and q4k.can_repack() == (ck.active_path() != "ref")
     q50 = ck.ExpertTensor(ck.random_blocks(QT.Q5_0, (2, 8, 256), rng), QT.Q5_0, (2, 8, 256))
     r = q50.repacked()
     assert r.repacked() is r and "q5_0_r8" in repr(r) and not r.can_repack()
     assert q50.can_repack() == (ck.active_path() != "ref")
     with pytest.raises(ValueError, match="layout 'q5_0_r8' does not apply to Q4_K"):
         ck.ExpertTensor(q4k.data, QT.Q4_K, (2, 8, 256), layout="q5_0_r8")
+    with pytest.raises(ValueError, match="layout 'q4_k_r8' does not apply to Q5_0"):
+        ck.ExpertTensor(q50.data, QT.Q5_0, (2, 8, 256), layout="q4_k_r8")
     with pytest.raises(ValueError, match="layout 'bogus'"):
         ck.ExpertTensor(q50.data, QT.Q5_0, (2, 8, 256), layout="bogus")
 

@@ -114,19 +114,29 @@ def test_file_loads_and_generates(air_file):
     assert np.isfinite(eng.logits(ids)).all()
     assert np.isfinite(eng.mtp_logits(ids)).all()
 
-    # repack (default auto): the Q5_0 down projections are copied into the Q5_0_R8 layout when
-    # the SIMD kernels run, and so are Q5_0 dense weights the kernels run (all of them where the
-    # gpu side is the CPU); the logits match those read from the GGUF's own bytes
+    # repack (default auto): the Q4_K and Q5_0 experts are copied into the Q4_K_R8 / Q5_0_R8
+    # layouts when the SIMD kernels run, and so are such dense weights the kernels run (all of them
+    # where the gpu side is the CPU); the logits match those read from the GGUF's own bytes
     import cpu_kernels
     on_cpu = eng.device.type == "cpu"
-    repackable = sum(t.nbytes for n, t in f.tensors.items() if t.ggml_type == T.Q5_0 and (
-        n.endswith("ffn_down_exps.weight") or (on_cpu and len(t.shape) == 2 and n != "token_embd.weight")))
+    rep = eng.load_report
+    unread = {"token_embd.weight"}  # tables are looked up, not multiplied; the MTP layer's copies
+    unread |= {n for n in f.tensors if (rep.mtp_shares_embed and n.endswith("nextn.embed_tokens.weight"))
+               or (rep.mtp_shares_head and n.endswith("nextn.shared_head_head.weight"))}  # not loaded
+    repackable = sum(t.nbytes for n, t in f.tensors.items() if t.ggml_type in (T.Q5_0, T.Q4_K) and (
+        n.endswith("_exps.weight") or (on_cpu and len(t.shape) == 2 and n not in unread)))
     assert repackable > 0
     assert eng.load_report.repacked_bytes == (repackable if cpu_kernels.active_path() != "ref" else 0)
     plain = runtime.load(path, cpu_moe=True, progress=False, context=64, repack=False)
     assert plain.load_report.repacked_bytes == 0
     a, b = eng.logits(ids), plain.logits(ids)
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+    # the layouts' integer sums are equal and only float32 summation order differs, but a ~1e-7
+    # difference can tip an activation's 8-bit rounding in a later layer: a few logits move by up
+    # to ~1e-3 of the scale, the bulk by far less
+    scale = np.abs(b).max()
+    print("layout difference: max", np.abs(a - b).max() / scale, "mean", np.abs(a - b).mean() / scale)
+    np.testing.assert_allclose(a, b, rtol=0, atol=3e-3 * scale)
+    assert np.abs(a - b).mean() < 2e-4 * scale
 
 
 def test_cli_errors(tmp_path, capsys):
