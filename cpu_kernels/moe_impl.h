@@ -366,7 +366,9 @@ static inline const void *FN(prep_row)(int type, int fam, const uint8_t *src, in
 static void FN(quant_b32)(const float *x, int64_t nb, int64_t b0, int64_t b1, uint8_t *base, const int tr) {
     int8_t *yb = (int8_t *)base;
     float *dv = (float *)(base + 32 * nb), *sv = dv + nb;
-    const int64_t n8 = tr ? nb / 8 * 8 : 0;   /* NX_FAM_B32R: blocks in full groups of 8 move */
+    /* NX_FAM_B32R: blocks in Q5_0_R8's groups (of 8, then one of 4) move, word w of block i to
+     * byte 4*G*w + 4i of its group of G (moe_kernels.h) */
+    const int64_t n8 = tr ? nb / 8 * 8 : 0, n4 = tr && nb - n8 >= 4 ? n8 + 4 : n8;
     for (int64_t b = b0; b < b1; b++) {
         const float *xb = x + 32 * b;
         float amax = 0.0f;
@@ -375,10 +377,12 @@ static void FN(quant_b32)(const float *x, int64_t nb, int64_t b0, int64_t b1, ui
         int sum = 0;
         int8_t y[32];
         for (int j = 0; j < 32; j++) { int v = (int)lrintf(xb[j] * id); y[j] = (int8_t)v; sum += v; }
-        if (b < n8)   /* word r of block 8g+i -> word i of the group's register r */
-            for (int r = 0; r < 8; r++) memcpy(yb + 256 * (b / 8) + 32 * r + 4 * (b % 8), y + 4 * r, 4);
-        else
+        if (b < n4) {
+            const int64_t g0 = b < n8 ? b / 8 * 8 : n8, G = b < n8 ? 8 : 4;
+            for (int w = 0; w < 8; w++) memcpy(yb + 32 * g0 + 4 * G * w + 4 * (b - g0), y + 4 * w, 4);
+        } else {
             memcpy(yb + 32 * b, y, 32);
+        }
         dv[b] = d; sv[b] = d * (float)sum;
     }
 }
@@ -702,14 +706,16 @@ NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t 
  * 5th-bit plane, four of nibbles; register r's codes are (nibbles & 15) | (plane shifted so bit r
  * lands on bit 4) & 16, 4 elements of each block at that block's lane.  A token's 8 products add
  * in int16 four at a time (codes <= 31: |lane| <= 4*2*31*127 < 2^15) and two madds leave the 8
- * block sums in the 8 int32 lanes: no horizontal adds.  A trailing group of 4 keeps the older
- * block-by-block order (plain activations) and folds with hadds. */
+ * block sums in the 8 int32 lanes: no horizontal adds.  A trailing group of 4 likewise, with two
+ * 16-byte registers per vector. */
 #define NX_R8_HI(hb, i) _mm256_and_si256((i) < 4 ? _mm256_slli_epi16(hb, 4 - (i)) : (i) == 4 ? (hb) : _mm256_srli_epi16(hb, (i) - 4), m16)
-NX_FUSED __m256i FN(r8_fold4)(const __m256i *q, const int8_t *y) {
+/* a group of 4: the 4 blocks' integer sums (each vector's halves hold words 2v and 2v+1) */
+NX_FUSED __m128i FN(r8_sum4)(const __m256i *q, const int8_t *y) {
     __m256i p[4];
     for (int i = 0; i < 4; i++) p[i] = _mm256_maddubs_epi16(q[i], FN(ld256)(y + 32 * i));
-    return _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])),
-                             _mm256_set1_epi16(1));
+    const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
+                                        _mm256_set1_epi16(1));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 /* the codes of 2 * pairs blocks: nibbles from qs (pair p: low = block 2p, high = block 2p+1),
  * 5th bits from the plane hb (bit i of each byte -> block i) */
@@ -767,8 +773,7 @@ NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8
         __m256i q[4];
         FN(r8_codes)(w + 24, hb, 2, q);
         for (int t = 0; t < nt; t++) {
-            const __m256i h0 = FN(r8_fold4)(q, y[t] + 32 * b);
-            const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(h0), _mm256_extracti128_si256(h0, 1));
+            const __m128i h = FN(r8_sum4)(q, y[t] + 32 * b);
             acc4[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h), _mm_mul_ps(dw, _mm_loadu_ps(dy[t] + b)), acc4[t]);
             acc4[t] = _mm_fmadd_ps(ow, _mm_loadu_ps(sy[t] + b), acc4[t]);
         }

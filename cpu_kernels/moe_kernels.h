@@ -109,16 +109,28 @@ extern int64_t nx_min_work_per_thread;
  *   group of 8 blocks (176 bytes): d[8] fp16 | hb[32] | qs[4][32]
  *   group of 4 blocks  (88 bytes): d[4] fp16 | hb[16] | qs[2][32]   (when 4..7 blocks remain)
  *   then the last nb % 4 blocks unchanged (22 bytes each)
- * Group of 8, interleaved by 4-byte words like Q4_K_R8's sub-blocks: register r (r = 2p: the low
- * nibbles of qs[p], 2p+1: the high ones) holds elements 4r..4r+3 of block i at bytes 4i..4i+3, so
- * a maddubs lane pair stays in one block and 8 blocks' sums come out in the 8 int32 lanes:
- *   qs[p][4i+k]: low nibble = low 4 bits of element 8p+k of block i, high = of element 8p+4+k;
- *   hb[4i+k]: bit r = 5th bit of element 4r+k of block i.
- * (its activations are word-transposed to match: NX_FAM_B32R)
- * Group of 4 (activations in order): qs[p][l]: low nibble = low 4 bits of element l of block
- * 2p, high nibble = of block 2p+1; bit i of hb[m] = 5th bit of element m of block i, bit 4+i = of
- * element m+16.
+ * Both groups are interleaved by 4-byte words like Q4_K_R8's sub-blocks, so a maddubs lane pair
+ * stays in one block and the blocks' sums come out in int32 lanes. Element l of block i is word
+ * w = l/4, byte k = l%4 of it; vector v (v = 2p: the low nibbles of qs[p], 2p+1: the high ones)
+ * holds, at byte 4i+k of each 4*G-byte register, word w of block i:
+ *   group of 8 (G = 8, one register per vector): w = v;
+ *     qs[p][4i+k]: low nibble = low 4 bits of element 8p+k of block i, high = of element 8p+4+k;
+ *     hb[4i+k]: bit v = 5th bit of element 4v+k of block i.
+ *   group of 4 (G = 4, two 16-byte registers per vector, h = 0 low, 1 high): w = 2v+h;
+ *     qs[p][16h+4i+k]: low nibble = element 4(4p+h)+k, high = element 4(4p+2+h)+k (low 4 bits);
+ *     hb[4i+k]: bit 4h+v = 5th bit of element 4(2v+h)+k of block i.
+ * The activations are word-transposed to match (word w of block i at byte 4*G*w + 4i of the
+ * group's y: NX_FAM_B32R).
  * Block i of a row starts at byte 22*i in both layouts' accounting, so groups never straddle. */
+/* where element l of block i of a group of g lives: byte `pos` of qs, nibble `nib` (0 low, 1
+ * high), and bit `bit` of hb[4i + l%4] */
+static inline void nx_r8_place(int g, int i, int l, int *pos, int *nib, int *bit) {
+    const int w = l / 4, k = l % 4;
+    const int v = g == 8 ? w : w / 2, h = g == 8 ? 0 : w % 2;
+    *pos = 32 * (v / 2) + 16 * h + 4 * i + k;
+    *nib = v % 2;
+    *bit = 4 * h + v;
+}
 static inline void nx_r8_block(const uint8_t *row, int64_t nb, int64_t i, uint8_t out[22]) {
     const int64_t n8 = nb / 8 * 8, n4 = n8 + ((nb - n8) >= 4 ? 4 : 0);
     if (i >= n4) { for (int k = 0; k < 22; k++) out[k] = row[22 * i + k]; return; }
@@ -129,9 +141,10 @@ static inline void nx_r8_block(const uint8_t *row, int64_t nb, int64_t i, uint8_
     uint32_t qh = 0;
     out[0] = base[2 * j]; out[1] = base[2 * j + 1];
     for (int l = 0; l < 32; l++) {
-        const int r = l / 4, k = l % 4;
-        const int q = g == 8 ? (qs[32 * (r / 2) + 4 * j + k] >> (4 * (r % 2))) & 15 : (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
-        const int h = g == 8 ? (hb[4 * j + k] >> r) & 1 : (hb[l % 16] >> (j + 4 * (l / 16))) & 1;
+        int pos, nib, bit;
+        nx_r8_place(g, j, l, &pos, &nib, &bit);
+        const int q = (qs[pos] >> (4 * nib)) & 15;
+        const int h = (hb[4 * j + l % 4] >> bit) & 1;
         qh |= (uint32_t)h << l;
         if (l < 16) out[6 + l] = (uint8_t)q; else out[6 + l - 16] |= (uint8_t)(q << 4);
     }
@@ -153,14 +166,10 @@ static inline void nx_r8_repack_row(const uint8_t *src, int64_t nb, uint8_t *dst
             d[2 * i + 1] = s[1];
             for (int l = 0; l < 32; l++) {
                 const int q = l < 16 ? s[6 + l] & 15 : s[6 + l - 16] >> 4;
-                const int h = (qh >> l) & 1, r = l / 4, k = l % 4;
-                if (g == 8) {
-                    qs[32 * (r / 2) + 4 * i + k] |= (uint8_t)(q << (4 * (r % 2)));
-                    hb[4 * i + k] |= (uint8_t)(h << r);
-                } else {
-                    qs[32 * (i / 2) + l] |= (uint8_t)(q << (4 * (i % 2)));
-                    hb[l % 16] |= (uint8_t)(h << (i + 4 * (l / 16)));
-                }
+                int pos, nib, bit;
+                nx_r8_place(g, i, l, &pos, &nib, &bit);
+                qs[pos] |= (uint8_t)(q << (4 * nib));
+                hb[4 * i + l % 4] |= (uint8_t)(((qh >> l) & 1) << bit);
             }
         }
         b += g;
