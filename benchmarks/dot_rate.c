@@ -35,11 +35,13 @@ static double rate(int type, size_t bs, size_t be, int64_t n, int nt, size_t tot
         p[0] = 0; p[1] = 0x20;
         if (type == NX_Q4_K || type == NX_Q5_K || type == NX_Q4_K_R8) { p[2] = 0; p[3] = 0x20; }
     }
-    if (type == NX_Q5_0_R8) {                               /* the same Q5_0 rows, repacked */
+    if (type >= 100) {                                      /* the same rows, repacked */
         uint8_t *row = malloc(rowb);
         for (size_t i = 0; i < nrows; i++) {
             memcpy(row, w + i * rowb, rowb);
-            nx_r8_repack_row(row, n / 32, w + i * rowb);
+            if (type == NX_Q5_0_R8) nx_r8_repack_row(row, n / 32, w + i * rowb);
+            else if (type == NX_Q4_K_R8) nx_q4kr_repack_row(row, n / 256, w + i * rowb);
+            else nx_b32r_repack_row(type, row, n / 32, w + i * rowb);
         }
         free(row);
     }
@@ -75,7 +77,9 @@ int main(void) {
         {"Q5_0 (Air down, 1408)", NX_Q5_0, 22, 32, 1408},
         {"Q5_0 repacked (r8)", NX_Q5_0_R8, 22, 32, 1408},
         {"Q8_0 (1408)", NX_Q8_0, 34, 32, 1408},
+        {"Q8_0 repacked (r8)", NX_Q8_0_R8, 34, 32, 1408},
         {"IQ4_NL (1408)", NX_IQ4_NL, 18, 32, 1408},
+        {"IQ4_NL repacked (r8)", NX_IQ4_NL_R8, 18, 32, 1408},
         {"IQ4_XS (4096)", NX_IQ4_XS, 136, 256, 4096},
         {"Q6_K (4096)", NX_Q6_K, 210, 256, 4096},
     };

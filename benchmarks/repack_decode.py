@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     rep = engines["repacked"].load_report
     print(f"# repacked at load: {rep.repacked_bytes / 2**30:.2f} GiB of CPU expert weights")
     if not rep.repacked_bytes:
-        print("# nothing to repack in this model (no Q5_0 CPU experts, or the ref kernel path)")
+        print("# nothing to repack in this model (no Q4_0/Q5_0/Q8_0/IQ4_NL/Q4_K CPU weights, or the ref kernel path)")
     prompts = [engines["ggml"].tokenize(t) for t in PROMPTS[:a.prompts]]
     for e in engines.values():
         e.generate(prompts[0], max_tokens=4)  # warm-up

@@ -21,8 +21,8 @@ up on the CPU.
 
 Weights stay in their GGUF block format (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL Q2_K Q3_K
 Q4_K Q5_K Q6_K IQ4_XS, any mix across gate/up/down); ``ExpertTensor.repacked()`` makes a one-time
-copy in a layout the SIMD dots read faster where one exists (Q5_0 -> q5_0_r8, Q4_K -> q4_k_r8:
-same size, same values).  Activations are quantized once per call to
+copy in a layout the SIMD dots read faster where one exists (Q4_0, Q5_0, Q8_0, IQ4_NL, Q4_K ->
+q4_0_r8 ...: same size, same values).  Activations are quantized once per call to
 8-bit blocks (float types use float activations).  Each distinct expert's weights are read once
 per call, whatever the number of tokens routed to it.
 
@@ -92,7 +92,7 @@ else:
 
 __all__ = [
     "ExpertTensor", "moe_forward", "linear", "dequantize_rows", "set_threads", "get_threads", "active_path", "available_paths",
-    "SUPPORTED_TYPES", "random_blocks", "dequantize", "reference_moe", "read_bandwidth", "build_info",
+    "SUPPORTED_TYPES", "REPACKED_TYPES", "random_blocks", "dequantize", "reference_moe", "read_bandwidth", "build_info",
 ]
 
 _PATH_IDS = {"ref": 0, "avx2": 1, "avx512": 2}
@@ -165,12 +165,12 @@ if _IMPORT_ERROR is None:
     def _default_threads() -> int:  # noqa: F811  (cached at import: moe_forward's hot path)
         return _default_threads_cached
 
-    # layout name -> (ggml type it applies to, kernel type id, C repack function); ggml type -> its
-    # repacked layout. Kernel ids: NX_Q5_0_R8 = 106, NX_Q4_K_R8 = 112 (moe_kernels.h)
-    _LAYOUTS = {"ggml": (None, None, None),
-                "q5_0_r8": (qtype("Q5_0"), 106, _lib.nx_repack_q5_0_r8),
-                "q4_k_r8": (qtype("Q4_K"), 112, _lib.nx_repack_q4_k_r8)}
+    # layout name -> (ggml type it applies to, kernel type id); ggml type -> its repacked layout.
+    # Kernel ids: 100 + the ggml type's (NX_Q5_0_R8 = 106 ..., moe_kernels.h)
+    _LAYOUTS = {"ggml": (None, None)}
+    _LAYOUTS.update({f"{t.lower()}_r8": (qtype(t), 100 + int(qtype(t))) for t in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "Q4_K")})
     _REPACK_OF = {v[0]: k for k, v in _LAYOUTS.items() if v[0] is not None}
+    REPACKED_TYPES = frozenset(_REPACK_OF)  # ggml types ExpertTensor.repacked() copies into a faster layout
 
     class ExpertTensor:
         """One layer's stacked expert weight [E, rows, cols] as it lies in the GGUF (never copied).
@@ -241,8 +241,8 @@ if _IMPORT_ERROR is None:
 
         def repacked(self, threads: int | None = None) -> "ExpertTensor":
             """A copy in the layout the SIMD dots read fastest, made once at load: same bytes per
-            row and the same values, only the order inside groups of blocks changes (Q5_0 ->
-            q5_0_r8, Q4_K -> q4_k_r8, see moe_kernels.h). Returns self when no repacked layout
+            row and the same values, only the order inside blocks or groups of blocks changes
+            (Q5_0 -> q5_0_r8, Q4_K -> q4_k_r8, ..., see moe_kernels.h). Returns self when no repacked layout
             applies. The copy lives in ordinary memory: the GGUF's pages are no longer read by the
             kernels."""
             if self.layout != "ggml" or self.ggml_type not in _REPACK_OF:
@@ -251,8 +251,10 @@ if _IMPORT_ERROR is None:
             E, rows, cols = self.shape
             dst = np.empty(self.nbytes, dtype=np.uint8)
             nb = cols // block_size(self.ggml_type)[0]
-            _LAYOUTS[layout][2](self._ptr, _ffi.from_buffer("uint8_t[]", dst), E * rows, nb,
+            rc = _lib.nx_repack(_LAYOUTS[layout][1], self._ptr, _ffi.from_buffer("uint8_t[]", dst), E * rows, nb,
                                 int(threads or get_threads()))
+            if rc:  # _LAYOUTS and dispatch.c must list the same layouts
+                raise RuntimeError(f"cpu_kernels build has no {layout} layout (nx_repack returned {rc})")
             return ExpertTensor(dst, self.ggml_type, self.shape, layout=layout)
 
         def expert_bytes(self) -> int:

@@ -72,22 +72,32 @@ int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads) {
     return s;
 }
 
-/* Q5_0 -> Q5_0_R8 (layout in moe_kernels.h); rows are independent, so threads split them. */
-void nx_repack_q5_0_r8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads) {
+/* A row in ggml blocks -> a repacked layout (`type` is the layout's kernel id, moe_kernels.h);
+ * rows are independent, so threads split them. Returns 0, or -2 for a type without a layout. */
+int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads) {
+    size_t rb;
+    switch (type) {
+    case NX_Q5_0_R8: rb = 22; break;
+    case NX_Q4_K_R8: rb = 144; break;
+    case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: rb = nx_b32r_bs(type); break;
+    default: return -2;
+    }
+    rb *= (size_t)nb;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n_rows; r++) nx_r8_repack_row(src + 22 * nb * r, nb, dst + 22 * nb * r);
+    for (int64_t r = 0; r < n_rows; r++) {
+        const uint8_t *s = src + rb * (size_t)r;
+        uint8_t *d = dst + rb * (size_t)r;
+        if (type == NX_Q5_0_R8) nx_r8_repack_row(s, nb, d);
+        else if (type == NX_Q4_K_R8) nx_q4kr_repack_row(s, nb, d);
+        else nx_b32r_repack_row(type, s, nb, d);
+    }
+    return 0;
 }
 
-/* block i of a Q5_0_R8 row back in Q5_0 form (for tests) */
-void nx_r8_get_block(const uint8_t *row, int64_t nb, int64_t i, uint8_t *out) { nx_r8_block(row, nb, i, out); }
-
-/* Q4_K -> Q4_K_R8 (layout in moe_kernels.h), by rows as above */
-void nx_repack_q4_k_r8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n_rows; r++) nx_q4kr_repack_row(src + 144 * nb * r, nb, dst + 144 * nb * r);
+/* block i of a repacked row back in ggml form (for tests) */
+void nx_repacked_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint8_t *out) {
+    if (type == NX_Q5_0_R8) nx_r8_block(row, nb, i, out);
+    else if (type == NX_Q4_K_R8) nx_q4kr_block(row, i, out);
+    else nx_b32r_block(type, row, nb, i, out);
 }
-
-/* block i of a Q4_K_R8 row back in Q4_K form (for tests) */
-void nx_q4kr_get_block(const uint8_t *row, int64_t i, uint8_t *out) { nx_q4kr_block(row, i, out); }

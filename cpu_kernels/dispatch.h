@@ -13,8 +13,6 @@ int64_t nx_set_min_work(int64_t bytes);
 int nx_omp_num_procs(void);
 const char *nx_build_flags(void);
 int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads);
-void nx_repack_q5_0_r8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads);
-void nx_r8_get_block(const uint8_t *row, int64_t nb, int64_t i, uint8_t *out);
-void nx_repack_q4_k_r8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads);
-void nx_q4kr_get_block(const uint8_t *row, int64_t i, uint8_t *out);
+int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads);
+void nx_repacked_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint8_t *out);
 #endif

@@ -73,7 +73,7 @@ static inline int FN(family)(int type) {
     case NX_Q8_0: case NX_Q4_0: case NX_Q4_1: case NX_Q5_0: case NX_Q5_1: case NX_IQ4_NL: return NX_FAM_B32;
     /* the repacked layouts' fused dots read word-transposed activations; the generic path unpacks
      * their blocks back to ggml's order and takes plain ones */
-    case NX_Q5_0_R8: return FN(has_fused)(type) ? NX_FAM_B32R : NX_FAM_B32;
+    case NX_Q5_0_R8: case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: return FN(has_fused)(type) ? NX_FAM_B32R : NX_FAM_B32;
     case NX_Q4_K_R8: return FN(has_fused)(type) ? NX_FAM_KR : NX_FAM_K;
     default: return NX_FAM_K;
     }
@@ -82,7 +82,7 @@ static inline int FN(family)(int type) {
  * plain families' */
 static inline int FN(canon)(int fam) { return fam == NX_FAM_KR ? NX_FAM_K : fam == NX_FAM_B32R ? NX_FAM_B32 : fam; }
 static inline int FN(is_signed)(int type) {
-    return type == NX_Q8_0 || type == NX_IQ4_NL || type == NX_IQ4_XS;
+    return type == NX_Q8_0 || type == NX_IQ4_NL || type == NX_IQ4_XS || type == NX_Q8_0_R8 || type == NX_IQ4_NL_R8;
 }
 /* bytes of one row in canonical (unpacked / activation) form */
 static inline size_t FN(unpacked_bytes)(int fam, int64_t n) {
@@ -126,11 +126,13 @@ static inline __m256i FN(bitsel)(__m256i v, int bit, int8_t val) {
 
 /* B32 rows are stored structure-of-arrays: q[32*nb] int8, then d[nb] floats, then off[nb] floats */
 static void FN(unpack_b32)(int type, const uint8_t *src, int64_t nb, uint8_t *restrict base) {
-    /* Q5_0_R8 (generic path only: the SIMD paths dot it fused): each block back in Q5_0 form */
+    /* repacked layouts (generic path, and dequantization: the SIMD paths dot them fused): each
+     * block back in its ggml form first */
     const uint8_t *const row = src;
-    const int r8 = type == NX_Q5_0_R8;
-    uint8_t blk[22];
-    if (r8) type = NX_Q5_0;
+    const int r8 = type == NX_Q5_0_R8 ? 1 : type == NX_Q8_0_R8 || type == NX_Q4_0_R8 || type == NX_IQ4_NL_R8 ? 2 : 0;
+    const int rtype = type;
+    uint8_t blk[34];
+    if (r8) type = type - 100;
     int8_t *restrict qb = (int8_t *)base;
     float *restrict dv = (float *)(base + 32 * nb), *restrict ov = dv + nb;
     const size_t bs = type == NX_Q8_0 ? 34 : type == NX_Q4_1 ? 20 : type == NX_Q5_0 ? 22 : type == NX_Q5_1 ? 24 : 18;
@@ -140,7 +142,9 @@ static void FN(unpack_b32)(int type, const uint8_t *src, int64_t nb, uint8_t *re
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
 #endif
     for (int64_t i = 0; i < nb; i++) {
-        if (r8) { nx_r8_block(row, nb, i, blk); src = blk; } else if (i) src += bs;
+        if (r8 == 1) { nx_r8_block(row, nb, i, blk); src = blk; }
+        else if (r8 == 2) { nx_b32r_block(rtype, row, nb, i, blk); src = blk; }
+        else if (i) src += bs;
         const float d = H2F(FN(rd16)(src));
         dv[i] = d;
         ov[i] = has_m ? H2F(FN(rd16)(src + 2)) : zp * d;
@@ -609,7 +613,8 @@ static inline int FN(has_fused)(int type) {
 #endif
     switch (type) {
     case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL: case NX_Q5_0_R8:
-    case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: case NX_Q4_K_R8: return 1;
+    case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: case NX_Q4_K_R8:
+    case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: return 1;
     }
     return 0;
 }
@@ -792,6 +797,84 @@ NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(acc4[t]);
 }
 #undef NX_R8_HI
+
+/* Q8_0_R8, Q4_0_R8, IQ4_NL_R8 (layouts in moe_kernels.h) against NX_FAM_B32R activations: as
+ * fq5r8, a group's blocks sit in the int32 lanes (8, or 4 in each half for a group of 4).  Signed
+ * codes (Q8_0, IQ4_NL) take the abs/sign trick and widen every product (|lane| up to 2*128*127);
+ * Q4_0's codes <= 15 add all 8 products in int16 (|lane| <= 8*2*15*127 < 2^15) first. */
+NX_FUSED __m256i FN(b32r_codes)(const int type, const uint8_t *q, const int v, const __m256i kv) {
+    if (type == NX_Q8_0_R8) return FN(ld256)(q + 32 * v);
+    const __m256i x = FN(ld256)(q + 32 * (v / 2)), m4 = _mm256_set1_epi8(15);
+    const __m256i c = _mm256_and_si256(v % 2 ? _mm256_srli_epi16(x, 4) : x, m4);
+    return type == NX_IQ4_NL_R8 ? _mm256_shuffle_epi8(kv, c) : c;
+}
+NX_FUSED void FN(fb32r)(const int type, const uint8_t *restrict w, const int64_t nb,
+                        const uint8_t *const *a, float *res, const int nt) {
+    const int sgn = type != NX_Q4_0_R8;
+    const size_t bs = nx_b32r_bs(type);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
+    const int8_t *y[NX_NT];
+    const float *dy[NX_NT], *sy[NX_NT];
+    __m256 acc[NX_NT];
+    __m128 acc4[NX_NT];
+    for (int t = 0; t < nt; t++) {
+        y[t] = (const int8_t *)a[t]; dy[t] = (const float *)(a[t] + 32 * nb); sy[t] = dy[t] + nb;
+        acc[t] = _mm256_setzero_ps(); acc4[t] = _mm_setzero_ps();
+    }
+    int64_t b = 0;
+    while (nb - b >= 4) {
+        const int G = nb - b >= 8 ? 8 : 4, nv = G == 8 ? 8 : 4;   /* vectors of 32 code bytes */
+        NX_PF(w, (int)((size_t)G * bs / 64) + 1);   /* a step's bytes: 272 for Q8_0's group of 8 */
+        const uint8_t *q = w + 2 * G;
+        __m256i s[NX_NT];
+        for (int v = 0; v < nv; v++) {
+            const __m256i c = FN(b32r_codes)(type, q, v, kv), u = sgn ? _mm256_abs_epi8(c) : c;
+            for (int t = 0; t < nt; t++) {
+                __m256i yv = FN(ld256)(y[t] + 32 * b + 32 * v);
+                if (sgn) {
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(yv, c)), ones);
+                    s[t] = v ? _mm256_add_epi32(s[t], p) : p;
+                } else {
+                    const __m256i p = _mm256_maddubs_epi16(u, yv);
+                    s[t] = v ? _mm256_add_epi16(s[t], p) : p;
+                }
+                __asm__("" : "+x"(s[t]));   /* keep gcc from hoisting the multiplies (fq4kr) */
+            }
+        }
+        if (G == 8) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
+            for (int t = 0; t < nt; t++) {
+                const __m256i si = sgn ? s[t] : _mm256_madd_epi16(s[t], ones);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_mul_ps(dw, _mm256_loadu_ps(dy[t] + b)), acc[t]);
+                if (!sgn) acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(-8.0f)), _mm256_loadu_ps(sy[t] + b), acc[t]);
+            }
+        } else {
+            const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)w));
+            for (int t = 0; t < nt; t++) {
+                const __m256i si = sgn ? s[t] : _mm256_madd_epi16(s[t], ones);
+                const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(si), _mm256_extracti128_si256(si, 1));
+                acc4[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h), _mm_mul_ps(dw, _mm_loadu_ps(dy[t] + b)), acc4[t]);
+                if (!sgn) acc4[t] = _mm_fmadd_ps(_mm_mul_ps(dw, _mm_set1_ps(-8.0f)), _mm_loadu_ps(sy[t] + b), acc4[t]);
+            }
+        }
+        b += G;
+        w += (size_t)G * bs;
+    }
+    const int base = type - 100;   /* the last nb % 4 blocks, unchanged ggml blocks */
+    for (; b < nb; b++, w += bs) {
+        const float d = H2F(FN(rd16)(w));
+        const __m256i c = FN(dec_b32)(base, w), u = sgn ? _mm256_abs_epi8(c) : c;
+        for (int t = 0; t < nt; t++) {
+            __m256i yv = FN(ld256)(y[t] + 32 * b);
+            if (sgn) yv = _mm256_sign_epi8(yv, c);
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, yv), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[t][b]), _mm256_cvtepi32_ps(p), acc[t]);
+            if (!sgn) acc4[t] = _mm_add_ps(acc4[t], _mm_set_ss(-8.0f * d * sy[t][b]));
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(acc4[t]);
+}
 
 /* 256-element kernels keep one int32 vector per token per block; fold4 reduces the nt of them to
  * one vector (lane t and t+4 = token t) scaled by one vector of d_w*d_y, so the float work per
@@ -1098,6 +1181,9 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
     case NX_Q5_0: NX_NT_SWITCH(FN(fb32)(NX_Q5_0, w, n / 32, a, res, NTC)) break;
     case NX_IQ4_NL: NX_NT_SWITCH(FN(fb32)(NX_IQ4_NL, w, n / 32, a, res, NTC)) break;
     case NX_Q5_0_R8: NX_NT_SWITCH(FN(fq5r8)(w, n / 32, a, res, NTC)) break;
+    case NX_Q8_0_R8: NX_NT_SWITCH(FN(fb32r)(NX_Q8_0_R8, w, n / 32, a, res, NTC)) break;
+    case NX_Q4_0_R8: NX_NT_SWITCH(FN(fb32r)(NX_Q4_0_R8, w, n / 32, a, res, NTC)) break;
+    case NX_IQ4_NL_R8: NX_NT_SWITCH(FN(fb32r)(NX_IQ4_NL_R8, w, n / 32, a, res, NTC)) break;
     case NX_Q4_K: NX_NT_SWITCH(FN(fq45k)(NX_Q4_K, w, n / 256, a, res, NTC)) break;
     case NX_Q4_K_R8: NX_NT_SWITCH(FN(fq4kr)(w, n / 256, a, res, NTC)) break;
     case NX_Q5_K: NX_NT_SWITCH(FN(fq45k)(NX_Q5_K, w, n / 256, a, res, NTC)) break;

@@ -28,8 +28,9 @@ enum {
     NX_IQ4_XS = 23, NX_BF16 = 30,
     /* not a ggml type: Q5_0 rows repacked once at load (same bytes per row, see below) */
     NX_Q5_0_R8 = 106,
-    /* not a ggml type: Q4_K rows repacked once at load (same bytes per row, see below) */
-    NX_Q4_K_R8 = 112
+    /* not ggml types: rows repacked once at load (same bytes per row, see below); id 100 + the
+     * ggml type's */
+    NX_Q4_K_R8 = 112, NX_Q4_0_R8 = 102, NX_Q8_0_R8 = 108, NX_IQ4_NL_R8 = 120
 };
 
 /* Activation families: F, B32 and K above; KR and B32R are K and B32 with the 8-bit values
@@ -175,6 +176,75 @@ static inline void nx_r8_repack_row(const uint8_t *src, int64_t nb, uint8_t *dst
         b += g;
     }
     memcpy(dst + 22 * b, src + 22 * b, (size_t)(22 * (nb - b)));
+}
+
+/* ---- Q8_0_R8, Q4_0_R8, IQ4_NL_R8: the same groups and word interleave as Q5_0_R8 ----
+ * A group of G (8, then one of 4 when 4..7 blocks remain; the last nb % 4 unchanged) holds the G
+ * fp16 scales, then the codes interleaved as Q5_0_R8's:
+ *   Q8_0_R8  : d[G] | q[32G]: element l of block i (word w = l/4, byte k) at q[4Gw + 4i + k], the
+ *              activations' own order (NX_FAM_B32R);
+ *   Q4_0_R8, IQ4_NL_R8 : d[G] | qs[16G]: the 4-bit code of element l of block i in the nibble
+ *              nx_r8_place gives (Q5_0_R8's without its 5th-bit plane). */
+static inline size_t nx_b32r_bs(int type) { return type == NX_Q8_0_R8 ? 34 : 18; }
+/* element l's code of a ggml block (Q8_0: the int8; Q4_0/IQ4_NL: the 4-bit index) */
+static inline int nx_b32_code(int type, const uint8_t *blk, int l) {
+    if (type == NX_Q8_0_R8) return blk[2 + l];
+    return l < 16 ? blk[2 + l] & 15 : blk[2 + l - 16] >> 4;
+}
+/* the byte (and nibble: 0 low, 1 high, -1 whole byte) of a group of g holding element l of block i */
+static inline int nx_b32r_pos(int type, int g, int i, int l, int *nib) {
+    if (type == NX_Q8_0_R8) { *nib = -1; return 2 * g + 4 * g * (l / 4) + 4 * i + l % 4; }
+    int pos, bit;
+    nx_r8_place(g, i, l, &pos, nib, &bit);
+    return 2 * g + pos;
+}
+static inline void nx_b32r_group(int type, int64_t nb, int64_t i, int64_t *g0, int *g) {
+    const int64_t n8 = nb / 8 * 8, n4 = n8 + ((nb - n8) >= 4 ? 4 : 0);
+    *g = i < n8 ? 8 : i < n4 ? 4 : 0;
+    *g0 = i < n8 ? i / 8 * 8 : n8;
+    (void)type;
+}
+/* block i of a repacked row back in ggml form */
+static inline void nx_b32r_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint8_t *out) {
+    const size_t bs = nx_b32r_bs(type);
+    int64_t g0;
+    int g;
+    nx_b32r_group(type, nb, i, &g0, &g);
+    if (!g) { memcpy(out, row + bs * i, bs); return; }
+    const uint8_t *base = row + bs * g0;
+    const int j = (int)(i - g0);
+    out[0] = base[2 * j]; out[1] = base[2 * j + 1];
+    if (type != NX_Q8_0_R8) memset(out + 2, 0, 16);
+    for (int l = 0; l < 32; l++) {
+        int nib;
+        const int pos = nx_b32r_pos(type, g, j, l, &nib);
+        if (nib < 0) { out[2 + l] = base[pos]; continue; }
+        const int q = (base[pos] >> (4 * nib)) & 15;
+        out[2 + l % 16] |= (uint8_t)(q << (l < 16 ? 0 : 4));
+    }
+}
+/* one row of nb ggml blocks -> the repacked layout (the inverse of nx_b32r_block) */
+static inline void nx_b32r_repack_row(int type, const uint8_t *src, int64_t nb, uint8_t *dst) {
+    const size_t bs = nx_b32r_bs(type);
+    int64_t b = 0;
+    while (nb - b >= 4) {
+        const int g = nb - b >= 8 ? 8 : 4;
+        uint8_t *d = dst + bs * b;
+        memset(d, 0, bs * (size_t)g);
+        for (int i = 0; i < g; i++) {
+            const uint8_t *s = src + bs * (b + i);
+            d[2 * i] = s[0];
+            d[2 * i + 1] = s[1];
+            for (int l = 0; l < 32; l++) {
+                int nib;
+                const int pos = nx_b32r_pos(type, g, i, l, &nib);
+                const int q = nx_b32_code(type, s, l);
+                d[pos] |= (uint8_t)(nib < 0 ? q : q << (4 * nib));
+            }
+        }
+        b += g;
+    }
+    memcpy(dst + bs * b, src + bs * b, bs * (size_t)(nb - b));
 }
 
 /* ---- Q4_K_R8: Q4_K rows repacked at load for the SIMD dots (same size, same values) ----

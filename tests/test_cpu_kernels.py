@@ -204,36 +204,43 @@ def test_all_tokens_same_experts(path, T):
 R8_WIDTHS = [128, 160, 256, 288, 416, 1408, 96]
 
 
+B32_REPACKED = [QT.Q5_0, QT.Q8_0, QT.Q4_0, QT.IQ4_NL]
+
+
+@pytest.mark.parametrize("t", B32_REPACKED, ids=lambda t: t.name)
 @pytest.mark.parametrize("nb", list(range(1, 21)) + [44, 48])
-def test_q5_0_r8_layout_roundtrip(nb):
-    """Every block of a repacked row reads back as the original Q5_0 bytes (C accessor), the row
-    keeps its size, and only whole groups of 4 or 8 blocks move."""
-    rng = np.random.default_rng(nb)
-    raw = rng.integers(0, 256, size=(3, 2, nb * 22), dtype=np.uint8)    # any bytes: every bit pattern
-    t = ck.ExpertTensor(raw, QT.Q5_0, (3, 2, nb * 32))
-    r = t.repacked(threads=2)
-    assert r.layout == "q5_0_r8" and r.nbytes == t.nbytes and r.data is not raw
-    rows_in, rows_out = raw.reshape(6, nb * 22), r.data.reshape(6, nb * 22)
-    moved = nb // 4 * 4 * 22
+def test_b32_repacked_layout_roundtrip(t, nb):
+    """Every block of a repacked row reads back as the original bytes (C accessor), the row keeps
+    its size, and only whole groups of 4 or 8 blocks move."""
+    rng = np.random.default_rng(nb + 100 * int(t))
+    bs = ck.row_bytes(t, 32)
+    raw = rng.integers(0, 256, size=(3, 2, nb * bs), dtype=np.uint8)    # any bytes: every bit pattern
+    w = ck.ExpertTensor(raw, t, (3, 2, nb * 32))
+    r = w.repacked(threads=2)
+    assert r.layout == f"{t.name.lower()}_r8" and r.nbytes == w.nbytes and r.data is not raw
+    rows_in, rows_out = raw.reshape(6, nb * bs), r.data.reshape(6, nb * bs)
+    moved = nb // 4 * 4 * bs
     np.testing.assert_array_equal(rows_out[:, moved:], rows_in[:, moved:])
     if moved:
         assert (rows_out[:, :moved] != rows_in[:, :moved]).any()
-    blk = ck._ffi.new("uint8_t[22]")
+    blk = ck._ffi.new(f"uint8_t[{bs}]")
     for row in range(6):
         for i in range(nb):
-            ck._lib.nx_r8_get_block(ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
-            assert bytes(blk) == rows_in[row, 22 * i:22 * i + 22].tobytes(), (row, i)
+            ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
+            assert bytes(blk) == rows_in[row, bs * i:bs * i + bs].tobytes(), (row, i)
 
 
+@pytest.mark.parametrize("t", B32_REPACKED, ids=lambda t: t.name)
 @pytest.mark.parametrize("I", R8_WIDTHS)
-def test_q5_0_r8_moe(path, I):
-    """Repacked Q5_0 down projections give the reference result, and the same result as the GGUF
+def test_b32_repacked_moe(path, t, I):
+    """Repacked down projections give the reference result, and the same result as the GGUF
     layout (same integer sums; only float summation order differs), for 1..4 tokens per expert
     pass and more."""
     rng = np.random.default_rng(I)
     H = 64
-    (G, U, D), (gf, uf, df) = _make(QT.Q8_0, QT.Q8_0, QT.Q5_0, 6, I, H, rng)
+    (G, U, D), (gf, uf, df) = _make(QT.Q8_0, QT.Q8_0, t, 6, I, H, rng)
     R = D.repacked()
+    assert R.layout != "ggml"
     for T in (1, 2, 3, 4, 9):
         x = rng.standard_normal((T, H), dtype=np.float32)
         ids = _routing(T, 3, 6, rng)
@@ -243,8 +250,24 @@ def test_q5_0_r8_moe(path, I):
         base = ck.moe_forward(x, ids, w, G, U, D)
         ref = ck.reference_moe(x, ids, w, gf, uf, df)
         scale = np.abs(ref).max()
-        assert np.abs(out - ref).max() / scale < TOL_EXACT[QT.Q5_0]
+        assert np.abs(out - ref).max() / scale < TOL_EXACT[t]
         np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
+
+
+def test_b32_repacked_gate_up():
+    """Repacked gate and up (all-Q8_0 and Q4_0 files): their activations are word-transposed as
+    the down projection's are, and gate/up of two layouts share nothing they should not."""
+    rng = np.random.default_rng(77)
+    H, I = 416, 160  # groups of 8 + 4 + 1 loose block across H; 4 + 1 across I
+    for gt, ut in ((QT.Q8_0, QT.Q8_0), (QT.Q4_0, QT.Q5_0), (QT.IQ4_NL, QT.Q8_0)):
+        (G, U, D), (gf, uf, df) = _make(gt, ut, QT.Q8_0, 6, I, H, rng)
+        x = rng.standard_normal((5, H), dtype=np.float32)
+        ids = _routing(5, 3, 6, rng)
+        w = rng.random(ids.shape, dtype=np.float32)
+        base = ck.moe_forward(x, ids, w, G, U, D)
+        for g, u in ((G.repacked(), U.repacked()), (G.repacked(), U), (G, U.repacked())):
+            out = ck.moe_forward(x, ids, w, g, u, D.repacked())
+            np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * np.abs(base).max())
 
 
 @pytest.mark.parametrize("nb", [1, 2, 3, 16])
@@ -262,7 +285,7 @@ def test_q4_k_r8_layout_roundtrip(nb):
     blk = ck._ffi.new("uint8_t[144]")
     for row in range(6):
         for i in range(nb):
-            ck._lib.nx_q4kr_get_block(ck._ffi.from_buffer(rows_out[row]), i, blk)
+            ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
             assert bytes(blk) == rows_in[row, i].tobytes(), (row, i)
 
 

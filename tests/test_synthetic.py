@@ -114,16 +114,16 @@ def test_file_loads_and_generates(air_file):
     assert np.isfinite(eng.logits(ids)).all()
     assert np.isfinite(eng.mtp_logits(ids)).all()
 
-    # repack (default auto): the Q4_K and Q5_0 experts are copied into the Q4_K_R8 / Q5_0_R8
-    # layouts when the SIMD kernels run, and so are such dense weights the kernels run (all of them
-    # where the gpu side is the CPU); the logits match those read from the GGUF's own bytes
+    # repack (default auto): the experts of a type with a repacked layout (Q4_K, Q5_0, Q8_0 ...)
+    # are copied into it when the SIMD kernels run, and so are such dense weights the kernels run
+    # (all of them where the gpu side is the CPU); the logits match those read from the GGUF's own bytes
     import cpu_kernels
     on_cpu = eng.device.type == "cpu"
     rep = eng.load_report
     unread = {"token_embd.weight"}  # tables are looked up, not multiplied; the MTP layer's copies
     unread |= {n for n in f.tensors if (rep.mtp_shares_embed and n.endswith("nextn.embed_tokens.weight"))
                or (rep.mtp_shares_head and n.endswith("nextn.shared_head_head.weight"))}  # not loaded
-    repackable = sum(t.nbytes for n, t in f.tensors.items() if t.ggml_type in (T.Q5_0, T.Q4_K) and (
+    repackable = sum(t.nbytes for n, t in f.tensors.items() if t.ggml_type in cpu_kernels.REPACKED_TYPES and (
         n.endswith("_exps.weight") or (on_cpu and len(t.shape) == 2 and n not in unread)))
     assert repackable > 0
     assert eng.load_report.repacked_bytes == (repackable if cpu_kernels.active_path() != "ref" else 0)
