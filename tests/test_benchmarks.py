@@ -39,6 +39,27 @@ def test_repack_decode_script_runs(capsys):
     assert "repacked / ggml decode time" in out
 
 
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_layout_ab_script_runs(capsys):
+    import cpu_kernels
+
+    mod = _load("layout_ab")
+    assert mod.main(["--mix", "Q4_K,Q5_0", "--cases", "1,3s", "--calls", "2", "--experts", "8"]) == 0
+    out = capsys.readouterr().out
+    if cpu_kernels.active_path() == "ref":
+        assert "nothing to compare" in out
+    else:
+        assert "q4_k_r8" in out and "T=   1:" in out and "T=  3s:" in out and "paired speed-up" in out
+    with pytest.raises(SystemExit, match="--mix"):
+        mod.main(["--mix", "Q9_9"])
+
+
 def test_gpu_profile_script_runs_on_the_cpu(capsys):
     """benchmarks/gpu_profile.py is meant for a lent GPU machine: it must not rot between loans."""
     from runtime.api import DEMO_MODEL

@@ -1,0 +1,85 @@
+"""One MoE layer in the GGUF's own block layout against the repacked layouts, paired call by call.
+
+    python benchmarks/layout_ab.py --mix Q4_K,Q5_0 --cases 1,2,4,8,4s --calls 41
+    python benchmarks/layout_ab.py --mix Q8_0,Q8_0 --cases 1,4s
+
+GLM-4.5-Air's shape (H 4096, experts of 1408, top-8) with `--experts` random experts (64: 670 MB
+per layout for Q4_K/Q5_0, more than any cache). Each call routes T tokens at random (`Ts`: all T
+to the same 8 experts) and runs both layouts on that routing, in alternating order; the figure is
+the median over calls of (GGUF layout time / repacked time), which machine drift between calls
+does not move the way it moves separate medians. Outputs are checked close: the integer sums are
+the same, but the float32 summation order differs and can tip an 8-bit rounding of the down
+projection's input (tests/test_cpu_kernels.py checks the layouts against the reference and
+each other on small shapes).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    import cpu_kernels as ck
+    from gguf import GGMLQuantizationType as QT
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mix", default="Q4_K,Q5_0", help="gate/up type,down type (ggml names)")
+    ap.add_argument("--cases", default="1,2,4,8,4s", help="token counts; a trailing s: all on the same experts")
+    ap.add_argument("--calls", type=int, default=41)
+    ap.add_argument("--experts", type=int, default=64)
+    a = ap.parse_args(argv)
+    try:
+        gt, dt = (QT[t.strip().upper()] for t in a.mix.split(","))
+    except (KeyError, ValueError):
+        raise SystemExit(f"--mix: expected two ggml type names like Q4_K,Q5_0, got {a.mix!r}") from None
+    H, I, K, E = 4096, 1408, 8, a.experts
+    if E < K:
+        raise SystemExit(f"--experts must be at least {K}")
+    rng = np.random.default_rng(0)
+
+    def tensor(t, shape):
+        return ck.ExpertTensor(ck.random_blocks(t, shape, rng, method="bytes"), t, shape)
+
+    ggml = (tensor(gt, (E, I, H)), tensor(gt, (E, I, H)), tensor(dt, (E, H, I)))
+    rep = tuple(t.repacked() for t in ggml)
+    print(f"# path {ck.active_path()}, {ck.get_threads()} threads; {E} experts; layouts: "
+          + " / ".join(f"{g.ggml_type.name} {r.layout}" for g, r in zip(ggml, rep)))
+    if all(r.layout == "ggml" for r in rep):
+        print("# nothing to compare: no repacked layout for these types on this path")
+        return 0
+    for case in a.cases.split(","):
+        same = case.endswith("s")
+        T = int(case.rstrip("s"))
+        x = rng.standard_normal((T, H), dtype=np.float32)
+        times = {"ggml": [], "repacked": []}
+        ratios, worst = [], 0.0
+        for c in range(a.calls):
+            pick = lambda: rng.choice(E, K, replace=False)  # noqa: E731
+            ids = np.tile(pick(), (T, 1)) if same else np.stack([pick() for _ in range(T)])
+            ids = ids.astype(np.int32)
+            w = rng.random((T, K), dtype=np.float32)
+            out, t = {}, {}
+            for name in (("ggml", "repacked") if c % 2 else ("repacked", "ggml")):
+                t0 = time.perf_counter()
+                out[name] = ck.moe_forward(x, ids, w, *(ggml if name == "ggml" else rep))
+                t[name] = time.perf_counter() - t0
+                times[name].append(t[name])
+            ratios.append(t["ggml"] / t["repacked"])
+            # a wrong layout is off by the output's own size; a float32 summation order that tips
+            # one 8-bit rounding of the down projection's input, by ~1/127 of a block's range
+            scale = float(np.abs(out["ggml"]).max()) or 1.0
+            diff = float(np.abs(out["ggml"] - out["repacked"]).max()) / scale
+            worst = max(worst, diff)
+            if diff > 2e-2:
+                raise SystemExit(f"T={case}: the layouts' outputs differ by {diff:.3g} of their range")
+        q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+        print(f"T={case:>4}: ggml {np.median(times['ggml']) * 1e3:8.2f} ms  repacked "
+              f"{np.median(times['repacked']) * 1e3:8.2f} ms  paired speed-up {med:.3f}x (quartiles {q1:.3f}-{q3:.3f}), "
+              f"outputs within {worst:.1e} of their range")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
