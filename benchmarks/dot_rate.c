@@ -31,9 +31,10 @@ static double rate(int type, size_t bs, size_t be, int64_t n, int nt, size_t tot
     uint32_t h = 2166136261u;
     for (size_t i = 0; i < nrows * rowb; i++) { h = (h ^ (uint32_t)i) * 16777619u; w[i] = (uint8_t)(h >> 13); }
     for (size_t b = 0; b < nrows * rowb / bs; b++) {     /* fp16 scales 2^-7: finite, small */
-        uint8_t *p = w + b * bs + (type == NX_Q6_K ? 208 : 0);
+        const int base = type >= 100 ? type - 100 : type;    /* a repacked type's scales stay put */
+        uint8_t *p = w + b * bs + (base == NX_Q6_K ? 208 : base == NX_Q2_K ? 80 : base == NX_Q3_K ? 108 : 0);
         p[0] = 0; p[1] = 0x20;
-        if (type == NX_Q4_K || type == NX_Q5_K || type == NX_Q4_K_R8) { p[2] = 0; p[3] = 0x20; }
+        if (base == NX_Q4_K || base == NX_Q5_K || base == NX_Q2_K) { p[2] = 0; p[3] = 0x20; }
     }
     if (type >= 100) {                                      /* the same rows, repacked */
         uint8_t *row = malloc(rowb);
@@ -41,6 +42,7 @@ static double rate(int type, size_t bs, size_t be, int64_t n, int nt, size_t tot
             memcpy(row, w + i * rowb, rowb);
             if (type == NX_Q5_0_R8) nx_r8_repack_row(row, n / 32, w + i * rowb);
             else if (type == NX_Q4_K_R8) nx_q4kr_repack_row(row, n / 256, w + i * rowb);
+            else if (type == NX_Q2_K_R8 || type == NX_Q3_K_R8) nx_k16r_repack_row(type, row, n / 256, w + i * rowb);
             else nx_b32r_repack_row(type, row, n / 32, w + i * rowb);
         }
         free(row);
@@ -82,6 +84,11 @@ int main(void) {
         {"IQ4_NL repacked (r8)", NX_IQ4_NL_R8, 18, 32, 1408},
         {"IQ4_XS (4096)", NX_IQ4_XS, 136, 256, 4096},
         {"Q6_K (4096)", NX_Q6_K, 210, 256, 4096},
+        {"Q5_K (4096)", NX_Q5_K, 176, 256, 4096},
+        {"Q3_K (4096)", NX_Q3_K, 110, 256, 4096},
+        {"Q3_K repacked (r8)", NX_Q3_K_R8, 110, 256, 4096},
+        {"Q2_K (4096)", NX_Q2_K, 84, 256, 4096},
+        {"Q2_K repacked (r8)", NX_Q2_K_R8, 84, 256, 4096},
     };
     printf("%-26s %6s %9s %9s\n", "type (row length)", "tokens", "hot GB/s", "dram GB/s");
     for (size_t i = 0; i < sizeof ty / sizeof ty[0]; i++)

@@ -2,9 +2,11 @@
 
     python benchmarks/layout_ab.py --mix Q4_K,Q5_0 --cases 1,2,4,8,4s --calls 41
     python benchmarks/layout_ab.py --mix Q8_0,Q8_0 --cases 1,4s
+    python benchmarks/layout_ab.py --shape glm47 --mix Q3_K,Q3_K --experts 32
 
-GLM-4.5-Air's shape (H 4096, experts of 1408, top-8) with `--experts` random experts (64: 670 MB
-per layout for Q4_K/Q5_0, more than any cache). Each call routes T tokens at random (`Ts`: all T
+GLM-4.5-Air's shape (H 4096, experts of 1408, top-8) or GLM-4.7's (H 5120, experts of 1536, whose
+1536 suits 256-element down types) with `--experts` random experts (64 Air experts: 670 MB per
+layout for Q4_K/Q5_0, more than any cache). Each call routes T tokens at random (`Ts`: all T
 to the same 8 experts) and runs both layouts on that routing, in alternating order; the figure is
 the median over calls of (GGUF layout time / repacked time), which machine drift between calls
 does not move the way it moves separate medians. Outputs are checked close: the integer sums are
@@ -29,22 +31,26 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="1,2,4,8,4s", help="token counts; a trailing s: all on the same experts")
     ap.add_argument("--calls", type=int, default=41)
     ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--shape", choices=["air", "glm47"], default="air")
     a = ap.parse_args(argv)
     try:
         gt, dt = (QT[t.strip().upper()] for t in a.mix.split(","))
     except (KeyError, ValueError):
         raise SystemExit(f"--mix: expected two ggml type names like Q4_K,Q5_0, got {a.mix!r}") from None
-    H, I, K, E = 4096, 1408, 8, a.experts
+    (H, I), K, E = {"air": (4096, 1408), "glm47": (5120, 1536)}[a.shape], 8, a.experts
     if E < K:
         raise SystemExit(f"--experts must be at least {K}")
     rng = np.random.default_rng(0)
 
     def tensor(t, shape):
-        return ck.ExpertTensor(ck.random_blocks(t, shape, rng, method="bytes"), t, shape)
+        try:
+            return ck.ExpertTensor(ck.random_blocks(t, shape, rng, method="bytes"), t, shape)
+        except ValueError as e:  # a 256-element type across Air's 1408
+            raise SystemExit(f"{t.name} {shape}: {e}") from None
 
     ggml = (tensor(gt, (E, I, H)), tensor(gt, (E, I, H)), tensor(dt, (E, H, I)))
     rep = tuple(t.repacked() for t in ggml)
-    print(f"# path {ck.active_path()}, {ck.get_threads()} threads; {E} experts; layouts: "
+    print(f"# path {ck.active_path()}, {ck.get_threads()} threads; {a.shape}, {E} experts; layouts: "
           + " / ".join(f"{g.ggml_type.name} {r.layout}" for g, r in zip(ggml, rep)))
     if all(r.layout == "ggml" for r in rep):
         print("# nothing to compare: no repacked layout for these types on this path")

@@ -75,12 +75,15 @@ static inline int FN(family)(int type) {
      * their blocks back to ggml's order and takes plain ones */
     case NX_Q5_0_R8: case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: return FN(has_fused)(type) ? NX_FAM_B32R : NX_FAM_B32;
     case NX_Q4_K_R8: return FN(has_fused)(type) ? NX_FAM_KR : NX_FAM_K;
+    case NX_Q2_K_R8: case NX_Q3_K_R8: return FN(has_fused)(type) ? NX_FAM_K16R : NX_FAM_K;
     default: return NX_FAM_K;
     }
 }
 /* the canonical (unpacked) form a family's rows decode to: the transposed families' are their
  * plain families' */
-static inline int FN(canon)(int fam) { return fam == NX_FAM_KR ? NX_FAM_K : fam == NX_FAM_B32R ? NX_FAM_B32 : fam; }
+static inline int FN(canon)(int fam) {
+    return fam == NX_FAM_KR || fam == NX_FAM_K16R ? NX_FAM_K : fam == NX_FAM_B32R ? NX_FAM_B32 : fam;
+}
 static inline int FN(is_signed)(int type) {
     return type == NX_Q8_0 || type == NX_IQ4_NL || type == NX_IQ4_XS || type == NX_Q8_0_R8 || type == NX_IQ4_NL_R8;
 }
@@ -201,18 +204,21 @@ static inline void FN(expand_scales)(uk256 *restrict u, const int *sc) {
 
 static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk256 *restrict u) {
     int sc[16];
-    const size_t bs = type == NX_Q2_K ? 84 : type == NX_Q3_K ? 110 : type == NX_Q4_K || type == NX_Q4_K_R8 ? 144 :
-                      type == NX_Q5_K ? 176 : type == NX_Q6_K ? 210 : 136;
     uint8_t blk[144];
-    const int kr = type == NX_Q4_K_R8;  /* Q4_K_R8: each block back in Q4_K form first */
-    if (kr) type = NX_Q4_K;
+    /* repacked layouts: each block back in its ggml form first */
+    const int kr = type == NX_Q4_K_R8 ? 1 : type == NX_Q2_K_R8 || type == NX_Q3_K_R8 ? 2 : 0;
+    const int rtype = type;
+    if (kr) type -= 100;
+    const size_t bs = type == NX_Q2_K ? 84 : type == NX_Q3_K ? 110 : type == NX_Q4_K ? 144 :
+                      type == NX_Q5_K ? 176 : type == NX_Q6_K ? 210 : 136;
 #if NX_PATH >= 1
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
 #endif
     for (int64_t i = 0; i < nb; i++, u++, src += bs) {
         int8_t *restrict q = u->q;
         const uint8_t *const row_src = src;
-        if (kr) { nx_q4kr_block(src, 0, blk); src = blk; }
+        if (kr == 1) { nx_q4kr_block(src, 0, blk); src = blk; }
+        else if (kr == 2) { nx_k16r_convert(rtype, src, blk, 0); src = blk; }
         switch (type) {
         case NX_Q2_K: {
             const blk_q2_K *b = (const blk_q2_K *)src;
@@ -416,11 +422,22 @@ static void FN(transpose_k)(ak256 *a, int64_t b0, int64_t b1) {
             for (int i = 0; i < 8; i++) y[8 * r + i] = w[8 * i + r];
     }
 }
+/* NX_FAM_K16R: each block's y as 16 x 8 two-byte words, transposed: word r of sub-block j
+ * (elements 16j+2r, +1) moves to word j of register r, matching Q2_K_R8 / Q3_K_R8 */
+static void FN(transpose_k16)(ak256 *a, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+        uint16_t w[128], *y = (uint16_t *)(void *)a[b].y;
+        memcpy(w, a[b].y, 256);
+        for (int r = 0; r < 8; r++)
+            for (int j = 0; j < 16; j++) y[16 * r + j] = w[8 * j + r];
+    }
+}
 /* quantize elements i0..i1-1 (block-aligned) of a row of n (float family: copy) */
 static inline void FN(quant_act_range)(int fam, const float *x, int64_t n, int64_t i0, int64_t i1, void *dst) {
     if (fam == NX_FAM_B32 || fam == NX_FAM_B32R) FN(quant_b32)(x, n / 32, i0 / 32, i1 / 32, (uint8_t *)dst, fam == NX_FAM_B32R);
     else if (fam == NX_FAM_K) FN(quant_k)(x, i0 / 256, i1 / 256, (ak256 *)dst);
     else if (fam == NX_FAM_KR) { FN(quant_k)(x, i0 / 256, i1 / 256, (ak256 *)dst); FN(transpose_k)((ak256 *)dst, i0 / 256, i1 / 256); }
+    else if (fam == NX_FAM_K16R) { FN(quant_k)(x, i0 / 256, i1 / 256, (ak256 *)dst); FN(transpose_k16)((ak256 *)dst, i0 / 256, i1 / 256); }
     else memcpy((float *)dst + i0, x + i0, (size_t)(i1 - i0) * 4);
 }
 static inline void FN(quant_act)(int fam, const float *x, int64_t n, void *dst) {
@@ -614,7 +631,7 @@ static inline int FN(has_fused)(int type) {
     switch (type) {
     case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL: case NX_Q5_0_R8:
     case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: case NX_Q4_K_R8:
-    case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: return 1;
+    case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: case NX_Q2_K_R8: case NX_Q3_K_R8: return 1;
     }
     return 0;
 }
@@ -1061,6 +1078,18 @@ NX_FUSED void FN(fq6k)(const uint8_t *restrict w, const int64_t nb, const uint8_
 /* Q2_K / Q3_K against Q8_K-like activations: unsigned 2/3-bit codes, one scale per 16 (chunk of 32
  * = groups 2c, 2c+1, laid out like Q6_K's); Q2_K mins through the per-16 sums with dmin, Q3_K's
  * -4 offset through the same sums with d (folded into the integer sum) */
+/* a Q3_K block's 12 scale bytes (at 96) -> 16 int16 scales minus 32, in vector registers (ggml's
+ * aux shuffle: scale j's low 4 bits from byte j%8, nibble j/8; its high 2 from byte 8+j%4, bits
+ * 2(j/4)); scalar words stored and read back as a vector stalled on store forwarding every block.
+ * The 16-byte load ends at the block's last byte (94..109) so it never reads past a row. */
+NX_FUSED __m256i FN(q3k_scales)(const uint8_t *w) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)(w + 94));
+    const __m128i lo = _mm_shuffle_epi8(v, _mm_setr_epi8(2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5, 6, 7, 8, 9));
+    const __m128i hi = _mm_shuffle_epi8(v, _mm_setr_epi8(10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13));
+    const __m128i l4 = _mm_and_si128(_mm_srlv_epi32(lo, _mm_setr_epi32(0, 0, 4, 4)), _mm_set1_epi8(15));
+    const __m128i h2 = _mm_and_si128(_mm_srlv_epi32(hi, _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+    return _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_or_si128(l4, _mm_slli_epi16(h2, 4))), _mm256_set1_epi16(32));
+}
 NX_FUSED void FN(fq23k)(const int type, const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a,
                         float *res, const int nt) {
     const size_t bs = type == NX_Q2_K ? 84 : 110;
@@ -1081,14 +1110,7 @@ NX_FUSED void FN(fq23k)(const int type, const uint8_t *restrict w, const int64_t
             qs = w + 16;
         } else {
             d = H2F(FN(rd16)(w + 108));
-            uint32_t aux[4];
-            memcpy(aux, w + 96, 12);
-            const uint32_t tmp = aux[2];
-            aux[2] = ((aux[0] >> 4) & 0x0f0f0f0fu) | (((tmp >> 4) & 0x03030303u) << 4);
-            aux[3] = ((aux[1] >> 4) & 0x0f0f0f0fu) | (((tmp >> 6) & 0x03030303u) << 4);
-            aux[0] = (aux[0] & 0x0f0f0f0fu) | (((tmp >> 0) & 0x03030303u) << 4);
-            aux[1] = (aux[1] & 0x0f0f0f0fu) | (((tmp >> 2) & 0x03030303u) << 4);
-            sc16 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)aux)), _mm256_set1_epi16(32));
+            sc16 = FN(q3k_scales)(w);
             hm = FN(ld256)(w);
             qs = w + 32;
         }
@@ -1122,6 +1144,62 @@ NX_FUSED void FN(fq23k)(const int type, const uint8_t *restrict w, const int64_t
         }
     }
     FN(unfold4)(_mm256_add_ps(acc, accm), _mm_setzero_ps(), res, nt);
+}
+
+/* Q2_K_R8 / Q3_K_R8 (layout in moe_kernels.h) against NX_FAM_K16R activations: register r's
+ * int16 lane j is sub-block j throughout, so a token's 8 products add in int16 and one madd with
+ * the 16 scales leaves 8 int32 sums; the mins (Q2_K) and Q3_K's -4 zero point go through the
+ * per-16 activation sums as in fq23k. */
+NX_FUSED void FN(fq23kr)(const int type, const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a,
+                         float *res, const int nt) {
+    const int q3 = type == NX_Q3_K_R8;
+    const size_t bs = q3 ? 110 : 84;
+    const __m256i m3 = _mm256_set1_epi8(3), m4b = _mm256_set1_epi8(4);
+    const ak256 *ab[NX_NT];
+    for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
+    __m256 acc[NX_NT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, w += bs) {
+        NX_PF(w, 2);
+        const uint8_t *qs = w + (q3 ? 32 : 16);
+        const __m256i hb = q3 ? FN(ld256)(w) : _mm256_setzero_si256();
+        __m256i s16[NX_NT];
+        for (int V = 0; V < 2; V++) {
+            const __m256i v = FN(ld256)(qs + 32 * V);
+            for (int k = 0; k < 4; k++) {
+                const int r = 4 * V + k;
+                __m256i q = _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m3);
+                if (q3)   /* bit r of hmask -> bit 2 */
+                    q = _mm256_or_si256(q, _mm256_and_si256(r < 2 ? _mm256_slli_epi16(hb, 2 - r) : r == 2 ? hb
+                                                            : _mm256_srli_epi16(hb, r - 2), m4b));
+                for (int t = 0; t < nt; t++) {
+                    const __m256i p = _mm256_maddubs_epi16(q, FN(ld256)(ab[t][b].y + 32 * r));
+                    s16[t] = r ? _mm256_add_epi16(s16[t], p) : p;
+                    __asm__("" : "+x"(s16[t]));   /* keep gcc from hoisting the multiplies (fq4kr) */
+                }
+            }
+        }
+        __m256i sc16, mn16 = _mm256_setzero_si256();
+        float d, dmin = 0.0f;
+        if (!q3) {
+            d = H2F(FN(rd16)(w + 80)); dmin = H2F(FN(rd16)(w + 82));
+            const __m128i s8 = _mm_loadu_si128((const __m128i *)w), m4 = _mm_set1_epi8(15);
+            sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s8, m4));
+            mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), m4));
+        } else {
+            d = H2F(FN(rd16)(w + 108));
+            sc16 = FN(q3k_scales)(w);
+        }
+        for (int t = 0; t < nt; t++) {
+            const __m256i bsv = FN(ld256)(ab[t][b].bsum);
+            __m256i si = _mm256_madd_epi16(s16[t], sc16);
+            if (q3) si = _mm256_sub_epi32(si, _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsv), 2));
+            const float dy = ab[t][b].d;
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_set1_ps(d * dy), acc[t]);
+            if (!q3) acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn16, bsv)), _mm256_set1_ps(-dmin * dy), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
 }
 
 /* IQ4_XS against Q8_K-like activations (signed codebook values, 6-bit signed scale per 32) */
@@ -1191,6 +1269,8 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
     case NX_IQ4_XS: NX_NT_SWITCH(FN(fiq4xs)(w, n / 256, a, res, NTC)) break;
     case NX_Q2_K: NX_NT_SWITCH(FN(fq23k)(NX_Q2_K, w, n / 256, a, res, NTC)) break;
     case NX_Q3_K: NX_NT_SWITCH(FN(fq23k)(NX_Q3_K, w, n / 256, a, res, NTC)) break;
+    case NX_Q2_K_R8: NX_NT_SWITCH(FN(fq23kr)(NX_Q2_K_R8, w, n / 256, a, res, NTC)) break;
+    case NX_Q3_K_R8: NX_NT_SWITCH(FN(fq23kr)(NX_Q3_K_R8, w, n / 256, a, res, NTC)) break;
     }
 }
 #else

@@ -30,13 +30,14 @@ enum {
     NX_Q5_0_R8 = 106,
     /* not ggml types: rows repacked once at load (same bytes per row, see below); id 100 + the
      * ggml type's */
-    NX_Q4_K_R8 = 112, NX_Q4_0_R8 = 102, NX_Q8_0_R8 = 108, NX_IQ4_NL_R8 = 120
+    NX_Q4_K_R8 = 112, NX_Q4_0_R8 = 102, NX_Q8_0_R8 = 108, NX_IQ4_NL_R8 = 120, NX_Q2_K_R8 = 110, NX_Q3_K_R8 = 111
 };
 
 /* Activation families: F, B32 and K above; KR and B32R are K and B32 with the 8-bit values
  * word-transposed inside each 256 of them (each K block; each full group of 8 B32 blocks), as the
  * fused dots of the repacked layouts Q4_K_R8 and Q5_0_R8 read them. */
-enum { NX_FAM_F = 0, NX_FAM_B32 = 1, NX_FAM_K = 2, NX_FAM_KR = 3, NX_FAM_B32R = 4 };
+enum { NX_FAM_F = 0, NX_FAM_B32 = 1, NX_FAM_K = 2, NX_FAM_KR = 3, NX_FAM_B32R = 4,
+       NX_FAM_K16R = 5 /* K, y transposed by 2-byte words (Q2_K_R8 / Q3_K_R8's 16 sub-blocks) */ };
 
 /* ---- on-disk blocks (ggml layouts) ---- */
 #define QK 32
@@ -245,6 +246,44 @@ static inline void nx_b32r_repack_row(int type, const uint8_t *src, int64_t nb, 
         b += g;
     }
     memcpy(dst + bs * b, src + bs * b, bs * (size_t)(nb - b));
+}
+
+/* ---- Q2_K_R8, Q3_K_R8: Q2_K / Q3_K blocks with their codes interleaved by 2-byte words ----
+ * A Q2_K / Q3_K block has 16 sub-blocks of 16; ggml keeps element 128n+32j+l's low 2 bits at bits
+ * 2j..2j+1 of qs[32n+l] (and Q3_K's high bit at bit 4n+j of hmask[l]), so one 32-code register
+ * spans two sub-blocks and its scales need a shuffle per register per block.  The repacked block
+ * keeps every other field where it was (Q2_K: scales[16] | qs[64] | d | dmin; Q3_K: hmask[32] |
+ * qs[64] | scales[12] | d) and moves the codes so that register r (r = 0..7) holds elements
+ * 2r, 2r+1 of each sub-block j at bytes 2j, 2j+1 (an int16 lane per sub-block):
+ *   qs[32V + b], bits 2s..2s+1: low 2 bits of register r = 4V+s, byte b;
+ *   Q3_K hmask[b], bit r: high bit of register r, byte b;
+ * register r byte b = element 16(b/2) + 2r + b%2.  A token's 8 products add in int16 (codes <= 7:
+ * |lane| <= 8*2*7*127 < 2^15) and one madd applies the 16 scales; the activations are transposed
+ * by 2-byte words to match (NX_FAM_K16R). */
+static inline int nx_k16r_elem(int r, int b) { return 16 * (b / 2) + 2 * r + b % 2; }
+static inline int nx_k16_low(const uint8_t *qs, int e) { return (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3; }
+/* block (Q2_K 84 or Q3_K 110 bytes) ggml <-> repacked; `to_r8` picks the direction */
+static inline void nx_k16r_convert(int type, const uint8_t *src, uint8_t *dst, int to_r8) {
+    const int q3 = type == NX_Q3_K_R8, bs = q3 ? 110 : 84, qo = q3 ? 32 : 16;
+    memcpy(dst, src, (size_t)bs);
+    memset(dst + qo, 0, 64);
+    if (q3) memset(dst, 0, 32);
+    for (int r = 0; r < 8; r++)
+        for (int b = 0; b < 32; b++) {
+            const int e = nx_k16r_elem(r, b), n = e / 128, j = (e % 128) / 32, l = e % 32;
+            if (to_r8) {
+                dst[qo + 32 * (r / 4) + b] |= (uint8_t)(nx_k16_low(src + qo, e) << (2 * (r % 4)));
+                if (q3) dst[b] |= (uint8_t)(((src[l] >> (4 * n + j)) & 1) << r);
+            } else {
+                const int lo = (src[qo + 32 * (r / 4) + b] >> (2 * (r % 4))) & 3;
+                dst[qo + 32 * n + l] |= (uint8_t)(lo << (2 * j));
+                if (q3) dst[l] |= (uint8_t)(((src[b] >> r) & 1) << (4 * n + j));
+            }
+        }
+}
+static inline void nx_k16r_repack_row(int type, const uint8_t *src, int64_t nb, uint8_t *dst) {
+    const int bs = type == NX_Q3_K_R8 ? 110 : 84;
+    for (int64_t i = 0; i < nb; i++) nx_k16r_convert(type, src + bs * i, dst + bs * i, 1);
 }
 
 /* ---- Q4_K_R8: Q4_K rows repacked at load for the SIMD dots (same size, same values) ----

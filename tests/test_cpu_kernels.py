@@ -270,6 +270,58 @@ def test_b32_repacked_gate_up():
             np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * np.abs(base).max())
 
 
+@pytest.mark.parametrize("t", [QT.Q2_K, QT.Q3_K], ids=lambda t: t.name)
+def test_k16_repacked_layout(t):
+    """Q2_K_R8 / Q3_K_R8: blocks of random bytes read back as the original bytes (C accessor),
+    only the code bytes move, and the code of element e sits where moe_kernels.h says: register
+    r = (e % 16) // 2, byte b = 2 (e // 16) + e % 2, low 2 bits at bits 2(r % 4) of qs[32 (r // 4) + b]."""
+    rng = np.random.default_rng(int(t))
+    bs, nb = ck.row_bytes(t, 256), 5
+    raw = rng.integers(0, 256, size=(2, 3, nb * bs), dtype=np.uint8)
+    w = ck.ExpertTensor(raw, t, (2, 3, nb * 256))
+    r = w.repacked(threads=2)
+    assert r.layout == f"{t.name.lower()}_r8" and r.nbytes == w.nbytes
+    rows_in, rows_out = raw.reshape(6, nb, bs), r.data.reshape(6, nb, bs)
+    qo, q3 = (32, True) if t == QT.Q3_K else (16, False)
+    fixed = [i for i in range(bs) if not (qo <= i < qo + 64 or (q3 and i < 32))]
+    np.testing.assert_array_equal(rows_out[:, :, fixed], rows_in[:, :, fixed])
+    blk = ck._ffi.new(f"uint8_t[{bs}]")
+    for row in range(6):
+        for i in range(nb):
+            ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
+            assert bytes(blk) == rows_in[row, i].tobytes(), (row, i)
+    g, p = rows_in[0, 0], rows_out[0, 0]
+    for e in range(256):
+        n, j, l = e // 128, (e % 128) // 32, e % 32
+        reg, b = (e % 16) // 2, 2 * (e // 16) + e % 2
+        assert (p[qo + 32 * (reg // 4) + b] >> (2 * (reg % 4))) & 3 == (g[qo + 32 * n + l] >> (2 * j)) & 3
+        if q3:
+            assert (p[b] >> reg) & 1 == (g[l] >> (4 * n + j)) & 1
+
+
+@pytest.mark.parametrize("t", [QT.Q2_K, QT.Q3_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("H", [256, 768])
+def test_k16_repacked_moe(path, t, H):
+    """Repacked Q2_K / Q3_K experts give the reference result and the GGUF layout's result."""
+    rng = np.random.default_rng(H + int(t))
+    I = 256
+    (G, U, D), (gf, uf, df) = _make(t, t, t, 6, I, H, rng)
+    RG, RU, RD = G.repacked(), U.repacked(), D.repacked()
+    for T in (1, 2, 3, 4, 9):
+        x = rng.standard_normal((T, H), dtype=np.float32)
+        ids = _routing(T, 3, 6, rng)
+        w = rng.random(ids.shape, dtype=np.float32)
+        out = np.full((T, H), np.nan, dtype=np.float32)
+        ck.moe_forward(x, ids, w, RG, RU, RD, out=out)
+        base = ck.moe_forward(x, ids, w, G, U, D)
+        ref = ck.reference_moe(x, ids, w, gf, uf, df)
+        scale = np.abs(ref).max()
+        assert np.abs(out - ref).max() / scale < TOL_EXACT[t]
+        np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
+        mixed = ck.moe_forward(x, ids, w, RG, U, D.repacked() if t == QT.Q2_K else D)
+        np.testing.assert_allclose(mixed, base, rtol=0, atol=1e-5 * scale)
+
+
 @pytest.mark.parametrize("nb", [1, 2, 3, 16])
 def test_q4_k_r8_layout_roundtrip(nb):
     """Every block of a repacked Q4_K row reads back as the original bytes (C accessor), with the
