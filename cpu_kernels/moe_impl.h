@@ -74,7 +74,7 @@ static inline int FN(family)(int type) {
     /* the repacked layouts' fused dots read word-transposed activations; the generic path unpacks
      * their blocks back to ggml's order and takes plain ones */
     case NX_Q5_0_R8: case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: return FN(has_fused)(type) ? NX_FAM_B32R : NX_FAM_B32;
-    case NX_Q4_K_R8: return FN(has_fused)(type) ? NX_FAM_KR : NX_FAM_K;
+    case NX_Q4_K_R8: case NX_Q5_K_R8: return FN(has_fused)(type) ? NX_FAM_KR : NX_FAM_K;
     case NX_Q2_K_R8: case NX_Q3_K_R8: return FN(has_fused)(type) ? NX_FAM_K16R : NX_FAM_K;
     default: return NX_FAM_K;
     }
@@ -204,9 +204,9 @@ static inline void FN(expand_scales)(uk256 *restrict u, const int *sc) {
 
 static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk256 *restrict u) {
     int sc[16];
-    uint8_t blk[144];
+    uint8_t blk[176];
     /* repacked layouts: each block back in its ggml form first */
-    const int kr = type == NX_Q4_K_R8 ? 1 : type == NX_Q2_K_R8 || type == NX_Q3_K_R8 ? 2 : 0;
+    const int kr = type == NX_Q4_K_R8 || type == NX_Q5_K_R8 ? 1 : type == NX_Q2_K_R8 || type == NX_Q3_K_R8 ? 2 : 0;
     const int rtype = type;
     if (kr) type -= 100;
     const size_t bs = type == NX_Q2_K ? 84 : type == NX_Q3_K ? 110 : type == NX_Q4_K ? 144 :
@@ -217,7 +217,7 @@ static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk25
     for (int64_t i = 0; i < nb; i++, u++, src += bs) {
         int8_t *restrict q = u->q;
         const uint8_t *const row_src = src;
-        if (kr == 1) { nx_q4kr_block(src, 0, blk); src = blk; }
+        if (kr == 1) { nx_k4r_convert(rtype, src, blk, 0); src = blk; }
         else if (kr == 2) { nx_k16r_convert(rtype, src, blk, 0); src = blk; }
         switch (type) {
         case NX_Q2_K: {
@@ -631,7 +631,7 @@ static inline int FN(has_fused)(int type) {
     switch (type) {
     case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL: case NX_Q5_0_R8:
     case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: case NX_Q4_K_R8:
-    case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: case NX_Q2_K_R8: case NX_Q3_K_R8: return 1;
+    case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: case NX_Q2_K_R8: case NX_Q3_K_R8: case NX_Q5_K_R8: return 1;
     }
     return 0;
 }
@@ -813,7 +813,6 @@ NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8
     }
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(acc4[t]);
 }
-#undef NX_R8_HI
 
 /* Q8_0_R8, Q4_0_R8, IQ4_NL_R8 (layouts in moe_kernels.h) against NX_FAM_B32R activations: as
  * fq5r8, a group's blocks sit in the int32 lanes (8, or 4 in each half for a group of 4).  Signed
@@ -993,28 +992,36 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc1[t]) + FN(hsum128)(accm1[t]);
 }
 
-/* Q4_K_R8 (layout in moe_kernels.h) against ak256 activations with word-transposed y (NX_FAM_KR).
- * Register r holds 4 elements of each of the 8 sub-blocks at the same lane, so a token's 8
- * maddubs results add in int16 (|lane| <= 8*2*15*127 = 30480 < 2^15) and one madd applies the 8
- * scales: 9 multiplies per block per token against fq45k's 12, and no horizontal adds. */
-NX_FUSED void FN(fq4kr)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
-    const __m256i m4 = _mm256_set1_epi8(15);
+/* Q4_K_R8 / Q5_K_R8 (layout in moe_kernels.h) against ak256 activations with word-transposed y
+ * (NX_FAM_KR). Register r holds 4 elements of each of the 8 sub-blocks at the same lane, so a
+ * token's 8 maddubs results add in int16 (Q4_K: |lane| <= 8*2*15*127 = 30480 < 2^15; Q5_K: 4 at a
+ * time) and one madd (two for Q5_K) applies the 8 scales: 9 (10) multiplies per block per token
+ * against fq45k's 12, and no horizontal adds. */
+NX_FUSED void FN(fq4kr)(const int type, const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a,
+                        float *res, const int nt) {
+    const int q5 = type == NX_Q5_K_R8;
+    const size_t bs = q5 ? 176 : 144;
+    const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16);
     const ak256 *ab[NX_NT];
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
     __m256 acc[NX_NT];
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++, w += 144) {
-        NX_PF(w, 3);
+    for (int64_t b = 0; b < nb; b++, w += bs) {
+        NX_PF(w, q5 ? 4 : 3);
         /* register by register, every token: 4 int16 sums + 4 accumulators + the register in use
          * stay in the 16 ymm registers (all 8 code registers at once spilled to the stack) */
-        __m256i s[NX_NT];
+        const __m256i hb = q5 ? FN(ld256)(w + 16) : _mm256_setzero_si256();
+        __m256i s[NX_NT], s32[NX_NT];
         for (int r = 0; r < 8; r += 2) {
-            const __m256i v = FN(ld256)(w + 16 + 16 * r);
-            const __m256i ql = _mm256_and_si256(v, m4), qh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            const __m256i v = FN(ld256)(w + (q5 ? 48 : 16) + 16 * r);
+            __m256i ql = _mm256_and_si256(v, m4), qh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            if (q5) { ql = _mm256_or_si256(ql, NX_R8_HI(hb, r)); qh = _mm256_or_si256(qh, NX_R8_HI(hb, r + 1)); }
             for (int t = 0; t < nt; t++) {
                 const int8_t *y = ab[t][b].y + 32 * r;
                 const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(ql, FN(ld256)(y)), _mm256_maddubs_epi16(qh, FN(ld256)(y + 32)));
-                s[t] = r ? _mm256_add_epi16(s[t], p) : p;
+                /* Q4_K's codes <= 15: all 8 products in int16; Q5_K's <= 31: 4 at a time */
+                s[t] = r && !(q5 && r == 4) ? _mm256_add_epi16(s[t], p) : p;
+                if (q5 && r == 2) s32[t] = s[t];
                 /* keep the compiler from hoisting all 32 multiplies ahead of their adds (gcc did,
                  * and spilled their results to the stack) */
                 __asm__("" : "+x"(s[t]));
@@ -1026,7 +1033,9 @@ NX_FUSED void FN(fq4kr)(const uint8_t *restrict w, const int64_t nb, const uint8
         const __m256i scv = _mm256_set_m128i(_mm_unpackhi_epi16(sc, sc), _mm_unpacklo_epi16(sc, sc));
         for (int t = 0; t < nt; t++) {
             const float dy = ab[t][b].d;
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[t], scv)), _mm256_set1_ps(d * dy), acc[t]);
+            __m256i si = _mm256_madd_epi16(s[t], scv);
+            if (q5) si = _mm256_add_epi32(si, _mm256_madd_epi16(s32[t], scv));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_set1_ps(d * dy), acc[t]);
             /* the mins' 4 int32 sums in the low lanes of one more product into the same accumulator */
             const __m128i msum = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)ab[t][b].bsum32));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_zextsi128_si256(msum)), _mm256_set1_ps(-dmin * dy), acc[t]);
@@ -1034,6 +1043,7 @@ NX_FUSED void FN(fq4kr)(const uint8_t *restrict w, const int64_t nb, const uint8
     }
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
 }
+#undef NX_R8_HI
 
 /* Q6_K against Q8_K-like activations: unsigned 6-bit q, the -32 offset through the per-16 sums */
 NX_FUSED void FN(fq6k)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
@@ -1263,7 +1273,8 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
     case NX_Q4_0_R8: NX_NT_SWITCH(FN(fb32r)(NX_Q4_0_R8, w, n / 32, a, res, NTC)) break;
     case NX_IQ4_NL_R8: NX_NT_SWITCH(FN(fb32r)(NX_IQ4_NL_R8, w, n / 32, a, res, NTC)) break;
     case NX_Q4_K: NX_NT_SWITCH(FN(fq45k)(NX_Q4_K, w, n / 256, a, res, NTC)) break;
-    case NX_Q4_K_R8: NX_NT_SWITCH(FN(fq4kr)(w, n / 256, a, res, NTC)) break;
+    case NX_Q4_K_R8: NX_NT_SWITCH(FN(fq4kr)(NX_Q4_K_R8, w, n / 256, a, res, NTC)) break;
+    case NX_Q5_K_R8: NX_NT_SWITCH(FN(fq4kr)(NX_Q5_K_R8, w, n / 256, a, res, NTC)) break;
     case NX_Q5_K: NX_NT_SWITCH(FN(fq45k)(NX_Q5_K, w, n / 256, a, res, NTC)) break;
     case NX_Q6_K: NX_NT_SWITCH(FN(fq6k)(w, n / 256, a, res, NTC)) break;
     case NX_IQ4_XS: NX_NT_SWITCH(FN(fiq4xs)(w, n / 256, a, res, NTC)) break;

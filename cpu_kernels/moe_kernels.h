@@ -30,7 +30,8 @@ enum {
     NX_Q5_0_R8 = 106,
     /* not ggml types: rows repacked once at load (same bytes per row, see below); id 100 + the
      * ggml type's */
-    NX_Q4_K_R8 = 112, NX_Q4_0_R8 = 102, NX_Q8_0_R8 = 108, NX_IQ4_NL_R8 = 120, NX_Q2_K_R8 = 110, NX_Q3_K_R8 = 111
+    NX_Q4_K_R8 = 112, NX_Q5_K_R8 = 113, NX_Q4_0_R8 = 102, NX_Q8_0_R8 = 108, NX_IQ4_NL_R8 = 120,
+    NX_Q2_K_R8 = 110, NX_Q3_K_R8 = 111
 };
 
 /* Activation families: F, B32 and K above; KR and B32R are K and B32 with the 8-bit values
@@ -286,43 +287,44 @@ static inline void nx_k16r_repack_row(int type, const uint8_t *src, int64_t nb, 
     for (int64_t i = 0; i < nb; i++) nx_k16r_convert(type, src + bs * i, dst + bs * i, 1);
 }
 
-/* ---- Q4_K_R8: Q4_K rows repacked at load for the SIMD dots (same size, same values) ----
+/* ---- Q4_K_R8, Q5_K_R8: Q4_K / Q5_K rows repacked at load for the SIMD dots (same size, same values) ----
  * A Q4_K block's nibbles hold sub-block 2j in the low and 2j+1 in the high nibbles of qs[32j..],
  * so one maddubs covers a single sub-block and the dot must fold sub-block pairs horizontally
  * (vphaddw: one per 64 weights per token, at 2 cycles each on Zen 3 and 3 uops on Intel).  The
  * repacked block interleaves the 8 sub-blocks in 4-byte words, so every register holds 4
  * elements of each sub-block at the same word (= int32 lane) position:
- *   d, dmin, scales[12] as in Q4_K | qs[4][32]
- *   qs[p][4i+k]: low nibble = element 8p+k of sub-block i, high nibble = element 8p+4+k.
+ *   d, dmin, scales[12] as in Q4_K (Q5_K: then qh[32]) | qs[4][32]
+ *   qs[p][4i+k]: low nibble = element 8p+k of sub-block i, high nibble = element 8p+4+k;
+ *   Q5_K qh[4i+k], bit r: 5th bit of element 4r+k of sub-block i.
  * Register r (r = 2p low nibbles, 2p+1 high) word i = elements 4r..4r+3 of sub-block i; the
- * activations are word-transposed to match (quant_act for NX_FAM_KR), and a token's four
- * registers' products add in int16 before one madd applies the 8 scales. */
-static inline void nx_q4kr_block(const uint8_t *row, int64_t i, uint8_t out[144]) {
-    const uint8_t *b = row + 144 * i;
-    memcpy(out, b, 16);
+ * activations are word-transposed to match (quant_act for NX_FAM_KR), and a token's registers'
+ * products add in int16 (all 8 for Q4_K, 4 at a time for Q5_K) before a madd applies the 8
+ * scales. */
+/* one Q4_K / Q5_K block (type: its _R8 id) ggml <-> repacked; `to_r8` picks the direction.
+ * Element e of sub-block sb: ggml keeps its low 4 bits in nibble sb%2 of qs[32(sb/2) + e] (and
+ * Q5_K its 5th bit in bit sb of qh[e]); the repacked block in nibble r%2 of qs[32(r/2) + 4sb + k]
+ * (and bit r of qh[4sb + k]), r = e/4, k = e%4. */
+static inline void nx_k4r_convert(int type, const uint8_t *src, uint8_t *dst, int to_r8) {
+    const int q5 = type == NX_Q5_K_R8, bs = q5 ? 176 : 144, qo = q5 ? 48 : 16;
+    memcpy(dst, src, (size_t)bs);
+    memset(dst + 16, 0, (size_t)(bs - 16));
     for (int sb = 0; sb < 8; sb++)
         for (int e = 0; e < 32; e++) {
-            const int p = e / 8, k = e % 8;
-            const int q = (b[16 + 32 * p + 4 * sb + (k & 3)] >> (k < 4 ? 0 : 4)) & 15;
-            uint8_t *d = out + 16 + 32 * (sb / 2) + e;
-            *d = sb % 2 ? (uint8_t)((*d & 15) | q << 4) : (uint8_t)q;
+            const int r = e / 4, k = e % 4;
+            const int nat = qo + 32 * (sb / 2) + e, nsh = 4 * (sb % 2);
+            const int rep = qo + 32 * (r / 2) + 4 * sb + k, rsh = 4 * (r % 2);
+            const int from = to_r8 ? nat : rep, fsh = to_r8 ? nsh : rsh, to = to_r8 ? rep : nat, tsh = to_r8 ? rsh : nsh;
+            dst[to] |= (uint8_t)(((src[from] >> fsh) & 15) << tsh);
+            if (q5) {
+                const int hf = to_r8 ? 16 + e : 16 + 4 * sb + k, hb = to_r8 ? sb : r;
+                const int ht = to_r8 ? 16 + 4 * sb + k : 16 + e, hbt = to_r8 ? r : sb;
+                dst[ht] |= (uint8_t)(((src[hf] >> hb) & 1) << hbt);
+            }
         }
 }
-/* one Q4_K row of nb blocks -> Q4_K_R8 (the inverse of nx_q4kr_block) */
-static inline void nx_q4kr_repack_row(const uint8_t *src, int64_t nb, uint8_t *dst) {
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *s = src + 144 * i;
-        uint8_t *d = dst + 144 * i;
-        memcpy(d, s, 16);
-        for (int p = 0; p < 4; p++)
-            for (int sb = 0; sb < 8; sb++)
-                for (int k = 0; k < 4; k++) {
-                    const uint8_t *q = s + 16 + 32 * (sb / 2);
-                    const int sh = 4 * (sb % 2);
-                    const int lo = (q[8 * p + k] >> sh) & 15, hi = (q[8 * p + 4 + k] >> sh) & 15;
-                    d[16 + 32 * p + 4 * sb + k] = (uint8_t)(lo | hi << 4);
-                }
-    }
+static inline void nx_k4r_repack_row(int type, const uint8_t *src, int64_t nb, uint8_t *dst) {
+    const int bs = type == NX_Q5_K_R8 ? 176 : 144;
+    for (int64_t i = 0; i < nb; i++) nx_k4r_convert(type, src + bs * i, dst + bs * i, 1);
 }
 
 /* per-path entry points (suffix = path name) */

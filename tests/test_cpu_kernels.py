@@ -322,19 +322,21 @@ def test_k16_repacked_moe(path, t, H):
         np.testing.assert_allclose(mixed, base, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("nb", [1, 2, 3, 16])
-def test_q4_k_r8_layout_roundtrip(nb):
-    """Every block of a repacked Q4_K row reads back as the original bytes (C accessor), with the
-    header (d, dmin, scales) in place and the row's size kept; the codes do move."""
+def test_q4_k_r8_layout_roundtrip(qt, nb):
+    """Every block of a repacked Q4_K / Q5_K row reads back as the original bytes (C accessor),
+    with the header (d, dmin, scales) in place and the row's size kept; the codes do move."""
     rng = np.random.default_rng(40 + nb)
-    raw = rng.integers(0, 256, size=(2, 3, nb * 144), dtype=np.uint8)
-    t = ck.ExpertTensor(raw, QT.Q4_K, (2, 3, nb * 256))
+    bs = ck.row_bytes(qt, 256)
+    raw = rng.integers(0, 256, size=(2, 3, nb * bs), dtype=np.uint8)
+    t = ck.ExpertTensor(raw, qt, (2, 3, nb * 256))
     r = t.repacked(threads=2)
-    assert r.layout == "q4_k_r8" and r.nbytes == t.nbytes
-    rows_in, rows_out = raw.reshape(6, nb, 144), r.data.reshape(6, nb, 144)
+    assert r.layout == f"{qt.name.lower()}_r8" and r.nbytes == t.nbytes
+    rows_in, rows_out = raw.reshape(6, nb, bs), r.data.reshape(6, nb, bs)
     np.testing.assert_array_equal(rows_out[:, :, :16], rows_in[:, :, :16])
     assert (rows_out[:, :, 16:] != rows_in[:, :, 16:]).any()
-    blk = ck._ffi.new("uint8_t[144]")
+    blk = ck._ffi.new(f"uint8_t[{bs}]")
     for row in range(6):
         for i in range(nb):
             ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
@@ -357,15 +359,18 @@ def test_q4_k_r8_element_order():
                 assert b & 15 == q[32 * i + 8 * p + k] and b >> 4 == q[32 * i + 8 * p + 4 + k]
 
 
+@pytest.mark.parametrize("mix", [(QT.Q4_K, QT.Q4_K, QT.Q4_K), (QT.Q5_K, QT.Q5_K, QT.Q5_K), (QT.Q4_K, QT.Q5_K, QT.Q6_K)],
+                         ids=lambda m: "-".join(t.name for t in m))
 @pytest.mark.parametrize("H", [256, 512, 4096])
-def test_q4_k_r8_moe(path, H):
-    """Repacked Q4_K gate/up (and down) give the reference result, and the GGUF layout's result
-    to float32 summation order, for 1..4 tokens per expert pass and more."""
+def test_q4_k_r8_moe(path, mix, H):
+    """Repacked Q4_K / Q5_K gate/up (and down) give the reference result, and the GGUF layout's
+    result to float32 summation order, for 1..4 tokens per expert pass and more; Q4_K gate and
+    Q5_K up share one word-transposed activation."""
     rng = np.random.default_rng(H)
     I = 256
-    (G, U, D), (gf, uf, df) = _make(QT.Q4_K, QT.Q4_K, QT.Q4_K, 6, I, H, rng)
+    (G, U, D), (gf, uf, df) = _make(*mix, 6, I, H, rng)
     RG, RU, RD = G.repacked(), U.repacked(), D.repacked()
-    assert RG.layout == RU.layout == RD.layout == "q4_k_r8"
+    assert RG.layout == f"{mix[0].name.lower()}_r8" and RU.layout == f"{mix[1].name.lower()}_r8"
     for T in (1, 2, 3, 4, 9):
         x = rng.standard_normal((T, H), dtype=np.float32)
         ids = _routing(T, 3, 6, rng)
