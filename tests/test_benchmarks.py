@@ -39,17 +39,10 @@ def test_repack_decode_script_runs(capsys):
     assert "repacked / ggml decode time" in out
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_layout_ab_script_runs(capsys):
     import cpu_kernels
 
-    mod = _load("layout_ab")
+    mod = _script("layout_ab")
     assert mod.main(["--mix", "Q4_K,Q5_0", "--cases", "1,3s", "--calls", "2", "--experts", "8"]) == 0
     out = capsys.readouterr().out
     if cpu_kernels.active_path() == "ref":

@@ -242,16 +242,25 @@ def test_b32_repacked_moe(path, t, I):
     R = D.repacked()
     assert R.layout != "ggml"
     for T in (1, 2, 3, 4, 9):
-        x = rng.standard_normal((T, H), dtype=np.float32)
-        ids = _routing(T, 3, 6, rng)
-        w = rng.random(ids.shape, dtype=np.float32)
-        out = np.full((T, H), np.nan, dtype=np.float32)
-        ck.moe_forward(x, ids, w, G, U, R, out=out)
-        base = ck.moe_forward(x, ids, w, G, U, D)
-        ref = ck.reference_moe(x, ids, w, gf, uf, df)
-        scale = np.abs(ref).max()
-        assert np.abs(out - ref).max() / scale < TOL_EXACT[t]
-        np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
+        _same_as_ggml_layout(rng, T, (G, U, R), (G, U, D), (gf, uf, df), TOL_EXACT[t])
+
+
+def _same_as_ggml_layout(rng, T, repacked, ggml, floats, tol):
+    """One random call: tensors in repacked layouts against the float reference (within `tol`)
+    and against the same tensors in the GGUF's layout (same integer sums: float32 summation order
+    only). Returns the call's args and the GGUF layout's output."""
+    H = ggml[0].shape[2]
+    x = rng.standard_normal((T, H), dtype=np.float32)
+    ids = _routing(T, 3, ggml[0].shape[0], rng)
+    w = rng.random(ids.shape, dtype=np.float32)
+    out = np.full((T, H), np.nan, dtype=np.float32)
+    ck.moe_forward(x, ids, w, *repacked, out=out)
+    base = ck.moe_forward(x, ids, w, *ggml)
+    ref = ck.reference_moe(x, ids, w, *floats)
+    scale = np.abs(ref).max()
+    assert np.abs(out - ref).max() / scale < tol
+    np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
+    return (x, ids, w), base
 
 
 def test_b32_repacked_gate_up():
@@ -299,29 +308,6 @@ def test_k16_repacked_layout(t):
             assert (p[b] >> reg) & 1 == (g[l] >> (4 * n + j)) & 1
 
 
-@pytest.mark.parametrize("t", [QT.Q2_K, QT.Q3_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("H", [256, 768])
-def test_k16_repacked_moe(path, t, H):
-    """Repacked Q2_K / Q3_K experts give the reference result and the GGUF layout's result."""
-    rng = np.random.default_rng(H + int(t))
-    I = 256
-    (G, U, D), (gf, uf, df) = _make(t, t, t, 6, I, H, rng)
-    RG, RU, RD = G.repacked(), U.repacked(), D.repacked()
-    for T in (1, 2, 3, 4, 9):
-        x = rng.standard_normal((T, H), dtype=np.float32)
-        ids = _routing(T, 3, 6, rng)
-        w = rng.random(ids.shape, dtype=np.float32)
-        out = np.full((T, H), np.nan, dtype=np.float32)
-        ck.moe_forward(x, ids, w, RG, RU, RD, out=out)
-        base = ck.moe_forward(x, ids, w, G, U, D)
-        ref = ck.reference_moe(x, ids, w, gf, uf, df)
-        scale = np.abs(ref).max()
-        assert np.abs(out - ref).max() / scale < TOL_EXACT[t]
-        np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
-        mixed = ck.moe_forward(x, ids, w, RG, U, D.repacked() if t == QT.Q2_K else D)
-        np.testing.assert_allclose(mixed, base, rtol=0, atol=1e-5 * scale)
-
-
 @pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("nb", [1, 2, 3, 16])
 def test_q4_k_r8_layout_roundtrip(qt, nb):
@@ -359,31 +345,24 @@ def test_q4_k_r8_element_order():
                 assert b & 15 == q[32 * i + 8 * p + k] and b >> 4 == q[32 * i + 8 * p + 4 + k]
 
 
-@pytest.mark.parametrize("mix", [(QT.Q4_K, QT.Q4_K, QT.Q4_K), (QT.Q5_K, QT.Q5_K, QT.Q5_K), (QT.Q4_K, QT.Q5_K, QT.Q6_K)],
+@pytest.mark.parametrize("mix", [(QT.Q4_K, QT.Q4_K, QT.Q4_K), (QT.Q5_K, QT.Q5_K, QT.Q5_K), (QT.Q4_K, QT.Q5_K, QT.Q6_K),
+                                 (QT.Q2_K, QT.Q2_K, QT.Q2_K), (QT.Q3_K, QT.Q3_K, QT.Q3_K), (QT.Q2_K, QT.Q3_K, QT.Q4_K)],
                          ids=lambda m: "-".join(t.name for t in m))
-@pytest.mark.parametrize("H", [256, 512, 4096])
-def test_q4_k_r8_moe(path, mix, H):
-    """Repacked Q4_K / Q5_K gate/up (and down) give the reference result, and the GGUF layout's
-    result to float32 summation order, for 1..4 tokens per expert pass and more; Q4_K gate and
-    Q5_K up share one word-transposed activation."""
-    rng = np.random.default_rng(H)
+@pytest.mark.parametrize("H", [256, 768, 4096])
+def test_k_repacked_moe(path, mix, H):
+    """Repacked 256-element types (gate/up, and down) give the reference result, and the GGUF
+    layout's result to float32 summation order, for 1..4 tokens per expert pass and more; gate
+    and up of two repacked types share one transposed activation where their families agree
+    (Q4_K/Q5_K), and keep their own where not (Q2_K gate, Q3_K up, Q4_K down)."""
+    rng = np.random.default_rng(H + int(mix[0]))
     I = 256
     (G, U, D), (gf, uf, df) = _make(*mix, 6, I, H, rng)
     RG, RU, RD = G.repacked(), U.repacked(), D.repacked()
     assert RG.layout == f"{mix[0].name.lower()}_r8" and RU.layout == f"{mix[1].name.lower()}_r8"
     for T in (1, 2, 3, 4, 9):
-        x = rng.standard_normal((T, H), dtype=np.float32)
-        ids = _routing(T, 3, 6, rng)
-        w = rng.random(ids.shape, dtype=np.float32)
-        out = np.full((T, H), np.nan, dtype=np.float32)
-        ck.moe_forward(x, ids, w, RG, RU, RD, out=out)
-        base = ck.moe_forward(x, ids, w, G, U, D)
-        ref = ck.reference_moe(x, ids, w, gf, uf, df)
-        scale = np.abs(ref).max()
-        assert np.abs(out - ref).max() / scale < TOL_EXACT[QT.Q4_K]
-        np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
-        mixed = ck.moe_forward(x, ids, w, RG, U, RD)              # gate and up in different layouts
-        np.testing.assert_allclose(mixed, base, rtol=0, atol=1e-5 * scale)
+        args, base = _same_as_ggml_layout(rng, T, (RG, RU, RD), (G, U, D), (gf, uf, df), TOL_EXACT[QT.Q4_K])
+        mixed = ck.moe_forward(*args, RG, U, RD)                  # gate and up in different layouts
+        np.testing.assert_allclose(mixed, base, rtol=0, atol=1e-5 * np.abs(base).max())
 
 
 def test_repacked_api():
