@@ -41,7 +41,7 @@ static double rate(int type, size_t bs, size_t be, int64_t n, int nt, size_t tot
         for (size_t i = 0; i < nrows; i++) {
             memcpy(row, w + i * rowb, rowb);
             if (type == NX_Q5_0_R8) nx_r8_repack_row(row, n / 32, w + i * rowb);
-            else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8) nx_k4r_repack_row(type, row, n / 256, w + i * rowb);
+            else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8) nx_k4r_repack_row(type, row, n / 256, w + i * rowb);
             else if (type == NX_Q2_K_R8 || type == NX_Q3_K_R8) nx_k16r_repack_row(type, row, n / 256, w + i * rowb);
             else nx_b32r_repack_row(type, row, n / 32, w + i * rowb);
         }
@@ -83,6 +83,7 @@ int main(void) {
         {"IQ4_NL (1408)", NX_IQ4_NL, 18, 32, 1408},
         {"IQ4_NL repacked (r8)", NX_IQ4_NL_R8, 18, 32, 1408},
         {"IQ4_XS (4096)", NX_IQ4_XS, 136, 256, 4096},
+        {"IQ4_XS repacked (r8)", NX_IQ4_XS_R8, 136, 256, 4096},
         {"Q6_K (4096)", NX_Q6_K, 210, 256, 4096},
         {"Q5_K (4096)", NX_Q5_K, 176, 256, 4096},
         {"Q5_K repacked (r8)", NX_Q5_K_R8, 176, 256, 4096},

@@ -169,7 +169,7 @@ if _IMPORT_ERROR is None:
     # Kernel ids: 100 + the ggml type's (NX_Q5_0_R8 = 106 ..., moe_kernels.h)
     _LAYOUTS = {"ggml": (None, None)}
     _LAYOUTS.update({f"{t.lower()}_r8": (qtype(t), 100 + int(qtype(t)))
-                     for t in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K")})
+                     for t in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "IQ4_XS")})
     _REPACK_OF = {v[0]: k for k, v in _LAYOUTS.items() if v[0] is not None}
     REPACKED_TYPES = frozenset(_REPACK_OF)  # ggml types ExpertTensor.repacked() copies into a faster layout
 

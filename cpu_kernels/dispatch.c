@@ -80,6 +80,7 @@ int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_
     case NX_Q5_0_R8: rb = 22; break;
     case NX_Q4_K_R8: rb = 144; break;
     case NX_Q5_K_R8: rb = 176; break;
+    case NX_IQ4_XS_R8: rb = 136; break;
     case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: rb = nx_b32r_bs(type); break;
     case NX_Q2_K_R8: rb = 84; break;
     case NX_Q3_K_R8: rb = 110; break;
@@ -92,7 +93,7 @@ int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_
         const uint8_t *s = src + rb * (size_t)r;
         uint8_t *d = dst + rb * (size_t)r;
         if (type == NX_Q5_0_R8) nx_r8_repack_row(s, nb, d);
-        else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8) nx_k4r_repack_row(type, s, nb, d);
+        else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8) nx_k4r_repack_row(type, s, nb, d);
         else if (type == NX_Q2_K_R8 || type == NX_Q3_K_R8) nx_k16r_repack_row(type, s, nb, d);
         else nx_b32r_repack_row(type, s, nb, d);
     }
@@ -102,7 +103,7 @@ int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_
 /* block i of a repacked row back in ggml form (for tests) */
 void nx_repacked_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint8_t *out) {
     if (type == NX_Q5_0_R8) nx_r8_block(row, nb, i, out);
-    else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8) nx_k4r_convert(type, row + (type == NX_Q5_K_R8 ? 176 : 144) * i, out, 0);
+    else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8) nx_k4r_convert(type, row + nx_k4r_bs(type) * i, out, 0);
     else if (type == NX_Q2_K_R8 || type == NX_Q3_K_R8) nx_k16r_convert(type, row + (type == NX_Q3_K_R8 ? 110 : 84) * i, out, 0);
     else nx_b32r_block(type, row, nb, i, out);
 }

@@ -74,7 +74,7 @@ static inline int FN(family)(int type) {
     /* the repacked layouts' fused dots read word-transposed activations; the generic path unpacks
      * their blocks back to ggml's order and takes plain ones */
     case NX_Q5_0_R8: case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: return FN(has_fused)(type) ? NX_FAM_B32R : NX_FAM_B32;
-    case NX_Q4_K_R8: case NX_Q5_K_R8: return FN(has_fused)(type) ? NX_FAM_KR : NX_FAM_K;
+    case NX_Q4_K_R8: case NX_Q5_K_R8: case NX_IQ4_XS_R8: return FN(has_fused)(type) ? NX_FAM_KR : NX_FAM_K;
     case NX_Q2_K_R8: case NX_Q3_K_R8: return FN(has_fused)(type) ? NX_FAM_K16R : NX_FAM_K;
     default: return NX_FAM_K;
     }
@@ -85,7 +85,8 @@ static inline int FN(canon)(int fam) {
     return fam == NX_FAM_KR || fam == NX_FAM_K16R ? NX_FAM_K : fam == NX_FAM_B32R ? NX_FAM_B32 : fam;
 }
 static inline int FN(is_signed)(int type) {
-    return type == NX_Q8_0 || type == NX_IQ4_NL || type == NX_IQ4_XS || type == NX_Q8_0_R8 || type == NX_IQ4_NL_R8;
+    return type == NX_Q8_0 || type == NX_IQ4_NL || type == NX_IQ4_XS || type == NX_Q8_0_R8 || type == NX_IQ4_NL_R8 ||
+           type == NX_IQ4_XS_R8;
 }
 /* bytes of one row in canonical (unpacked / activation) form */
 static inline size_t FN(unpacked_bytes)(int fam, int64_t n) {
@@ -206,7 +207,7 @@ static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk25
     int sc[16];
     uint8_t blk[176];
     /* repacked layouts: each block back in its ggml form first */
-    const int kr = type == NX_Q4_K_R8 || type == NX_Q5_K_R8 ? 1 : type == NX_Q2_K_R8 || type == NX_Q3_K_R8 ? 2 : 0;
+    const int kr = type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8 ? 1 : type == NX_Q2_K_R8 || type == NX_Q3_K_R8 ? 2 : 0;
     const int rtype = type;
     if (kr) type -= 100;
     const size_t bs = type == NX_Q2_K ? 84 : type == NX_Q3_K ? 110 : type == NX_Q4_K ? 144 :
@@ -631,7 +632,8 @@ static inline int FN(has_fused)(int type) {
     switch (type) {
     case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL: case NX_Q5_0_R8:
     case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: case NX_Q4_K_R8:
-    case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: case NX_Q2_K_R8: case NX_Q3_K_R8: case NX_Q5_K_R8: return 1;
+    case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: case NX_Q2_K_R8: case NX_Q3_K_R8: case NX_Q5_K_R8:
+    case NX_IQ4_XS_R8: return 1;
     }
     return 0;
 }
@@ -1213,6 +1215,21 @@ NX_FUSED void FN(fq23kr)(const int type, const uint8_t *restrict w, const int64_
 }
 
 /* IQ4_XS against Q8_K-like activations (signed codebook values, 6-bit signed scale per 32) */
+/* an IQ4_XS block's 8 six-bit scales at once (low nibbles from scales_l, two high bits each from
+ * scales_h, minus 32), int32 lane i = scale i as an int16 pair (both halves) */
+NX_FUSED __m256i FN(iq4xs_scales)(const uint8_t *w) {
+    uint32_t l4;
+    memcpy(&l4, w + 4, 4);
+    const __m128i lv = _mm_cvtsi32_si128((int)l4);
+    const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(lv, _mm_set1_epi8(15)),
+                                          _mm_and_si128(_mm_srli_epi16(lv, 4), _mm_set1_epi8(15)));
+    const __m256i h2 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)FN(rd16)(w + 2)),
+                                                          _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                                        _mm256_set1_epi32(3));
+    const __m256i ls = _mm256_sub_epi32(_mm256_or_si256(_mm256_cvtepu8_epi32(nib), _mm256_slli_epi32(h2, 4)),
+                                        _mm256_set1_epi32(32));
+    return _mm256_or_si256(_mm256_and_si256(ls, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(ls, 16));
+}
 NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
@@ -1224,22 +1241,9 @@ NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint
         NX_PF(w, 3);
         const float d = H2F(FN(rd16)(w));
         const uint8_t *qs = w + 8;
-        {   /* the 8 six-bit scales at once: low nibbles from scales_l, two high bits each from
-             * scales_h, minus 32; stored as int16 pairs, read back as broadcast loads */
-            uint32_t l4;
-            memcpy(&l4, w + 4, 4);
-            const __m128i lv = _mm_cvtsi32_si128((int)l4);
-            const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(lv, _mm_set1_epi8(15)),
-                                                  _mm_and_si128(_mm_srli_epi16(lv, 4), _mm_set1_epi8(15)));
-            const __m256i h2 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)FN(rd16)(w + 2)),
-                                                                  _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-                                                _mm256_set1_epi32(3));
-            const __m256i ls = _mm256_sub_epi32(_mm256_or_si256(_mm256_cvtepu8_epi32(nib), _mm256_slli_epi32(h2, 4)),
-                                                _mm256_set1_epi32(32));
-            _mm256_storeu_si256((__m256i *)scp, _mm256_or_si256(_mm256_and_si256(ls, _mm256_set1_epi32(0xffff)),
-                                                                 _mm256_slli_epi32(ls, 16)));
-            __asm__ volatile("" : "+m"(scp));
-        }
+        /* stored as int16 pairs, read back as broadcast loads */
+        _mm256_storeu_si256((__m256i *)scp, FN(iq4xs_scales)(w));
+        __asm__ volatile("" : "+m"(scp));
         __m256i sumi[NX_NT];
         for (int t = 0; t < nt; t++) sumi[t] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
@@ -1256,6 +1260,39 @@ NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FN(fold4)(sumi, nt)), _mm256_set_m128(sc, sc), acc);
     }
     FN(unfold4)(acc, _mm_setzero_ps(), res, nt);
+}
+
+/* IQ4_XS_R8 (Q4_K_R8's interleave, moe_kernels.h) against NX_FAM_KR activations: sub-block i in
+ * int32 lane i of every register, so a token's 8 products take one madd with the scales each
+ * (signed codebook values: abs/sign trick, no int16 fold) and no fold across lanes at the end. */
+NX_FUSED void FN(fiq4xsr)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
+    const ak256 *ab[NX_NT];
+    for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
+    __m256 acc[NX_NT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, w += 136) {
+        NX_PF(w, 3);
+        const __m256i scv = FN(iq4xs_scales)(w);
+        __m256i s32[NX_NT];
+        for (int r = 0; r < 8; r += 2) {
+            const __m256i v = FN(ld256)(w + 8 + 16 * r);
+            for (int h = 0; h < 2; h++) {
+                const __m256i c = _mm256_shuffle_epi8(kv, _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, m4));
+                const __m256i u = _mm256_abs_epi8(c);
+                for (int t = 0; t < nt; t++) {
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(FN(ld256)(ab[t][b].y + 32 * (r + h)), c)), scv);
+                    s32[t] = r + h ? _mm256_add_epi32(s32[t], p) : p;
+                    __asm__("" : "+x"(s32[t]));   /* keep gcc from hoisting the multiplies (fq4kr) */
+                }
+            }
+        }
+        const float d = H2F(FN(rd16)(w));
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[t]), _mm256_set1_ps(d * ab[t][b].d), acc[t]);
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
 }
 
 #define NX_NT_SWITCH(call) \
@@ -1278,6 +1315,7 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
     case NX_Q5_K: NX_NT_SWITCH(FN(fq45k)(NX_Q5_K, w, n / 256, a, res, NTC)) break;
     case NX_Q6_K: NX_NT_SWITCH(FN(fq6k)(w, n / 256, a, res, NTC)) break;
     case NX_IQ4_XS: NX_NT_SWITCH(FN(fiq4xs)(w, n / 256, a, res, NTC)) break;
+    case NX_IQ4_XS_R8: NX_NT_SWITCH(FN(fiq4xsr)(w, n / 256, a, res, NTC)) break;
     case NX_Q2_K: NX_NT_SWITCH(FN(fq23k)(NX_Q2_K, w, n / 256, a, res, NTC)) break;
     case NX_Q3_K: NX_NT_SWITCH(FN(fq23k)(NX_Q3_K, w, n / 256, a, res, NTC)) break;
     case NX_Q2_K_R8: NX_NT_SWITCH(FN(fq23kr)(NX_Q2_K_R8, w, n / 256, a, res, NTC)) break;

@@ -31,7 +31,7 @@ enum {
     /* not ggml types: rows repacked once at load (same bytes per row, see below); id 100 + the
      * ggml type's */
     NX_Q4_K_R8 = 112, NX_Q5_K_R8 = 113, NX_Q4_0_R8 = 102, NX_Q8_0_R8 = 108, NX_IQ4_NL_R8 = 120,
-    NX_Q2_K_R8 = 110, NX_Q3_K_R8 = 111
+    NX_Q2_K_R8 = 110, NX_Q3_K_R8 = 111, NX_IQ4_XS_R8 = 123
 };
 
 /* Activation families: F, B32 and K above; KR and B32R are K and B32 with the 8-bit values
@@ -287,31 +287,34 @@ static inline void nx_k16r_repack_row(int type, const uint8_t *src, int64_t nb, 
     for (int64_t i = 0; i < nb; i++) nx_k16r_convert(type, src + bs * i, dst + bs * i, 1);
 }
 
-/* ---- Q4_K_R8, Q5_K_R8: Q4_K / Q5_K rows repacked at load for the SIMD dots (same size, same values) ----
+/* ---- Q4_K_R8, Q5_K_R8, IQ4_XS_R8: rows repacked at load for the SIMD dots (same size, same values) ----
  * A Q4_K block's nibbles hold sub-block 2j in the low and 2j+1 in the high nibbles of qs[32j..],
  * so one maddubs covers a single sub-block and the dot must fold sub-block pairs horizontally
  * (vphaddw: one per 64 weights per token, at 2 cycles each on Zen 3 and 3 uops on Intel).  The
  * repacked block interleaves the 8 sub-blocks in 4-byte words, so every register holds 4
  * elements of each sub-block at the same word (= int32 lane) position:
- *   d, dmin, scales[12] as in Q4_K (Q5_K: then qh[32]) | qs[4][32]
+ *   d, dmin, scales[12] as in Q4_K (Q5_K: then qh[32]; IQ4_XS: its 8-byte header) | qs[4][32]
  *   qs[p][4i+k]: low nibble = element 8p+k of sub-block i, high nibble = element 8p+4+k;
  *   Q5_K qh[4i+k], bit r: 5th bit of element 4r+k of sub-block i.
  * Register r (r = 2p low nibbles, 2p+1 high) word i = elements 4r..4r+3 of sub-block i; the
  * activations are word-transposed to match (quant_act for NX_FAM_KR), and a token's registers'
  * products add in int16 (all 8 for Q4_K, 4 at a time for Q5_K) before a madd applies the 8
  * scales. */
-/* one Q4_K / Q5_K block (type: its _R8 id) ggml <-> repacked; `to_r8` picks the direction.
- * Element e of sub-block sb: ggml keeps its low 4 bits in nibble sb%2 of qs[32(sb/2) + e] (and
- * Q5_K its 5th bit in bit sb of qh[e]); the repacked block in nibble r%2 of qs[32(r/2) + 4sb + k]
- * (and bit r of qh[4sb + k]), r = e/4, k = e%4. */
+/* one Q4_K / Q5_K / IQ4_XS block (type: its _R8 id) ggml <-> repacked; `to_r8` picks the
+ * direction. Element e of sub-block sb: ggml keeps its low 4 bits in nibble sb%2 of
+ * qs[32(sb/2) + e] (IQ4_XS: nibble e/16 of qs[16sb + e%16]; Q5_K its 5th bit in bit sb of qh[e]);
+ * the repacked block in nibble r%2 of qs[32(r/2) + 4sb + k] (and bit r of qh[4sb + k]), r = e/4,
+ * k = e%4. */
 static inline void nx_k4r_convert(int type, const uint8_t *src, uint8_t *dst, int to_r8) {
-    const int q5 = type == NX_Q5_K_R8, bs = q5 ? 176 : 144, qo = q5 ? 48 : 16;
+    const int q5 = type == NX_Q5_K_R8, xs = type == NX_IQ4_XS_R8;
+    const int bs = q5 ? 176 : xs ? 136 : 144, hdr = xs ? 8 : 16, qo = q5 ? 48 : hdr;
     memcpy(dst, src, (size_t)bs);
-    memset(dst + 16, 0, (size_t)(bs - 16));
+    memset(dst + hdr, 0, (size_t)(bs - hdr));
     for (int sb = 0; sb < 8; sb++)
         for (int e = 0; e < 32; e++) {
             const int r = e / 4, k = e % 4;
-            const int nat = qo + 32 * (sb / 2) + e, nsh = 4 * (sb % 2);
+            /* IQ4_XS keeps sub-block sb in qs[16sb..16sb+15]: element e in nibble e/16 of byte e%16 */
+            const int nat = xs ? qo + 16 * sb + e % 16 : qo + 32 * (sb / 2) + e, nsh = xs ? 4 * (e / 16) : 4 * (sb % 2);
             const int rep = qo + 32 * (r / 2) + 4 * sb + k, rsh = 4 * (r % 2);
             const int from = to_r8 ? nat : rep, fsh = to_r8 ? nsh : rsh, to = to_r8 ? rep : nat, tsh = to_r8 ? rsh : nsh;
             dst[to] |= (uint8_t)(((src[from] >> fsh) & 15) << tsh);
@@ -322,8 +325,9 @@ static inline void nx_k4r_convert(int type, const uint8_t *src, uint8_t *dst, in
             }
         }
 }
+static inline int nx_k4r_bs(int type) { return type == NX_Q5_K_R8 ? 176 : type == NX_IQ4_XS_R8 ? 136 : 144; }
 static inline void nx_k4r_repack_row(int type, const uint8_t *src, int64_t nb, uint8_t *dst) {
-    const int bs = type == NX_Q5_K_R8 ? 176 : 144;
+    const int bs = nx_k4r_bs(type);
     for (int64_t i = 0; i < nb; i++) nx_k4r_convert(type, src + bs * i, dst + bs * i, 1);
 }
 

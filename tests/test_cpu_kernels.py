@@ -247,8 +247,12 @@ def test_b32_repacked_moe(path, t, I):
 
 def _same_as_ggml_layout(rng, T, repacked, ggml, floats, tol):
     """One random call: tensors in repacked layouts against the float reference (within `tol`)
-    and against the same tensors in the GGUF's layout (same integer sums: float32 summation order
-    only). Returns the call's args and the GGUF layout's output."""
+    and against the same tensors in the GGUF's layout. Their integer sums are the same and only the
+    float32 summation order differs, but that can tip one 8-bit rounding of silu(g)*u before the
+    down projection, which moves that token's whole output row by ~1/127 of a block's range: so
+    most rows must agree to 1e-5 and every row to 2e-2 (a wrong layout is off by O(1)). The
+    matrices alone agree to 1e-5 everywhere (test_repacked_linear_matches_ggml_layout). Returns
+    the call's args and the GGUF layout's output."""
     H = ggml[0].shape[2]
     x = rng.standard_normal((T, H), dtype=np.float32)
     ids = _routing(T, 3, ggml[0].shape[0], rng)
@@ -259,7 +263,8 @@ def _same_as_ggml_layout(rng, T, repacked, ggml, floats, tol):
     ref = ck.reference_moe(x, ids, w, *floats)
     scale = np.abs(ref).max()
     assert np.abs(out - ref).max() / scale < tol
-    np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * scale)
+    row_diff = np.abs(out - base).max(axis=1) / scale
+    assert (row_diff <= 1e-5).mean() >= 0.5 and row_diff.max() <= 2e-2, row_diff
     return (x, ids, w), base
 
 
@@ -308,11 +313,12 @@ def test_k16_repacked_layout(t):
             assert (p[b] >> reg) & 1 == (g[l] >> (4 * n + j)) & 1
 
 
-@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.IQ4_XS], ids=lambda t: t.name)
 @pytest.mark.parametrize("nb", [1, 2, 3, 16])
 def test_q4_k_r8_layout_roundtrip(qt, nb):
-    """Every block of a repacked Q4_K / Q5_K row reads back as the original bytes (C accessor),
-    with the header (d, dmin, scales) in place and the row's size kept; the codes do move."""
+    """Every block of a repacked Q4_K / Q5_K / IQ4_XS row reads back as the original bytes (C
+    accessor), with the header (d, dmin, scales) in place and the row's size kept; the codes do
+    move."""
     rng = np.random.default_rng(40 + nb)
     bs = ck.row_bytes(qt, 256)
     raw = rng.integers(0, 256, size=(2, 3, nb * bs), dtype=np.uint8)
@@ -320,8 +326,9 @@ def test_q4_k_r8_layout_roundtrip(qt, nb):
     r = t.repacked(threads=2)
     assert r.layout == f"{qt.name.lower()}_r8" and r.nbytes == t.nbytes
     rows_in, rows_out = raw.reshape(6, nb, bs), r.data.reshape(6, nb, bs)
-    np.testing.assert_array_equal(rows_out[:, :, :16], rows_in[:, :, :16])
-    assert (rows_out[:, :, 16:] != rows_in[:, :, 16:]).any()
+    hdr = 8 if qt == QT.IQ4_XS else 16
+    np.testing.assert_array_equal(rows_out[:, :, :hdr], rows_in[:, :, :hdr])
+    assert (rows_out[:, :, hdr:] != rows_in[:, :, hdr:]).any()
     blk = ck._ffi.new(f"uint8_t[{bs}]")
     for row in range(6):
         for i in range(nb):
@@ -346,14 +353,15 @@ def test_q4_k_r8_element_order():
 
 
 @pytest.mark.parametrize("mix", [(QT.Q4_K, QT.Q4_K, QT.Q4_K), (QT.Q5_K, QT.Q5_K, QT.Q5_K), (QT.Q4_K, QT.Q5_K, QT.Q6_K),
-                                 (QT.Q2_K, QT.Q2_K, QT.Q2_K), (QT.Q3_K, QT.Q3_K, QT.Q3_K), (QT.Q2_K, QT.Q3_K, QT.Q4_K)],
+                                 (QT.Q2_K, QT.Q2_K, QT.Q2_K), (QT.Q3_K, QT.Q3_K, QT.Q3_K), (QT.Q2_K, QT.Q3_K, QT.Q4_K),
+                                 (QT.IQ4_XS, QT.IQ4_XS, QT.IQ4_XS), (QT.IQ4_XS, QT.Q4_K, QT.Q2_K)],
                          ids=lambda m: "-".join(t.name for t in m))
 @pytest.mark.parametrize("H", [256, 768, 4096])
 def test_k_repacked_moe(path, mix, H):
     """Repacked 256-element types (gate/up, and down) give the reference result, and the GGUF
     layout's result to float32 summation order, for 1..4 tokens per expert pass and more; gate
     and up of two repacked types share one transposed activation where their families agree
-    (Q4_K/Q5_K), and keep their own where not (Q2_K gate, Q3_K up, Q4_K down)."""
+    (Q4_K/Q5_K/IQ4_XS), and keep their own where not (Q2_K gate, Q3_K up, Q4_K down)."""
     rng = np.random.default_rng(H + int(mix[0]))
     I = 256
     (G, U, D), (gf, uf, df) = _make(*mix, 6, I, H, rng)
@@ -362,7 +370,21 @@ def test_k_repacked_moe(path, mix, H):
     for T in (1, 2, 3, 4, 9):
         args, base = _same_as_ggml_layout(rng, T, (RG, RU, RD), (G, U, D), (gf, uf, df), TOL_EXACT[QT.Q4_K])
         mixed = ck.moe_forward(*args, RG, U, RD)                  # gate and up in different layouts
-        np.testing.assert_allclose(mixed, base, rtol=0, atol=1e-5 * np.abs(base).max())
+        assert np.abs(mixed - base).max() <= 2e-2 * np.abs(base).max()
+
+
+@pytest.mark.parametrize("t", sorted(ck.REPACKED_TYPES, key=int), ids=lambda t: t.name)
+def test_repacked_linear_matches_ggml_layout(path, t):
+    """One matrix, every repacked type: the same activations meet the same integer sums in both
+    layouts, so the outputs agree to float32 summation order, for 1..5 rows (widths that make
+    groups of 8, 4 and loose blocks for the 32-element types)."""
+    rng = np.random.default_rng(int(t) + 7)
+    W, _, x = _linear_case(t, 37, 512 if t in K_TYPES else 416, 5, rng)
+    R = W.repacked()
+    assert R.layout == f"{t.name.lower()}_r8"
+    for T in range(1, 6):
+        a, b = ck.linear(x[:T], R), ck.linear(x[:T], W)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
 def test_repacked_api():
