@@ -40,10 +40,7 @@ static double rate(int type, size_t bs, size_t be, int64_t n, int nt, size_t tot
         uint8_t *row = malloc(rowb);
         for (size_t i = 0; i < nrows; i++) {
             memcpy(row, w + i * rowb, rowb);
-            if (type == NX_Q5_0_R8) nx_r8_repack_row(row, n / 32, w + i * rowb);
-            else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8) nx_k4r_repack_row(type, row, n / 256, w + i * rowb);
-            else if (type == NX_Q2_K_R8 || type == NX_Q3_K_R8) nx_k16r_repack_row(type, row, n / 256, w + i * rowb);
-            else nx_b32r_repack_row(type, row, n / 32, w + i * rowb);
+            nx_repack_row(type, row, n / (type == NX_Q5_0_R8 || type == NX_Q4_0_R8 || type == NX_Q8_0_R8 || type == NX_IQ4_NL_R8 ? 32 : 256), w + i * rowb);
         }
         free(row);
     }

@@ -62,7 +62,7 @@ int main(int argc, char **argv) {
     if (!strcmp(dt, "r8") || layout) {
         d8 = layout ? aligned_alloc(64, (E * H * rd + 63) & ~(size_t)63) : d;
         uint8_t *row = malloc(rd);
-        for (int64_t r = 0; r < E * H; r++) { memcpy(row, d + r * rd, rd); nx_r8_repack_row(row, I / 32, d8 + r * rd); }
+        for (int64_t r = 0; r < E * H; r++) { memcpy(row, d + r * rd, rd); nx_repack_row(NX_Q5_0_R8, row, I / 32, d8 + r * rd); }
         free(row);
         if (!layout) dtype = NX_Q5_0_R8;
     }

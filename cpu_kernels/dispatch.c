@@ -89,14 +89,7 @@ int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_
     rb *= (size_t)nb;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n_rows; r++) {
-        const uint8_t *s = src + rb * (size_t)r;
-        uint8_t *d = dst + rb * (size_t)r;
-        if (type == NX_Q5_0_R8) nx_r8_repack_row(s, nb, d);
-        else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8) nx_k4r_repack_row(type, s, nb, d);
-        else if (type == NX_Q2_K_R8 || type == NX_Q3_K_R8) nx_k16r_repack_row(type, s, nb, d);
-        else nx_b32r_repack_row(type, s, nb, d);
-    }
+    for (int64_t r = 0; r < n_rows; r++) nx_repack_row(type, src + rb * (size_t)r, nb, dst + rb * (size_t)r);
     return 0;
 }
 
