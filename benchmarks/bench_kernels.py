@@ -111,7 +111,7 @@ def main(argv=None):
                          "each) instead of one block of repeats per case: steadier ratios on a shared machine")
     ap.add_argument("--layout", default="repacked", choices=["repacked", "ggml", "both"],
                     help="expert tensors as the runtime loads them by default (repacked where a faster "
-                         "layout exists: Q4_K, Q5_0), as they lie in the GGUF, or both in the same run")
+                         "layout exists: cpu_kernels.REPACKED_TYPES), as they lie in the GGUF, or both in the same run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:

@@ -21,8 +21,8 @@ up on the CPU.
 
 Weights stay in their GGUF block format (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL Q2_K Q3_K
 Q4_K Q5_K Q6_K IQ4_XS, any mix across gate/up/down); ``ExpertTensor.repacked()`` makes a one-time
-copy in a layout the SIMD dots read faster where one exists (Q4_0, Q5_0, Q8_0, IQ4_NL, Q4_K ->
-q4_0_r8 ...: same size, same values).  Activations are quantized once per call to
+copy in a layout the SIMD dots read faster where one exists (``REPACKED_TYPES``: Q4_0 -> q4_0_r8
+and so on for Q5_0 Q8_0 IQ4_NL Q2_K Q3_K Q4_K Q5_K IQ4_XS; same size, same values).  Activations are quantized once per call to
 8-bit blocks (float types use float activations).  Each distinct expert's weights are read once
 per call, whatever the number of tokens routed to it.
 
@@ -243,9 +243,9 @@ if _IMPORT_ERROR is None:
         def repacked(self, threads: int | None = None) -> "ExpertTensor":
             """A copy in the layout the SIMD dots read fastest, made once at load: same bytes per
             row and the same values, only the order inside blocks or groups of blocks changes
-            (Q5_0 -> q5_0_r8, Q4_K -> q4_k_r8, ..., see moe_kernels.h). Returns self when no repacked layout
-            applies. The copy lives in ordinary memory: the GGUF's pages are no longer read by the
-            kernels."""
+            (Q5_0 -> q5_0_r8, Q4_K -> q4_k_r8, ..., see moe_kernels.h). Returns self when no
+            repacked layout applies. The copy lives in ordinary memory: the GGUF's pages are no
+            longer read by the kernels."""
             if self.layout != "ggml" or self.ggml_type not in _REPACK_OF:
                 return self
             layout = _REPACK_OF[self.ggml_type]

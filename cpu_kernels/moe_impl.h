@@ -725,8 +725,8 @@ NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t 
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]) + FN(hsum128)(acco[t]);
 }
 
-/* Q5_0_R8 (layout in moe_kernels.h) against SoA activations like fb32's, word-transposed in full
- * groups of 8 blocks (NX_FAM_B32R).  Per group of 8: one load of 8 fp16 scales, one of the
+/* Q5_0_R8 (layout in moe_kernels.h) against SoA activations like fb32's, word-transposed in the
+ * layout's groups (NX_FAM_B32R).  Per group of 8: one load of 8 fp16 scales, one of the
  * 5th-bit plane, four of nibbles; register r's codes are (nibbles & 15) | (plane shifted so bit r
  * lands on bit 4) & 16, 4 elements of each block at that block's lane.  A token's 8 products add
  * in int16 four at a time (codes <= 31: |lane| <= 4*2*31*127 < 2^15) and two madds leave the 8
@@ -741,8 +741,8 @@ NX_FUSED __m128i FN(r8_sum4)(const __m256i *q, const int8_t *y) {
                                         _mm256_set1_epi16(1));
     return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
-/* the codes of 2 * pairs blocks: nibbles from qs (pair p: low = block 2p, high = block 2p+1),
- * 5th bits from the plane hb (bit i of each byte -> block i) */
+/* the code vectors 2p (low nibbles of qs[32p..]) and 2p+1 (high) for p < pairs, each with its
+ * 5th bits from the plane hb (bit v of each byte -> vector v) */
 NX_FUSED void FN(r8_codes)(const uint8_t *qs, const __m256i hb, const int pairs, __m256i *q) {
     const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16);
     for (int p = 0; p < pairs; p++) {
@@ -1087,9 +1087,6 @@ NX_FUSED void FN(fq6k)(const uint8_t *restrict w, const int64_t nb, const uint8_
     FN(unfold4)(acc, _mm_setzero_ps(), res, nt);
 }
 
-/* Q2_K / Q3_K against Q8_K-like activations: unsigned 2/3-bit codes, one scale per 16 (chunk of 32
- * = groups 2c, 2c+1, laid out like Q6_K's); Q2_K mins through the per-16 sums with dmin, Q3_K's
- * -4 offset through the same sums with d (folded into the integer sum) */
 /* a Q3_K block's 12 scale bytes (at 96) -> 16 int16 scales minus 32, in vector registers (ggml's
  * aux shuffle: scale j's low 4 bits from byte j%8, nibble j/8; its high 2 from byte 8+j%4, bits
  * 2(j/4)); scalar words stored and read back as a vector stalled on store forwarding every block.
@@ -1102,6 +1099,9 @@ NX_FUSED __m256i FN(q3k_scales)(const uint8_t *w) {
     const __m128i h2 = _mm_and_si128(_mm_srlv_epi32(hi, _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
     return _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_or_si128(l4, _mm_slli_epi16(h2, 4))), _mm256_set1_epi16(32));
 }
+/* Q2_K / Q3_K against Q8_K-like activations: unsigned 2/3-bit codes, one scale per 16 (chunk of 32
+ * = groups 2c, 2c+1, laid out like Q6_K's); Q2_K mins through the per-16 sums with dmin, Q3_K's
+ * -4 offset through the same sums with d (folded into the integer sum) */
 NX_FUSED void FN(fq23k)(const int type, const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a,
                         float *res, const int nt) {
     const size_t bs = type == NX_Q2_K ? 84 : 110;

@@ -34,9 +34,10 @@ enum {
     NX_Q2_K_R8 = 110, NX_Q3_K_R8 = 111, NX_IQ4_XS_R8 = 123
 };
 
-/* Activation families: F, B32 and K above; KR and B32R are K and B32 with the 8-bit values
- * word-transposed inside each 256 of them (each K block; each full group of 8 B32 blocks), as the
- * fused dots of the repacked layouts Q4_K_R8 and Q5_0_R8 read them. */
+/* Activation families: F, B32 and K above; KR, K16R and B32R are K and B32 with the 8-bit values
+ * transposed by words inside each block (K: 4-byte words for Q4_K_R8 / Q5_K_R8 / IQ4_XS_R8,
+ * 2-byte for Q2_K_R8 / Q3_K_R8) or group of blocks (B32: Q5_0_R8 and the other 32-element
+ * layouts), as the fused dots of the repacked layouts read them. */
 enum { NX_FAM_F = 0, NX_FAM_B32 = 1, NX_FAM_K = 2, NX_FAM_KR = 3, NX_FAM_B32R = 4,
        NX_FAM_K16R = 5 /* K, y transposed by 2-byte words (Q2_K_R8 / Q3_K_R8's 16 sub-blocks) */ };
 
@@ -175,18 +176,18 @@ static inline int nx_b32r_pos(int type, int g, int i, int l, int *nib) {
     nx_r8_place(g, i, l, &pos, nib, &bit);
     return 2 * g + pos;
 }
-static inline void nx_b32r_group(int type, int64_t nb, int64_t i, int64_t *g0, int *g) {
+/* the group of block i of a row of nb: its size g (8, 4, or 0 for a loose block) and first block */
+static inline void nx_b32r_group(int64_t nb, int64_t i, int64_t *g0, int *g) {
     const int64_t n8 = nb / 8 * 8, n4 = n8 + ((nb - n8) >= 4 ? 4 : 0);
     *g = i < n8 ? 8 : i < n4 ? 4 : 0;
     *g0 = i < n8 ? i / 8 * 8 : n8;
-    (void)type;
 }
 /* block i of a repacked row back in ggml form */
 static inline void nx_b32r_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint8_t *out) {
     const size_t bs = nx_b32r_bs(type);
     int64_t g0;
     int g;
-    nx_b32r_group(type, nb, i, &g0, &g);
+    nx_b32r_group(nb, i, &g0, &g);
     if (!g) { memcpy(out, row + bs * i, bs); return; }
     const uint8_t *base = row + bs * g0;
     const int j = (int)(i - g0);
@@ -319,7 +320,8 @@ static inline void nx_repack_row(int type, const uint8_t *src, int64_t nb, uint8
                 if (type == NX_Q8_0_R8) { memcpy(c, s + 2, 32); continue; }
                 const uint8_t *q = s + (type == NX_Q5_0_R8 ? 6 : 2);
                 for (int l = 0; l < 16; l++) { c[l] = q[l] & 15; c[l + 16] = q[l] >> 4; }
-                if (type == NX_Q5_0_R8)   /* the 32 fifth bits, 8 at a time: bit j of a byte -> bit 4 of byte j */
+                if (type == NX_Q5_0_R8)   /* the 32 fifth bits, 8 at a time: bit j of a byte -> bit 4 of
+                                           * byte j of a little-endian word (x86, ARM) */
                     for (int w = 0; w < 4; w++) {
                         uint64_t spread = 0, c64;
                         for (int j = 0; j < 8; j++) spread |= (uint64_t)((s[2 + w] >> j) & 1) << (8 * j + 4);
