@@ -12,6 +12,7 @@ all of them.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -71,6 +72,30 @@ class TensorInfo:
         row_bytes = self.shape[-1] // block * size
         flat = self._mmap[self._offset:self._offset + self.nbytes]
         return flat.reshape(*self.shape[:-1], row_bytes)
+
+    def release_pages(self) -> None:
+        """Tell the OS this tensor's file bytes will not be read again (the loader calls it after
+        copying them into a repacked layout): they leave this process's resident set and the page
+        cache, rather than sit there beside the copy (twice the model in `top`, and in a
+        container's memory count). A later raw() still reads them, from the file. The pages wholly
+        inside the tensor only; a no-op where the OS lacks the calls."""
+        page = mmap.PAGESIZE
+        start = -(-self._offset // page) * page
+        end = (self._offset + self.nbytes) // page * page
+        if end <= start:
+            return
+        mm = getattr(self._mmap, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
+        try:
+            if mm is not None and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            if hasattr(os, "posix_fadvise"):
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        except (OSError, ValueError, AttributeError):
+            pass  # advice only: the pages stay where they are
 
     def dequantize(self, rows: np.ndarray | None = None) -> np.ndarray:
         """float32 numpy array of `shape` (a new array), or with `rows` (indices along the first

@@ -170,7 +170,7 @@ class _Builder:
                 parts.append(self.tensor(i.name, side, torch.float32))
                 continue
             t = cpu_kernels.ExpertTensor(i.raw(), int(i.ggml_type), (1, *i.shape))
-            parts.append(self._maybe_repack(t, i.name))
+            parts.append(self._maybe_repack(t, i))
             if not counted:
                 self.report.bytes_by_side[side] += i.nbytes
                 self._tick(i)
@@ -214,8 +214,8 @@ class _Builder:
         if self.use_kernels and (side == "cpu" or self.devices["gpu"].type == "cpu"):
             import cpu_kernels
 
-            ets = [self._maybe_repack(cpu_kernels.ExpertTensor(i.raw(), int(i.ggml_type), i.shape), name)
-                   for i, name in zip(infos, names)]
+            ets = [self._maybe_repack(cpu_kernels.ExpertTensor(i.raw(), int(i.ggml_type), i.shape), i)
+                   for i in infos]
             experts = KernelExperts(*ets, threads=self.threads)
             for i in infos:
                 self.report.bytes_by_side[side] += i.nbytes
@@ -226,10 +226,11 @@ class _Builder:
             self.report.torch_expert_layers += 1
         return RoutedExperts(side, experts)
 
-    def _maybe_repack(self, t, name: str):
+    def _maybe_repack(self, t, info):
         """The plan's `repack`: true copies every tensor that has a faster layout; auto does so
         while the SIMD kernels are active and the copy leaves REPACK_RESERVE_BYTES free; false
-        keeps every tensor in the GGUF's own bytes."""
+        keeps every tensor in the GGUF's own bytes. A copied tensor's file pages are released."""
+        name = info.name
         if self.repack is False:
             return t
         if self.repack == "auto":
@@ -246,6 +247,7 @@ class _Builder:
         r = t.repacked(self.threads)
         if r is not t:
             self.report.repacked_bytes += r.nbytes
+            info.release_pages()
         return r
 
     def block(self, layer: int) -> Block:

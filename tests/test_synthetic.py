@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -139,6 +141,26 @@ def test_file_loads_and_generates(air_file):
     assert np.abs(a - b).mean() < 2e-4 * scale
 
 
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from /proc")
+def test_release_pages_leaves_the_resident_set(air_file):
+    """After a tensor's bytes are copied (repack), the loader releases its file pages: they leave
+    the process's resident set, and the tensor still reads the same bytes afterwards."""
+    import mmap
+
+    from runtime.gguf_file import GGUFFile
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE
+
+    info = GGUFFile(air_file[0]).tensors["blk.0.ffn_up_exps.weight"]   # ~415 MB of Q4_K
+    flat = info.raw().reshape(-1)
+    first = int(flat[::mmap.PAGESIZE].astype(np.int64).sum())           # touches every page
+    before = rss()
+    info.release_pages()
+    assert before - rss() > info.nbytes // 2
+    assert int(info.raw().reshape(-1)[::mmap.PAGESIZE].astype(np.int64).sum()) == first
+
+
 def test_cli_errors(tmp_path, capsys):
     assert main([str(tmp_path / "x.gguf"), "--mix", "q9_9"]) == 2
     assert "unknown mix" in capsys.readouterr().err
@@ -148,7 +170,8 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_repack_auto_stops_when_memory_is_short(monkeypatch):
     """`repack: auto` copies while the copy leaves REPACK_RESERVE_BYTES free, then keeps the rest
-    in the GGUF's bytes with one warning; `true` copies regardless; `false` never."""
+    in the GGUF's bytes with one warning; `true` copies regardless; `false` never. The file pages
+    of exactly the copied tensors are released."""
     import torch
     import cpu_kernels
     from runtime import loader
@@ -161,18 +184,24 @@ def test_repack_auto_stops_when_memory_is_short(monkeypatch):
     def builder(mode):
         return loader._Builder(None, None, None, "cpu", torch.float32, True, None, False, repack=mode)
 
+    released = []
+
+    def info(name):  # the TensorInfo the loader passes: its name, and its pages to release
+        return SimpleNamespace(name=name, release_pages=lambda: released.append(name))
+
     free = [loader.REPACK_RESERVE_BYTES + 2 * t.nbytes]
     monkeypatch.setattr(loader, "mem_available", lambda: free[0])
     b = builder("auto")
-    assert b._maybe_repack(t, "blk.1.ffn_down_exps.weight").layout == "q5_0_r8"
+    assert b._maybe_repack(t, info("blk.1.ffn_down_exps.weight")).layout == "q5_0_r8"
     free[0] = loader.REPACK_RESERVE_BYTES + t.nbytes // 2
     with pytest.warns(UserWarning, match=r"repack: auto stopped before blk\.2\.ffn_down_exps\.weight"):
-        assert b._maybe_repack(t, "blk.2.ffn_down_exps.weight") is t
+        assert b._maybe_repack(t, info("blk.2.ffn_down_exps.weight")) is t
     free[0] = 1 << 40
-    assert b._maybe_repack(t, "blk.3.ffn_down_exps.weight") is t   # stays stopped (copies now would crowd out the rest)
+    assert b._maybe_repack(t, info("blk.3.ffn_down_exps.weight")) is t   # stays stopped (copies now would crowd out the rest)
     assert b.report.repacked_bytes == t.nbytes and "blk.2" in b.report.repack_skipped
     free[0] = 0
-    assert builder(True)._maybe_repack(t, "x").layout == "q5_0_r8"
-    assert builder(False)._maybe_repack(t, "x") is t
+    assert builder(True)._maybe_repack(t, info("x")).layout == "q5_0_r8"
+    assert builder(False)._maybe_repack(t, info("y")) is t
+    assert released == ["blk.1.ffn_down_exps.weight", "x"]
     with pytest.raises(ValueError, match="repack must be"):
         builder("yes")
