@@ -1040,7 +1040,7 @@ NX_FUSED void FN(fq4kr)(const int type, const uint8_t *restrict w, const int64_t
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_set1_ps(d * dy), acc[t]);
             /* the mins' 4 int32 sums in the low lanes of one more product into the same accumulator */
             const __m128i msum = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)ab[t][b].bsum32));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_zextsi128_si256(msum)), _mm256_set1_ps(-dmin * dy), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_set_m128i(_mm_setzero_si128(), msum)), _mm256_set1_ps(-dmin * dy), acc[t]);
         }
     }
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
