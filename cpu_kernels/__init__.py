@@ -22,7 +22,7 @@ up on the CPU.
 Weights stay in their GGUF block format (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL Q2_K Q3_K
 Q4_K Q5_K Q6_K IQ4_XS, any mix across gate/up/down); ``ExpertTensor.repacked()`` makes a one-time
 copy in a layout the SIMD dots read faster where one exists (``REPACKED_TYPES``: Q4_0 -> q4_0_r8
-and so on for Q5_0 Q8_0 IQ4_NL Q2_K Q3_K Q4_K Q5_K IQ4_XS; same size, same values).  Activations are quantized once per call to
+and so on for Q5_0 Q8_0 IQ4_NL Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_XS; same size, same values).  Activations are quantized once per call to
 8-bit blocks (float types use float activations).  Each distinct expert's weights are read once
 per call, whatever the number of tokens routed to it.
 
@@ -169,7 +169,7 @@ if _IMPORT_ERROR is None:
     # Kernel ids: 100 + the ggml type's (NX_Q5_0_R8 = 106 ..., moe_kernels.h)
     _LAYOUTS = {"ggml": (None, None)}
     _LAYOUTS.update({f"{t.lower()}_r8": (qtype(t), 100 + int(qtype(t)))
-                     for t in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "IQ4_XS")})
+                     for t in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")})
     _REPACK_OF = {v[0]: k for k, v in _LAYOUTS.items() if v[0] is not None}
     REPACKED_TYPES = frozenset(_REPACK_OF)  # ggml types ExpertTensor.repacked() copies into a faster layout
 

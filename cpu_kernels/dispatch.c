@@ -84,6 +84,7 @@ int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_
     case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: rb = nx_b32r_bs(type); break;
     case NX_Q2_K_R8: rb = 84; break;
     case NX_Q3_K_R8: rb = 110; break;
+    case NX_Q6_K_R8: rb = 210; break;
     default: return -2;
     }
     rb *= (size_t)nb;
@@ -98,5 +99,6 @@ void nx_repacked_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint
     if (type == NX_Q5_0_R8) nx_r8_block(row, nb, i, out);
     else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8) nx_k4r_convert(type, row + nx_k4r_bs(type) * i, out, 0);
     else if (type == NX_Q2_K_R8 || type == NX_Q3_K_R8) nx_k16r_convert(type, row + (type == NX_Q3_K_R8 ? 110 : 84) * i, out, 0);
+    else if (type == NX_Q6_K_R8) nx_q6kr_convert(row + 210 * i, out, 0);
     else nx_b32r_block(type, row, nb, i, out);
 }

@@ -75,7 +75,7 @@ static inline int FN(family)(int type) {
      * their blocks back to ggml's order and takes plain ones */
     case NX_Q5_0_R8: case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: return FN(has_fused)(type) ? NX_FAM_B32R : NX_FAM_B32;
     case NX_Q4_K_R8: case NX_Q5_K_R8: case NX_IQ4_XS_R8: return FN(has_fused)(type) ? NX_FAM_KR : NX_FAM_K;
-    case NX_Q2_K_R8: case NX_Q3_K_R8: return FN(has_fused)(type) ? NX_FAM_K16R : NX_FAM_K;
+    case NX_Q2_K_R8: case NX_Q3_K_R8: case NX_Q6_K_R8: return FN(has_fused)(type) ? NX_FAM_K16R : NX_FAM_K;
     default: return NX_FAM_K;
     }
 }
@@ -205,9 +205,10 @@ static inline void FN(expand_scales)(uk256 *restrict u, const int *sc) {
 
 static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk256 *restrict u) {
     int sc[16];
-    uint8_t blk[176];
+    uint8_t blk[224];
     /* repacked layouts: each block back in its ggml form first */
-    const int kr = type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8 ? 1 : type == NX_Q2_K_R8 || type == NX_Q3_K_R8 ? 2 : 0;
+    const int kr = type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8 ? 1 :
+                   type == NX_Q2_K_R8 || type == NX_Q3_K_R8 ? 2 : type == NX_Q6_K_R8 ? 3 : 0;
     const int rtype = type;
     if (kr) type -= 100;
     const size_t bs = type == NX_Q2_K ? 84 : type == NX_Q3_K ? 110 : type == NX_Q4_K ? 144 :
@@ -220,6 +221,7 @@ static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk25
         const uint8_t *const row_src = src;
         if (kr == 1) { nx_k4r_convert(rtype, src, blk, 0); src = blk; }
         else if (kr == 2) { nx_k16r_convert(rtype, src, blk, 0); src = blk; }
+        else if (kr == 3) { nx_q6kr_convert(src, blk, 0); src = blk; }
         switch (type) {
         case NX_Q2_K: {
             const blk_q2_K *b = (const blk_q2_K *)src;
@@ -633,7 +635,7 @@ static inline int FN(has_fused)(int type) {
     case NX_Q8_0: case NX_Q4_0: case NX_Q5_0: case NX_IQ4_NL: case NX_Q5_0_R8:
     case NX_Q4_K: case NX_Q5_K: case NX_Q6_K: case NX_IQ4_XS: case NX_Q2_K: case NX_Q3_K: case NX_Q4_K_R8:
     case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: case NX_Q2_K_R8: case NX_Q3_K_R8: case NX_Q5_K_R8:
-    case NX_IQ4_XS_R8: return 1;
+    case NX_IQ4_XS_R8: case NX_Q6_K_R8: return 1;
     }
     return 0;
 }
@@ -1214,6 +1216,43 @@ NX_FUSED void FN(fq23kr)(const int type, const uint8_t *restrict w, const int64_
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
 }
 
+/* Q6_K_R8 (layout in moe_kernels.h) against NX_FAM_K16R activations: sub-block j in int16 lane j
+ * of every register; two registers' products add in int16, a madd with the 16 scales widens them,
+ * and the -32 zero point goes through the per-16 activation sums as in fq6k. */
+NX_FUSED void FN(fq6kr)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    const ak256 *ab[NX_NT];
+    for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
+    __m256 acc[NX_NT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, w += 210) {
+        NX_PF(w, 4);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
+        __m256i s32[NX_NT];
+        for (int r = 0; r < 8; r += 2) {
+            const __m256i v = FN(ld256)(w + 16 * r), h = FN(ld256)(w + 128 + 32 * (r / 4));
+            /* bits 2(r%4) of the plane -> bits 4-5: shift by 4 - 2(r%4) */
+            const __m256i h0 = _mm256_and_si256(r % 4 ? h : _mm256_slli_epi16(h, 4), m30);
+            const __m256i h1 = _mm256_and_si256(r % 4 ? _mm256_srli_epi16(h, 2) : _mm256_slli_epi16(h, 2), m30);
+            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
+            for (int t = 0; t < nt; t++) {
+                const int8_t *y = ab[t][b].y + 32 * r;
+                const __m256i p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(q0, FN(ld256)(y)),
+                                                                     _mm256_maddubs_epi16(q1, FN(ld256)(y + 32))), sc16);
+                s32[t] = r ? _mm256_add_epi32(s32[t], p) : p;
+                __asm__("" : "+x"(s32[t]));   /* keep gcc from hoisting the multiplies (fq4kr) */
+            }
+        }
+        const float d = H2F(FN(rd16)(w + 208));
+        for (int t = 0; t < nt; t++) {
+            const __m256i si = _mm256_sub_epi32(s32[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, FN(ld256)(ab[t][b].bsum)), 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_set1_ps(d * ab[t][b].d), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
+}
+
 /* IQ4_XS against Q8_K-like activations (signed codebook values, 6-bit signed scale per 32) */
 /* an IQ4_XS block's 8 six-bit scales at once (low nibbles from scales_l, two high bits each from
  * scales_h, minus 32), int32 lane i = scale i as an int16 pair (both halves) */
@@ -1319,6 +1358,7 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
     case NX_Q2_K: NX_NT_SWITCH(FN(fq23k)(NX_Q2_K, w, n / 256, a, res, NTC)) break;
     case NX_Q3_K: NX_NT_SWITCH(FN(fq23k)(NX_Q3_K, w, n / 256, a, res, NTC)) break;
     case NX_Q2_K_R8: NX_NT_SWITCH(FN(fq23kr)(NX_Q2_K_R8, w, n / 256, a, res, NTC)) break;
+    case NX_Q6_K_R8: NX_NT_SWITCH(FN(fq6kr)(w, n / 256, a, res, NTC)) break;
     case NX_Q3_K_R8: NX_NT_SWITCH(FN(fq23kr)(NX_Q3_K_R8, w, n / 256, a, res, NTC)) break;
     }
 }

@@ -31,7 +31,7 @@ enum {
     /* not ggml types: rows repacked once at load (same bytes per row, see below); id 100 + the
      * ggml type's */
     NX_Q4_K_R8 = 112, NX_Q5_K_R8 = 113, NX_Q4_0_R8 = 102, NX_Q8_0_R8 = 108, NX_IQ4_NL_R8 = 120,
-    NX_Q2_K_R8 = 110, NX_Q3_K_R8 = 111, NX_IQ4_XS_R8 = 123
+    NX_Q2_K_R8 = 110, NX_Q3_K_R8 = 111, NX_Q6_K_R8 = 114, NX_IQ4_XS_R8 = 123
 };
 
 /* Activation families: F, B32 and K above; KR, K16R and B32R are K and B32 with the 8-bit values
@@ -39,7 +39,7 @@ enum {
  * 2-byte for Q2_K_R8 / Q3_K_R8) or group of blocks (B32: Q5_0_R8 and the other 32-element
  * layouts), as the fused dots of the repacked layouts read them. */
 enum { NX_FAM_F = 0, NX_FAM_B32 = 1, NX_FAM_K = 2, NX_FAM_KR = 3, NX_FAM_B32R = 4,
-       NX_FAM_K16R = 5 /* K, y transposed by 2-byte words (Q2_K_R8 / Q3_K_R8's 16 sub-blocks) */ };
+       NX_FAM_K16R = 5 /* K, y transposed by 2-byte words (Q2_K_R8 / Q3_K_R8 / Q6_K_R8's 16 sub-blocks) */ };
 
 /* ---- on-disk blocks (ggml layouts) ---- */
 #define QK 32
@@ -236,6 +236,37 @@ static inline void nx_k16r_convert(int type, const uint8_t *src, uint8_t *dst, i
         }
 }
 
+/* ---- Q6_K_R8: Q6_K blocks in Q2_K_R8's register order (2-byte words, 16 sub-blocks in the
+ * int16 lanes) ----
+ * ggml keeps element 128n + 32q + l's low 4 bits in nibble q/2 of ql[64n + 32(q%2) + l] and its
+ * high 2 at bits 2q of qh[32n + l]; the repacked block keeps scales[16] and d at 192 and 208 and
+ * holds register r, byte b (element 16(b/2) + 2r + b%2):
+ *   ql[32(r/2) + b], nibble r%2: low 4 bits;  qh[32(r/4) + b], bits 2(r%4): high 2 bits.
+ * Two registers' products add in int16 (codes <= 63: |lane| <= 2*2*63*127 < 2^15) before a madd
+ * applies the 16 scales. */
+static inline int nx_q6k_code(const uint8_t *blk, int e) {
+    const int n = e / 128, q = (e % 128) / 32, l = e % 32;
+    return ((blk[64 * n + 32 * (q % 2) + l] >> (4 * (q / 2))) & 15) | ((blk[128 + 32 * n + l] >> (2 * q)) & 3) << 4;
+}
+/* one block ggml <-> repacked; `to_r8` picks the direction */
+static inline void nx_q6kr_convert(const uint8_t *src, uint8_t *dst, int to_r8) {
+    memcpy(dst, src, 210);
+    memset(dst, 0, 192);
+    for (int r = 0; r < 8; r++)
+        for (int b = 0; b < 32; b++) {
+            const int e = 16 * (b / 2) + 2 * r + b % 2, n = e / 128, q = (e % 128) / 32, l = e % 32;
+            if (to_r8) {
+                const int c = nx_q6k_code(src, e);
+                dst[32 * (r / 2) + b] |= (uint8_t)((c & 15) << (4 * (r % 2)));
+                dst[128 + 32 * (r / 4) + b] |= (uint8_t)((c >> 4) << (2 * (r % 4)));
+            } else {
+                const int lo = (src[32 * (r / 2) + b] >> (4 * (r % 2))) & 15, hi = (src[128 + 32 * (r / 4) + b] >> (2 * (r % 4))) & 3;
+                dst[64 * n + 32 * (q % 2) + l] |= (uint8_t)(lo << (4 * (q / 2)));
+                dst[128 + 32 * n + l] |= (uint8_t)(hi << (2 * q));
+            }
+        }
+}
+
 /* ---- Q4_K_R8, Q5_K_R8, IQ4_XS_R8: rows repacked at load for the SIMD dots (same size, same values) ----
  * A Q4_K block's nibbles hold sub-block 2j in the low and 2j+1 in the high nibbles of qs[32j..],
  * so one maddubs covers a single sub-block and the dot must fold sub-block pairs horizontally
@@ -340,14 +371,24 @@ static inline void nx_repack_row(int type, const uint8_t *src, int64_t nb, uint8
         memcpy(dst + bs * b, src + bs * b, bs * (size_t)(nb - b));
         return;
     }
-    const int k16 = type == NX_Q2_K_R8 || type == NX_Q3_K_R8;
+    const int k16 = type == NX_Q2_K_R8 || type == NX_Q3_K_R8 || type == NX_Q6_K_R8;
     const size_t bs = type == NX_Q2_K_R8 ? 84 : type == NX_Q3_K_R8 ? 110 : type == NX_Q5_K_R8 ? 176 :
-                      type == NX_IQ4_XS_R8 ? 136 : 144;
+                      type == NX_IQ4_XS_R8 ? 136 : type == NX_Q6_K_R8 ? 210 : 144;
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *s = src + bs * (size_t)i;
         uint8_t *d = dst + bs * (size_t)i;
         memcpy(d, s, bs);
-        if (k16) {          /* element 128n + 32j + l: bits 2j of qs[32n + l] (Q3_K: bit 4n+j of hmask[l]) */
+        if (type == NX_Q6_K_R8) {   /* nx_q6k_code, a half of 128 elements at a time */
+            for (int n = 0; n < 2; n++)
+                for (int l = 0; l < 32; l++) {
+                    const uint8_t l0 = s[64 * n + l], l1 = s[64 * n + 32 + l], h = s[128 + 32 * n + l];
+                    uint8_t *c = codes + 128 * n + l;
+                    c[0] = (uint8_t)((l0 & 15) | (h & 3) << 4);
+                    c[32] = (uint8_t)((l1 & 15) | ((h >> 2) & 3) << 4);
+                    c[64] = (uint8_t)((l0 >> 4) | ((h >> 4) & 3) << 4);
+                    c[96] = (uint8_t)((l1 >> 4) | ((h >> 6) & 3) << 4);
+                }
+        } else if (k16) {   /* element 128n + 32j + l: bits 2j of qs[32n + l] (Q3_K: bit 4n+j of hmask[l]) */
             const uint8_t *qs = s + (type == NX_Q3_K_R8 ? 32 : 16);
             for (int n = 0; n < 2; n++)
                 for (int j = 0; j < 4; j++)
@@ -371,7 +412,16 @@ static inline void nx_repack_row(int type, const uint8_t *src, int64_t nb, uint8
                     codes[32 * sb + x] = c;
                 }
         }
-        if (k16) {   /* 2-byte words: byte 32r + 2j + k = element 16j + 2r + k */
+        if (type == NX_Q6_K_R8) {   /* 2-byte words as Q2_K's; low nibbles, then 2-bit planes */
+            nx_transpose_words(codes, T, 16, 8, 2);
+            nx_pack_nibbles(T, 8, d);
+            for (int V = 0; V < 2; V++)
+                for (int b = 0; b < 32; b++) {
+                    uint8_t q = 0;
+                    for (int k = 0; k < 4; k++) q |= (uint8_t)(((T[32 * (4 * V + k) + b] >> 4) & 3) << (2 * k));
+                    d[128 + 32 * V + b] = q;
+                }
+        } else if (k16) {   /* 2-byte words: byte 32r + 2j + k = element 16j + 2r + k */
             nx_transpose_words(codes, T, 16, 8, 2);
             uint8_t *qs = d + (type == NX_Q3_K_R8 ? 32 : 16);
             for (int V = 0; V < 2; V++)

@@ -22,7 +22,7 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    help="dtype of weights and KV cache on the GPU side")
     g.add_argument("--threads", help="CPU expert threads (N or auto)")
     g.add_argument("--repack", choices=["auto", "true", "false"],
-                   help="copy CPU experts into a faster layout at load where one exists (Q2_K Q3_K Q4_K Q5_K IQ4_XS Q4_0 "
+                   help="copy CPU experts into a faster layout at load where one exists (Q2_K..Q6_K IQ4_XS Q4_0 "
                         "Q5_0 Q8_0 IQ4_NL; auto: when the SIMD kernels are active and the copy fits in free memory)")
     g.add_argument("--ctx", "--context", dest="context", type=int, help="context length (KV cache size)")
     g.add_argument("--cpu-moe", action="store_true", default=None, help="all routed experts on the CPU side")

@@ -313,6 +313,33 @@ def test_k16_repacked_layout(t):
             assert (p[b] >> reg) & 1 == (g[l] >> (4 * n + j)) & 1
 
 
+def test_q6_k_r8_layout():
+    """Q6_K_R8: random-byte blocks read back as the original bytes, the scales and d stay put, and
+    element e's 6-bit code sits where moe_kernels.h says (register r = (e % 16) // 2, byte
+    b = 2 (e // 16) + e % 2: low 4 bits in nibble r % 2 of ql[32 (r // 2) + b], high 2 at bits
+    2 (r % 4) of qh[32 (r // 4) + b])."""
+    rng = np.random.default_rng(61)
+    nb = 3
+    raw = rng.integers(0, 256, size=(2, 2, nb * 210), dtype=np.uint8)
+    w = ck.ExpertTensor(raw, QT.Q6_K, (2, 2, nb * 256))
+    r = w.repacked(threads=2)
+    assert r.layout == "q6_k_r8" and r.nbytes == w.nbytes
+    rows_in, rows_out = raw.reshape(4, nb, 210), r.data.reshape(4, nb, 210)
+    np.testing.assert_array_equal(rows_out[:, :, 192:], rows_in[:, :, 192:])
+    blk = ck._ffi.new("uint8_t[210]")
+    for row in range(4):
+        for i in range(nb):
+            ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
+            assert bytes(blk) == rows_in[row, i].tobytes(), (row, i)
+    g, p = rows_in[0, 0], rows_out[0, 0]
+    for e in range(256):
+        n, q, l = e // 128, (e % 128) // 32, e % 32
+        code = ((g[64 * n + 32 * (q % 2) + l] >> (4 * (q // 2))) & 15) | ((g[128 + 32 * n + l] >> (2 * q)) & 3) << 4
+        reg, b = (e % 16) // 2, 2 * (e // 16) + e % 2
+        got = ((p[32 * (reg // 2) + b] >> (4 * (reg % 2))) & 15) | ((p[128 + 32 * (reg // 4) + b] >> (2 * (reg % 4))) & 3) << 4
+        assert got == code, e
+
+
 @pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.IQ4_XS], ids=lambda t: t.name)
 @pytest.mark.parametrize("nb", [1, 2, 3, 16])
 def test_q4_k_r8_layout_roundtrip(qt, nb):
@@ -354,7 +381,8 @@ def test_q4_k_r8_element_order():
 
 @pytest.mark.parametrize("mix", [(QT.Q4_K, QT.Q4_K, QT.Q4_K), (QT.Q5_K, QT.Q5_K, QT.Q5_K), (QT.Q4_K, QT.Q5_K, QT.Q6_K),
                                  (QT.Q2_K, QT.Q2_K, QT.Q2_K), (QT.Q3_K, QT.Q3_K, QT.Q3_K), (QT.Q2_K, QT.Q3_K, QT.Q4_K),
-                                 (QT.IQ4_XS, QT.IQ4_XS, QT.IQ4_XS), (QT.IQ4_XS, QT.Q4_K, QT.Q2_K)],
+                                 (QT.IQ4_XS, QT.IQ4_XS, QT.IQ4_XS), (QT.IQ4_XS, QT.Q4_K, QT.Q2_K),
+                                 (QT.Q6_K, QT.Q6_K, QT.Q6_K), (QT.Q2_K, QT.Q6_K, QT.Q3_K)],
                          ids=lambda m: "-".join(t.name for t in m))
 @pytest.mark.parametrize("H", [256, 768, 4096])
 def test_k_repacked_moe(path, mix, H):
@@ -389,8 +417,8 @@ def test_repacked_linear_matches_ggml_layout(path, t):
 
 def test_repacked_api():
     rng = np.random.default_rng(31)
-    q6k = ck.ExpertTensor(ck.random_blocks(QT.Q6_K, (2, 8, 256), rng), QT.Q6_K, (2, 8, 256))
-    assert q6k.repacked() is q6k and not q6k.can_repack()          # no repacked layout for Q6_K
+    q41 = ck.ExpertTensor(ck.random_blocks(QT.Q4_1, (2, 8, 256), rng), QT.Q4_1, (2, 8, 256))
+    assert q41.repacked() is q41 and not q41.can_repack()          # no repacked layout for Q4_1
     q4k = ck.ExpertTensor(ck.random_blocks(QT.Q4_K, (2, 8, 256), rng), QT.Q4_K, (2, 8, 256))
     assert "q4_k_r8" in repr(q4k.repacked()) and q4k.can_repack() == (ck.active_path() != "ref")
     q50 = ck.ExpertTensor(ck.random_blocks(QT.Q5_0, (2, 8, 256), rng), QT.Q5_0, (2, 8, 256))
