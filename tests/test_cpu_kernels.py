@@ -204,6 +204,20 @@ def test_all_tokens_same_experts(path, T):
 R8_WIDTHS = [128, 160, 256, 288, 416, 1408, 96]
 
 
+def _assert_blocks_read_back(r, rows_in, rows_out):
+    """Every block of every repacked row, read back through the C accessor (nx_repacked_block,
+    the element-by-element reference the fast repack is held to), equals the original bytes."""
+    n_rows = rows_out.shape[0]
+    ins, outs = rows_in.reshape(n_rows, -1), rows_out.reshape(n_rows, -1)
+    bs = ck.row_bytes(r.ggml_type, 32 if r.ggml_type not in K_TYPES else 256)
+    nb = ins.shape[1] // bs
+    blk = ck._ffi.new(f"uint8_t[{bs}]")
+    for row in range(n_rows):
+        for i in range(nb):
+            ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(outs[row]), nb, i, blk)
+            assert bytes(blk) == ins[row, bs * i:bs * i + bs].tobytes(), (row, i)
+
+
 B32_REPACKED = [QT.Q5_0, QT.Q8_0, QT.Q4_0, QT.IQ4_NL]
 
 
@@ -223,11 +237,7 @@ def test_b32_repacked_layout_roundtrip(t, nb):
     np.testing.assert_array_equal(rows_out[:, moved:], rows_in[:, moved:])
     if moved:
         assert (rows_out[:, :moved] != rows_in[:, :moved]).any()
-    blk = ck._ffi.new(f"uint8_t[{bs}]")
-    for row in range(6):
-        for i in range(nb):
-            ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
-            assert bytes(blk) == rows_in[row, bs * i:bs * i + bs].tobytes(), (row, i)
+    _assert_blocks_read_back(r, rows_in, rows_out)
 
 
 @pytest.mark.parametrize("t", B32_REPACKED, ids=lambda t: t.name)
@@ -299,11 +309,7 @@ def test_k16_repacked_layout(t):
     qo, q3 = (32, True) if t == QT.Q3_K else (16, False)
     fixed = [i for i in range(bs) if not (qo <= i < qo + 64 or (q3 and i < 32))]
     np.testing.assert_array_equal(rows_out[:, :, fixed], rows_in[:, :, fixed])
-    blk = ck._ffi.new(f"uint8_t[{bs}]")
-    for row in range(6):
-        for i in range(nb):
-            ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
-            assert bytes(blk) == rows_in[row, i].tobytes(), (row, i)
+    _assert_blocks_read_back(r, rows_in, rows_out)
     g, p = rows_in[0, 0], rows_out[0, 0]
     for e in range(256):
         n, j, l = e // 128, (e % 128) // 32, e % 32
@@ -326,11 +332,7 @@ def test_q6_k_r8_layout():
     assert r.layout == "q6_k_r8" and r.nbytes == w.nbytes
     rows_in, rows_out = raw.reshape(4, nb, 210), r.data.reshape(4, nb, 210)
     np.testing.assert_array_equal(rows_out[:, :, 192:], rows_in[:, :, 192:])
-    blk = ck._ffi.new("uint8_t[210]")
-    for row in range(4):
-        for i in range(nb):
-            ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
-            assert bytes(blk) == rows_in[row, i].tobytes(), (row, i)
+    _assert_blocks_read_back(r, rows_in, rows_out)
     g, p = rows_in[0, 0], rows_out[0, 0]
     for e in range(256):
         n, q, l = e // 128, (e % 128) // 32, e % 32
@@ -356,11 +358,7 @@ def test_q4_k_r8_layout_roundtrip(qt, nb):
     hdr = 8 if qt == QT.IQ4_XS else 16
     np.testing.assert_array_equal(rows_out[:, :, :hdr], rows_in[:, :, :hdr])
     assert (rows_out[:, :, hdr:] != rows_in[:, :, hdr:]).any()
-    blk = ck._ffi.new(f"uint8_t[{bs}]")
-    for row in range(6):
-        for i in range(nb):
-            ck._lib.nx_repacked_block(r._c.type, ck._ffi.from_buffer(rows_out[row]), nb, i, blk)
-            assert bytes(blk) == rows_in[row, i].tobytes(), (row, i)
+    _assert_blocks_read_back(r, rows_in, rows_out)
 
 
 def test_q4_k_r8_element_order():
