@@ -75,19 +75,8 @@ int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads) {
 /* A row in ggml blocks -> a repacked layout (`type` is the layout's kernel id, moe_kernels.h);
  * rows are independent, so threads split them. Returns 0, or -2 for a type without a layout. */
 int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads) {
-    size_t rb;
-    switch (type) {
-    case NX_Q5_0_R8: rb = 22; break;
-    case NX_Q4_K_R8: rb = 144; break;
-    case NX_Q5_K_R8: rb = 176; break;
-    case NX_IQ4_XS_R8: rb = 136; break;
-    case NX_Q8_0_R8: case NX_Q4_0_R8: case NX_IQ4_NL_R8: rb = nx_b32r_bs(type); break;
-    case NX_Q2_K_R8: rb = 84; break;
-    case NX_Q3_K_R8: rb = 110; break;
-    case NX_Q6_K_R8: rb = 210; break;
-    default: return -2;
-    }
-    rb *= (size_t)nb;
+    const size_t rb = nx_repacked_bs(type) * (size_t)nb;
+    if (!rb) return -2;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n_rows; r++) nx_repack_row(type, src + rb * (size_t)r, nb, dst + rb * (size_t)r);
@@ -96,9 +85,12 @@ int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_
 
 /* block i of a repacked row back in ggml form (for tests) */
 void nx_repacked_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint8_t *out) {
-    if (type == NX_Q5_0_R8) nx_r8_block(row, nb, i, out);
-    else if (type == NX_Q4_K_R8 || type == NX_Q5_K_R8 || type == NX_IQ4_XS_R8) nx_k4r_convert(type, row + nx_k4r_bs(type) * i, out, 0);
-    else if (type == NX_Q2_K_R8 || type == NX_Q3_K_R8) nx_k16r_convert(type, row + (type == NX_Q3_K_R8 ? 110 : 84) * i, out, 0);
-    else if (type == NX_Q6_K_R8) nx_q6kr_convert(row + 210 * i, out, 0);
-    else nx_b32r_block(type, row, nb, i, out);
+    const uint8_t *blk = row + nx_repacked_bs(type) * (size_t)i;
+    switch (type) {
+    case NX_Q5_0_R8: nx_r8_block(row, nb, i, out); break;
+    case NX_Q4_K_R8: case NX_Q5_K_R8: case NX_IQ4_XS_R8: nx_k4r_block(type, blk, out); break;
+    case NX_Q2_K_R8: case NX_Q3_K_R8: nx_k16r_block(type, blk, out); break;
+    case NX_Q6_K_R8: nx_q6kr_block(blk, out); break;
+    default: nx_b32r_block(type, row, nb, i, out); break;
+    }
 }

@@ -219,9 +219,9 @@ static void FN(unpack_k)(int type, const uint8_t *restrict src, int64_t nb, uk25
     for (int64_t i = 0; i < nb; i++, u++, src += bs) {
         int8_t *restrict q = u->q;
         const uint8_t *const row_src = src;
-        if (kr == 1) { nx_k4r_convert(rtype, src, blk, 0); src = blk; }
-        else if (kr == 2) { nx_k16r_convert(rtype, src, blk, 0); src = blk; }
-        else if (kr == 3) { nx_q6kr_convert(src, blk, 0); src = blk; }
+        if (kr == 1) { nx_k4r_block(rtype, src, blk); src = blk; }
+        else if (kr == 2) { nx_k16r_block(rtype, src, blk); src = blk; }
+        else if (kr == 3) { nx_q6kr_block(src, blk); src = blk; }
         switch (type) {
         case NX_Q2_K: {
             const blk_q2_K *b = (const blk_q2_K *)src;
@@ -831,7 +831,7 @@ NX_FUSED __m256i FN(b32r_codes)(const int type, const uint8_t *q, const int v, c
 NX_FUSED void FN(fb32r)(const int type, const uint8_t *restrict w, const int64_t nb,
                         const uint8_t *const *a, float *res, const int nt) {
     const int sgn = type != NX_Q4_0_R8;
-    const size_t bs = nx_b32r_bs(type);
+    const size_t bs = nx_repacked_bs(type);
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FN(kvalues)));
     const int8_t *y[NX_NT];

@@ -126,6 +126,21 @@ extern int64_t nx_min_work_per_thread;
  * The activations are word-transposed to match (word w of block i at byte 4*G*w + 4i of the
  * group's y: NX_FAM_B32R).
  * Block i of a row starts at byte 22*i in both layouts' accounting, so groups never straddle. */
+/* bytes per block of a repacked type (its ggml type's), 0 for a type without a repacked layout */
+static inline size_t nx_repacked_bs(int type) {
+    switch (type) {
+    case NX_Q4_0_R8: case NX_IQ4_NL_R8: return 18;
+    case NX_Q5_0_R8: return 22;
+    case NX_Q8_0_R8: return 34;
+    case NX_Q2_K_R8: return 84;
+    case NX_Q3_K_R8: return 110;
+    case NX_IQ4_XS_R8: return 136;
+    case NX_Q4_K_R8: return 144;
+    case NX_Q5_K_R8: return 176;
+    case NX_Q6_K_R8: return 210;
+    default: return 0;
+    }
+}
 /* where element l of block i of a group of g lives: byte `pos` of qs, nibble `nib` (0 low, 1
  * high), and bit `bit` of hb[4i + l%4] */
 static inline void nx_r8_place(int g, int i, int l, int *pos, int *nib, int *bit) {
@@ -163,12 +178,6 @@ static inline void nx_r8_block(const uint8_t *row, int64_t nb, int64_t i, uint8_
  *              activations' own order (NX_FAM_B32R);
  *   Q4_0_R8, IQ4_NL_R8 : d[G] | qs[16G]: the 4-bit code of element l of block i in the nibble
  *              nx_r8_place gives (Q5_0_R8's without its 5th-bit plane). */
-static inline size_t nx_b32r_bs(int type) { return type == NX_Q8_0_R8 ? 34 : 18; }
-/* element l's code of a ggml block (Q8_0: the int8; Q4_0/IQ4_NL: the 4-bit index) */
-static inline int nx_b32_code(int type, const uint8_t *blk, int l) {
-    if (type == NX_Q8_0_R8) return blk[2 + l];
-    return l < 16 ? blk[2 + l] & 15 : blk[2 + l - 16] >> 4;
-}
 /* the byte (and nibble: 0 low, 1 high, -1 whole byte) of a group of g holding element l of block i */
 static inline int nx_b32r_pos(int type, int g, int i, int l, int *nib) {
     if (type == NX_Q8_0_R8) { *nib = -1; return 2 * g + 4 * g * (l / 4) + 4 * i + l % 4; }
@@ -184,7 +193,7 @@ static inline void nx_b32r_group(int64_t nb, int64_t i, int64_t *g0, int *g) {
 }
 /* block i of a repacked row back in ggml form */
 static inline void nx_b32r_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint8_t *out) {
-    const size_t bs = nx_b32r_bs(type);
+    const size_t bs = nx_repacked_bs(type);
     int64_t g0;
     int g;
     nx_b32r_group(nb, i, &g0, &g);
@@ -214,25 +223,19 @@ static inline void nx_b32r_block(int type, const uint8_t *row, int64_t nb, int64
  * register r byte b = element 16(b/2) + 2r + b%2.  A token's 8 products add in int16 (codes <= 7:
  * |lane| <= 8*2*7*127 < 2^15) and one madd applies the 16 scales; the activations are transposed
  * by 2-byte words to match (NX_FAM_K16R). */
-static inline int nx_k16r_elem(int r, int b) { return 16 * (b / 2) + 2 * r + b % 2; }
-static inline int nx_k16_low(const uint8_t *qs, int e) { return (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3; }
-/* block (Q2_K 84 or Q3_K 110 bytes) ggml <-> repacked; `to_r8` picks the direction */
-static inline void nx_k16r_convert(int type, const uint8_t *src, uint8_t *dst, int to_r8) {
+/* one repacked block (Q2_K 84 or Q3_K 110 bytes) back in ggml form, element by element: the
+ * reference that nx_repack_row is tested against */
+static inline void nx_k16r_block(int type, const uint8_t *src, uint8_t *dst) {
     const int q3 = type == NX_Q3_K_R8, bs = q3 ? 110 : 84, qo = q3 ? 32 : 16;
     memcpy(dst, src, (size_t)bs);
     memset(dst + qo, 0, 64);
     if (q3) memset(dst, 0, 32);
     for (int r = 0; r < 8; r++)
         for (int b = 0; b < 32; b++) {
-            const int e = nx_k16r_elem(r, b), n = e / 128, j = (e % 128) / 32, l = e % 32;
-            if (to_r8) {
-                dst[qo + 32 * (r / 4) + b] |= (uint8_t)(nx_k16_low(src + qo, e) << (2 * (r % 4)));
-                if (q3) dst[b] |= (uint8_t)(((src[l] >> (4 * n + j)) & 1) << r);
-            } else {
-                const int lo = (src[qo + 32 * (r / 4) + b] >> (2 * (r % 4))) & 3;
-                dst[qo + 32 * n + l] |= (uint8_t)(lo << (2 * j));
-                if (q3) dst[l] |= (uint8_t)(((src[b] >> r) & 1) << (4 * n + j));
-            }
+            const int e = 16 * (b / 2) + 2 * r + b % 2, n = e / 128, j = (e % 128) / 32, l = e % 32;
+            const int lo = (src[qo + 32 * (r / 4) + b] >> (2 * (r % 4))) & 3;
+            dst[qo + 32 * n + l] |= (uint8_t)(lo << (2 * j));
+            if (q3) dst[l] |= (uint8_t)(((src[b] >> r) & 1) << (4 * n + j));
         }
 }
 
@@ -244,26 +247,16 @@ static inline void nx_k16r_convert(int type, const uint8_t *src, uint8_t *dst, i
  *   ql[32(r/2) + b], nibble r%2: low 4 bits;  qh[32(r/4) + b], bits 2(r%4): high 2 bits.
  * Two registers' products add in int16 (codes <= 63: |lane| <= 2*2*63*127 < 2^15) before a madd
  * applies the 16 scales. */
-static inline int nx_q6k_code(const uint8_t *blk, int e) {
-    const int n = e / 128, q = (e % 128) / 32, l = e % 32;
-    return ((blk[64 * n + 32 * (q % 2) + l] >> (4 * (q / 2))) & 15) | ((blk[128 + 32 * n + l] >> (2 * q)) & 3) << 4;
-}
-/* one block ggml <-> repacked; `to_r8` picks the direction */
-static inline void nx_q6kr_convert(const uint8_t *src, uint8_t *dst, int to_r8) {
+/* one repacked Q6_K block back in ggml form (the reference for nx_repack_row) */
+static inline void nx_q6kr_block(const uint8_t *src, uint8_t *dst) {
     memcpy(dst, src, 210);
     memset(dst, 0, 192);
     for (int r = 0; r < 8; r++)
         for (int b = 0; b < 32; b++) {
             const int e = 16 * (b / 2) + 2 * r + b % 2, n = e / 128, q = (e % 128) / 32, l = e % 32;
-            if (to_r8) {
-                const int c = nx_q6k_code(src, e);
-                dst[32 * (r / 2) + b] |= (uint8_t)((c & 15) << (4 * (r % 2)));
-                dst[128 + 32 * (r / 4) + b] |= (uint8_t)((c >> 4) << (2 * (r % 4)));
-            } else {
-                const int lo = (src[32 * (r / 2) + b] >> (4 * (r % 2))) & 15, hi = (src[128 + 32 * (r / 4) + b] >> (2 * (r % 4))) & 3;
-                dst[64 * n + 32 * (q % 2) + l] |= (uint8_t)(lo << (4 * (q / 2)));
-                dst[128 + 32 * n + l] |= (uint8_t)(hi << (2 * q));
-            }
+            const int lo = (src[32 * (r / 2) + b] >> (4 * (r % 2))) & 15, hi = (src[128 + 32 * (r / 4) + b] >> (2 * (r % 4))) & 3;
+            dst[64 * n + 32 * (q % 2) + l] |= (uint8_t)(lo << (4 * (q / 2)));
+            dst[128 + 32 * n + l] |= (uint8_t)(hi << (2 * q));
         }
 }
 
@@ -280,14 +273,14 @@ static inline void nx_q6kr_convert(const uint8_t *src, uint8_t *dst, int to_r8) 
  * activations are word-transposed to match (quant_act for NX_FAM_KR), and a token's registers'
  * products add in int16 (all 8 for Q4_K, 4 at a time for Q5_K) before a madd applies the 8
  * scales. */
-/* one Q4_K / Q5_K / IQ4_XS block (type: its _R8 id) ggml <-> repacked; `to_r8` picks the
- * direction. Element e of sub-block sb: ggml keeps its low 4 bits in nibble sb%2 of
+/* one repacked Q4_K / Q5_K / IQ4_XS block (type: its _R8 id) back in ggml form, element by
+ * element (the reference for nx_repack_row). Element e of sub-block sb: ggml keeps its low 4 bits in nibble sb%2 of
  * qs[32(sb/2) + e] (IQ4_XS: nibble e/16 of qs[16sb + e%16]; Q5_K its 5th bit in bit sb of qh[e]);
  * the repacked block in nibble r%2 of qs[32(r/2) + 4sb + k] (and bit r of qh[4sb + k]), r = e/4,
  * k = e%4. */
-static inline void nx_k4r_convert(int type, const uint8_t *src, uint8_t *dst, int to_r8) {
+static inline void nx_k4r_block(int type, const uint8_t *src, uint8_t *dst) {
     const int q5 = type == NX_Q5_K_R8, xs = type == NX_IQ4_XS_R8;
-    const int bs = q5 ? 176 : xs ? 136 : 144, hdr = xs ? 8 : 16, qo = q5 ? 48 : hdr;
+    const int bs = (int)nx_repacked_bs(type), hdr = xs ? 8 : 16, qo = q5 ? 48 : hdr;
     memcpy(dst, src, (size_t)bs);
     memset(dst + hdr, 0, (size_t)(bs - hdr));
     for (int sb = 0; sb < 8; sb++)
@@ -295,17 +288,11 @@ static inline void nx_k4r_convert(int type, const uint8_t *src, uint8_t *dst, in
             const int r = e / 4, k = e % 4;
             /* IQ4_XS keeps sub-block sb in qs[16sb..16sb+15]: element e in nibble e/16 of byte e%16 */
             const int nat = xs ? qo + 16 * sb + e % 16 : qo + 32 * (sb / 2) + e, nsh = xs ? 4 * (e / 16) : 4 * (sb % 2);
-            const int rep = qo + 32 * (r / 2) + 4 * sb + k, rsh = 4 * (r % 2);
-            const int from = to_r8 ? nat : rep, fsh = to_r8 ? nsh : rsh, to = to_r8 ? rep : nat, tsh = to_r8 ? rsh : nsh;
-            dst[to] |= (uint8_t)(((src[from] >> fsh) & 15) << tsh);
-            if (q5) {
-                const int hf = to_r8 ? 16 + e : 16 + 4 * sb + k, hb = to_r8 ? sb : r;
-                const int ht = to_r8 ? 16 + 4 * sb + k : 16 + e, hbt = to_r8 ? r : sb;
-                dst[ht] |= (uint8_t)(((src[hf] >> hb) & 1) << hbt);
-            }
+            const int rep = qo + 32 * (r / 2) + 4 * sb + k;
+            dst[nat] |= (uint8_t)(((src[rep] >> (4 * (r % 2))) & 15) << nsh);
+            if (q5) dst[16 + e] |= (uint8_t)(((src[16 + 4 * sb + k] >> r) & 1) << sb);
         }
 }
-static inline int nx_k4r_bs(int type) { return type == NX_Q5_K_R8 ? 176 : type == NX_IQ4_XS_R8 ? 136 : 144; }
 
 /* ---- repacking a row (all layouts above): each block's (or group's) codes as one byte per
  * element, moved by whole words into register order, then packed; about 10x faster than placing
@@ -339,7 +326,7 @@ static inline void nx_pack_bitplane(const uint8_t *T, int nvec, int from, int ha
 static inline void nx_repack_row(int type, const uint8_t *src, int64_t nb, uint8_t *dst) {
     uint8_t codes[256], T[256];
     if (type == NX_Q5_0_R8 || type == NX_Q4_0_R8 || type == NX_Q8_0_R8 || type == NX_IQ4_NL_R8) {
-        const size_t bs = type == NX_Q5_0_R8 ? 22 : type == NX_Q8_0_R8 ? 34 : 18;
+        const size_t bs = nx_repacked_bs(type);
         int64_t b = 0;
         while (nb - b >= 4) {
             const int G = nb - b >= 8 ? 8 : 4;
@@ -372,13 +359,12 @@ static inline void nx_repack_row(int type, const uint8_t *src, int64_t nb, uint8
         return;
     }
     const int k16 = type == NX_Q2_K_R8 || type == NX_Q3_K_R8 || type == NX_Q6_K_R8;
-    const size_t bs = type == NX_Q2_K_R8 ? 84 : type == NX_Q3_K_R8 ? 110 : type == NX_Q5_K_R8 ? 176 :
-                      type == NX_IQ4_XS_R8 ? 136 : type == NX_Q6_K_R8 ? 210 : 144;
+    const size_t bs = nx_repacked_bs(type);
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *s = src + bs * (size_t)i;
         uint8_t *d = dst + bs * (size_t)i;
         memcpy(d, s, bs);
-        if (type == NX_Q6_K_R8) {   /* nx_q6k_code, a half of 128 elements at a time */
+        if (type == NX_Q6_K_R8) {   /* element 128n + 32q + l: nibble q/2 of ql[64n + 32(q%2) + l], bits 2q of qh[32n + l] */
             for (int n = 0; n < 2; n++)
                 for (int l = 0; l < 32; l++) {
                     const uint8_t l0 = s[64 * n + l], l1 = s[64 * n + 32 + l], h = s[128 + 32 * n + l];
