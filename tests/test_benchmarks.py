@@ -46,11 +46,16 @@ def test_layout_ab_script_runs(capsys):
     assert mod.main(["--mix", "Q4_K,Q5_0", "--cases", "1,3s", "--calls", "2", "--experts", "8"]) == 0
     out = capsys.readouterr().out
     if cpu_kernels.active_path() == "ref":
-        assert "nothing to compare" in out
+        assert "the GGUF layout alone" in out and "T=   1: ggml" in out
     else:
         assert "q4_k_r8" in out and "T=   1:" in out and "T=  3s:" in out and "paired speed-up" in out
     with pytest.raises(SystemExit, match="--mix"):
         mod.main(["--mix", "Q9_9"])
+    # another checkout (here: this one): its cpu_kernels, and a mix without a repacked layout
+    assert mod.main(["--checkout", str(ROOT), "--mix", "Q4_1,Q4_1", "--cases", "1", "--calls", "1",
+                     "--experts", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "the GGUF layout alone" in out and "T=   1: ggml" in out and "paired" not in out
 
 
 def test_gpu_profile_script_runs_on_the_cpu(capsys):
