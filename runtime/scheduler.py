@@ -43,39 +43,63 @@ class CostModel:
     """Medians of recent samples: a noisy machine (other processes, the first call's one-time
     costs) adds delays; a median of the last few steps ignores the odd slow one.
 
-    Draft steps are kept relative to the plain steps around them (the ratio to the median of the
-    last few plain steps when they ran), and priced at today's plain cost: the policy mostly runs
-    one length, so the others' samples grow old, and a machine that speeds up or slows down (other
-    jobs, clocks, caches warming up) would otherwise make the old samples look too dear or too
-    cheap next to fresh ones."""
+    Draft steps are kept relative to a plain step (their ratio to what a plain step cost when they
+    ran) and priced at what a plain step costs now: the policy mostly runs one length, so the
+    others' samples grow old, and a machine that speeds up or slows down (other jobs, clocks,
+    caches warming up) would otherwise make the old samples look too dear or too cheap next to
+    fresh ones. What a plain step costs "now" is read from the last few steps of any length, each
+    divided by its length's ratio: while the policy drafts, plain steps are rare (probes from
+    k=3 go to 2), and a reference made of plain steps alone went stale. A draft step's ratio is
+    taken against the steps of other lengths just before it (its own length's steps would only
+    echo its old ratio back), so a length run step after step keeps the ratio its probes measured,
+    and its price follows its own recent times."""
 
     window: int = 9
-    ref_steps: int = 5  # plain steps whose median is a draft step's reference
+    ref_steps: int = 5  # the last steps, any length, that say what a plain step costs now
     gpu_by_k: dict = field(default_factory=dict)  # k -> recent GPU-side step times (seconds)
     ratio_by_k: dict = field(default_factory=dict)  # k > 0 -> recent times / plain reference
     cpu_per_expert: deque = field(default_factory=lambda: deque(maxlen=17))
     experts_by_rows: dict = field(default_factory=dict)  # rows -> EMA of distinct experts
+    recent: deque = field(default_factory=lambda: deque(maxlen=5))  # (k, GPU-side seconds), any k
     _unreferenced: list = field(default_factory=list)  # (k, seconds) seen before any plain step
 
+    def _ratio(self, k: int) -> float | None:
+        """k's median cost relative to a plain step (1 for plain; None: not measured yet)."""
+        if k == 0:
+            return 1.0
+        r = self.ratio_by_k.get(k)
+        return _median(r) if r else None
+
+    def _plain_equivalents(self, exclude: int | None = None) -> list[float]:
+        """The recent steps' times as plain steps (each over its length's ratio), less `exclude`'s."""
+        out = []
+        for k, g in self.recent:
+            r = self._ratio(k) if k != exclude else None
+            if r:
+                out.append(g / r)
+        return out
+
     def _plain_ref(self) -> float | None:
-        """Median of the last few plain steps' GPU-side times; None before any (or when it is ~0,
+        """What a plain step's GPU side costs now; None before any reference (or when it is ~0,
         where a ratio would mean nothing: then draft steps are priced as measured)."""
-        p = self.gpu_by_k.get(0)
-        ref = _median(list(p)[-self.ref_steps:]) if p else 0.0
+        eq = self._plain_equivalents()
+        ref = _median(eq) if eq else 0.0
         return ref if ref > 1e-9 else None
 
     def observe(self, s: StepSample) -> None:
         self.gpu_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s)
         if s.k > 0:
-            ref = self._plain_ref()
-            if ref:
+            eq = self._plain_equivalents(exclude=s.k)
+            ref = _median(eq) if eq else 0.0
+            if ref > 1e-9:
                 self.ratio_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s / ref)
-            else:
+            elif s.k not in self.ratio_by_k:
                 self._unreferenced.append((s.k, s.gpu_s))
         elif self._unreferenced and s.gpu_s > 1e-9:  # the first plain step references the draft steps before it
             for k, g in self._unreferenced:
                 self.ratio_by_k.setdefault(k, deque(maxlen=self.window)).append(g / s.gpu_s)
             self._unreferenced.clear()
+        self.recent.append((s.k, s.gpu_s))
         if s.experts:
             self.cpu_per_expert.append(s.cpu_s / s.experts)
             r = s.k + 1
@@ -83,9 +107,11 @@ class CostModel:
             self.experts_by_rows[r] = s.experts if old is None else 0.8 * old + 0.2 * s.experts
 
     def _measured(self, k: int, best: bool) -> float:
-        """GPU-side time at a measured k: at the current plain cost when k > 0 has a reference."""
-        ref = self._plain_ref() if k > 0 and k in self.ratio_by_k else None
-        if ref is not None:
+        """GPU-side time at a measured k: at the current plain cost when k has a ratio."""
+        ref = self._plain_ref() if k == 0 or k in self.ratio_by_k else None
+        if ref is not None and not (k == 0 and best):
+            if k == 0:
+                return ref
             r = self.ratio_by_k[k]
             return (min(r) if best else _median(r)) * ref
         g = self.gpu_by_k[k]
