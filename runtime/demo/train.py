@@ -17,6 +17,10 @@ Model: transformers' own ``Glm4MoeForCausalLM`` and ``MtpModel`` (so the export 
 :func:`runtime.testmodel.write_gguf` and parity with transformers holds by construction): partial RoPE
 0.5, QK-norm, attention bias, 1 leading dense block, sigmoid router with selection bias
 (``e_score_correction_bias`` = GGUF ``exp_probs_b``), 8 routed experts, top-2, 1 shared expert.
+Narrow (hidden 128) and deep (16 blocks): the one MTP layer is then a small part of a step, as in
+GLM-4.5-Air (1 layer in 47), so drafting pays on a CPU too. The first demo (hidden 192, 4 blocks)
+drafted with the same acceptance, but its MTP layer was a fifth of its depth: one draft cost ~40%
+of a plain step and speculative decoding gained at most ~1.1x there (BENCHMARKS.md).
 
 Objective: ``CE(main next token) + MTP_WEIGHT * CE(MTP)``, the MTP row for position p taking
 ``h_p`` (the main model's hidden state after the final norm) and the embedding of ``x_{p+1}`` and
@@ -37,8 +41,8 @@ Checkpoints (model, MTP, optimizer, step) are written every ``--ckpt-minutes`` o
 decides *when* state is saved, never what is computed. Thread counts change float summation order, so
 a run is reproducible for a given ``--threads``.
 
-The shipped ``runtime/demo/demo.gguf`` is ``--steps 1050 --threads 1 --seed 0`` (31.6 min on the
-shared 2-core machine under other jobs' load; 1 thread because 2 OpenMP threads stalled 5-20x when
+The shipped ``runtime/demo/demo.gguf`` is ``--steps 1050 --threads 1 --seed 0`` (28.3 min on the
+shared 2-core machine, 37 steps a minute; 1 thread because 2 OpenMP threads stalled 5-20x when
 other processes took the cores), then the export (done at the end of training unless ``--no-export``).
 """
 from __future__ import annotations
@@ -62,25 +66,27 @@ DEFAULT_OUT = REPO / "build" / "demo_train"
 HOLDOUT_EVERY = 20         # every 20th file (sorted order, index % 20 == 10) is held out
 HOLDOUT_OFFSET = 10
 EXCLUDE_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-STEPS_PER_MINUTE = 35.0    # measured for the shipped run on the project's shared, loaded 2-core machine
-                           # (~90/min there when idle, 2 threads); --minutes 30 -> 1050 steps, the shipped run
+STEPS_PER_MINUTE = 35.0    # the shipped run's rate on the project's shared 2-core machine with 1 thread
+                           # (37/min measured, rounded down for other jobs' load); --minutes 30 -> 1050
+                           # steps, the shipped run
 EXPORT_TYPES = {"default": "F16", "experts": "Q8_0"}
 
 
 @dataclass
 class TrainConfig:
     vocab: int = 4096
-    hidden: int = 192
-    n_layers: int = 4          # main layers (1 dense + 3 MoE)
+    hidden: int = 128
+    n_layers: int = 16         # main layers (1 dense + 15 MoE): deep enough that the one MTP layer is a
+                               # small share of a step, as in GLM (1 in 47 or 93), so drafting can pay
     n_dense: int = 1
-    dense_ffn: int = 576
+    dense_ffn: int = 384
     n_experts: int = 8
     top_k: int = 2
     n_shared: int = 1
-    expert_ffn: int = 192
+    expert_ffn: int = 128
     n_heads: int = 4
     n_kv_heads: int = 2
-    head_dim: int = 48
+    head_dim: int = 32
     context_length: int = 1024  # written to the GGUF; trained on seq_len windows
     seq_len: int = 256
     batch: int = 8
