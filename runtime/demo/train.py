@@ -5,7 +5,7 @@ standard library's own source.
     python -m runtime.demo.train --export-only [--out DIR] [--gguf PATH]
 
 Corpus: every ``.py`` file of the running interpreter's standard library (``sysconfig`` "stdlib",
-without ``site-packages`` and the test suites), in sorted path order. Every 20th file is held out for
+without ``site-packages``, the test suites and the generated codec tables), in sorted path order. Every 20th file is held out for
 validation and evaluation and never trained on (:func:`corpus_files`). Nothing is downloaded. The
 standard library's source is (c) the Python Software Foundation, under the PSF License Agreement
 (Python Software Foundation License Version 2); the trained weights are derived from it.
@@ -41,9 +41,9 @@ Checkpoints (model, MTP, optimizer, step) are written every ``--ckpt-minutes`` o
 decides *when* state is saved, never what is computed. Thread counts change float summation order, so
 a run is reproducible for a given ``--threads``.
 
-The shipped ``runtime/demo/demo.gguf`` is ``--steps 1050 --threads 1 --seed 0`` (28.3 min on the
-shared 2-core machine, 37 steps a minute; 1 thread because 2 OpenMP threads stalled 5-20x when
-other processes took the cores), then the export (done at the end of training unless ``--no-export``).
+The shipped ``runtime/demo/demo.gguf`` is ``--steps 1050 --threads 2 --seed 0`` (20.6 min on the
+2-core machine, otherwise idle, 51 steps a minute; while other processes hold the cores, 2 OpenMP
+threads can stall 5-20x, and ``--threads 1`` runs ~37 steps a minute), then the export (done at the end of training unless ``--no-export``).
 """
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ DEFAULT_OUT = REPO / "build" / "demo_train"
 HOLDOUT_EVERY = 20         # every 20th file (sorted order, index % 20 == 10) is held out
 HOLDOUT_OFFSET = 10
 EXCLUDE_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-STEPS_PER_MINUTE = 35.0    # the shipped run's rate on the project's shared 2-core machine with 1 thread
-                           # (37/min measured, rounded down for other jobs' load); --minutes 30 -> 1050
-                           # steps, the shipped run
+STEPS_PER_MINUTE = 35.0    # the rate of 1 thread on the project's shared 2-core machine (37/min measured
+                           # for this model, rounded down for other jobs' load; 2 threads on an idle
+                           # machine: 51/min); --minutes 30 -> 1050 steps, the shipped run
 EXPORT_TYPES = {"default": "F16", "experts": "Q8_0"}
 
 
@@ -129,8 +129,16 @@ def read_text(p: Path) -> str | None:
         return None
 
 
+def is_generated_table(text: str) -> bool:
+    """A charmap codec module written by CPython's gencodec.py (encodings/cp1252.py and 64 more):
+    a 256-entry table of escaped characters and hex codes, not code. They were 11% of the training
+    text, and greedy decoding from a short prompt fell into them ("0x00d4 -> BOX DRAWINGS ...")."""
+    return "gencodec.py" in text[:400]
+
+
 def texts(files) -> list[str]:
-    return [t for t in (read_text(f) for f in files) if t and t.strip()]
+    """The files' texts, less empty files and generated codec tables."""
+    return [t for t in (read_text(f) for f in files) if t and t.strip() and not is_generated_table(t)]
 
 
 def build_tokenizer(train_texts: list[str], vocab: int):
