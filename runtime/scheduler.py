@@ -55,12 +55,12 @@ class CostModel:
     and its price follows its own recent times."""
 
     window: int = 9
-    ref_steps: int = 5  # the last steps, any length, that say what a plain step costs now
     gpu_by_k: dict = field(default_factory=dict)  # k -> recent GPU-side step times (seconds)
     ratio_by_k: dict = field(default_factory=dict)  # k > 0 -> recent times / plain reference
     cpu_per_expert: deque = field(default_factory=lambda: deque(maxlen=17))
     experts_by_rows: dict = field(default_factory=dict)  # rows -> EMA of distinct experts
-    recent: deque = field(default_factory=lambda: deque(maxlen=5))  # (k, GPU-side seconds), any k
+    # (k, GPU-side seconds) of the last 5 steps, any length: what a plain step costs now
+    recent: deque = field(default_factory=lambda: deque(maxlen=5))
     _unreferenced: list = field(default_factory=list)  # (k, seconds) seen before any plain step
 
     def _ratio(self, k: int) -> float | None:

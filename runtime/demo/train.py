@@ -5,10 +5,11 @@ standard library's own source.
     python -m runtime.demo.train --export-only [--out DIR] [--gguf PATH]
 
 Corpus: every ``.py`` file of the running interpreter's standard library (``sysconfig`` "stdlib",
-without ``site-packages``, the test suites and the generated codec tables), in sorted path order. Every 20th file is held out for
-validation and evaluation and never trained on (:func:`corpus_files`). Nothing is downloaded. The
-standard library's source is (c) the Python Software Foundation, under the PSF License Agreement
-(Python Software Foundation License Version 2); the trained weights are derived from it.
+without ``site-packages``, the test suites and the generated codec tables), in sorted path order.
+Every 20th file is held out for validation and evaluation and never trained on (:func:`corpus_files`).
+Nothing is downloaded. The standard library's source is (c) the Python Software Foundation, under
+the PSF License Agreement (Python Software Foundation License Version 2); the trained weights are
+derived from it.
 
 Tokenizer: byte-level BPE (GLM-4 pre-tokenizer, ``tokenizers`` library) with 4096 tokens, GLM special
 tokens at the end (:func:`runtime.testmodel.train_tokenizer`).
@@ -43,7 +44,8 @@ a run is reproducible for a given ``--threads``.
 
 The shipped ``runtime/demo/demo.gguf`` is ``--steps 1050 --threads 2 --seed 0`` (20.6 min on the
 2-core machine, otherwise idle, 51 steps a minute; while other processes hold the cores, 2 OpenMP
-threads can stall 5-20x, and ``--threads 1`` runs ~37 steps a minute), then the export (done at the end of training unless ``--no-export``).
+threads can stall 5-20x, and ``--threads 1`` runs ~37 steps a minute), then the export (done at
+the end of training unless ``--no-export``).
 """
 from __future__ import annotations
 
