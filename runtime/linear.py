@@ -120,7 +120,7 @@ def rowwise(fn, x: torch.Tensor) -> torch.Tensor:
     Rows of a multiple of 64 elements (contiguous, or a column slice such as gate/up's halves,
     which torch loops over row by row) in a call small enough for one thread (torch splits larger
     ones between threads at arbitrary points) start on a vector-step boundary whatever the batch,
-    so they go in one call (the demo's FFN widths 192 and 576; GLM's router's 128 and 160 too)."""
+    so they go in one call (the demo's FFN widths 128 and 384; GLM's router's 128 and 160 too)."""
     if x.dim() == 2 and 1 < x.shape[0] <= ROWWISE_MAX and x.device.type == "cpu" and not (
             x.shape[1] % 64 == 0 and x.numel() <= _ONE_THREAD_ELEMENTS and x.stride(1) == 1):
         return torch.cat([fn(x[t:t + 1]) for t in range(x.shape[0])])
