@@ -357,8 +357,8 @@ def test_policy_decides_within_a_dozen_steps_where_drafting_could_pay_but_does_n
 
 
 def test_a_few_unlucky_first_drafts_do_not_turn_off_drafting_that_pays():
-    """A draft step costs 1.6x a plain step and 72% of drafts are right (the first, 4-block demo model on the CPU:
-    one draft pays ~1.07x). 2 of the first 4 drafts accepted (a 31% chance) put the estimate at
+    """A draft step costs 1.6x a plain step and 72% of drafts are right (the first, 4-block demo
+    model on the CPU: one draft pays ~1.07x). 2 of the first 4 drafts accepted (a 31% chance) put the estimate at
     50%, where drafting loses; the policy must keep measuring while the acceptance could still
     pay, then draft. Where it is really 40%, it still gives up, after at most MEASURED_DRAFTS_MAX
     draft steps."""
