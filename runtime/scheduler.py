@@ -62,6 +62,10 @@ class CostModel:
     # (k, GPU-side seconds) of the last 5 steps, any length: what a plain step costs now
     recent: deque = field(default_factory=lambda: deque(maxlen=5))
     _unreferenced: list = field(default_factory=list)  # (k, seconds) seen before any plain step
+    # what a plain step's GPU side costs now (None before any reference, or when it is ~0, where a
+    # ratio would mean nothing: draft steps are then priced as measured); set by observe, read for
+    # every k the policy prices each step
+    _ref: float | None = None
 
     def _ratio(self, k: int) -> float | None:
         """k's median cost relative to a plain step (1 for plain; None: not measured yet)."""
@@ -79,12 +83,10 @@ class CostModel:
                 out.append(g / r)
         return out
 
-    def _plain_ref(self) -> float | None:
-        """What a plain step's GPU side costs now; None before any reference (or when it is ~0,
-        where a ratio would mean nothing: then draft steps are priced as measured)."""
+    def _update_ref(self) -> None:
         eq = self._plain_equivalents()
         ref = _median(eq) if eq else 0.0
-        return ref if ref > 1e-9 else None
+        self._ref = ref if ref > 1e-9 else None
 
     def observe(self, s: StepSample) -> None:
         self.gpu_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s)
@@ -100,6 +102,7 @@ class CostModel:
                 self.ratio_by_k.setdefault(k, deque(maxlen=self.window)).append(g / s.gpu_s)
             self._unreferenced.clear()
         self.recent.append((s.k, s.gpu_s))
+        self._update_ref()
         if s.experts:
             self.cpu_per_expert.append(s.cpu_s / s.experts)
             r = s.k + 1
@@ -107,13 +110,14 @@ class CostModel:
             self.experts_by_rows[r] = s.experts if old is None else 0.8 * old + 0.2 * s.experts
 
     def _measured(self, k: int, best: bool) -> float:
-        """GPU-side time at a measured k: at the current plain cost when k has a ratio."""
-        ref = self._plain_ref() if k == 0 or k in self.ratio_by_k else None
-        if ref is not None and not (k == 0 and best):
-            if k == 0:
-                return ref
-            r = self.ratio_by_k[k]
-            return (min(r) if best else _median(r)) * ref
+        """GPU-side time at a measured k: at the current plain cost when k has a ratio (plain: that
+        cost itself, or its fastest sample for `best`)."""
+        if self._ref is not None:
+            if k > 0 and k in self.ratio_by_k:
+                r = self.ratio_by_k[k]
+                return (min(r) if best else _median(r)) * self._ref
+            if k == 0 and not best:
+                return self._ref
         g = self.gpu_by_k[k]
         return min(g) if best else _median(g)
 
