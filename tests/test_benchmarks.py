@@ -157,3 +157,16 @@ def test_cuda_graph_probe_says_so_without_cuda(capsys):
     # the eager segment it would capture, on the CPU: the probe's own code runs
     assert _script("cuda_graph_probe").main(["--dry-run", "--reps", "3"]) == 0
     assert "eager:" in capsys.readouterr().out
+
+
+def test_policy_giveups_script_runs_and_describes_the_policy(capsys):
+    from runtime.scheduler import DraftPolicy, StepSample
+    mod = _script("policy_giveups")
+    assert mod.main(["--rounds", "1", "--prompts", "1", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "round 0 prompt 0: draft lengths" in out and out.strip().endswith("give-up(s) in 1 sequences")
+    p = DraftPolicy(draft_max=1, adaptive=True, total_experts=0)
+    for k in (0, 1, 0, 1):
+        p.observe(k, k, 0, StepSample(k, 0.002 if k else 0.001, 0.0, 0))
+    text = mod.describe(p)
+    assert "ratio to plain by k {1: [2.0, 2.0]}" in text and "rates [" in text
