@@ -17,7 +17,8 @@ from ..errors import NextnError
 
 class _Server:
     """uvicorn.Server that also ends the generations when a signal asks it to exit (uvicorn alone
-    would wait for open streams to finish)."""
+    would wait for open streams to finish), and exits 0 after it: uvicorn re-raises the signal
+    once it has shut down, which would end the process with 128+signal."""
 
     def __new__(cls, config, on_exit):
         import uvicorn
@@ -26,6 +27,9 @@ class _Server:
             def handle_exit(self, sig, frame):
                 on_exit()
                 super().handle_exit(sig, frame)
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured.clear()
 
         return S(config)
 
@@ -125,4 +129,5 @@ def serve(target, *, overrides: dict, server: dict, engine_kw: dict) -> int:
         state.scheduler.shutdown()
     if failed:
         raise NextnError(failed[0])
+    print("nextn serve: stopped", file=sys.stderr, flush=True)
     return 0
