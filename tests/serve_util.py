@@ -22,7 +22,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, log: Path, api_key: str | None = None, ready_within: float = 90.0):
+    def __init__(self, *args: str, log: Path, api_key: str | None = None, ready_within: float | None = 90.0):
+        """Starts the server; waits until /health says ready unless `ready_within` is None (then
+        call `wait_ready`)."""
         self.port = free_port()
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{self.port}"
@@ -33,6 +35,11 @@ class ServerProcess:
         self._log = open(log, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if ready_within is not None:
+            self.wait_ready(ready_within)
+
+    def wait_ready(self, ready_within: float = 90.0) -> None:
+        log = self.log
         deadline = time.monotonic() + ready_within
         while True:  # bounded: the deadline, or the process ending
             if self.proc.poll() is not None:

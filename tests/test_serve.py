@@ -25,12 +25,20 @@ PROMPTS = ["def fibonacci(n):", "import os\n\ndef list_files(path):", "class Sta
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def started(tmp_path_factory):
+    """Fixed draft length (--no-adaptive), so every MTP request drafts whatever this machine's
+    load: the test is of exactness, and of MTP really running."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    s = ServerProcess("-np", "4", "-c", "2048", "--no-adaptive", log=log, api_key=KEY)
+    s = ServerProcess("-np", "4", "-c", "2048", "--no-adaptive", log=log, api_key=KEY, ready_within=None)
     yield s
     rc = s.stop()
     assert rc == 0, s.output()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def server(started, ref):
+    started.wait_ready()  # the references are computed while the server loads
+    return started
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +81,7 @@ def test_health_models_and_startup_line(server):
 
 def test_chat_and_completion_equal_the_engine(server, ref):
     c = server.client()
-    for p in PROMPTS[:2]:
+    for p in PROMPTS[:1]:
         r = ask(c, p)
         assert r.choices[0].message.content == ref[p][0]
         assert r.choices[0].finish_reason in ("length", "stop")
@@ -92,8 +100,8 @@ def test_greedy_mtp_on_equals_off_alone_and_concurrent_cache_on_and_off(server, 
     c = server.client()
     modes = [{}, {"mtp": False}, {"cache_prompt": False}, {"cache_prompt": False, "mtp": False}]
     drafted = {0: 0, 1: 0}
-    for mode in modes[:3]:
-        for p in PROMPTS:
+    for mode in modes:
+        for p in PROMPTS[:2]:
             r = ask(c, p, **mode)
             assert r.choices[0].message.content == ref[p][0], (mode, p)
     with ThreadPoolExecutor(4) as ex:

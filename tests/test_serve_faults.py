@@ -63,7 +63,6 @@ def test_queue_bound_then_sigterm_ends_streams_and_exits_0(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["/nonexistent/model.gguf"], "model.gguf"),
     (["-np", "0"], "--parallel"),
-    (["-np", "64", "-c", "512"], "per slot"),
 ])
 def test_bad_command_line_exits_2_with_one_line(args, words):
     p = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--port", "0", *args], cwd=ROOT,
