@@ -115,13 +115,18 @@ def cmd_run(a: argparse.Namespace) -> int:
         lines = [f"-- {s['generated_tokens']} tokens ({s['finish_reason']}), prompt {s['prompt_tokens']} tokens at "
                  f"{s['prompt_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s"]
         if s["mtp"]:
-            pos = ", ".join(f"{r:.0%}" for r in s["acceptance_by_position"])
             ks = " ".join(f"{k}:{n}" for k, n in s["draft_lengths"].items())
-            lines.append(f"-- MTP draft_max {s['draft_max']}{' adaptive' if s['adaptive'] else ''}: "
-                         f"drafted {s['drafted']}, accepted {s['accepted']} ({s['acceptance_rate']:.1%}; "
-                         f"by position {pos}), {s['mean_tokens_per_step']:.2f} tokens/step, "
-                         f"draft {s['draft_s']:.2f}s verify {s['verify_s']:.2f}s, steps by draft length {ks}"
+            if s["acceptance_rate"] is None:
+                drafts = "no drafts"
+            else:
+                pos = ", ".join(f"{r:.0%}" for r in s["acceptance_by_position"])
+                drafts = (f"drafted {s['drafted']}, accepted {s['accepted']} ({s['acceptance_rate']:.1%}; "
+                          f"by position {pos}), {s['mean_tokens_per_step']:.2f} tokens/step, "
+                          f"draft {s['draft_s']:.2f}s verify {s['verify_s']:.2f}s")
+            lines.append(f"-- MTP draft_max {s['draft_max']}{' adaptive' if s['adaptive'] else ''}: {drafts}, "
+                         f"steps by draft length {ks or '-'}"
                          + (f", drafted ahead {s['ahead_made']} used {s['ahead_used']}" if s["draft_ahead"] else ""))
+            lines.append(f"-- {s['draft_policy']}")
         else:
             lines.append("-- MTP off")
         lines.append(f"-- bytes moved between sides: weights {s['weight_bytes_moved']}, "

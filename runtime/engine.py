@@ -303,6 +303,7 @@ class _Run:
         text, sent, out = "", 0, []
         finish = "length"
         policy = e.draft_policy(self.draft_max, self.adaptive) if self.use_mtp else None
+        decider = policy  # kept for the stats' `draft_policy` line after `policy` is dropped
         use_mtp = self.use_mtp and (policy is None or policy.start_sequence())
         if not use_mtp:
             policy = None
@@ -391,8 +392,10 @@ class _Run:
             "draft_lengths": dict(sorted(lengths.items())),  # steps per chosen draft length
             "drafted": st.drafted,
             "accepted": st.accepted,
-            "acceptance_rate": st.accepted / st.drafted if st.drafted else 0.0,
-            "acceptance_by_position": [a / d if d else 0.0 for a, d in zip(st.accepted_at, st.drafted_at)],
+            "acceptance_rate": st.accepted / st.drafted if st.drafted else None,  # None: nothing drafted
+            "acceptance_by_position": [a / d if d else None for a, d in zip(st.accepted_at, st.drafted_at)],
+            # what the draft policy decided and why, one line (None: MTP off)
+            "draft_policy": decider.decision() if decider is not None else None,
             "verify_steps": st.steps,
             "mean_tokens_per_step": (st.accepted + st.steps) / st.steps if st.steps else 1.0,
             "distinct_experts_per_verify": st.distinct_experts / st.steps if st.steps else 0.0,
