@@ -118,3 +118,95 @@ def test_training_smoke_is_deterministic(tmp_path):
     assert res["loss"] == runs[0]["loss"] and res["mtp_loss"] == runs[0]["mtp_loss"]
     out = T.export(tmp_path / "c", tmp_path / "c" / "tiny.gguf", log=lambda *a: None)
     assert out.exists()
+
+
+# ---- the corpus: mapping-table modules are left out by content ------------------------------------
+
+TABLE_MODULE = '''""" Python Character Mapping Codec for XX, hand-made.
+"""
+import codecs
+
+def getregentry():
+    return codecs.CodecInfo(name='xx', encode=None, decode=None)
+
+decoding_map = codecs.make_identity_dict(range(256))
+decoding_map.update({
+''' + "".join(f"    0x{0x80 + i:04x}: 0x{0xc7 + i:04x},     #  LATIN LETTER {i}\n" for i in range(40)) + '''})
+decoding_table = (
+''' + "".join(f"    '\\x{i:02x}'     #  0x{i:02x} -> CONTROL {i}\n" for i in range(30)) + "".join(
+    f"    u'\\u{0xc7 + i:04x}'  #  0x{0x80 + i:02x} -> LETTER {i}\n" for i in range(10)) + '''    'A'  # 0x41 -> LATIN CAPITAL LETTER A
+)
+# 0x00e -> LATIN SMALL LETTER
+exceptions = {
+0xb5:'\\u03bc', 0xdf:'ss', 0x130:'i\\u0307', 0x149:'\\u02bcn',
+0x17f: None, 0x345:'\\u03b9',
+}
+'''
+
+CODE_MODULE = '''"""A module of ordinary code: names, calls, a short __all__ list of word strings."""
+import os
+
+__all__ = [
+    'main',
+    'Stack',
+]
+LIMIT = 0x100  # a hex constant in code is not a table
+
+
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, x):
+        self.items.append(x)
+
+
+def main(argv=None):
+    s = Stack()
+    for name in os.listdir('.'):
+        s.push(name)
+    return len(s.items)
+'''
+
+# code with a small table, like locale.py's windows_locale
+MIXED_MODULE = CODE_MODULE + '''
+windows_locale = {
+    0x0436: "af_ZA", # Afrikaans
+    0x041c: "sq_AL", # Albanian
+    0x0484: "gsw_FR",# Alsatian - France
+}
+''' + CODE_MODULE.replace("Stack", "Queue").replace("main", "run")
+
+
+def test_table_lines_are_told_from_code():
+    from runtime.demo.train import is_table_line
+    table = ["    0x0080: 0x00c7,     #  LATIN CAPITAL LETTER C WITH CEDILLA", "0x00c: 0x00b,",
+             "    0x0081: None,", "    '\\x00'     #  0x00 -> NULL", "    u'\\u00c7'   #  0x80 -> C CEDILLA",
+             "    'A'  # 0x41 -> LATIN CAPITAL LETTER A", "# 0x00e -> LATIN SMALL LETTER",
+             "0xb5:'\\u03bc', 0xdf:'ss', 0x130:'i\\u0307',", "    173, 847, 6150,"]
+    code = ["def main():", "    return 0x00c7", "import os", "x = {0x80: 1}", "'main',", "    'Stack',",
+            "# a comment", "    pass", ")", "print('\\x00')", '"""docstring"""', "    ''"]
+    assert [ln for ln in table if not is_table_line(ln)] == []
+    assert [ln for ln in code if is_table_line(ln)] == []
+
+
+def test_modules_that_are_mostly_tables_are_left_out():
+    from runtime.demo.train import TABLE_SHARE_MAX, is_generated_table, table_share
+    assert table_share(TABLE_MODULE) > 0.8 and is_generated_table(TABLE_MODULE)
+    assert table_share(CODE_MODULE) == 0.0 and not is_generated_table(CODE_MODULE)
+    assert 0.05 < table_share(MIXED_MODULE) < TABLE_SHARE_MAX and not is_generated_table(MIXED_MODULE)
+    assert table_share("") == 0.0
+
+
+def test_the_stdlib_tables_go_and_its_code_stays():
+    """On the interpreter's own standard library: the charmap codecs with and without gencodec.py's
+    header, stringprep and html.entities are left out; locale (code with a table) stays."""
+    import sysconfig
+    from runtime.demo.train import is_generated_table, read_text
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = ["encodings/cp1252.py", "encodings/cp858.py", "encodings/cp1125.py", "stringprep.py", "html/entities.py"]
+    keep = ["locale.py", "os.py", "encodings/idna.py", "pydoc_data/topics.py", "opcode.py"]
+    have = {p: read_text(root / p) for p in out + keep if (root / p).exists()}
+    assert len(have) >= 8, sorted(have)
+    assert [p for p in out if p in have and not is_generated_table(have[p])] == []
+    assert [p for p in keep if p in have and is_generated_table(have[p])] == []
