@@ -114,6 +114,8 @@ class Sampling:
     min_p: float = 0.0
     seed: int | None = None
     max_tokens: int = 256
+    repeat_penalty: float = 1.0  # 1: off (runtime/sampling.py)
+    repeat_last_n: int = 64
 
 
 @dataclass
@@ -342,7 +344,7 @@ _TOP = ("description", "model", "gpu", "threads", "repack", "gpu_dtype", "contex
 _LAYER_KEYS = ("default", "layers", "n_cpu")
 _MTP_KEYS = ("device", "routed_experts")
 _SPEC = ("mtp", "draft_max", "p_min", "adaptive", "draft_ahead")
-_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens")
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "repeat_penalty", "repeat_last_n")
 
 
 def _check_spec(name: str, v, where: str):
@@ -363,6 +365,8 @@ def _check_sampling(name: str, v, where: str):
         "min_p": lambda v, w: check_float(v, w, 0.0, 1.0),
         "seed": check_seed,
         "max_tokens": lambda v, w: check_int(v, w, lo=1, what="a token count"),
+        "repeat_penalty": lambda v, w: check_float(v, w, 0.0, lo_open=True),
+        "repeat_last_n": lambda v, w: check_int(v, w, lo=1, what="a token count"),
     }[name](v, where)
 
 

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, dest="top_p")
     r.add_argument("--min-p", type=float, dest="min_p")
     r.add_argument("--seed", type=int)
+    r.add_argument("--repeat-penalty", type=float, dest="repeat_penalty",
+                   help="divide the logits of tokens among the last --repeat-last-n by this (1 = off)")
+    r.add_argument("--repeat-last-n", type=int, dest="repeat_last_n", help="tokens the repeat penalty looks back")
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
@@ -98,7 +101,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     overrides = _overrides(a, PLACEMENT_KEYS + ("overlap",))
     eng = load(a.target, **overrides)
-    gen = _overrides(a, ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "mtp", "draft_max",
+    gen = _overrides(a, ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "repeat_penalty",
+                         "repeat_last_n", "mtp", "draft_max",
                          "p_min", "adaptive", "draft_ahead", "stop", "trace"))
     prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
     run_stream = eng.stream(prompt, chat=a.chat, **gen)

@@ -253,12 +253,14 @@ class _Run:
 
     def __init__(self, engine: Engine, prompt, *, max_tokens=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, seed=None, mtp=None, draft_max=None, p_min=None,
-                 adaptive=None, draft_ahead=None, stop=None, chat: bool = False, trace=None, oracle=None):
+                 adaptive=None, draft_ahead=None, stop=None, chat: bool = False, trace=None, oracle=None,
+                 repeat_penalty=None, repeat_last_n=None):
         d, sp = engine.sampling, engine.speculative
         pick = lambda v, dv: dv if v is None else v  # noqa: E731
         self.engine = engine
         self.params = SamplingParams(float(pick(temperature, d.temperature)), pick(top_k, d.top_k),
-                                     pick(top_p, d.top_p), pick(min_p, d.min_p), pick(seed, d.seed))
+                                     pick(top_p, d.top_p), pick(min_p, d.min_p), pick(seed, d.seed),
+                                     pick(repeat_penalty, d.repeat_penalty), pick(repeat_last_n, d.repeat_last_n))
         self.max_tokens = pick(max_tokens, d.max_tokens)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise NextnError(f"invalid max_tokens={self.max_tokens!r}: expected an integer >= 0")
