@@ -3,6 +3,7 @@ layer is accepted on held-out code, `nextn run` shows it, the export agrees with
 training script is deterministic."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,43 @@ def test_nextn_run_prints_code_and_acceptance():
     body = out.split("\n-- ")[0][len("def fibonacci(n):"):]
     assert any(w in body for w in ("return", "if ", "self", "(", "=", ":")), body
     assert "accept" in out.lower() or "accept" in p.stderr.lower()
+
+
+# what a table row looks like: "0x00c: 0x00b," / "0x0081: None" entries (commented out too) and
+# "# 0x00e -> NAME" rows
+TABLE_ROW = re.compile(r"^\s*#?\s*0x[0-9a-fA-F]+\s*(:\s*(0x[0-9a-fA-F]+|None)|->)")
+PY_KEYWORD = re.compile(r"\b(def|return|if|elif|else|for|while|in|not|is|and|or|import|from|class|self|None|"
+                        r"True|False|try|except|raise|with|as|pass|lambda|yield)\b")
+
+
+@pytest.mark.parametrize("prompt", [None, "import os\ndef main():", "class Stack:"])
+def test_nextn_run_continues_with_code_not_table_rows(prompt, capsys):
+    """`nextn run` (no prompt: the default one) writes Python: no line of the continuation is a
+    mapping-table row, and it holds Python keywords and names."""
+    from runtime.cli import DEFAULT_PROMPT, main
+    from runtime.demo.train import is_table_line
+    args = ["run", "--max-tokens", "64"] + ([] if prompt is None else ["--prompt", prompt])
+    assert main(args) == 0
+    out = capsys.readouterr()
+    shown = DEFAULT_PROMPT if prompt is None else prompt
+    assert out.out.startswith(shown)
+    body = out.out[len(shown):]
+    lines = [ln for ln in body.splitlines() if ln.strip()]
+    assert len(lines) >= 2, body
+    assert [ln for ln in lines if TABLE_ROW.match(ln) or is_table_line(ln)] == [], body
+    assert len(PY_KEYWORD.findall(body)) >= 2, body
+    assert len(set(re.findall(r"\b[A-Za-z_][A-Za-z0-9_]{2,}\b", body))) >= 4, body
+
+
+def test_nextn_run_says_no_drafts_when_none_were_made(capsys):
+    from runtime.cli import main
+    assert main(["run", "--max-tokens", "1"]) == 0  # one token: no room for a draft
+    err = capsys.readouterr().err
+    assert "no drafts" in err and "0.0%" not in err
+    assert main(["run", "--max-tokens", "24", "--no-adaptive", "--draft-max", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "no drafts" not in err and "accepted" in err
+    assert "-- draft length fixed at 1 (adaptive off)" in err
 
 
 def test_export_matches_transformers(held_docs):
