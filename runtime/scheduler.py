@@ -369,6 +369,8 @@ class DraftPolicy:
             return f"{head}: costs not measured yet{seen}"
         ratio = m.cost(1, self.total) / max(m.cost(0, self.total), 1e-12)
         need = ratio - 1
+        if need <= 0:
+            return f"{head}: a draft step costs {ratio:.1f}x a plain step here, any acceptance pays{seen}"
         if need >= 1:
             return f"{head}: a draft step costs {ratio:.1f}x a plain step here, more than two tokens' worth{seen}"
         return f"{head}: a draft step costs {ratio:.1f}x a plain step here, needs > {need:.0%} acceptance{seen}"
