@@ -43,9 +43,9 @@ Checkpoints (model, MTP, optimizer, step) are written every ``--ckpt-minutes`` o
 decides *when* state is saved, never what is computed. Thread counts change float summation order, so
 a run is reproducible for a given ``--threads``.
 
-The shipped ``runtime/demo/demo.gguf`` is ``--steps 1050 --threads 2 --seed 0`` (20.6 min on the
-2-core machine, otherwise idle, 51 steps a minute; while other processes hold the cores, 2 OpenMP
-threads can stall 5-20x, and ``--threads 1`` runs ~37 steps a minute), then the export (done at
+The shipped ``runtime/demo/demo.gguf`` is ``--steps 1050 --threads 1 --seed 0`` (37.7 min, 27.8 steps a
+minute, on the project's 2-core machine while other jobs kept its load at 3-8; alone one thread runs
+~35 steps a minute, and 2 OpenMP threads can stall 5-20x under such load), then the export (done at
 the end of training unless ``--no-export``).
 """
 from __future__ import annotations
