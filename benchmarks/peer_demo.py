@@ -177,6 +177,11 @@ def main(argv=None) -> int:
                     st = g.stats
                     rows.setdefault(("nextn", k), []).append(
                         (st["decode_tokens_per_s"], st["drafted"], st["accepted"], g.tokens))
+                if drafts:  # the adaptive policy up to the longest length (what `nextn run` does)
+                    g = eng.generate(p, max_tokens=a.tokens, mtp=True, draft_max=max(drafts), adaptive=True)
+                    st = g.stats
+                    rows.setdefault(("nextn", "adaptive"), []).append(
+                        (st["decode_tokens_per_s"], st["drafted"], st["accepted"], g.tokens))
     finally:
         for s in servers.values():
             s.close()
@@ -191,7 +196,8 @@ def main(argv=None) -> int:
         own = rows[(e, 0)]
         same_own = sum(x[3] == y[3] for x, y in zip(rs, own))
         same_llama = sum(x[3] == y[3] for x, y in zip(rs, rows[("llama.cpp", 0)]))
-        print(f"{e:10} {('plain' if k == 0 else f'mtp k={k}'):8} {speed:8.1f} {speed / base:14.2f}x "
+        name = "plain" if k == 0 else k if isinstance(k, str) else f"mtp k={k}"
+        print(f"{e:10} {name:8} {speed:8.1f} {speed / base:14.2f}x "
               f"{(f'{acc / d:.1%}' if d else '-'):>7} {same_own:>6}/{len(rs):<5} {same_llama:>7}/{len(rs):<6}")
     return 0
 
