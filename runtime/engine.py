@@ -103,9 +103,22 @@ class Engine:
         # CPU experts beside the shared expert: pays when the GPU side is a real GPU; on a
         # CPU-only machine both sides share the same cores, so it is off unless asked for.
         self.model.overlap = (self.device.type == "cuda") if overlap is None else bool(overlap)
+        self._use_fused_blocks()
         self._mtp_notice_given = False
         self.last_result: GenerationResult | None = None
         self._policies: dict = {}
+
+    def _use_fused_blocks(self) -> None:
+        """Decode-sized forwards as one C call for all blocks where every unit runs on the CPU
+        (runtime/fused.py). NEXTN_FUSED=0 keeps the torch path (for A/B comparisons)."""
+        env = os.environ.get("NEXTN_FUSED", "1").strip().lower()
+        if env in ("0", "off", "false", "no"):
+            self.load_report.fused_blocks = "off (NEXTN_FUSED=0)"
+            return
+        from .fused import FusedLayers
+
+        self.model.fused, why = FusedLayers.build(self.model)
+        self.load_report.fused_blocks = "on" if self.model.fused is not None else f"off: {why}"
 
     def _set_torch_threads(self) -> None:
         """When the "gpu" side runs on the CPU, torch's intra-op threads share the cores with the
