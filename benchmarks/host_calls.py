@@ -83,12 +83,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--draft", default="1,2,3")
     ap.add_argument("--prompt", default="def fibonacci(n):")
+    ap.add_argument("--repeat-penalty", type=float, default=None,
+                    help="override the plan's (the demo plan's 1.15 adds a few ops per row; 1: off)")
     a = ap.parse_args(argv)
     eng = runtime.load(a.target, progress=False)
     print(f"{eng.file.path.name}: fused blocks {eng.load_report.fused_blocks}")
     print(f"{'setting':10} {'torch ops/token':>16} {'C calls/token':>14} {'host calls/token':>17}")
     for k in [0] + [int(x) for x in a.draft.split(",") if x.strip()]:
         kw = dict(mtp=False) if k == 0 else dict(mtp=True, draft_max=k, adaptive=False)
+        if a.repeat_penalty is not None:
+            kw["repeat_penalty"] = a.repeat_penalty
         ops, kc, _ = calls_per_token(eng, a.prompt, a.tokens, **kw)
         print(f"{('plain' if k == 0 else f'mtp k={k}'):10} {ops:16.1f} {kc:14.1f} {ops + kc:17.1f}")
     return 0

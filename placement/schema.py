@@ -119,6 +119,19 @@ class Sampling:
 
 
 @dataclass
+class Server:
+    """`nextn serve` settings (llama-server's names; the command line overrides them)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 1  # slots
+    ctx_size: int | None = None  # context of all slots together (None: the plan's context)
+    api_key: str | None = None
+    alias: str | None = None  # the model id clients see (None: the model file's name)
+    queue: int | None = None  # requests waiting for a slot before a 503 (None: 4x slots)
+
+
+@dataclass
 class Plan:
     model_path: Path | None = None
     source: str = "<defaults>"
@@ -131,6 +144,7 @@ class Plan:
     overrides: list[Override] = field(default_factory=list)
     speculative: Speculative = field(default_factory=Speculative)
     sampling: Sampling = field(default_factory=Sampling)
+    server: Server = field(default_factory=Server)
     description: str | None = None
     where: dict[str, str] = field(default_factory=dict)  # top-level key -> "file:line: key"
 
@@ -340,11 +354,32 @@ class _Reader:
 
 
 _TOP = ("description", "model", "gpu", "threads", "repack", "gpu_dtype", "context", "placement", "overrides",
-        "speculative", "sampling")
+        "speculative", "sampling", "server")
 _LAYER_KEYS = ("default", "layers", "n_cpu")
 _MTP_KEYS = ("device", "routed_experts")
 _SPEC = ("mtp", "draft_max", "p_min", "adaptive", "draft_ahead")
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "repeat_penalty", "repeat_last_n")
+_SERVER = ("host", "port", "parallel", "ctx_size", "api_key", "alias", "queue")
+
+
+def check_text(v, where: str, what: str) -> str:
+    if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip():
+        return str(v).strip()
+    _fail(where, f"expected {what}, got {_typename(v)} {v!r}")
+
+
+def _check_server(name: str, v, where: str):
+    if v is None and name in ("ctx_size", "api_key", "alias", "queue"):
+        return None
+    return {
+        "host": lambda v, w: check_text(v, w, "a host name or address"),
+        "port": lambda v, w: check_int(v, w, lo=0, hi=65535, what="a port"),
+        "parallel": lambda v, w: check_int(v, w, lo=1, hi=256, what="a slot count"),
+        "ctx_size": lambda v, w: check_int(v, w, lo=16, what="a context length"),
+        "api_key": lambda v, w: check_text(v, w, "an API key"),
+        "alias": lambda v, w: check_text(v, w, "a model name"),
+        "queue": lambda v, w: check_int(v, w, lo=0, what="a request count"),
+    }[name](v, where)
 
 
 def _check_spec(name: str, v, where: str):
@@ -470,11 +505,12 @@ def parse_plan_text(text: str, source: str, base_dir: Path | None = None) -> Pla
         if name == "overrides":
             plan.overrides = _read_overrides(r, vn)
             continue
-        if name in ("speculative", "sampling"):
+        if name in ("speculative", "sampling", "server"):
             if isinstance(vn, ScalarNode) and r.scalar(vn, name) is None:
                 continue
-            keys, check, obj = ((_SPEC, _check_spec, plan.speculative) if name == "speculative"
-                                else (_SAMPLING, _check_sampling, plan.sampling))
+            keys, check, obj = {"speculative": (_SPEC, _check_spec, plan.speculative),
+                                "sampling": (_SAMPLING, _check_sampling, plan.sampling),
+                                "server": (_SERVER, _check_server, plan.server)}[name]
             for k2, kn2, vn2 in r.mapping(vn, name, keys):
                 path = f"{name}.{k2}"
                 plan.where[path] = r.where(kn2, path)

@@ -1,4 +1,4 @@
-"""The `nextn` command line: run, plan, bench.
+"""The `nextn` command line: run, serve, plan, bench, tune.
 
 Every user error is a NextnError (or a tokenizer/plan error derived from it) and is printed as one
 line, `error: ...`, with exit status 2; no traceback.
@@ -14,7 +14,7 @@ from .errors import NextnError
 DEFAULT_PROMPT = "def fibonacci(n):"
 
 
-def _placement_args(p: argparse.ArgumentParser) -> None:
+def _placement_args(p: argparse.ArgumentParser, context: bool = True) -> None:
     g = p.add_argument_group("placement (override the plan)")
     g.add_argument("--model", help="model file (overrides the plan's model:)")
     g.add_argument("--gpu", help="auto | cpu | cuda:N (auto falls back to the CPU without CUDA)")
@@ -24,7 +24,8 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repack", choices=["auto", "true", "false"],
                    help="copy CPU experts into a faster layout at load where one exists (Q2_K..Q6_K IQ4_XS Q4_0 "
                         "Q5_0 Q8_0 IQ4_NL; auto: when the SIMD kernels are active and the copy fits in free memory)")
-    g.add_argument("--ctx", "--context", dest="context", type=int, help="context length (KV cache size)")
+    if context:  # `serve` has llama-server's -c/--ctx-size instead
+        g.add_argument("--ctx", "--context", dest="context", type=int, help="context length (KV cache size)")
     g.add_argument("--cpu-moe", action="store_true", default=None, help="all routed experts on the CPU side")
     g.add_argument("--n-cpu-moe", type=int, help="routed experts of blocks 0..N-1 on the CPU, the rest on the GPU (llama.cpp semantics: "
                         "dense blocks count; N past the main layers includes the MTP layer's experts)")
@@ -75,6 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON) of the run")
     r.add_argument("--quiet", action="store_true", help="print only the generated text")
     _placement_args(r)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, tools, reasoning)",
+                       description="Serve PLAN.yaml or MODEL.gguf (default: the bundled demo) over OpenAI's HTTP API: "
+                                   "/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics. Flags "
+                                   "override the plan's server: section.")
+    s.add_argument("target", nargs="?", metavar="PLAN.yaml|MODEL.gguf")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8080)")
+    s.add_argument("-np", "--parallel", type=int, help="slots: requests decoded concurrently, each with MTP (default 1)")
+    s.add_argument("-c", "--ctx-size", type=int, dest="ctx_size",
+                   help="context of all slots together, split evenly (default: the plan's context)")
+    s.add_argument("--api-key", dest="api_key", help="require Authorization: Bearer KEY on every route but /health")
+    s.add_argument("--alias", help="the model id clients see (default: the model file's name)")
+    s.add_argument("--queue", type=int, help="requests waiting for a slot before a 503 (default 4x slots)")
+    s.add_argument("-n", "--max-tokens", type=int, dest="max_tokens",
+                   help="tokens per reply when a request gives none (default: the plan's, else the rest of the context)")
+    s.add_argument("--temp", "--temperature", type=float, dest="temperature", help="default temperature (0 = greedy)")
+    s.add_argument("--top-k", type=int, dest="top_k")
+    s.add_argument("--top-p", type=float, dest="top_p")
+    s.add_argument("--min-p", type=float, dest="min_p")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
+                   help="MTP speculative decoding in every slot (default: on when the model has a nextn layer)")
+    s.add_argument("--draft-max", type=int, dest="draft_max", help="most drafted tokens per step")
+    s.add_argument("--draft-p-min", type=float, dest="p_min", help="stop drafting below this draft probability")
+    s.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose each step's draft length from measured costs (default: on)")
+    s.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=None, dest="draft_ahead")
+    s.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="run CPU experts beside the shared expert (default: on with CUDA)")
+    _placement_args(s, context=False)
 
     pl = sub.add_parser("plan", help="validate a plan and print the resolved placement and memory",
                         description="Validate PLAN.yaml (default: the demo plan) and print where every tensor "
@@ -150,6 +182,22 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve.server import serve
+
+    keys = PLACEMENT_KEYS + ("temperature", "top_k", "top_p", "min_p", "seed", "mtp", "draft_max", "p_min",
+                             "adaptive", "draft_ahead")
+    overrides = _overrides(a, tuple(k for k in keys if k != "context"))
+    server = {k: getattr(a, k) for k in ("host", "port", "parallel", "ctx_size", "api_key", "alias", "queue")}
+    for k in ("parallel", "ctx_size"):
+        if server[k] is not None and server[k] < 1:
+            raise NextnError(f"--{k.replace('_', '-')} {server[k]}: expected a positive number")
+    if a.max_tokens is not None and a.max_tokens < 1:
+        raise NextnError(f"--max-tokens {a.max_tokens}: expected a positive number")
+    engine_kw = {"overlap": a.overlap, "max_tokens": a.max_tokens}
+    return serve(a.target, overrides=overrides, server=server, engine_kw=engine_kw)
+
+
 def cmd_plan(a: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -205,7 +253,7 @@ def main(argv=None) -> int:
         p.print_help()
         return 0
     try:
-        return {"run": cmd_run, "plan": cmd_plan, "bench": cmd_bench, "tune": cmd_tune}[a.command](a)
+        return {"run": cmd_run, "serve": cmd_serve, "plan": cmd_plan, "bench": cmd_bench, "tune": cmd_tune}[a.command](a)
     except NextnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

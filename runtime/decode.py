@@ -65,14 +65,33 @@ class SpecStats:
 
 class Sequence:
     def __init__(self, model: GLM4Model, context: int, kv_dtype: torch.dtype, use_mtp: bool,
-                 params: SamplingParams, prefill_chunk: int = 512, draft_ahead: bool = False):
+                 params: SamplingParams, prefill_chunk: int = 512, draft_ahead: bool = False,
+                 reuse: "Sequence | None" = None):
+        """`reuse`: a finished sequence (same model and context) whose caches this one takes
+        over instead of allocating its own; `prefill` then keeps the KV of the longest prefix
+        that the new prompt shares with `reuse.tokens` (prompt caching)."""
         self.model, self.params, self.chunk = model, params, prefill_chunk
-        self.cache = model.new_cache(context, kv_dtype)
         self.use_mtp = use_mtp and model.nextn is not None
-        self.mtp_cache = model.new_mtp_cache(context, kv_dtype) if self.use_mtp else None
         self.gen: torch.Generator | None = None  # made on first use, on the logits' device (_rng)
         self.tokens: list[int] = []  # every token of the sequence (prompt + emitted)
         self.owed_h: torch.Tensor | None = None  # hidden states of MTP rows not yet in the MTP cache
+        self._reused = None
+        if reuse is not None and reuse.cache.max_len == context:
+            self.cache = reuse.cache
+            # the MTP cache is only worth keeping when it covers the same tokens as the main cache
+            keep_mtp = self.use_mtp and reuse.mtp_cache is not None
+            self.mtp_cache = reuse.mtp_cache if keep_mtp else (
+                model.new_mtp_cache(context, kv_dtype) if self.use_mtp else None)
+            # what the old caches hold: its tokens up to the main cache's length (a run ended
+            # between prefill chunks has more tokens than KV), its MTP slots, its owed rows
+            self._reused = (reuse.tokens[:reuse.cache.length], reuse.owed_h if keep_mtp else None,
+                            reuse.mtp_cache.length if keep_mtp else 0, keep_mtp)
+            self.cache.reset()
+            if self.mtp_cache is not None:
+                self.mtp_cache.reset()
+        else:
+            self.cache = model.new_cache(context, kv_dtype)
+            self.mtp_cache = model.new_mtp_cache(context, kv_dtype) if self.use_mtp else None
         self.last_logits: torch.Tensor | None = None
         self.stats = SpecStats()
         self.oracle: Oracle | None = None
@@ -103,14 +122,64 @@ class Sequence:
 
     # ---- prefill -----------------------------------------------------------------------------
 
+    def keep_prefix(self, ids: list[int]) -> int:
+        """With a reused sequence's caches: keep the KV of the longest common prefix of its tokens
+        and `ids`, less one token (the prompt's last token must run to give the next token's
+        logits); returns the number kept. The MTP cache is cut to match: slot p holds the row
+        (h_p, x_{p+1}), valid while x_{p+1} is in the prefix; the old sequence's owed rows (hidden
+        states of its last positions, not yet in its MTP cache) are kept as far as the prefix."""
+        if self._reused is None:
+            return 0
+        old, owed, m, keep_mtp = self._reused
+        self._reused = None
+        n = 0
+        for a, b in zip(old, ids[:len(ids) - 1]):
+            if a != b:
+                break
+            n += 1
+        if self.use_mtp:
+            if not keep_mtp:
+                return 0  # no MTP rows for the prefix: prefill from scratch
+            n_owed = 0 if owed is None else owed.shape[0]
+            if m + n_owed != len(old):  # pragma: no cover - the invariant every step keeps
+                return 0
+            if m >= n:
+                # slot n-1 pairs h_{n-1} with the old sequence's next token, not necessarily the
+                # new one, and h_{n-1} itself is gone: keep one token less, whose slot is valid
+                n -= 1
+                self.mtp_cache.length = n
+            else:
+                self.mtp_cache.length = m  # slots 0..m-1; h_m..h_{n-1} stay owed
+                self.owed_h = owed[:n - m]
+        if n <= 0:
+            if self.mtp_cache is not None:
+                self.mtp_cache.length = 0
+            self.owed_h = None
+            return 0
+        self.cache.length = n
+        self.tokens = list(ids[:n])
+        return n
+
     def prefill(self, ids: list[int]) -> int:
         """Run the prompt in chunks (with MTP WARMUP per chunk); returns the first new token."""
+        for tok in self.prefill_steps(ids):
+            if tok is not None:
+                return tok
+
+    def prefill_steps(self, ids: list[int]):
+        """`prefill` one chunk per iteration: yields None after each chunk but the last, then the
+        first new token. Starts after the prefix that `keep_prefix` keeps (decided here, before
+        the first iteration, so `cache.length` tells at once how much of the prompt was cached)."""
+        start = self.keep_prefix(ids)
+        return self._prefill_from(ids, start)
+
+    def _prefill_from(self, ids: list[int], start: int):
         m = self.model
         self.tokens = list(ids)
         n = len(ids)
         t = torch.tensor(ids, dtype=torch.long)
         h = None
-        for s in range(0, n, self.chunk):
+        for s in range(start, n, self.chunk):
             h = m.forward(t[s:s + self.chunk], self.cache, s)
             if self.use_mtp:
                 # rows p = s .. s+len-1 pair h_p with x_{p+1}; the chunk's last row needs the next
@@ -121,8 +190,10 @@ class Sequence:
                 if k > 0:
                     m.mtp_forward(rows[:k], t[first + 1:first + 1 + k], self.mtp_cache, first)
                 self.owed_h = rows[k:]
+            if s + self.chunk < n:
+                yield None
         self.last_logits = m.logits(h[-1:])[0]
-        return self._sample(self.last_logits, self._history())
+        yield self._sample(self.last_logits, self._history())
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self.gen is None or self.gen.device != device:

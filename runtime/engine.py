@@ -166,9 +166,12 @@ class Engine:
             self._policies[key] = DraftPolicy(draft_max, adaptive, moe_cpu * self.cfg.n_experts)
         return self._policies[key]
 
-    def new_sequence(self, params: SamplingParams, use_mtp: bool, draft_ahead: bool = False) -> Sequence:
+    def new_sequence(self, params: SamplingParams, use_mtp: bool, draft_ahead: bool = False,
+                     reuse: Sequence | None = None) -> Sequence:
+        """A sequence ready for prefill; with `reuse`, it takes over that finished sequence's
+        caches (prompt caching: Sequence.__init__)."""
         return Sequence(self.model, self.context, self.dtype, use_mtp, params, self.prefill_chunk,
-                        draft_ahead=draft_ahead)
+                        draft_ahead=draft_ahead, reuse=reuse)
 
     def resolve_draft_ahead(self, want: bool | None) -> bool:
         """Draft-ahead could pay only where the GPU idles while CPU experts run; on a CPU-only
@@ -262,12 +265,17 @@ class Engine:
 
 
 class _Run:
-    """One generation: iterate for text pieces; `.result` holds text, tokens and stats after."""
+    """One generation: iterate for text pieces; `.result` holds text, tokens and stats after.
+
+    The generation is also a step machine, for a caller that interleaves several (the server's
+    worker, runtime/serve/slots.py): `begin()`, then `step()` until `done` (each call runs one
+    model step: a prefill chunk, a plain step or a speculative step, and returns the new text),
+    then `close()`. Iterating does exactly that on one thread."""
 
     def __init__(self, engine: Engine, prompt, *, max_tokens=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, seed=None, mtp=None, draft_max=None, p_min=None,
                  adaptive=None, draft_ahead=None, stop=None, chat: bool = False, trace=None, oracle=None,
-                 repeat_penalty=None, repeat_last_n=None):
+                 repeat_penalty=None, repeat_last_n=None, reuse: Sequence | None = None):
         d, sp = engine.sampling, engine.speculative
         pick = lambda v, dv: dv if v is None else v  # noqa: E731
         self.engine = engine
@@ -292,6 +300,9 @@ class _Run:
         self.stop = stop
         self.trace = trace
         self.oracle = oracle  # scheduler.Oracle (benchmarks only)
+        # a finished sequence whose caches this run takes over, keeping the KV of the longest
+        # common prefix (prompt caching): see Sequence.__init__
+        self.reuse = reuse
         if isinstance(prompt, str):
             text = prompt
             if chat:
@@ -306,111 +317,175 @@ class _Run:
             raise NextnError(f"prompt of {len(ids)} tokens leaves no room in the context ({engine.context})")
         self.prompt_ids = ids
         self.result = GenerationResult("", [], {})
+        self.seq: Sequence | None = None
+        self.done = False
+        self._closed = True  # until begin() opens the run's context
 
     def __iter__(self) -> Iterator[str]:
-        e = self.engine
-        m = e.model
-        bus = m.bus
-        tok = e.tokenizer
-        dec = tok.stream_decoder(skip_special=True)
-        eos = tok.eos_ids
-        hold = max((len(s) for s in self.stop), default=1) - 1
-        text, sent, out = "", 0, []
-        finish = "length"
-        policy = e.draft_policy(self.draft_max, self.adaptive) if self.use_mtp else None
-        decider = policy  # kept for the stats' `draft_policy` line after `policy` is dropped
-        use_mtp = self.use_mtp and (policy is None or policy.start_sequence())
-        if not use_mtp:
-            policy = None
-        mtp_off = self.use_mtp and not use_mtp  # adaptive found drafting does not pay here
-        lengths: dict[int, int] = {}
-        tl = Timeline(keep_spans=self.trace is not None)
-        ctx = bus.begin_run(tl)
         try:
-            with torch.inference_mode():
-                seq = e.new_sequence(self.params, use_mtp, self.draft_ahead)
-                seq.oracle = self.oracle
-                t0 = time.perf_counter()
-                with tl.span("phase", "prefill", tokens=len(self.prompt_ids)):
-                    pending = seq.prefill(self.prompt_ids) if self.max_tokens > 0 else None
-                t1 = time.perf_counter()
-                done = self.max_tokens == 0
-                while not done:
-                    # `pending` is the next token, not yet in the main cache. A speculative step
-                    # feeds it with k drafts and returns the accepted drafts plus the new pending.
-                    room = e.context - len(seq.tokens) - 1  # cache slots left after pending's own
-                    limit = min(room, self.max_tokens - len(out) - 1)
-                    k = policy.choose(limit) if policy is not None else 0
-                    nxt = None
-                    emit = [pending]
-                    if k > 0:
-                        step = seq.spec_step(pending, k, self.p_min)
-                        emit, nxt = emit + step[:-1], step[-1]
-                        policy.observe(k, seq.last_drafted, seq.last_accepted, seq.last_sample)
-                        lengths[k] = lengths.get(k, 0) + 1
-                    for t in emit:
-                        if t in eos:
-                            finish, done = "eos", True
-                            break
-                        out.append(t)
-                        text += dec.push(t)
-                        hit = self._find_stop(text)
-                        if hit is not None:
-                            text, finish, done = text[:hit], "stop", True
-                            break
-                        if len(out) >= self.max_tokens:
-                            finish, done = "length", True
-                            break
-                    if done:
-                        break
-                    if len(text) - hold > sent:
-                        yield text[sent:len(text) - hold]
-                        sent = len(text) - hold
-                    if nxt is None:
-                        if len(seq.tokens) >= e.context:
-                            finish = "context"
-                            break
-                        nxt = seq.plain_step(pending)
-                        if self.use_mtp and limit > 0:  # also after the policy turned drafting off
-                            lengths[0] = lengths.get(0, 0) + 1
-                        if policy is not None and limit > 0:
-                            policy.observe(0, 0, 0, seq.last_sample)
-                            if policy.mtp_loses():
-                                policy.give_up()
-                                seq.stop_mtp()
-                                policy, mtp_off = None, True
-                    pending = nxt
-                if policy is not None:
-                    policy.end_sequence(turned_off=False)
-                if finish != "stop":
-                    text += dec.flush()
-                if len(text) > sent:
-                    yield text[sent:]
-                t2 = time.perf_counter()
+            self.begin()
+            while not self.done:
+                piece = self.step()
+                if piece:
+                    yield piece
         finally:
-            bus.end_run()
+            self.close()
+
+    # ---- the step machine ----------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Make the sequence (taking over `reuse`'s caches) and the run's context; no model work."""
+        e = self.engine
+        tok = e.tokenizer
+        self._dec = tok.stream_decoder(skip_special=True)
+        self._eos = tok.eos_ids
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text, self._sent, self.out = "", 0, []
+        self.finish = "length"
+        policy = e.draft_policy(self.draft_max, self.adaptive) if self.use_mtp else None
+        use_mtp = self.use_mtp and (policy is None or policy.start_sequence())
+        self._policy = policy if use_mtp else None
+        self._decider = policy  # kept for the stats' `draft_policy` line after `_policy` is dropped
+        self._mtp_off = self.use_mtp and not use_mtp  # adaptive found drafting does not pay here
+        self._lengths: dict[int, int] = {}
+        self._tl = Timeline(keep_spans=self.trace is not None)
+        self.ctx = e.model.bus.begin_run(self._tl)
+        self._closed = False
+        with torch.inference_mode():
+            seq = self.seq = e.new_sequence(self.params, use_mtp, self.draft_ahead, reuse=self.reuse)
+        self.reuse = None
+        seq.oracle = self.oracle
+        self._prefill = seq.prefill_steps(self.prompt_ids) if self.max_tokens > 0 else None
+        self.cached_tokens = seq.cache.length  # prompt tokens whose KV was kept from `reuse`
+        self._pending = None
+        self._plain_next = False  # the last step emitted `pending` alone: a plain step feeds it next
+        self._t0 = self._t1 = time.perf_counter()
+        self.done = self.max_tokens == 0
+        if self.done:
+            self._end()
+
+    def step(self) -> str:
+        """One model step; returns the text it completed (held back while it may start a stop
+        string). Sets `done` at the end; the result is then in `.result`."""
+        e, seq = self.engine, self.seq
+        _activate(e.model.bus, self.ctx)
+        with torch.inference_mode():
+            if self._prefill is not None:
+                with self._tl.span("phase", "prefill", tokens=len(self.prompt_ids)):
+                    self._pending = next(self._prefill, None)
+                if self._pending is None:
+                    return ""
+                self._prefill = None
+                self._t1 = time.perf_counter()
+            policy = self._policy
+            if self._plain_next:
+                # `pending` was emitted by the last step alone; feed it
+                self._plain_next = False
+                if len(seq.tokens) >= e.context:
+                    self.finish = "context"
+                    return self._end()
+                nxt = seq.plain_step(self._pending)
+                if self.use_mtp and self._limit > 0:  # also after the policy turned drafting off
+                    self._lengths[0] = self._lengths.get(0, 0) + 1
+                if policy is not None and self._limit > 0:
+                    policy.observe(0, 0, 0, seq.last_sample)
+                    if policy.mtp_loses():
+                        policy.give_up()
+                        seq.stop_mtp()
+                        self._policy, self._mtp_off = None, True
+                self._pending = nxt
+                return ""
+            # `pending` is the next token, not yet in the main cache. A speculative step feeds it
+            # with k drafts and returns the accepted drafts plus the new pending.
+            pending = self._pending
+            room = e.context - len(seq.tokens) - 1  # cache slots left after pending's own
+            limit = min(room, self.max_tokens - len(self.out) - 1)
+            k = policy.choose(limit) if policy is not None else 0
+            nxt = None
+            emit = [pending]
+            if k > 0:
+                step = seq.spec_step(pending, k, self.p_min)
+                emit, nxt = emit + step[:-1], step[-1]
+                policy.observe(k, seq.last_drafted, seq.last_accepted, seq.last_sample)
+                self._lengths[k] = self._lengths.get(k, 0) + 1
+            for t in emit:
+                if t in self._eos:
+                    self.finish = "eos"
+                    return self._end()
+                self.out.append(t)
+                self.text += self._dec.push(t)
+                hit = self._find_stop(self.text)
+                if hit is not None:
+                    self.text, self.finish = self.text[:hit], "stop"
+                    return self._end()
+                if len(self.out) >= self.max_tokens:
+                    self.finish = "length"
+                    return self._end()
+            if nxt is None:
+                self._plain_next, self._limit = True, limit
+            else:
+                self._pending = nxt
+            return self._take(len(self.text) - self._hold)
+
+    def _take(self, upto: int) -> str:
+        if upto <= self._sent:
+            return ""
+        piece = self.text[self._sent:upto]
+        self._sent = upto
+        return piece
+
+    def _end(self) -> str:
+        """The generation ended (self.finish says why): flush, stats; returns the last text."""
+        if self._policy is not None:
+            self._policy.end_sequence(turned_off=False)
+        if self.finish != "stop":
+            self.text += self._dec.flush()
+        self.done = True
+        piece = self._take(len(self.text))
+        self._t2 = time.perf_counter()
+        self._result()
+        return piece
+
+    def cancel(self) -> None:
+        """End the generation now (the client went away): what was generated so far is the result."""
+        if not self.done:
+            self.finish = "cancelled"
+            self._end()
+        self.close()
+
+    def close(self) -> None:
+        """Release the thread's run context; writes the trace if one was asked for."""
+        if self._closed:
+            return
+        self._closed = True
+        self.engine.model.bus.end_run()
         if self.trace is not None:
-            tl.write_chrome_trace(self.trace)
-        st = seq.stats
+            self._tl.write_chrome_trace(self.trace)
+
+    def _result(self) -> None:
+        st = self.seq.stats
+        out, tl, ctx = self.out, self._tl, self.ctx
+        t0, t1, t2 = self._t0, self._t1, self._t2
         n = len(out)
-        self.result = GenerationResult(text, out, {
+        self.result = GenerationResult(self.text, out, {
             "prompt_tokens": len(self.prompt_ids),
+            "cached_tokens": self.cached_tokens,
             "generated_tokens": n,
-            "prompt_tokens_per_s": len(self.prompt_ids) / max(t1 - t0, 1e-9),
+            "prompt_tokens_per_s": (len(self.prompt_ids) - self.cached_tokens) / max(t1 - t0, 1e-9),
             "decode_tokens_per_s": (n - 1) / max(t2 - t1, 1e-9) if n > 1 else 0.0,
             "prefill_s": t1 - t0,
             "decode_s": t2 - t1,
             "mtp": self.use_mtp,
             "adaptive": self.use_mtp and self.adaptive,
-            "mtp_turned_off": mtp_off,  # the adaptive policy stopped drafting: it did not pay
+            "mtp_turned_off": self._mtp_off,  # the adaptive policy stopped drafting: it did not pay
             "draft_max": self.draft_max if self.use_mtp else 0,
-            "draft_lengths": dict(sorted(lengths.items())),  # steps per chosen draft length
+            "draft_lengths": dict(sorted(self._lengths.items())),  # steps per chosen draft length
             "drafted": st.drafted,
             "accepted": st.accepted,
             "acceptance_rate": st.accepted / st.drafted if st.drafted else None,  # None: nothing drafted
             "acceptance_by_position": [a / d if d else None for a, d in zip(st.accepted_at, st.drafted_at)],
             # what the draft policy decided and why, one line (None: MTP off)
-            "draft_policy": decider.decision() if decider is not None else None,
+            "draft_policy": self._decider.decision() if self._decider is not None else None,
             "verify_steps": st.steps,
             "mean_tokens_per_step": (st.accepted + st.steps) / st.steps if st.steps else 1.0,
             "distinct_experts_per_verify": st.distinct_experts / st.steps if st.steps else 0.0,
@@ -421,9 +496,9 @@ class _Run:
             "verify_s": st.verify_s,
             "weight_bytes_moved": ctx.weight_bytes,
             "activation_bytes_moved": ctx.activation_bytes,
-            "finish_reason": finish,
+            "finish_reason": self.finish,
             **tl.figures(t0, t2),
-        }, finish)
+        }, self.finish)
 
     def _find_stop(self, text: str) -> int | None:
         best = None
@@ -434,3 +509,9 @@ class _Run:
             if i != -1 and (best is None or i < best):
                 best = i
         return best
+
+
+def _activate(bus, ctx) -> None:
+    """Make `ctx` this thread's run context. The bus keeps one per thread (what a run measures);
+    a worker that interleaves several runs on one thread puts each run's own back before its step."""
+    bus._tls.ctx = ctx

@@ -144,7 +144,8 @@ def test_demo_decode_is_a_few_host_calls_per_token():
 
     eng = runtime.load(progress=False)
     for kw in (dict(mtp=False), dict(mtp=True, draft_max=3, adaptive=False)):
-        ops, kc, n = calls_per_token(eng, "def fibonacci(n):", 32, **kw)
+        # the decoding machinery alone: the demo plan's repetition penalty adds a few ops per row
+        ops, kc, n = calls_per_token(eng, "def fibonacci(n):", 32, repeat_penalty=1.0, **kw)
         assert n >= 20
         assert ops + kc <= 60, (kw, ops, kc)
 
