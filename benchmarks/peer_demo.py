@@ -9,6 +9,7 @@ CMake, CPU only, GGML_NATIVE=ON; ~12 minutes on 2 cores) into a cache outside th
 and `--spec-type draft-mtp --spec-draft-n-max N` for each N), all started before the first request,
 so that every round visits every setting of both engines prompt by prompt.
 
+Greedy, no repetition penalty on either side (the demo plan's 1.15 is switched off here).
 Prompts: the first lines of 6 files the demo model was never trained on (its held-out standard
 library files, runtime/demo/train.py). Both engines get the same token ids. Reported per setting:
 decode tokens/s (median over prompts and rounds; llama.cpp's own `timings.predicted_per_second`,
@@ -173,12 +174,13 @@ def main(argv=None) -> int:
                     rows.setdefault(("llama.cpp", k), []).append(
                         (t.get("predicted_per_second", 0.0), t.get("draft_n", 0), t.get("draft_n_accepted", 0),
                          r.get("tokens", [])))
-                    g = eng.generate(p, max_tokens=a.tokens, mtp=k > 0, draft_max=k or None, adaptive=False)
+                    g = eng.generate(p, max_tokens=a.tokens, mtp=k > 0, draft_max=k or None, adaptive=False, repeat_penalty=1.0)
                     st = g.stats
                     rows.setdefault(("nextn", k), []).append(
                         (st["decode_tokens_per_s"], st["drafted"], st["accepted"], g.tokens))
                 if drafts:  # the adaptive policy up to the longest length (what `nextn run` does)
-                    g = eng.generate(p, max_tokens=a.tokens, mtp=True, draft_max=max(drafts), adaptive=True)
+                    g = eng.generate(p, max_tokens=a.tokens, mtp=True, draft_max=max(drafts), adaptive=True,
+                                     repeat_penalty=1.0)
                     st = g.stats
                     rows.setdefault(("nextn", "adaptive"), []).append(
                         (st["decode_tokens_per_s"], st["drafted"], st["accepted"], g.tokens))
