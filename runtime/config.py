@@ -80,7 +80,7 @@ def _key(f: GGUFFile, name: str, default=None, required=True):
             raise ModelFileError(f"{f.path}: {k} is {short(v)}; expected a bool")
         return bool(v)
     if name in _INT_MAX:
-        lo = 1 if name in _POSITIVE else 0
+        lo = 2 if name == "context_length" else 1 if name in _POSITIVE else 0
         if type(v) is not int or not lo <= v <= _INT_MAX[name]:
             raise ModelFileError(f"{f.path}: {k} is {short(v)}; expected a whole number in {lo}..{_INT_MAX[name]}")
         return v
