@@ -40,8 +40,15 @@ def _overrides(a: argparse.Namespace, keys) -> dict:
 PLACEMENT_KEYS = ("model", "gpu", "gpu_dtype", "threads", "repack", "context", "cpu_moe", "n_cpu_moe", "override_tensor")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other nextn error (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="nextn",
         description="Run GLM-4.x MoE GGUF models on one GPU plus the CPU, with MTP (nextn) speculative decoding. "
                     "Wherever a model or plan is left out, the bundled demo model and its plan are used.")
@@ -132,6 +139,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .api import load
 
     overrides = _overrides(a, PLACEMENT_KEYS + ("overlap",))
+    if a.trace:  # before the load: a run should not end on an unwritable trace path
+        from .trace import check_writable
+
+        check_writable(a.trace, "--trace")
     eng = load(a.target, **overrides)
     gen = _overrides(a, ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "repeat_penalty",
                          "repeat_last_n", "mtp", "draft_max",
