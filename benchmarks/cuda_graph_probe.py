@@ -1,5 +1,5 @@
 """Can one layer's GPU segment be captured in a CUDA graph, and what would that save? A probe for
-the next GPU session: the GPU side of a hybrid decode step is bound by host time (~0.8 ms per
+the next GPU check: the GPU side of a hybrid decode step is bound by host time (~0.8 ms per
 layer to issue ~30 small kernels on an H200, BENCHMARKS.md "GPU check"), and CUDA graphs are the
 known remedy. This measures the remedy's ceiling before anyone builds it into the model.
 

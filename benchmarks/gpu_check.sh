@@ -15,9 +15,9 @@
 # Stages run one after another; a failing stage is reported and the next one still runs, so one
 # call gives everything it can. Environment: GPU (default cuda:0), LAYERS (4), VOCAB, TOKENS (32),
 # TESTS (test paths), STAGES (a subset of "kernels bench trace demo profile tests kbench", in the
-# order they run; "steps" and "graphs" are not in the default list), OUT (where logs go). On an H200: every stage, 372 s (fourth session);
-# "bench trace demo profile tests" with a test subset, 389 s, and "bench trace demo tests", 354 s
-# (fifth session); results in BENCHMARKS.md, "GPU check". A fresh machine takes ~35 s to start.
+# order they run; "steps" and "graphs" are not in the default list), OUT (where logs go). On an H200: every stage, 372 s;
+# "bench trace demo profile tests" with a test subset, 389 s, and "bench trace demo tests", 354 s;
+# results in BENCHMARKS.md, "GPU check". A fresh machine takes ~35 s to start.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nextn-gpu-check}

@@ -1,18 +1,17 @@
-"""Load check of `nextn serve` (not a test): C streaming clients for D seconds against S slots.
+"""Load check of `nextn serve`: N streaming clients for S seconds against a server with P slots.
 
-    python benchmarks/serve_load.py [--clients 8] [--seconds 60] [--slots 2] [--max-tokens 48] [MODEL|PLAN]
+    python benchmarks/serve_load.py [PLAN|MODEL] [--clients 8] [--seconds 60] [--slots 2] [--tokens 48]
 
-Starts the server (demo model by default) on a free port, warms it up, then each client sends
-streamed chat requests back to back (prompts drawn in turn from a fixed list). Reports requests/s,
-time to first token (p50/p99), decode tokens/s per stream, errors, and the server's RSS after the
-warm-up and at the end. Afterwards a burst of more requests than slots + queue provokes 503s on
-purpose; those are counted apart (they must all carry Retry-After) and are not errors.
+Starts the server on a free localhost port (the demo model by default), then every client loops:
+a streaming chat completion with its own prompt, timed from request to first token and to the end.
+Reports requests/s, p50/p99 time to first token, tokens/s per stream, errors (503s from the queue
+bound are counted apart: with more clients than slots plus queue they are expected), and the
+server's resident memory at start and end. Bounded: every loop stops at the deadline.
 """
-
 from __future__ import annotations
 
 import argparse
-import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,144 +19,117 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from serve_util import ServerProcess  # noqa: E402
-
-PROMPTS = ["def fibonacci(n):", "import os\n\ndef list_files(path):", "class Stack:\n    def __init__(self):",
-           "def parse_args(argv):", "import json\n\ndef load(path):", "def merge_sort(items):",
-           "class Parser:\n    def parse(self, text):", "def main():\n    args ="]
+REPO = Path(__file__).resolve().parents[1]
 
 
-def rss_mib(pid: int) -> float:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
-    """A streamed chat request: TTFT (first generated text), tokens and decode rate."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = None
-    usage = None
-    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            r.read()
-            return {"status": r.status_code, "retry_after": r.headers.get("retry-after")}
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
-            if "error" in ev:
-                return {"status": 500, "error": ev["error"]["message"]}
-            if ev.get("usage"):
-                usage = ev["usage"]
-            ch = ev.get("choices") or []
-            if first is None and ch and (ch[0]["delta"].get("content") or ch[0]["delta"].get("reasoning_content")):
-                first = time.perf_counter()
-    t1 = time.perf_counter()
-    n = usage["completion_tokens"] if usage else 0
-    out = {"status": 200, "tokens": n, "ttft": (first or t1) - t0, "total": t1 - t0}
-    if first is not None and n > 1 and t1 > first:
-        out["tok_s"] = (n - 1) / (t1 - first)
-    return out
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("target", nargs="?", help="PLAN.yaml or MODEL.gguf (default: the demo)")
+    import httpx
+    from openai import APIStatusError, OpenAI
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("target", nargs="?")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--slots", type=int, default=2)
-    ap.add_argument("--ctx-size", type=int, default=2048)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--burst", type=int, default=24, help="requests sent at once after the run (to provoke 503s)")
+    ap.add_argument("--tokens", type=int, default=48)
     a = ap.parse_args(argv)
-
-    log = Path("/tmp") / f"serve_load_{int(time.time())}.log"
-    args = [*(a.target and [a.target] or []), "-np", str(a.slots), "-c", str(a.ctx_size)]
-    srv = ServerProcess(*args, log=log)
+    port = free_port()
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", *([a.target] if a.target else []), "--port", str(port),
+           "-np", str(a.slots)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(timeout=120) as c:  # warm-up: one request per slot
-            for p in PROMPTS[:a.slots]:
-                one_request(c, srv.url, p, 8)
-        rss0 = rss_mib(srv.proc.pid)
-        results: list[dict] = []
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                print(f"server exited: {proc.stderr.read()[-2000:]}", file=sys.stderr)
+                return 1
+            time.sleep(0.3)
+        rss0 = rss_mb(proc.pid)
         lock = threading.Lock()
-        stop_at = time.perf_counter() + a.seconds
+        ttft, speed, done, busy, errors = [], [], [0], [0], []
+        deadline = time.time() + a.seconds
 
         def client(i: int):
-            k = i
-            with httpx.Client(timeout=300) as c:
-                while time.perf_counter() < stop_at:
-                    try:
-                        r = one_request(c, srv.url, PROMPTS[k % len(PROMPTS)], a.max_tokens)
-                    except httpx.HTTPError as e:
-                        r = {"status": -1, "error": repr(e)}
-                    k += a.clients
+            c = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+            prompts = ["def fibonacci(n):", "class Stack:", "import os\ndef main():", "def parse(line):"]
+            while time.time() < deadline:
+                t = time.time()
+                first, n = None, 0
+                try:
+                    s = c.chat.completions.create(model="m", stream=True, max_tokens=a.tokens, temperature=0,
+                                                  messages=[{"role": "user", "content": prompts[i % 4] + f"  # {i}"}])
+                    for ch in s:
+                        d = ch.choices[0].delta if ch.choices else None
+                        if d is not None and (d.content or getattr(d, "reasoning_content", None)):
+                            n += 1
+                            if first is None:
+                                first = time.time()
+                    end = time.time()
                     with lock:
-                        results.append(r)
+                        done[0] += 1
+                        if first is not None:
+                            ttft.append(first - t)
+                            if n > 1 and end > first:
+                                speed.append((n - 1) / (end - first))
+                except APIStatusError as e:
+                    with lock:
+                        if e.status_code == 503:
+                            busy[0] += 1
+                        else:
+                            errors.append(f"{e.status_code}: {str(e)[:120]}")
+                    time.sleep(0.2)
+                except Exception as e:  # noqa: BLE001 - counted, and the loop goes on
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {str(e)[:120]}")
 
-        t0 = time.perf_counter()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
+        t_start = time.time()
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        rss1 = rss_mib(srv.proc.pid)
-
-        # the burst: more at once than slots + queue (default 4x slots) hold
-        burst: list[dict] = []
-
-        def burst_one(i):
-            with httpx.Client(timeout=300) as c:
-                r = one_request(c, srv.url, PROMPTS[i % len(PROMPTS)], 4)
-            with lock:
-                burst.append(r)
-
-        bt = [threading.Thread(target=burst_one, args=(i,)) for i in range(a.burst)]
-        for t in bt:
-            t.start()
-        for t in bt:
-            t.join()
-        rss2 = rss_mib(srv.proc.pid)
-        metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+            t.join(a.seconds + 90)
+        wall = time.time() - t_start
+        rss1 = rss_mb(proc.pid)
     finally:
-        rc = srv.stop()
-
-    ok = [r for r in results if r["status"] == 200]
-    errors = [r for r in results if r["status"] != 200]
-    ttft = sorted(r["ttft"] for r in ok)
-    rates = [r["tok_s"] for r in ok if "tok_s" in r]
-
-    def pct(xs, q):
-        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
-
-    acc = [ln for ln in metrics.splitlines() if ln.startswith("nextn_draft_acceptance_rate ")]
-    b503 = [r for r in burst if r["status"] == 503]
-    print(f"nextn serve load: {a.clients} clients x {wall:.0f} s against {a.slots} slots "
-          f"(ctx {a.ctx_size}), max_tokens {a.max_tokens}, target {a.target or 'demo'}")
-    print(f"  requests          {len(ok)} ok, {len(errors)} errors -> {len(ok) / wall:.2f} req/s")
-    print(f"  tokens generated  {sum(r['tokens'] for r in ok)} -> {sum(r['tokens'] for r in ok) / wall:.1f} tok/s total")
-    print(f"  TTFT              p50 {pct(ttft, .5) * 1e3:.0f} ms, p99 {pct(ttft, .99) * 1e3:.0f} ms")
-    print(f"  decode per stream median {statistics.median(rates) if rates else float('nan'):.1f} tok/s "
-          f"(p10 {pct(sorted(rates), .1):.1f}, p90 {pct(sorted(rates), .9):.1f})")
-    print(f"  MTP acceptance    {acc[0].split()[1] if acc else '?'}")
-    print(f"  server RSS        {rss0:.0f} MiB after warm-up, {rss1:.0f} MiB at the end "
-          f"({(rss1 / rss0 - 1) * 100:+.1f}%), {rss2:.0f} MiB after the burst")
-    print(f"  burst of {a.burst}       {len(b503)} x 503 (all with Retry-After: "
-          f"{all(r.get('retry_after') for r in b503)}), {sum(r['status'] == 200 for r in burst)} x 200, "
-          f"{sum(r['status'] not in (200, 503) for r in burst)} other")
-    print(f"  server exit code  {rc} (SIGTERM)")
-    for r in errors[:5]:
-        print("  error:", r)
-    return 0 if not errors and rc == 0 else 1
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print(f"{a.clients} clients, {a.slots} slots, {a.seconds:.0f} s, {a.tokens} tokens a reply")
+    print(f"requests done {done[0]} ({done[0] / wall:.2f}/s), 503 (queue full) {busy[0]}, errors {len(errors)}")
+    print(f"time to first token p50 {pct(ttft, 0.5) * 1e3:.0f} ms, p99 {pct(ttft, 0.99) * 1e3:.0f} ms")
+    if speed:
+        print(f"tokens/s per stream (pieces after the first): median {statistics.median(speed):.1f}")
+    print(f"server RSS {rss0:.0f} MB at start, {rss1:.0f} MB at end ({(rss1 / rss0 - 1) * 100:+.1f}%)")
+    for e in errors[:5]:
+        print("  error:", e)
+    print(f"server exit code {proc.returncode}")
+    return 0 if not errors else 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,32 @@ typedef struct {
     int32_t type;
     int64_t n_expert, rows, cols, row_bytes;
 } nx_tensor;
+typedef struct {
+    int32_t n_parts;
+    nx_tensor parts[4];
+    const float *bias;
+} nx_lin;
+typedef struct {
+    const float *attn_norm;
+    nx_lin qkv;
+    const float *qk_norm;
+    nx_lin wo;
+    const float *post_norm;
+    nx_lin ffn_gate_up;
+    nx_lin ffn_down;
+    const float *router_w;
+    const float *router_b;
+    int32_t n_expert, top_k, norm_topk;
+    float scale;
+    nx_tensor exp_gate, exp_up, exp_down;
+} nx_block;
+typedef struct {
+    int32_t H, n_heads, n_kv, head_dim;
+    float eps, attn_scale;
+    const float *rope_cos, *rope_sin;
+    int64_t rope_len;
+    int32_t rope_half;
+} nx_dims;
 """
 
 
@@ -51,7 +77,7 @@ ffibuilder.set_source(
     include_dirs=[os.path.relpath(HERE)],
     # the kernels live in headers (moe_impl.h is compiled once per path): list them so that an
     # edit to a header rebuilds the extension (setuptools only compares the .c files otherwise)
-    depends=[os.path.relpath(os.path.join(HERE, h)) for h in ("moe_impl.h", "moe_kernels.h", "dispatch.h")],
+    depends=[os.path.relpath(os.path.join(HERE, h)) for h in ("moe_impl.h", "moe_kernels.h", "dispatch.h", "block.h", "block_impl.h")],
     extra_compile_args=COMPILE_ARGS,
     extra_link_args=LINK_ARGS,
     define_macros=[("NX_BUILD_FLAGS", '"%s"' % _flags)],

@@ -56,6 +56,18 @@ int nx_dequant_rows(int path, const nx_tensor *w, const int64_t *rows, int64_t n
     return -2;
 }
 
+int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_t n_blocks, float **kc, float **vc,
+                      int64_t cache_len, float *x, int64_t T, int64_t pos0, int64_t start, const float *final_norm,
+                      double *stats, int nthreads) {
+    if (!((nx_cpu_paths() >> path) & 1)) return -2;
+    switch (path) {
+    case 0: return nx_blocks_forward_ref(d, blocks, n_blocks, kc, vc, cache_len, x, T, pos0, start, final_norm, stats, nthreads);
+    case 1: return nx_blocks_forward_avx2(d, blocks, n_blocks, kc, vc, cache_len, x, T, pos0, start, final_norm, stats, nthreads);
+    case 2: return nx_blocks_forward_avx512(d, blocks, n_blocks, kc, vc, cache_len, x, T, pos0, start, final_norm, stats, nthreads);
+    }
+    return -2;
+}
+
 int64_t nx_min_work_per_thread = 1 << 20;
 int64_t nx_set_min_work(int64_t bytes) { int64_t old = nx_min_work_per_thread; nx_min_work_per_thread = bytes; return old; }
 

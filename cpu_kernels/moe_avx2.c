@@ -1,5 +1,6 @@
 /* AVX2 + FMA + F16C path (x86-64 only); chosen at run time when the CPU reports these features. */
 #include "moe_kernels.h"
+#include "block.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #define NX_PATH 1
@@ -18,6 +19,13 @@ int nx_linear_avx2(const float *x, int64_t T, const nx_tensor *w, float *out, in
 }
 int nx_dequant_rows_avx2(const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads) {
     (void)w; (void)rows; (void)n; (void)out; (void)nthreads;
+    return -2;
+}
+int nx_blocks_forward_avx2(const nx_dims *d, const nx_block *blocks, int32_t n_blocks, float **kc, float **vc,
+                          int64_t cache_len, float *x, int64_t T, int64_t pos0, int64_t start, const float *final_norm,
+                          double *stats, int nthreads) {
+    (void)d; (void)blocks; (void)n_blocks; (void)kc; (void)vc; (void)cache_len; (void)x; (void)T; (void)pos0;
+    (void)start; (void)final_norm; (void)stats; (void)nthreads;
     return -2;
 }
 #endif

@@ -479,6 +479,61 @@ static inline float FN(dot_f)(const float *w, const float *x, int64_t n) {
     return s;
 }
 
+#if NX_PATH >= 1
+/* an F16 row against a float row straight from the halves: the same conversions (vcvtph2ps is
+ * exact, as H2F) and the same accumulation order as prep_row + dot_f, so the same bits, without
+ * the row's trip through scratch memory (the dense F16 weights of small models at decode) */
+static inline float FN(dot_f16)(const uint8_t *w, const float *x, int64_t n) {
+    int64_t i = 0;
+#define NX_H8(k) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * (i + (k)))))
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(NX_H8(0), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(NX_H8(8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(NX_H8(16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(NX_H8(24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+#undef NX_H8
+    float s = FN(hsum256)(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    /* dot_f's tail: elements past the last 32 (prep_row decoded them the same way) */
+    for (; i + 8 <= n; i += 8) {
+        float f[8];
+        _mm256_storeu_ps(f, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i))));
+        for (int j = 0; j < 8; j++) s += f[j] * x[i + j];
+    }
+    for (; i < n; i++) s += H2F(FN(rd16)(w + 2 * i)) * x[i];
+    return s;
+}
+
+/* res[t] = dot_f16(w, x[t], n) for t < nt (1..4), each token's sum in exactly dot_f16's order
+ * (so the same bits as one token at a time), with the row's halves converted once per pass:
+ * the tokens' independent accumulator chains overlap, so a verify batch's few rows cost far less
+ * than one call each (small weights are latency-bound, not bandwidth-bound) */
+static inline __attribute__((always_inline)) void FN(dot_f16_nt)(const uint8_t *w, const float *const *x, int64_t n,
+                                                                 float *res, const int nt) {
+    int64_t i = 0;
+    __m256 a[4][4];
+    for (int t = 0; t < nt; t++) a[t][0] = a[t][1] = a[t][2] = a[t][3] = _mm256_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        __m256 h[4];
+        for (int k = 0; k < 4; k++) h[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * (i + 8 * k))));
+        for (int t = 0; t < nt; t++)
+            for (int k = 0; k < 4; k++) a[t][k] = _mm256_fmadd_ps(h[k], _mm256_loadu_ps(x[t] + i + 8 * k), a[t][k]);
+    }
+    for (int t = 0; t < nt; t++) {
+        float s = FN(hsum256)(_mm256_add_ps(_mm256_add_ps(a[t][0], a[t][1]), _mm256_add_ps(a[t][2], a[t][3])));
+        int64_t j = i;
+        for (; j + 8 <= n; j += 8) {
+            float f[8];
+            _mm256_storeu_ps(f, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * j))));
+            for (int q = 0; q < 8; q++) s += f[q] * x[t][j + q];
+        }
+        for (; j < n; j++) s += H2F(FN(rd16)(w + 2 * j)) * x[t][j];
+        res[t] = s;
+    }
+}
+#endif
+
 /* sum over 32-blocks of d_w*d_a*sum(q*y) + off_w*s_a  (SoA rows, see unpack_b32 / quant_b32) */
 static inline __attribute__((always_inline)) float FN(dot_b32_t)(const uint8_t *wb, const uint8_t *ab, int64_t nb, const int sgn) {
     const int8_t *q = (const int8_t *)wb, *y = (const int8_t *)ab;
@@ -1384,6 +1439,22 @@ static inline void FN(row_dots)(int type, int fam, int sgn, const uint8_t *row, 
         }
         return;
     }
+#if NX_PATH >= 1
+    if (type == NX_F16 && ns <= 16) {   /* decode-sized calls: dot the halves in place, 1-4 tokens a pass */
+        for (int64_t j = 0; j < ns; j += 4) {
+            const int nt = ns - j < 4 ? (int)(ns - j) : 4;
+            const float *xp[4];
+            for (int t = 0; t < nt; t++) xp[t] = (const float *)(abase + (size_t)(aidx ? aidx[j + t] : j + t) * astride);
+            switch (nt) {
+            case 1: res[j] = FN(dot_f16)(row, xp[0], n); break;
+            case 2: FN(dot_f16_nt)(row, xp, n, res + j, 2); break;
+            case 3: FN(dot_f16_nt)(row, xp, n, res + j, 3); break;
+            default: FN(dot_f16_nt)(row, xp, n, res + j, 4); break;
+            }
+        }
+        return;
+    }
+#endif
     const void *wr = FN(prep_row)(type, fam, row, n, scratch);
     for (int64_t j = 0; j < ns; j++)
         res[j] = FN(dot_row)(fam, sgn, wr, abase + (size_t)(aidx ? aidx[j] : j) * astride, n);
@@ -1720,3 +1791,7 @@ int NX_CAT(nx_dequant_rows, NX_SFX)(const nx_tensor *w, const int64_t *rows, int
     free(scr_all);
     return 0;
 }
+
+/* ------------------------------------------------------------------ whole decoder blocks */
+#include "block.h"
+#include "block_impl.h"

@@ -250,7 +250,7 @@ def resolve(plan: Plan, gguf_file, cfg: ModelConfig) -> Placement:
         roles[name] = role
         chosen = None
         for i, ov in enumerate(plan.overrides):
-            if ov.regex.search(name):
+            if ov.search(name):
                 if name in skipped:
                     hits_skipped[i] += 1
                 else:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from runtime.errors import NextnError
+from runtime.errors import NextnError, short
 
 
 class PlanError(NextnError):
@@ -31,6 +32,10 @@ class PlanError(NextnError):
 SIDES = ("gpu", "cpu")
 GPU_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_CONTEXT = 4096  # context when the plan leaves it out: the model's, capped at this
+# Upper bounds that catch a stray digit before it becomes a million OpenMP threads or a KV cache
+# of petabytes (the model's own context_length caps the context again at load).
+MAX_THREADS = 1024
+MAX_CONTEXT = 1 << 24
 
 LAYER_GROUPS = ("attention", "dense_ffn", "shared_experts", "routed_experts")
 GROUP_NAMES = ("token_embd", "output") + LAYER_GROUPS + ("mtp",)
@@ -89,12 +94,37 @@ class Groups:
     where: dict[str, str] = field(default_factory=dict)  # group name -> "file:line: key"
 
 
+# A tensor-name pattern must finish against one name within this (a GLM name is < 64 characters;
+# an ordinary pattern takes microseconds). Patterns are compiled by the `regex` module, which takes
+# the same syntax as `re` and, unlike `re` (whose matcher cannot be interrupted short of killing a
+# process), stops a match at a timeout; its matcher also avoids most exponential backtracking
+# (`^([a-z._0-9]|[a-z._0-9])*!` never finishes under `re` against a tensor name, here it takes
+# microseconds). A worker process per check would cost more than the whole resolve.
+REGEX_TIMEOUT_S = 0.1
+# names every pattern is tried against when the plan is read (the model's names at resolve)
+_PROBE_NAMES = ("token_embd.weight", "blk.10.ffn_gate_exps.weight", "blk.46.nextn.shared_head_head.weight",
+                "blk.92.attn_output.weight")
+
+
 @dataclass
 class Override:
     pattern: str
     side: str
-    regex: re.Pattern
+    regex: regex.Pattern
     where: str  # "file:line: overrides[i]" or "override 'override_tensor'[i]"
+
+    def search(self, name: str):
+        """regex.search(name), refused (PlanError) if it does not finish in REGEX_TIMEOUT_S."""
+        return bounded_search(self.regex, name, self.where)
+
+
+def bounded_search(rx, name: str, where: str):
+    try:
+        return rx.search(name, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        _fail(where, f"regular expression {short(rx.pattern)} did not finish against tensor name {short(name)} "
+                     f"in {REGEX_TIMEOUT_S * 1000:.0f} ms (catastrophic backtracking); simplify it, e.g. "
+                     f"'blk\\.[0-9]+\\.ffn_.*_exps=cpu'")
 
 
 @dataclass
@@ -114,6 +144,8 @@ class Sampling:
     min_p: float = 0.0
     seed: int | None = None
     max_tokens: int = 256
+    repeat_penalty: float = 1.0  # 1: off (runtime/sampling.py)
+    repeat_last_n: int = 64
 
 
 @dataclass
@@ -180,7 +212,7 @@ def check_side(v, where: str) -> str:
             return s
         if re.fullmatch(r"cuda(:?\d+)?", s):
             return "gpu"
-    _fail(where, f"unknown device {v!r}; expected gpu or cpu (llama.cpp names CPU, CUDA0 also work)")
+    _fail(where, f"unknown device {short(v)}; expected gpu or cpu (llama.cpp names CPU, CUDA0 also work)")
 
 
 def check_gpu(v, where: str) -> str:
@@ -191,7 +223,7 @@ def check_gpu(v, where: str) -> str:
         m = re.fullmatch(r"cuda(\d+)", s)
         if m:
             return f"cuda:{m[1]}"
-    _fail(where, f"unknown device {v!r}; expected auto, cpu, cuda or cuda:N")
+    _fail(where, f"unknown device {short(v)}; expected auto, cpu, cuda or cuda:N")
 
 
 def check_int(v, where: str, lo: int | None = None, hi: int | None = None, what: str = "an integer") -> int:
@@ -201,10 +233,13 @@ def check_int(v, where: str, lo: int | None = None, hi: int | None = None, what:
         elif isinstance(v, str) and re.fullmatch(r"[+-]?\d+", v.strip()):
             v = int(v)
         else:
-            _fail(where, f"expected {what}, got {_typename(v)} {v!r}")
+            _fail(where, f"expected {what}, got {_typename(v)} {short(v)}")
     if lo is not None and v < lo or hi is not None and v > hi:
-        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        _fail(where, f"expected {what} {rng}, got {v}")
+        if lo is not None and hi is not None and hi <= 64:
+            rng = f"in {lo}..{hi}"
+        else:
+            rng = f">= {lo}" if lo is not None and v < lo else f"<= {hi}"
+        _fail(where, f"expected {what} {rng}, got {short(v)}")
     return v
 
 
@@ -218,6 +253,8 @@ def check_float(v, where: str, lo: float | None = None, hi: float | None = None,
             _fail(where, "expected a number")
     v = float(v)
     bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi)
+    if v in (float("inf"), float("-inf")):
+        _fail(where, f"expected a finite number, got {v}")
     if bad or v != v:
         rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}]"
         _fail(where, f"expected a number {rng}, got {v}")
@@ -229,13 +266,13 @@ def check_bool(v, where: str) -> bool:
         return v
     if isinstance(v, str) and v.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
         return v.strip().lower() in ("true", "yes", "on", "1")
-    _fail(where, f"expected true or false, got {_typename(v)} {v!r}")
+    _fail(where, f"expected true or false, got {_typename(v)} {short(v)}")
 
 
 def check_threads(v, where: str) -> int | str:
     if isinstance(v, str) and v.strip().lower() == "auto":
         return "auto"
-    return check_int(v, where, lo=1, what="auto or a thread count")
+    return check_int(v, where, lo=1, hi=MAX_THREADS, what="auto or a thread count")
 
 
 def check_repack(v, where: str) -> bool | str:
@@ -243,7 +280,7 @@ def check_repack(v, where: str) -> bool | str:
         return "auto"
     if isinstance(v, bool) or isinstance(v, str) and v.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
         return check_bool(v, where)
-    _fail(where, f"expected auto, true or false, got {_typename(v)} {v!r}")
+    _fail(where, f"expected auto, true or false, got {_typename(v)} {short(v)}")
 
 
 def check_dtype(v, where: str) -> str:
@@ -252,13 +289,13 @@ def check_dtype(v, where: str) -> str:
     aliases = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "bf16": "bfloat16"}
     if isinstance(v, str) and v.strip().lower() in aliases:
         return aliases[v.strip().lower()]
-    _fail(where, f"unknown dtype {v!r}; expected one of {', '.join(GPU_DTYPES)}")
+    _fail(where, f"unknown dtype {short(v)}; expected one of {', '.join(GPU_DTYPES)}")
 
 
 def check_context(v, where: str) -> int | None:
     if v is None or isinstance(v, str) and v.strip().lower() == "auto":
         return None
-    return check_int(v, where, lo=16, what="auto or a context length")
+    return check_int(v, where, lo=16, hi=MAX_CONTEXT, what="auto or a context length")
 
 
 def check_mtp(v, where: str) -> bool | None:
@@ -270,25 +307,30 @@ def check_mtp(v, where: str) -> bool | None:
 def check_seed(v, where: str) -> int | None:
     if v is None:
         return None
-    return check_int(v, where, lo=0, what="null or a non-negative integer seed")
+    return check_int(v, where, lo=0, hi=2**64 - 1, what="null or a non-negative integer seed")
 
 
 def compile_override(text: str, where: str) -> tuple[str, str, re.Pattern]:
     """'REGEX=DEVICE' (split at the last '=') -> (pattern, side, compiled)."""
     if not isinstance(text, str) or "=" not in text:
-        _fail(where, f"expected 'REGEX=DEVICE' (like llama.cpp -ot), got {text!r}")
+        _fail(where, f"expected 'REGEX=DEVICE' (like llama.cpp -ot), got {short(text)}")
     pattern, _, dev = text.rpartition("=")
     return (*_compile(pattern, dev, where),)
 
 
 def _compile(pattern, dev, where: str) -> tuple[str, str, re.Pattern]:
     if not isinstance(pattern, str) or not pattern:
-        _fail(where, f"expected a non-empty regular expression, got {pattern!r}")
+        _fail(where, f"expected a non-empty regular expression, got {short(pattern)}")
+    if len(pattern) > 1000:
+        _fail(where, f"regular expression of {len(pattern)} characters; at most 1000")
     side = check_side(dev, where)
     try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        _fail(where, f"invalid regular expression {pattern!r}: {e}")
+        re.compile(pattern)  # Python's syntax and messages; the `regex` module then matches it
+        rx = regex.compile(pattern)
+    except (regex.error, re.error, OverflowError, RecursionError) as e:
+        _fail(where, f"invalid regular expression {short(pattern)}: {e}")
+    for name in _PROBE_NAMES:
+        bounded_search(rx, name, where)
     return pattern, side, rx
 
 
@@ -303,9 +345,9 @@ def parse_range(v, where: str) -> tuple[int, int]:
         if m:
             a, b = int(m[1]), int(m[2] if m[2] is not None else m[1])
             if b < a:
-                _fail(where, f"layer range {v!r} is empty (last < first)")
+                _fail(where, f"layer range {short(v)} is empty (last < first)")
             return a, b
-    _fail(where, f"expected a layer N or a range 'A-B', got {_typename(v)} {v!r}")
+    _fail(where, f"expected a layer N or a range 'A-B', got {_typename(v)} {short(v)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +398,7 @@ _TOP = ("description", "model", "gpu", "threads", "repack", "gpu_dtype", "contex
 _LAYER_KEYS = ("default", "layers", "n_cpu")
 _MTP_KEYS = ("device", "routed_experts")
 _SPEC = ("mtp", "draft_max", "p_min", "adaptive", "draft_ahead")
-_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens")
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "repeat_penalty", "repeat_last_n")
 _SERVER = ("host", "port", "parallel", "ctx_size", "api_key", "alias", "queue")
 
 
@@ -393,11 +435,13 @@ def _check_spec(name: str, v, where: str):
 def _check_sampling(name: str, v, where: str):
     return {
         "temperature": lambda v, w: check_float(v, w, 0.0),
-        "top_k": lambda v, w: check_int(v, w, lo=0, what="a top-k (0: off)"),
+        "top_k": lambda v, w: check_int(v, w, lo=0, hi=1 << 31, what="a top-k (0: off)"),
         "top_p": lambda v, w: check_float(v, w, 0.0, 1.0, lo_open=True),
         "min_p": lambda v, w: check_float(v, w, 0.0, 1.0),
         "seed": check_seed,
-        "max_tokens": lambda v, w: check_int(v, w, lo=1, what="a token count"),
+        "max_tokens": lambda v, w: check_int(v, w, lo=1, hi=MAX_CONTEXT, what="a token count"),
+        "repeat_penalty": lambda v, w: check_float(v, w, 0.0, lo_open=True),
+        "repeat_last_n": lambda v, w: check_int(v, w, lo=1, hi=MAX_CONTEXT, what="a token count"),
     }[name](v, where)
 
 
@@ -483,8 +527,11 @@ def parse_plan_text(text: str, source: str, base_dir: Path | None = None) -> Pla
         line = mark.line + 1 if mark else "?"
         what = " ".join(str(x) for x in (e.context, e.problem) if x)
         raise PlanError(f"{source}:{line}: YAML syntax error: {what}") from None
+    except yaml.reader.ReaderError as e:  # a control character: its line, not the library's two
+        line = text[:e.position].count("\n") + 1
+        raise PlanError(f"{source}:{line}: YAML error: character {e.character!r} is not allowed") from None
     except yaml.YAMLError as e:
-        raise PlanError(f"{source}: YAML error: {e}") from None
+        raise PlanError(f"{source}: YAML error: {short(' '.join(str(e).split()), 200)}") from None
     plan = Plan(source=source)
     if root is None:
         return plan
@@ -519,7 +566,7 @@ def parse_plan_text(text: str, source: str, base_dir: Path | None = None) -> Pla
             if v is None or v == "":
                 plan.model_path = None
             elif not isinstance(v, str):
-                _fail(w, f"expected a path to a .gguf file, got {_typename(v)} {v!r}")
+                _fail(w, f"expected a path to a .gguf file, got {_typename(v)} {short(v)}")
             else:
                 p = Path(os.path.expanduser(v))
                 if not p.is_absolute() and base_dir is not None:
@@ -565,7 +612,7 @@ def apply_overrides(plan: Plan, overrides: dict[str, Any] | None) -> Plan:
         plan.where[key] = w
         if key == "model":
             if not isinstance(v, (str, os.PathLike)) or str(v) == "":
-                _fail(w, f"expected a path to a .gguf file, got {v!r}")
+                _fail(w, f"expected a path to a .gguf file, got {short(v)}")
             plan.model_path = Path(os.path.normpath(Path(os.path.expanduser(str(v))).absolute()))
         elif key == "gpu":
             plan.gpu = check_gpu(v, w)
@@ -626,10 +673,18 @@ def load_plan(path: str | os.PathLike | None = None, overrides: dict[str, Any] |
             raise PlanError(f"{p}: is a directory, expected a plan .yaml file") from None
         except UnicodeDecodeError as e:
             raise PlanError(f"{p}: not a text file ({e.reason} at byte {e.start})") from None
+        except OSError as e:  # permissions, a device
+            raise PlanError(f"{p}: cannot read the plan: {e.strerror or e}") from None
         plan = parse_plan_text(text, str(p), base_dir=p.parent)
     plan = apply_overrides(plan, overrides)
     if check_model and plan.model_path is not None:
         mp = plan.model_path
+        try:
+            mp.stat()
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # a name too long, a loop of links, no permission on a folder
+            _fail(plan.loc("model"), f"model file {short(str(mp), 120)}: {e.strerror or e}")
         if not mp.exists():
             rel = " (relative paths start at the plan file's folder)" if plan.where.get("model", "").find("override") < 0 \
                 and path is not None else ""

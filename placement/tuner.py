@@ -589,7 +589,7 @@ class Tuner:
             acc = list(s.get("acceptance_by_position") or [])
             c.m_accept[k] = acc
             self.log(f"    MTP draft_max {k}: {c.m_mtp[k]:.2f} tok/s ({c.m_mtp[k] / c.m_decode:.2f}x), acceptance "
-                     f"{s['acceptance_rate']:.0%}")
+                     + (f"{s['acceptance_rate']:.0%}" if s["acceptance_rate"] is not None else "- (no drafts)"))
             if not acc or acc[-1] < 0.5:
                 break
         self.cost.calibrate(c)

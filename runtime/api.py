@@ -21,7 +21,8 @@ def load(plan_or_gguf_path: str | os.PathLike | None = None, **overrides) -> Eng
     """Load a model per a YAML plan, or a GGUF file with the default placement (routed experts on
     the CPU side, everything else on the GPU side). No path: the bundled demo model and plan.
     Overrides are plan keys (gpu, threads, repack, gpu_dtype, context, cpu_moe, n_cpu_moe, override_tensor,
-    mtp, draft_max, p_min, adaptive, temperature, top_k, top_p, min_p, seed, max_tokens) plus
+    mtp, draft_max, p_min, adaptive, temperature, top_k, top_p, min_p, seed, max_tokens, repeat_penalty,
+    repeat_last_n) plus
     `progress` (bool), `use_kernels` (bool, False: torch on float copies for every weight, the
     reference path; default: the C kernels run CPU-side quantized weights) and `overlap`
     (bool: CPU experts on a worker beside the shared expert; default on with CUDA)."""

@@ -140,12 +140,12 @@ def bench_model(argv: list[str]) -> int:
         # experts per verification
         drafted, accepted = sum(x["drafted"] for x in st), sum(x["accepted"] for x in st)
         verifies = sum(x["verify_steps"] for x in st)
-        accept = accepted / drafted if drafted else 0.0
+        accept = f"{accepted / drafted:.1%}" if drafted else "-"  # '-': nothing drafted
         tok_step = (accepted + verifies) / verifies if verifies else 1.0
         experts = sum(x["distinct_experts_per_verify"] * x["verify_steps"] for x in st) / verifies if verifies else 0.0
         print(f"{'-' if alpha is None else f'{alpha:.2f}':>6} {name:<12} {sp:>8.2f} {sp / base:>7.2f}x {ratio_sum:>5.2f}x "
               f"{paired:>5.2f}x "
-              f"{accept:>7.1%} {tok_step:>8.2f} "
+              f"{accept:>7} {tok_step:>8.2f} "
               f"{experts:>14.1f} {mean('activation_bytes_moved') / 1e6:>7.2f} "
               f"{max(x['weight_bytes_moved'] for x in st):>7d} {ov:>7.1%} "
               f"{' '.join(f'{k}:{n}' for k, n in sorted(ks.items())) or '-':<20} "

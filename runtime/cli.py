@@ -40,8 +40,15 @@ def _overrides(a: argparse.Namespace, keys) -> dict:
 PLACEMENT_KEYS = ("model", "gpu", "gpu_dtype", "threads", "repack", "context", "cpu_moe", "n_cpu_moe", "override_tensor")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other nextn error (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="nextn",
         description="Run GLM-4.x MoE GGUF models on one GPU plus the CPU, with MTP (nextn) speculative decoding. "
                     "Wherever a model or plan is left out, the bundled demo model and its plan are used.")
@@ -57,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, dest="top_p")
     r.add_argument("--min-p", type=float, dest="min_p")
     r.add_argument("--seed", type=int)
+    r.add_argument("--repeat-penalty", type=float, dest="repeat_penalty",
+                   help="divide the logits of tokens among the last --repeat-last-n by this (1 = off)")
+    r.add_argument("--repeat-last-n", type=int, dest="repeat_last_n", help="tokens the repeat penalty looks back")
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
@@ -129,8 +139,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .api import load
 
     overrides = _overrides(a, PLACEMENT_KEYS + ("overlap",))
+    if a.trace:  # before the load: a run should not end on an unwritable trace path
+        from .trace import check_writable
+
+        check_writable(a.trace, "--trace")
     eng = load(a.target, **overrides)
-    gen = _overrides(a, ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "mtp", "draft_max",
+    gen = _overrides(a, ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "repeat_penalty",
+                         "repeat_last_n", "mtp", "draft_max",
                          "p_min", "adaptive", "draft_ahead", "stop", "trace"))
     prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
     run_stream = eng.stream(prompt, chat=a.chat, **gen)
@@ -147,13 +162,18 @@ def cmd_run(a: argparse.Namespace) -> int:
         lines = [f"-- {s['generated_tokens']} tokens ({s['finish_reason']}), prompt {s['prompt_tokens']} tokens at "
                  f"{s['prompt_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s"]
         if s["mtp"]:
-            pos = ", ".join(f"{r:.0%}" for r in s["acceptance_by_position"])
             ks = " ".join(f"{k}:{n}" for k, n in s["draft_lengths"].items())
-            lines.append(f"-- MTP draft_max {s['draft_max']}{' adaptive' if s['adaptive'] else ''}: "
-                         f"drafted {s['drafted']}, accepted {s['accepted']} ({s['acceptance_rate']:.1%}; "
-                         f"by position {pos}), {s['mean_tokens_per_step']:.2f} tokens/step, "
-                         f"draft {s['draft_s']:.2f}s verify {s['verify_s']:.2f}s, steps by draft length {ks}"
+            if s["acceptance_rate"] is None:
+                drafts = "no drafts"
+            else:
+                pos = ", ".join(f"{r:.0%}" for r in s["acceptance_by_position"])
+                drafts = (f"drafted {s['drafted']}, accepted {s['accepted']} ({s['acceptance_rate']:.1%}; "
+                          f"by position {pos}), {s['mean_tokens_per_step']:.2f} tokens/step, "
+                          f"draft {s['draft_s']:.2f}s verify {s['verify_s']:.2f}s")
+            lines.append(f"-- MTP draft_max {s['draft_max']}{' adaptive' if s['adaptive'] else ''}: {drafts}, "
+                         f"steps by draft length {ks or '-'}"
                          + (f", drafted ahead {s['ahead_made']} used {s['ahead_used']}" if s["draft_ahead"] else ""))
+            lines.append(f"-- {s['draft_policy']}")
         else:
             lines.append("-- MTP off")
         lines.append(f"-- bytes moved between sides: weights {s['weight_bytes_moved']}, "
@@ -165,6 +185,8 @@ def cmd_run(a: argparse.Namespace) -> int:
                          + (f" ({rep.repack_skipped})" if rep.repack_skipped else ""))
         if rep.kernel_weights:
             lines.append(f"-- dense weights run by the CPU kernels in GGUF form: {rep.kernel_weights}")
+        if rep.fused_blocks:
+            lines.append(f"-- decode steps as one C call for all blocks: {rep.fused_blocks}")
         if a.trace:
             lines.append(f"-- trace written to {a.trace} (open in ui.perfetto.dev or chrome://tracing)")
         print("\n".join(lines), file=sys.stderr)

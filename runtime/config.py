@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType as T
 
-from .errors import ModelFileError
+import math
+
+from .errors import ModelFileError, short
 from .gguf_file import GGUFFile
 
 ARCH = "glm4moe"
@@ -52,24 +54,50 @@ class ModelConfig:
         return layer >= self.n_dense
 
 
+# Bounds on hyperparameters, far past any GLM-4.x (GLM-4.5: 93 blocks, hidden 5120, 160 experts):
+# a damaged value fails here with its key rather than as a huge loop or allocation later.
+_INT_MAX = {"block_count": 4096, "nextn_predict_layers": 16, "embedding_length": 1 << 20,
+            "attention.head_count": 4096, "attention.head_count_kv": 4096, "attention.key_length": 1 << 16,
+            "rope.dimension_count": 1 << 16, "feed_forward_length": 1 << 24,
+            "expert_feed_forward_length": 1 << 24, "expert_count": 1 << 16, "expert_used_count": 1 << 16,
+            "expert_shared_count": 1 << 10, "leading_dense_block_count": 4096, "context_length": 1 << 32,
+            "expert_gating_func": 1 << 10, "expert_group_count": 1 << 16}
+_POSITIVE = {"block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
+             "attention.key_length", "expert_count", "expert_used_count", "context_length"}
+
+
 def _key(f: GGUFFile, name: str, default=None, required=True):
+    """A metadata value of the right kind: a whole number within _INT_MAX for the sizes above, a
+    finite number for the floats (a bool for expert_weights_norm), else a one-line error."""
     k = f"{ARCH}.{name}"
-    if k in f.metadata:
-        return f.metadata[k]
-    if required and default is None:
-        raise ModelFileError(f"{f.path}: missing metadata key {k}")
-    return default
+    if k not in f.metadata:
+        if required and default is None:
+            raise ModelFileError(f"{f.path}: missing metadata key {k}")
+        return default
+    v = f.metadata[k]
+    if name == "expert_weights_norm":
+        if type(v) is not bool and not (type(v) is int and v in (0, 1)):
+            raise ModelFileError(f"{f.path}: {k} is {short(v)}; expected a bool")
+        return bool(v)
+    if name in _INT_MAX:
+        lo = 2 if name == "context_length" else 1 if name in _POSITIVE else 0
+        if type(v) is not int or not lo <= v <= _INT_MAX[name]:
+            raise ModelFileError(f"{f.path}: {k} is {short(v)}; expected a whole number in {lo}..{_INT_MAX[name]}")
+        return v
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise ModelFileError(f"{f.path}: {k} is {short(v)}; expected a finite number")
+    return v
 
 
 def read_config(f: GGUFFile) -> ModelConfig:
     arch = f.architecture
     if arch != ARCH:
-        raise ModelFileError(f"{f.path}: architecture is '{arch}', nextn runs '{ARCH}' (GLM-4.5/4.6/4.7) models")
+        raise ModelFileError(f"{f.path}: architecture is {short(arch)}, nextn runs '{ARCH}' (GLM-4.5/4.6/4.7) models")
     blocks = int(_key(f, "block_count"))
     n_nextn = int(_key(f, "nextn_predict_layers", 0))
     hidden = int(_key(f, "embedding_length"))
     n_heads = int(_key(f, "attention.head_count"))
-    head_dim = int(_key(f, "attention.key_length", hidden // max(n_heads, 1)))
+    head_dim = int(_key(f, "attention.key_length", max(hidden // n_heads, 1)))
     gating = int(_key(f, "expert_gating_func", 2))
     if gating != 2:
         raise ModelFileError(f"{f.path}: {ARCH}.expert_gating_func is {gating}; GLM-4.x uses 2 (sigmoid)")
@@ -79,11 +107,14 @@ def read_config(f: GGUFFile) -> ModelConfig:
     emb = f.tensors.get("token_embd.weight")
     if emb is None:
         raise ModelFileError(f"{f.path}: missing tensor token_embd.weight")
+    if len(emb.shape) != 2:
+        raise ModelFileError(f"{f.path}: tensor token_embd.weight has shape {list(emb.shape)}, expected 2 dims")
     n_vocab = emb.shape[0]
     tokens = f.metadata.get("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens) != n_vocab:
+    if tokens is not None and (not isinstance(tokens, list) or len(tokens) != n_vocab):
         raise ModelFileError(
-            f"{f.path}: tokenizer has {len(tokens)} tokens but token_embd.weight has {n_vocab} rows")
+            f"{f.path}: tokenizer.ggml.tokens has {len(tokens) if isinstance(tokens, list) else short(tokens)} "
+            f"tokens but token_embd.weight has {n_vocab} rows")
     n_layers = blocks - n_nextn
     if n_layers < 1 or n_nextn < 0:
         raise ModelFileError(f"{f.path}: block_count {blocks} with nextn_predict_layers {n_nextn} leaves no main layer")
@@ -110,6 +141,9 @@ def read_config(f: GGUFFile) -> ModelConfig:
         qk_norm="blk.0.attn_q_norm.weight" in f.tensors,
         attn_bias="blk.0.attn_q.bias" in f.tensors,
     )
+    if cfg.rope_base <= 0 or cfg.rms_eps < 0:
+        raise ModelFileError(f"{f.path}: rope.freq_base {cfg.rope_base} / layer_norm_rms_epsilon {cfg.rms_eps} "
+                             f"out of range")
     if cfg.n_heads % cfg.n_kv_heads:
         raise ModelFileError(f"{f.path}: head_count {cfg.n_heads} is not a multiple of head_count_kv {cfg.n_kv_heads}")
     if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:

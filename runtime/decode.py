@@ -193,15 +193,23 @@ class Sequence:
             if s + self.chunk < n:
                 yield None
         self.last_logits = m.logits(h[-1:])[0]
-        yield self._sample(self.last_logits)
+        yield self._sample(self.last_logits, self._history())
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self.gen is None or self.gen.device != device:
             self.gen = self.params.generator(device)
         return self.gen
 
-    def _sample(self, logits: torch.Tensor) -> int:
-        return self.params.sample(logits, None if self.params.greedy else self._rng(logits.device))
+    def _sample(self, logits: torch.Tensor, history=()) -> int:
+        return self.params.sample(logits, None if self.params.greedy else self._rng(logits.device), history)
+
+    def _history(self, *extra: int) -> list[int] | tuple:
+        """The tokens before the next row (the sequence, then `extra`), as far back as the
+        repetition penalty looks; () without a penalty, so the plain path builds no list."""
+        if not self.params.penalised:
+            return ()
+        n = self.params.repeat_last_n
+        return (self.tokens[-n:] + list(extra))[-n:]
 
     # ---- decode steps -------------------------------------------------------------------------
 
@@ -221,7 +229,7 @@ class Sequence:
             if self.owed_h.shape[0] > MAX_OWED_MTP_ROWS:
                 self._pay_owed(keep=1)
                 self._plain_owed = 1
-        return self._sample(self.last_logits)
+        return self._sample(self.last_logits, self._history())
 
     def stop_mtp(self) -> None:
         """Drop the MTP layer for the rest of this sequence (the draft policy found it does not
@@ -258,7 +266,8 @@ class Sequence:
         drafts = []
         pos = len(self.tokens) + 1  # sequence position of the first draft
         while True:
-            d, prob = self._greedy_draft(z, need_prob=bool(drafts) and p_min > 0)
+            d, prob = self._greedy_draft(z, need_prob=bool(drafts) and p_min > 0,
+                                         history=self._history(token, *(x for x, _ in drafts)))
             if drafts and prob < p_min:
                 break
             if self.oracle is not None:
@@ -272,11 +281,13 @@ class Sequence:
             self._chain = (z, None)  # stopped by p_min: z already holds the last draft's row
         return drafts
 
-    def _greedy_draft(self, z: torch.Tensor, need_prob: bool) -> tuple[int, float]:
+    def _greedy_draft(self, z: torch.Tensor, need_prob: bool, history=()) -> tuple[int, float]:
         """The MTP head's argmax for the row z, and its probability when p_min needs it (NaN
         otherwise: the softmax over the vocabulary and its read-back cost a call or two per draft,
-        and the first draft, or any with p_min 0, is kept whatever its probability)."""
-        logits = self.model.mtp_logits(z)[0]
+        and the first draft, or any with p_min 0, is kept whatever its probability). `history`:
+        the tokens before the drafted one, for the repetition penalty (the target's rows get it
+        too, so a draft that repeats is one the target would not pick)."""
+        logits = self.params.penalise(self.model.mtp_logits(z)[0], history)
         d = int(logits.argmax())
         return d, float(torch.softmax(logits, -1)[d]) if need_prob else float("nan")
 
@@ -341,7 +352,7 @@ class Sequence:
         st.draft_s += t1 - t0
         st.verify_s += t2 - t1
         st.steps += 1
-        out = self._accept(drafts, logits)
+        out = self._accept(token, drafts, logits)
         a = len(out) - 1  # accepted drafts
         st.drafted += len(drafts)
         st.accepted += a
@@ -363,18 +374,21 @@ class Sequence:
         self.last_drafted, self.last_accepted = len(drafts), a
         return out
 
-    def _accept(self, drafts: list[tuple[int, float]], logits: torch.Tensor) -> list[int]:
+    def _accept(self, token: int, drafts: list[tuple[int, float]], logits: torch.Tensor) -> list[int]:
+        """ACCEPT, row by row: row i follows the pending `token` and drafts d1..di, and is
+        processed with that history, as plain decoding would process it."""
         params = self.params
         out = []
         for i, (d, _) in enumerate(drafts):
+            hist = self._history(token, *out)  # out == d1..di: all accepted so far
             if params.greedy:
-                t = int(logits[i].argmax())
+                t = int(params.penalise(logits[i], hist).argmax())
                 if t != d:
                     out.append(t)
                     return out
                 out.append(d)
                 continue
-            p = params.probs(logits[i])
+            p = params.probs(logits[i], hist)
             g = self._rng(p.device)
             if float(torch.rand((), generator=g, device=p.device)) < float(p[d]):
                 out.append(d)
@@ -383,5 +397,5 @@ class Sequence:
             q[d] = 0
             out.append(int(torch.multinomial(q / q.sum(), 1, generator=g)))
             return out
-        out.append(self._sample(logits[len(drafts)]))
+        out.append(self._sample(logits[len(drafts)], self._history(token, *out)))
         return out

@@ -103,9 +103,22 @@ class Engine:
         # CPU experts beside the shared expert: pays when the GPU side is a real GPU; on a
         # CPU-only machine both sides share the same cores, so it is off unless asked for.
         self.model.overlap = (self.device.type == "cuda") if overlap is None else bool(overlap)
+        self._use_fused_blocks()
         self._mtp_notice_given = False
         self.last_result: GenerationResult | None = None
         self._policies: dict = {}
+
+    def _use_fused_blocks(self) -> None:
+        """Decode-sized forwards as one C call for all blocks where every unit runs on the CPU
+        (runtime/fused.py). NEXTN_FUSED=0 keeps the torch path (for A/B comparisons)."""
+        env = os.environ.get("NEXTN_FUSED", "1").strip().lower()
+        if env in ("0", "off", "false", "no"):
+            self.load_report.fused_blocks = "off (NEXTN_FUSED=0)"
+            return
+        from .fused import FusedLayers
+
+        self.model.fused, why = FusedLayers.build(self.model)
+        self.load_report.fused_blocks = "on" if self.model.fused is not None else f"off: {why}"
 
     def _set_torch_threads(self) -> None:
         """When the "gpu" side runs on the CPU, torch's intra-op threads share the cores with the
@@ -262,12 +275,13 @@ class _Run:
     def __init__(self, engine: Engine, prompt, *, max_tokens=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, seed=None, mtp=None, draft_max=None, p_min=None,
                  adaptive=None, draft_ahead=None, stop=None, chat: bool = False, trace=None, oracle=None,
-                 reuse: Sequence | None = None):
+                 repeat_penalty=None, repeat_last_n=None, reuse: Sequence | None = None):
         d, sp = engine.sampling, engine.speculative
         pick = lambda v, dv: dv if v is None else v  # noqa: E731
         self.engine = engine
         self.params = SamplingParams(float(pick(temperature, d.temperature)), pick(top_k, d.top_k),
-                                     pick(top_p, d.top_p), pick(min_p, d.min_p), pick(seed, d.seed))
+                                     pick(top_p, d.top_p), pick(min_p, d.min_p), pick(seed, d.seed),
+                                     pick(repeat_penalty, d.repeat_penalty), pick(repeat_last_n, d.repeat_last_n))
         self.max_tokens = pick(max_tokens, d.max_tokens)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise NextnError(f"invalid max_tokens={self.max_tokens!r}: expected an integer >= 0")
@@ -331,6 +345,7 @@ class _Run:
         policy = e.draft_policy(self.draft_max, self.adaptive) if self.use_mtp else None
         use_mtp = self.use_mtp and (policy is None or policy.start_sequence())
         self._policy = policy if use_mtp else None
+        self._decider = policy  # kept for the stats' `draft_policy` line after `_policy` is dropped
         self._mtp_off = self.use_mtp and not use_mtp  # adaptive found drafting does not pay here
         self._lengths: dict[int, int] = {}
         self._tl = Timeline(keep_spans=self.trace is not None)
@@ -467,8 +482,10 @@ class _Run:
             "draft_lengths": dict(sorted(self._lengths.items())),  # steps per chosen draft length
             "drafted": st.drafted,
             "accepted": st.accepted,
-            "acceptance_rate": st.accepted / st.drafted if st.drafted else 0.0,
-            "acceptance_by_position": [a / d if d else 0.0 for a, d in zip(st.accepted_at, st.drafted_at)],
+            "acceptance_rate": st.accepted / st.drafted if st.drafted else None,  # None: nothing drafted
+            "acceptance_by_position": [a / d if d else None for a, d in zip(st.accepted_at, st.drafted_at)],
+            # what the draft policy decided and why, one line (None: MTP off)
+            "draft_policy": self._decider.decision() if self._decider is not None else None,
             "verify_steps": st.steps,
             "mean_tokens_per_step": (st.accepted + st.steps) / st.steps if st.steps else 1.0,
             "distinct_experts_per_verify": st.distinct_experts / st.steps if st.steps else 0.0,

@@ -16,3 +16,16 @@ class ModelFileError(NextnError):
 
 class UnsupportedError(NextnError):
     """A request that this model or build cannot serve (e.g. MTP on a model without a nextn layer)."""
+
+
+def short(value, limit: int = 60) -> str:
+    """repr() of a value for an error message, cut to about `limit` characters: a damaged file's
+    string or array is echoed as its start and its size, never whole (a one-line message stays
+    one short line)."""
+    if isinstance(value, (list, tuple)) and len(value) > 4:
+        return f"[{', '.join(short(v, 20) for v in value[:3])}, ...] ({len(value)} items)"
+    r = repr(value)
+    if len(r) <= limit:
+        return r
+    size = f" ({len(value)} chars)" if isinstance(value, str) else ""
+    return r[:limit - 3] + "..." + size

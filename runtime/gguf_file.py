@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .errors import ModelFileError
+from .errors import ModelFileError, short
 
 try:  # the C kernels' decoder, where the extension is built (tests and tools run without it too)
     import cpu_kernels as _ck
@@ -44,6 +44,12 @@ _SCALAR = {
 _STRING, _ARRAY = 8, 9
 
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+# ggml's limits, which llama.cpp's reader enforces too: a name longer than this, more dims or an
+# alignment that is not a power of two cannot come from a working writer.
+MAX_NAME = 63  # GGML_MAX_NAME (64) less the terminating NUL
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ELEMENTS = 1 << 60  # a tensor's element count must stay far from int64 overflow
 
 
 @dataclass
@@ -71,6 +77,8 @@ class TensorInfo:
         block, size = GGML_QUANT_SIZES[self.ggml_type]
         row_bytes = self.shape[-1] // block * size
         flat = self._mmap[self._offset:self._offset + self.nbytes]
+        if self._offset % 4:  # general.alignment 1 or 2: the C kernels read F32/F16 words, so copy
+            flat = np.array(flat)
         return flat.reshape(*self.shape[:-1], row_bytes)
 
     def release_pages(self) -> None:
@@ -141,27 +149,30 @@ def _read_header(path: Path) -> tuple[dict, list[tuple], int, np.memmap]:
     """Parse one GGUF file: (metadata, [(name, dims, type, rel_offset)], data_start, memmap)."""
     try:
         size = path.stat().st_size
+        if path.is_dir():
+            raise ModelFileError(f"{path}: is a directory, expected a .gguf file")
+        if size < 24:
+            raise ModelFileError(f"{path}: not a GGUF file (only {size} bytes)")
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file") from None
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a directory, expected a .gguf file")
-    if size < 24:
-        raise ModelFileError(f"{path}: not a GGUF file (only {size} bytes)")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:  # permissions, a FIFO or device, a file that shrank
+        raise ModelFileError(f"{path}: cannot read: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
     if bytes(mm[:4]) != GGUF_MAGIC:
         raise ModelFileError(f"{path}: not a GGUF file (bad magic {bytes(mm[:4])!r})")
     version = int(np.frombuffer(mm[4:8], "<u4")[0])
     if version not in (2, 3):
         raise ModelFileError(f"{path}: unsupported GGUF version {version} (expected 3)")
     # Read the header through a bytes object that grows as needed: metadata sits at the start.
+    # Every length is checked against the bytes there before anything of that size is made.
     cap = min(size, 1 << 24)
     while True:
         buf = bytes(mm[:cap])
         try:
-            return (*_parse(buf, path), mm)
-        except _NeedMore:
+            return (*_parse(buf, path, size), mm)
+        except _NeedMore as e:
             if cap >= size:
-                raise ModelFileError(f"{path}: truncated GGUF header") from None
+                raise ModelFileError(f"{path}: truncated GGUF header ({e.args[0] if e.args else 'ends early'})") from None
             cap = min(size, cap * 4)
 
 
@@ -169,13 +180,14 @@ class _NeedMore(Exception):
     pass
 
 
-def _parse(buf: bytes, path: Path):
+def _parse(buf: bytes, path: Path, file_size: int):
     pos = 8
     n = len(buf)
+    what = "the header"  # the item being read, for the message if the file ends inside it
 
     def need(k):
         if pos + k > n:
-            raise _NeedMore
+            raise _NeedMore(f"the file ends inside {what}")
 
     def scalar(fmt: str):
         nonlocal pos
@@ -194,8 +206,9 @@ def _parse(buf: bytes, path: Path):
     def string():
         nonlocal pos
         length = u64()
-        if length > 1 << 30:
-            raise ModelFileError(f"{path}: corrupt GGUF header (string of {length} bytes)")
+        if length > file_size - pos:
+            raise ModelFileError(f"{path}: corrupt GGUF header ({what}: a string of {length} bytes "
+                                 f"at offset {pos - 8}, the file has {file_size})")
         need(length)
         s = buf[pos:pos + length].decode("utf-8", errors="replace")
         pos += length
@@ -209,8 +222,14 @@ def _parse(buf: bytes, path: Path):
             return string()
         if vtype == _ARRAY:
             etype, count = u32(), u64()
-            if count > 1 << 32:
-                raise ModelFileError(f"{path}: corrupt GGUF header (array of {count} items)")
+            item = np.dtype(_SCALAR[etype][1]).itemsize if etype in _SCALAR else 8
+            if etype == _ARRAY:  # llama.cpp's reader refuses them too; no writer makes them
+                raise ModelFileError(f"{path}: corrupt GGUF header ({what}: an array of arrays)")
+            if etype not in _SCALAR and etype != _STRING:
+                raise ModelFileError(f"{path}: corrupt GGUF header ({what}: unknown array item type {etype})")
+            if count * item > file_size - pos:
+                raise ModelFileError(f"{path}: corrupt GGUF header ({what}: an array of {count} items "
+                                     f"at offset {pos - 12}, the file has {file_size} bytes)")
             if etype in _SCALAR:  # bulk read
                 _, dt = _SCALAR[etype]
                 k = np.dtype(dt).itemsize * count
@@ -224,47 +243,85 @@ def _parse(buf: bytes, path: Path):
                 for _ in range(count):
                     need(8)
                     length = unpack("<Q", buf, pos)[0]
+                    if length > file_size - pos:
+                        raise ModelFileError(f"{path}: corrupt GGUF header ({what}: item {len(out)} is a string "
+                                             f"of {length} bytes, the file has {file_size})")
                     need(8 + length)
                     out.append(buf[pos + 8:pos + 8 + length].decode("utf-8", errors="replace"))
                     pos += 8 + length
                 return out
-            return [value(etype) for _ in range(count)]
-        raise ModelFileError(f"{path}: corrupt GGUF header (unknown value type {vtype})")
+        raise ModelFileError(f"{path}: corrupt GGUF header ({what}: unknown value type {vtype})")
 
     n_tensors = u64()
     n_kv = u64()
     if n_tensors > 1 << 24 or n_kv > 1 << 20:
         raise ModelFileError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
     meta = {}
-    for _ in range(n_kv):
+    for i in range(n_kv):
+        what = f"metadata key {i} of {n_kv}"
         key = string()
+        what = f"metadata key {short(key)}"
+        if key in meta:
+            raise ModelFileError(f"{path}: corrupt GGUF header (duplicate metadata key {short(key)})")
         meta[key] = value(u32())
     infos = []
-    for _ in range(n_tensors):
+    seen = set()
+    for i in range(n_tensors):
+        what = f"tensor {i} of {n_tensors}"
         name = string()
+        what = f"tensor {short(name)}"
+        if len(name.encode()) > MAX_NAME:
+            raise ModelFileError(f"{path}: corrupt GGUF header (tensor {i} has a name of {len(name.encode())} bytes, "
+                                 f"the ggml limit is {MAX_NAME}: {short(name, 40)})")
+        if name in seen:
+            raise ModelFileError(f"{path}: duplicate tensor {short(name)}")
+        seen.add(name)
         ndim = u32()
-        if ndim > 8:
-            raise ModelFileError(f"{path}: corrupt GGUF header (tensor {name} has {ndim} dims)")
+        if ndim > MAX_DIMS:
+            raise ModelFileError(f"{path}: corrupt GGUF header (tensor {short(name)} has {ndim} dims, at most {MAX_DIMS})")
         dims = [u64() for _ in range(ndim)]
+        elements = 1
+        for d in dims:
+            elements *= d
+        if elements > MAX_ELEMENTS:
+            raise ModelFileError(f"{path}: corrupt GGUF header (tensor {short(name)} has dims {dims})")
         ttype = u32()
         offset = u64()
         infos.append((name, dims, ttype, offset))
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if type(align) is not int or align <= 0 or align & (align - 1) or align > 1 << 20:
+        raise ModelFileError(f"{path}: general.alignment is {short(align)}; expected a power of two (default 32)")
     data_start = (pos + align - 1) // align * align
+    for name, _, _, offset in infos:
+        if offset % align:
+            raise ModelFileError(f"{path}: tensor {short(name)} data offset {offset} is not a multiple of the "
+                                 f"alignment {align}")
     return meta, infos, data_start
+
+
+def _meta_int(path: Path, meta: dict, key: str, default=None, lo: int = 0, hi: int = 1 << 62):
+    """An integer metadata value in lo..hi, or a one-line error naming the key."""
+    v = meta.get(key, default)
+    if v is None:
+        return None
+    if type(v) is not int or not lo <= v <= hi:
+        raise ModelFileError(f"{path}: {key} is {short(v)}; expected a whole number in {lo}..{hi}")
+    return v
 
 
 def split_paths(path: Path, meta: dict) -> list[Path]:
     """All files of a split model, given its first file (or [path] for a single file)."""
-    count = int(meta.get("split.count", 1))
+    count = _meta_int(path, meta, "split.count", 1, 0, 99999)  # gguf-split names have 5 digits
     if count <= 1:
         return [path]
     m = SPLIT_RE.match(path.name)
     if not m:
         raise ModelFileError(f"{path}: split.count is {count} but the name is not NAME-00001-of-{count:05d}.gguf")
     if int(m["no"]) != 1:
-        first = path.with_name(f"{m['stem']}-00001-of-{count:05d}.gguf")
-        raise ModelFileError(f"{path}: this is split {int(m['no'])} of {count}; open the first one: {first}")
+        first = path.with_name(f"{m['stem']}-00001-of-{int(m['count']):05d}.gguf")
+        raise ModelFileError(f"{path}: this is split {int(m['no'])} of {int(m['count'])}; open the first one: {first}")
+    if int(m["count"]) != count:
+        raise ModelFileError(f"{path}: split.count is {count} but the name says {int(m['count'])} splits")
     return [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
@@ -282,11 +339,15 @@ class GGUFFile:
             if not p.exists():
                 raise ModelFileError(f"{p}: missing split {i} of {len(self.paths)} (opened {self.path.name})")
             m2, infos2, start2, mm2 = _read_header(p)
-            if int(m2.get("split.no", i - 1)) != i - 1:
-                raise ModelFileError(f"{p}: split.no is {m2.get('split.no')}, expected {i - 1}")
+            no = _meta_int(p, m2, "split.no", i - 1, 0, 99999)
+            if no != i - 1:
+                raise ModelFileError(f"{p}: split.no is {no}, expected {i - 1}")
+            count2 = _meta_int(p, m2, "split.count", len(self.paths), 0, 99999)
+            if count2 != len(self.paths):
+                raise ModelFileError(f"{p}: split.count is {count2}, the first split says {len(self.paths)}")
             self._add(p, infos2, start2, mm2)
-        expect = meta.get("split.tensors.count")
-        if expect is not None and int(expect) != len(self.tensors):
+        expect = _meta_int(self.path, meta, "split.tensors.count")
+        if expect is not None and expect != len(self.tensors):
             raise ModelFileError(
                 f"{self.path}: split.tensors.count is {expect} but the splits hold {len(self.tensors)} tensors")
 
@@ -296,26 +357,30 @@ class GGUFFile:
             try:
                 gtype = GGMLQuantizationType(ttype)
             except ValueError:
-                raise ModelFileError(f"{path}: tensor {name} has unknown ggml type {ttype}") from None
+                raise ModelFileError(f"{path}: tensor {short(name)} has unknown ggml type {ttype}") from None
             if gtype not in GGML_QUANT_SIZES:
-                raise ModelFileError(f"{path}: tensor {name} has unsupported type {gtype.name}")
+                raise ModelFileError(f"{path}: tensor {short(name)} has unsupported type {gtype.name}")
             shape = tuple(int(d) for d in reversed(dims))
             block, bsize = GGML_QUANT_SIZES[gtype]
             if shape and shape[-1] % block:
-                raise ModelFileError(
-                    f"{path}: tensor {name} row length {shape[-1]} is not a multiple of {gtype.name} block {block}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) // block * bsize if shape else bsize
+                raise ModelFileError(f"{path}: tensor {short(name)} row length {shape[-1]} is not a multiple of "
+                                     f"{gtype.name} block {block}")
+            elements = 1
+            for d in shape:  # Python ints: a lying dim cannot wrap around
+                elements *= d
+            nbytes = elements // block * bsize if shape else bsize
             start = data_start + offset
             if start + nbytes > size:
                 raise ModelFileError(
-                    f"{path}: truncated: tensor {name} needs bytes {start}..{start + nbytes} but the file has {size}")
+                    f"{path}: truncated: tensor {short(name)} needs bytes {start}..{start + nbytes} but the file has {size}")
             if name in self.tensors:
-                raise ModelFileError(f"{path}: duplicate tensor {name}")
+                raise ModelFileError(f"{path}: duplicate tensor {short(name)}")
             self.tensors[name] = TensorInfo(name, gtype, shape, nbytes, path, mm, start)
 
     @property
     def architecture(self) -> str:
-        return str(self.metadata.get("general.architecture", "?"))
+        v = self.metadata.get("general.architecture", "?")
+        return v if isinstance(v, str) else "?"
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)

@@ -65,6 +65,7 @@ class LoadReport:
     repack_skipped: str = ""  # why `repack: auto` stopped repacking, if it did
     mtp_shares_embed: bool = True
     mtp_shares_head: bool = True
+    fused_blocks: str = ""  # whether decode-sized forwards run as one C call (runtime/fused.py), or why not
 
 
 def same_tensor(a: TensorInfo, b: TensorInfo) -> bool:

@@ -218,6 +218,10 @@ class KVCache:
         self.v = [torch.zeros_like(k) for k in self.k]
         self.max_len = max_len
         self.length = 0
+        # the fused CPU path (runtime/fused.py) reads float32 caches in CPU memory; it keeps its
+        # pointer view of them here
+        self.fusable = dtype == torch.float32 and all(torch.device(d).type == "cpu" for d in devices)
+        self.fused_view = None
 
     def truncate(self, n: int) -> None:
         if not 0 <= n <= self.length:
@@ -352,6 +356,9 @@ class GLM4Model:
     # take turns on them while their GPU-side work proceeds.
     _cpu_lock: threading.Lock = field(default_factory=threading.Lock)
     _last_moe: int | None = None  # index of the last MoE block (-1: none), found on first use
+    # every block as one C call for decode-sized forwards when all units run on the CPU
+    # (runtime/fused.py; set by the engine after load, None: the torch path only)
+    fused: object | None = None
 
     def __post_init__(self):
         if self.bus.devices["gpu"].type == "cuda":
@@ -497,10 +504,16 @@ class GLM4Model:
         T = tokens.shape[0]
         if start + T > cache.max_len:
             raise ValueError(f"positions {start}..{start + T - 1} exceed the context of {cache.max_len}")
-        pos = Positions(self.rope, torch.arange(start, start + T), start)
         t0 = perf_counter()
         x, side = self.embed(tokens), self.embed.side
         self.timeline.add("gpu", "embed", t0, perf_counter())
+        if self.fused is not None and self.fused.accepts(T, cache):
+            x = self.fused.run(x, cache, start, start, mtp=False)  # through output_norm
+            cache.length = start + T
+            if beside_last_experts is not None:
+                beside_last_experts()
+            return x
+        pos = self._positions(start, start, T)
         if self._last_moe is None:
             self._last_moe = max((i for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)), default=-1)
         last_moe = self._last_moe
@@ -515,6 +528,9 @@ class GLM4Model:
         x = rms_norm(x, self.output_norm, self.cfg.rms_eps)
         self.timeline.add("gpu", "output norm", t0, perf_counter())
         return x
+
+    def _positions(self, pos0: int, slot0: int, T: int) -> Positions:
+        return Positions(self.rope, torch.arange(pos0, pos0 + T), slot0)
 
     def logits(self, h: torch.Tensor, side: str | None = None) -> torch.Tensor:
         t0 = perf_counter()
@@ -534,18 +550,26 @@ class GLM4Model:
         T = next_tokens.shape[0]
         if start + T > cache.max_len:
             raise ValueError(f"MTP slots {start}..{start + T - 1} exceed the context of {cache.max_len}")
-        bus = self.bus
+        z = self._mtp_pre(h_prev, next_tokens, h_side)
+        if self.fused is not None and self.fused.accepts(T, cache):
+            z = self.fused.run(z, cache, start, start + 1, mtp=True)  # through shared_head_norm
+            cache.length = start + T
+            return z
+        z, side = self._block(n.block, z, n.side, 0, cache, start, self._positions(start + 1, start, T), tag="mtp ")
+        cache.length = start + T
+        z = self.bus.to(z, side, n.side)
+        return rms_norm(z, n.shared_head_norm, self.cfg.rms_eps)
+
+    def _mtp_pre(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, h_side: str | None) -> torch.Tensor:
+        """eh_proj(concat[enorm(embed(x_{p+1})), hnorm(h_p)]): the MTP block's input rows."""
+        n, bus = self.nextn, self.bus
         t0 = perf_counter()
         e = bus.to(n.embed(next_tokens), n.embed.side, n.side)
         h = bus.to(h_prev, h_side or self.output_norm_side, n.side)
         eps = self.cfg.rms_eps
         z = linear(torch.cat([rms_norm(e, n.enorm, eps), rms_norm(h, n.hnorm, eps)], dim=-1), n.eh_proj)
         self.timeline.add("gpu", "mtp eh_proj", t0, perf_counter())
-        pos = Positions(self.rope, torch.arange(start + 1, start + T + 1), start)
-        z, side = self._block(n.block, z, n.side, 0, cache, start, pos, tag="mtp ")
-        cache.length = start + T
-        z = bus.to(z, side, n.side)
-        return rms_norm(z, n.shared_head_norm, eps)
+        return z
 
     def mtp_logits(self, z: torch.Tensor) -> torch.Tensor:
         n = self.nextn

@@ -1,8 +1,13 @@
-"""Sampling: greedy, temperature, top-k, top-p, min-p, seeded.
+"""Sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded.
 
-Order (as vLLM): temperature, then top-k, top-p, min-p on the tempered distribution. `probs()` is
-the processed target distribution that speculative acceptance needs (DESIGN.md §2): a draft d is
-accepted with probability p(d), otherwise the replacement is sampled from p with d removed.
+Order: the repetition penalty on the raw logits (llama.cpp's rule: a token among the last
+`repeat_last_n` of the sequence has a positive logit divided by `repeat_penalty`, a negative one
+multiplied by it), then (as vLLM) temperature, then top-k, top-p, min-p on the tempered
+distribution. Greedy decoding takes the argmax of the penalised logits. `probs()` is the processed
+target distribution that speculative acceptance needs (DESIGN.md §2): a draft d is accepted with
+probability p(d), otherwise the replacement is sampled from p with d removed. The penalty depends
+on the tokens before the row, so every caller passes that row's history: a verification row after
+drafts d1..di sees them as plain decoding would have, and MTP stays lossless under it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
+    repeat_penalty: float = 1.0  # 1: off
+    repeat_last_n: int = 64  # how many of the latest tokens the penalty looks at
 
     def __post_init__(self):
         def bad(name, value, expected):
@@ -38,6 +45,12 @@ class SamplingParams:
             bad("min_p", self.min_p, "a number in [0, 1)")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad("seed", self.seed, "an integer or None")
+        r = self.repeat_penalty
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or r <= 0:
+            bad("repeat_penalty", r, "a number > 0 (1 = off)")
+        n = self.repeat_last_n
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            bad("repeat_last_n", n, "an integer >= 1")
 
     @property
     def greedy(self) -> bool:
@@ -50,9 +63,25 @@ class SamplingParams:
         g.manual_seed(self.seed if self.seed is not None else torch.seed() & 0x7FFFFFFF)
         return g
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Processed distribution over the vocabulary (float32 [..., V]); one-hot argmax if greedy."""
-        logits = logits.float()
+    @property
+    def penalised(self) -> bool:
+        return self.repeat_penalty != 1.0
+
+    def penalise(self, logits: torch.Tensor, history=()) -> torch.Tensor:
+        """`logits` [V] after the repetition penalty for the tokens in `history` (the sequence before
+        this row; only its last `repeat_last_n` count)."""
+        if not self.penalised or not len(history):
+            return logits
+        recent = torch.tensor(sorted(set(history[-self.repeat_last_n:])), dtype=torch.long, device=logits.device)
+        x = logits.float().clone()
+        v = x[recent]
+        x[recent] = torch.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+        return x
+
+    def probs(self, logits: torch.Tensor, history=()) -> torch.Tensor:
+        """Processed distribution over the vocabulary (float32 [V]); one-hot argmax if greedy.
+        `history`: the tokens before this row (the repetition penalty's input)."""
+        logits = self.penalise(logits.float(), history)
         if self.greedy:
             return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
         x = logits / self.temperature
@@ -69,7 +98,7 @@ class SamplingParams:
             p = p.masked_fill(p < self.min_p * p.max(-1, keepdim=True).values, 0.0)
         return p / p.sum(-1, keepdim=True)
 
-    def sample(self, logits: torch.Tensor, gen: torch.Generator | None) -> int:
+    def sample(self, logits: torch.Tensor, gen: torch.Generator | None, history=()) -> int:
         if self.greedy:
-            return int(logits.argmax(-1))
-        return int(torch.multinomial(self.probs(logits), 1, generator=gen))
+            return int(self.penalise(logits, history).argmax(-1))
+        return int(torch.multinomial(self.probs(logits, history), 1, generator=gen))

@@ -180,6 +180,8 @@ class DraftPolicy:
         self._probe_from: int | None = None  # the best length when the last probe was made
         self._probes = 0
         self.off_for = 0  # sequences left to run without MTP after drafting was found to lose
+        self.gave_up = ""  # the last give-up's reason (`decision`)
+        self.started = True  # whether the last `start_sequence` ran MTP
         self.steps = 0
         self.chosen: dict[int, int] = {}
         # warm-up (popped from the end): plain and single-draft steps in turn; longer drafts are
@@ -325,6 +327,7 @@ class DraftPolicy:
 
     def start_sequence(self) -> bool:
         """Whether the next sequence should run MTP at all."""
+        self.started = self.off_for == 0
         if self.off_for > 0:
             self.off_for -= 1
             if self.off_for == 0:
@@ -348,8 +351,38 @@ class DraftPolicy:
         """Drafting lost: run the next `_retry - 1` sequences without MTP, then measure again.
         Each give-up doubles the wait (8, 16, ... 64 sequences), so a placement where MTP never
         pays spends ever less on re-measuring it; a finding that it pays resets the wait."""
+        self.gave_up = self._cost_line("drafting off")  # the costs are reset before the re-measure
         self.off_for = self._retry - 1
         self._retry = min(self._retry * 2, self.RETRY_MAX)
+
+    def measured_accept(self) -> float | None:
+        """Acceptance of first drafts so far (no prior), None before any."""
+        return self.accepted[1] / self.reached[1] if self.draft_max and self.reached[1] else None
+
+    def _cost_line(self, head: str) -> str:
+        """`head` with the cost model's reason: a single-draft step at c_1 and a plain step at
+        c_0 yield 1 + a and 1 token, so one draft pays above an acceptance a of c_1 / c_0 - 1."""
+        m = self.model
+        acc = self.measured_accept()
+        seen = f" (measured {acc:.0%})" if acc is not None else ""
+        if not m.gpu_by_k.get(0) or not m.gpu_by_k.get(1):
+            return f"{head}: costs not measured yet{seen}"
+        ratio = m.cost(1, self.total) / max(m.cost(0, self.total), 1e-12)
+        need = ratio - 1
+        if need <= 0:
+            return f"{head}: a draft step costs {ratio:.1f}x a plain step here, any acceptance pays{seen}"
+        if need >= 1:
+            return f"{head}: a draft step costs {ratio:.1f}x a plain step here, more than two tokens' worth{seen}"
+        return f"{head}: a draft step costs {ratio:.1f}x a plain step here, needs > {need:.0%} acceptance{seen}"
+
+    def decision(self) -> str:
+        """What the policy does now and why, in one line (the `draft_policy` of a result's stats)."""
+        if not self.adaptive:
+            return f"draft length fixed at {self.draft_max} (adaptive off)"
+        if self.off_for > 0 or not self.started:
+            again = f"in {self.off_for + 1} sequences" if self.off_for else "from the next sequence"
+            return f"{self.gave_up}; measured again {again}"
+        return self._cost_line("drafting on")
 
     def observe(self, k: int, n_drafted: int, n_accepted: int, sample: StepSample) -> None:
         """After a step that drafted `n_drafted` (<= k: p_min may stop early) and accepted the

@@ -17,7 +17,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
-from .errors import NextnError
+from .errors import NextnError, short
 
 # Token types (llama.cpp / gguf.TokenType)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -115,30 +115,40 @@ class Tokenizer:
         for m in merges:
             a, sep, b = m.partition(" ")
             if not sep:
-                raise TokenizerError(f"bad merge {m!r} in tokenizer.ggml.merges (expected 'left right')")
+                raise TokenizerError(f"bad merge {short(m)} in tokenizer.ggml.merges (expected 'left right')")
             merge_pairs.append((a, b))
 
         if pre in _PRE_GLM4 or pre in _PRE_LLAMA3 or pre == "default":
             regex = GLM4_PRETOKENIZER_REGEX
         else:
-            raise TokenizerError(f"unsupported tokenizer.ggml.pre {pre!r} (this runtime supports GLM-4.x: 'glm4')")
+            raise TokenizerError(f"unsupported tokenizer.ggml.pre {short(pre)} (this runtime supports GLM-4.x: 'glm4')")
         ignore_merges = pre in _PRE_LLAMA3
-        bpe = models.BPE(vocab=vocab, merges=merge_pairs, ignore_merges=ignore_merges, fuse_unk=False,
-                         byte_fallback=False)
-        tok = _HFTok(bpe)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ])
-        tok.decoder = decoders.ByteLevel()
-        added = []
-        for i, (t, ty) in enumerate(zip(self.tokens, self.token_types)):
-            if ty == TOKEN_CONTROL:
-                added.append(AddedToken(t, special=True, normalized=False))
-            elif ty == TOKEN_USER_DEFINED:
-                added.append(AddedToken(t, special=False, normalized=False))
-        if added:
-            tok.add_tokens(added)  # ids already exist in the BPE vocab, so they keep them
+        # Each merge's parts and result must be tokens: llama.cpp skips a merge that is not, the
+        # tokenizers library refuses the whole vocabulary (a bare "Error while initializing BPE").
+        for a, b in merge_pairs:
+            for part in (a, b, a + b):
+                if part not in vocab:
+                    raise TokenizerError(f"tokenizer.ggml.merges: {short(a + ' ' + b)} uses {short(part)}, "
+                                         f"which is not in tokenizer.ggml.tokens")
+        try:
+            bpe = models.BPE(vocab=vocab, merges=merge_pairs, ignore_merges=ignore_merges, fuse_unk=False,
+                             byte_fallback=False)
+            tok = _HFTok(bpe)
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+            ])
+            tok.decoder = decoders.ByteLevel()
+            added = []
+            for i, (t, ty) in enumerate(zip(self.tokens, self.token_types)):
+                if ty == TOKEN_CONTROL:
+                    added.append(AddedToken(t, special=True, normalized=False))
+                elif ty == TOKEN_USER_DEFINED:
+                    added.append(AddedToken(t, special=False, normalized=False))
+            if added:
+                tok.add_tokens(added)  # ids already exist in the BPE vocab, so they keep them
+        except Exception as e:  # the library's own refusal (its messages echo whole tokens): one short line
+            raise TokenizerError(f"the vocabulary is unusable: {short(str(e).splitlines()[0] if str(e) else e, 120)}") from None
         self._tok = tok
         for a in added:
             if tok.token_to_id(a.content) != vocab[a.content]:  # pragma: no cover - library behaviour guard
@@ -158,31 +168,58 @@ class Tokenizer:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
+        def typed(key, kind, what, required=False):
+            v = _get(meta, key)
+            if v is None:
+                if required:
+                    raise TokenizerError(f"{key} is missing")
+                return None
+            if kind is list and isinstance(v, str):  # a str is iterable, but not a list of tokens
+                v = 0
+            ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+            if not ok:
+                raise TokenizerError(f"{key} is {short(v)}; expected {what}")
+            return v
+
+        def items(key, kind, what, required=False):
+            v = typed(key, list, f"an array of {what}", required)
+            if v is not None:
+                for i, x in enumerate(v):
+                    if not isinstance(x, kind) or (kind is int and isinstance(x, bool)):
+                        raise TokenizerError(f"{key}[{i}] is {short(x)}; expected {what}")
+            return v
+
         model = _get(meta, "tokenizer.ggml.model")
         if model is None:
             raise TokenizerError("the GGUF has no tokenizer (tokenizer.ggml.model is missing)")
         if model != "gpt2":
-            raise TokenizerError(f"unsupported tokenizer.ggml.model {model!r} (GLM-4.x uses byte-level BPE 'gpt2')")
-        tokens = _get(meta, "tokenizer.ggml.tokens")
+            raise TokenizerError(f"unsupported tokenizer.ggml.model {short(model)} (GLM-4.x uses byte-level BPE 'gpt2')")
+        tokens = items("tokenizer.ggml.tokens", str, "strings", required=True)
         if not tokens:
             raise TokenizerError("tokenizer.ggml.tokens is missing")
-        types = _get(meta, "tokenizer.ggml.token_type")
+        types = items("tokenizer.ggml.token_type", int, "whole numbers")
         if types is None:
             types = [TOKEN_NORMAL] * len(tokens)
-        merges = _get(meta, "tokenizer.ggml.merges")
-        if merges is None:
-            raise TokenizerError("tokenizer.ggml.merges is missing")
+        merges = items("tokenizer.ggml.merges", str, "strings", required=True)
+        pre = typed("tokenizer.ggml.pre", str, "a string") or "default"
+        template = typed("tokenizer.chat_template", str, "a string")
 
         def tid(name):
-            v = _get(meta, f"tokenizer.ggml.{name}_token_id")
-            return None if v is None or int(v) < 0 else int(v)
+            v = typed(f"tokenizer.ggml.{name}_token_id", int, "a token id")
+            return None if v is None or v < 0 else v
 
-        return cls(list(tokens), list(types), list(merges), pre=_get(meta, "tokenizer.ggml.pre", "default") or "default",
+        def flag(name):
+            v = _get(meta, name, False)
+            if type(v) is not bool and not (type(v) is int and v in (0, 1)):
+                raise TokenizerError(f"{name} is {short(v)}; expected a bool")
+            return bool(v)
+
+        return cls(list(tokens), list(types), list(merges), pre=pre,
                    bos_id=tid("bos"), eos_id=tid("eos"), eot_id=tid("eot"), eom_id=tid("eom"),
                    pad_id=tid("padding"), unk_id=tid("unknown"),
-                   chat_template=_get(meta, "tokenizer.chat_template"),
-                   add_bos=bool(_get(meta, "tokenizer.ggml.add_bos_token", False)),
-                   add_eos=bool(_get(meta, "tokenizer.ggml.add_eos_token", False)))
+                   chat_template=template,
+                   add_bos=flag("tokenizer.ggml.add_bos_token"),
+                   add_eos=flag("tokenizer.ggml.add_eos_token"))
 
     # ---------------------------------------------------------------- properties
     @property

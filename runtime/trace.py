@@ -10,9 +10,13 @@ waited for the stream (every CPU-side expert call does), which makes them upper 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import NextnError
 
 
 class Timeline:
@@ -60,8 +64,36 @@ class Timeline:
             if args:
                 ev["args"] = args
             events.append(ev)
-        with open(path, "w") as f:
-            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+        write_atomic(path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}), "trace")
+
+
+def check_writable(path, what: str) -> None:
+    """A one-line NextnError unless a file can be written at `path` (its folder exists, is one,
+    and is writable; `path` is not a folder)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise NextnError(f"{what} {p}: is a directory")
+    if not parent.is_dir():
+        raise NextnError(f"{what} {p}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise NextnError(f"{what} {p}: folder {parent} is not writable")
+
+
+def write_atomic(path, text: str, what: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted
+    or failed write leaves the old file (or none), never half of one."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except OSError as e:
+        raise NextnError(f"{p}: cannot write the {what}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _union(iv, lo, hi):

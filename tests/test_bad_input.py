@@ -11,7 +11,11 @@ import pytest
 import runtime
 from runtime.errors import NextnError
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "glm4moe-tiny" / "glm4moe-tiny-f32.gguf"
+_HERE = Path(__file__).resolve()
+# beside the repository (a worktree's own shared/ link first), as conftest looks for it
+FIX = next((p for p in (b / "shared" / "fixtures" / "glm4moe-tiny" / "glm4moe-tiny-f32.gguf"
+                        for b in (_HERE.parents[1], _HERE.parents[2])) if p.exists()),
+           _HERE.parents[2] / "shared" / "fixtures" / "glm4moe-tiny" / "glm4moe-tiny-f32.gguf")
 pytestmark = pytest.mark.skipif(not FIX.exists(), reason="shared fixtures not present")
 
 

@@ -326,6 +326,51 @@ def test_sampling_with_mtp_accepts_some_drafts(copy_engine):
     assert 0 < r.stats["accepted"] < r.stats["drafted"] or r.stats["acceptance_rate"] == 1.0
 
 
+# ---- repetition penalty: the same processed distribution in plain and MTP decoding --------------------
+
+def test_repeat_penalty_rule():
+    sp = SamplingParams(repeat_penalty=2.0, repeat_last_n=2)
+    x = torch.tensor([4.0, -1.0, 3.0, 0.5])
+    # tokens 0 and 1 are among the last two (token 2 is older): 4 / 2 and -1 * 2
+    assert torch.equal(sp.penalise(x, [2, 0, 1]), torch.tensor([2.0, -2.0, 3.0, 0.5]))
+    assert sp.sample(x, None, [2, 0, 1]) == 2 and sp.sample(x, None) == 0
+    assert torch.equal(SamplingParams().penalise(x, [0, 1]), x)  # 1: off
+    hot = SamplingParams(temperature=1.0, repeat_penalty=2.0).probs(x, [0])
+    assert torch.allclose(hot, torch.softmax(torch.tensor([2.0, -1.0, 3.0, 0.5]), -1))
+    for bad in (dict(repeat_penalty=0.0), dict(repeat_penalty=float("nan")), dict(repeat_last_n=0)):
+        with pytest.raises(NextnError, match="repeat_"):
+            SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("draft_max", [1, 3])
+def test_greedy_mtp_equals_plain_greedy_under_repeat_penalty(random_engine, copy_engine, draft_max):
+    for eng in (random_engine, copy_engine):
+        ids = prompt(12, eng.cfg.n_vocab, seed=40 + draft_max)
+        kw = dict(max_tokens=40, repeat_penalty=1.6, repeat_last_n=16)
+        plain = eng.generate(ids, mtp=False, **kw)
+        spec = eng.generate(ids, mtp=True, draft_max=draft_max, adaptive=False, **kw)
+        assert spec.tokens == plain.tokens
+        assert spec.stats["drafted"] > 0
+        assert plain.tokens != eng.generate(ids, max_tokens=40, mtp=False).tokens  # the penalty acts
+    # drafts are made under the same penalty: the copy model's drafts still equal the target's choice
+    r = copy_engine.generate(prompt(12, copy_engine.cfg.n_vocab, seed=5), max_tokens=40, mtp=True,
+                             draft_max=draft_max, adaptive=False, repeat_penalty=1.6, repeat_last_n=16)
+    assert r.stats["acceptance_rate"] >= 0.97, r.stats
+
+
+def test_sampling_distribution_under_repeat_penalty_unchanged_by_mtp(copy_model_path):
+    """As test_sampling_distribution_unchanged_by_mtp, with a strong repetition penalty over the
+    generated tokens: the 2nd and 3rd tokens' rows see the earlier ones (accepted drafts included)."""
+    eng = runtime.load(copy_model_path, progress=False, use_kernels=False)
+    ids = prompt(6, eng.cfg.n_vocab, seed=12)
+    N = 400
+    kw = dict(max_tokens=3, temperature=1.0, top_k=3, repeat_penalty=3.0, repeat_last_n=4)
+    a = Counter(tuple(eng.generate(ids, seed=s, mtp=False, **kw).tokens[1:]) for s in range(N))
+    b = Counter(tuple(eng.generate(ids, seed=30_000 + s, mtp=True, draft_max=2, adaptive=False, **kw).tokens[1:])
+                for s in range(N))
+    _assert_same_distribution(a, b)
+
+
 # ---- controls -------------------------------------------------------------------------------------
 
 def test_model_without_nextn_layer(make_test_model, capsys):

@@ -272,6 +272,8 @@ def test_default_placement_agrees_with_the_loader_units(models):
     ("model: 3\n", r"^{f}:1: model: expected a path to a \.gguf file"),
     ("model: nowhere/x.gguf\n", r"^{f}:1: model: model file .*nowhere/x\.gguf does not exist"),
     ("sampling:\n  seed: -1\n", r"^{f}:2: sampling\.seed: expected null or a non-negative integer seed"),
+    ("sampling:\n  repeat_penalty: 0\n", r"^{f}:2: sampling\.repeat_penalty: expected a number > 0\.0, got 0\.0"),
+    ("sampling:\n  repeat_last_n: 0\n", r"^{f}:2: sampling\.repeat_last_n: expected a token count"),
 ])
 def test_validation_errors_name_file_line_key(tmp_path, text, pattern):
     expect_error(tmp_path, text, pattern)

@@ -406,3 +406,50 @@ def test_a_machine_that_slows_down_while_drafting_does_not_turn_drafting_off():
             assert not p.mtp_loses(), (step, seen[-40:])
     late = seen[400:]
     assert late.count(3) + late.count(2) > 0.9 * len(late)
+
+
+# ---- what the statistics say ------------------------------------------------------------------------
+
+def test_decision_line_states_the_cost_ratio_and_the_acceptance_it_needs():
+    # clean costs (no CPU experts): a single-draft step costs 1.9 plain steps, so one draft pays only
+    # above 90% acceptance; drafts that never match make the policy give up
+    p = DraftPolicy(draft_max=1, adaptive=True, total_experts=100)
+    simulate(p, accept=0.0, cost=lambda k: (0.01 * (1 + 0.9 * k), 0.0, 0), steps=40)
+    assert p.mtp_loses()
+    p.give_up()
+    want = "drafting off: a draft step costs 1.9x a plain step here, needs > 90% acceptance (measured 0%)"
+    assert p.decision() == want + f"; measured again in {DraftPolicy.RETRY_AFTER} sequences"
+    assert not p.start_sequence()
+    assert p.decision() == want + f"; measured again in {DraftPolicy.RETRY_AFTER - 1} sequences"
+    # a cheap draft step and drafts that match: drafting stays on, and the line says why
+    q = DraftPolicy(draft_max=1, adaptive=True, total_experts=100)
+    simulate(q, accept=1.0, cost=lambda k: (0.01 * (1 + 0.3 * k), 0.0, 0), steps=40)
+    assert q.decision() == "drafting on: a draft step costs 1.3x a plain step here, needs > 30% acceptance (measured 100%)"
+    # a draft step dearer than two plain steps cannot pay at any acceptance
+    r = DraftPolicy(draft_max=1, adaptive=True, total_experts=100)
+    simulate(r, accept=1.0, cost=lambda k: (0.01 * (1 + 1.5 * k), 0.0, 0), steps=6)
+    assert "costs 2.5x a plain step here, more than two tokens' worth" in r.decision()
+    assert DraftPolicy(draft_max=2, adaptive=False, total_experts=10).decision() == \
+        "draft length fixed at 2 (adaptive off)"
+    assert DraftPolicy(draft_max=1, adaptive=True, total_experts=10).decision() == \
+        "drafting on: costs not measured yet"
+
+
+def test_stats_say_none_when_nothing_was_drafted(eng):
+    ids = prompt(6, eng.cfg.n_vocab, seed=9)
+    off = eng.generate(ids, max_tokens=8, mtp=False)
+    assert off.stats["drafted"] == 0 and off.stats["acceptance_rate"] is None
+    assert off.stats["draft_policy"] is None
+    fixed = eng.generate(ids, max_tokens=8, mtp=True, draft_max=1, adaptive=False)
+    assert fixed.stats["drafted"] > 0 and 0.0 <= fixed.stats["acceptance_rate"] <= 1.0
+    assert fixed.stats["draft_policy"] == "draft length fixed at 1 (adaptive off)"
+    # an adaptive policy that gave up: the next sequence runs without drafts, and says so
+    pol = eng.draft_policy(3, True)
+    pol.gave_up = "drafting off: a draft step costs 1.9x a plain step here, needs > 90% acceptance"
+    pol.off_for = 2
+    r = eng.generate(ids, max_tokens=8, mtp=True, draft_max=3, adaptive=True)
+    assert r.stats["mtp_turned_off"] and r.stats["drafted"] == 0
+    assert r.stats["acceptance_rate"] is None and r.stats["acceptance_by_position"] == []
+    assert r.stats["draft_policy"] == pol.gave_up + "; measured again in 2 sequences"
+    assert r.tokens == off.tokens
+    del eng._policies[(3, True)]  # later tests get a fresh policy

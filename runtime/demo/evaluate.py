@@ -5,7 +5,8 @@ standard-library files, through the engine.
 
 Held-out text: the files :func:`runtime.demo.train.corpus_files` holds out (never trained on), less
 ``pydoc_data/topics.py`` (generated documentation text in one string literal, not code) and the
-generated codec tables that training leaves out too (:func:`runtime.demo.train.is_generated_table`).
+modules that are mostly mapping tables, which training leaves out too
+(:func:`runtime.demo.train.is_generated_table`).
 
 1. Teacher forced (``Engine.logits`` / ``Engine.mtp_logits`` over ``--windows`` windows of 256 tokens):
    main-model next-token accuracy and loss, MTP top-1 accuracy (vs the true token after next) and how

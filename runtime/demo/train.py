@@ -5,7 +5,8 @@ standard library's own source.
     python -m runtime.demo.train --export-only [--out DIR] [--gguf PATH]
 
 Corpus: every ``.py`` file of the running interpreter's standard library (``sysconfig`` "stdlib",
-without ``site-packages``, the test suites and the generated codec tables), in sorted path order.
+without ``site-packages``, the test suites and the modules that are mostly mapping tables:
+:func:`is_generated_table`), in sorted path order.
 Every 20th file is held out for validation and evaluation and never trained on (:func:`corpus_files`).
 Nothing is downloaded. The standard library's source is (c) the Python Software Foundation, under
 the PSF License Agreement (Python Software Foundation License Version 2); the trained weights are
@@ -42,9 +43,9 @@ Checkpoints (model, MTP, optimizer, step) are written every ``--ckpt-minutes`` o
 decides *when* state is saved, never what is computed. Thread counts change float summation order, so
 a run is reproducible for a given ``--threads``.
 
-The shipped ``runtime/demo/demo.gguf`` is ``--steps 1050 --threads 2 --seed 0`` (20.6 min on the
-2-core machine, otherwise idle, 51 steps a minute; while other processes hold the cores, 2 OpenMP
-threads can stall 5-20x, and ``--threads 1`` runs ~37 steps a minute), then the export (done at
+The shipped ``runtime/demo/demo.gguf`` is ``--steps 1050 --threads 1 --seed 0`` (37.7 min, 27.8 steps a
+minute, on the project's 2-core machine while other jobs kept its load at 3-8; alone one thread runs
+~35 steps a minute, and 2 OpenMP threads can stall 5-20x under such load), then the export (done at
 the end of training unless ``--no-export``).
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import sysconfig
 import time
@@ -131,15 +133,63 @@ def read_text(p: Path) -> str | None:
         return None
 
 
+# A mapping-table line: after its comment, only literals and punctuation, at least one of them a
+# number or a character literal ('\x00', u'\u00c7', 'A', '\u03b9\u0308'); or a comment row
+# "# 0x00e -> NAME". Plain word strings ('foo', in __all__ lists or docs) do not count.
+_ESC = r"(?:\\x[0-9a-fA-F]{2}|\\u[0-9a-fA-F]{4}|\\U[0-9a-fA-F]{8}|\\N\{[^}]*\}|\\[0-7]{1,3}|\\.)"
+_CHAR_LITERAL = re.compile(r"[uUbB]?(?:'(?:%s+|[^'\\])'|\"(?:%s+|[^\"\\])\")" % (_ESC, _ESC))
+_TABLE_TOKEN = re.compile(r"""\s*(?:
+    (?P<str>[rRbBuU]{0,2}(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"))
+  | (?P<num>0[xXoObB][0-9a-fA-F_]+|\d[\d_]*(?:\.\d*)?(?:[eE][-+]?\d+)?)
+  | (?P<const>(?:None|True|False)\b)
+  | (?P<punct>[:,()\[\]{}+\-])
+  | (?P<comment>\#.*)
+)""", re.X)
+_CODE_COMMENT = re.compile(r"#\s*0x[0-9a-fA-F]+\s*->")
+
+# Measured over CPython 3.11's standard library (train + held-out files, :func:`table_share`): the
+# charmap codecs (gencodec.py's and the hand-made cp858, cp1125, koi8_t, palmos...) 0.87-0.94,
+# html/entities 0.99, stringprep 0.70, _sysconfigdata 0.54, encodings/rot_13 0.54, re/_casefix 0.48,
+# html/__init__ (its charref table) 0.42; then a gap to __hello__ 0.27 (a 4-line file) and
+# xml/dom/xmlbuilder 0.18, pydoc_data/topics 0.17, locale 0.14, everything else <= 0.10.
+TABLE_SHARE_MAX = 0.35
+
+
+def is_table_line(line: str) -> bool:
+    """Whether one line is a mapping-table entry (``0x0080: 0x00c7,  # NAME``, ``'\\x00'  #  0x00 ->
+    NULL``, ``0xb5:'\\u03bc', 0xdf:'ss',``) or a code-point comment row (``# 0x00e -> NAME``)."""
+    s = line.strip()
+    if s.startswith("#"):
+        return bool(_CODE_COMMENT.match(s))
+    pos, data = 0, 0
+    while pos < len(s):
+        m = _TABLE_TOKEN.match(s, pos)
+        if not m or m.end() == pos:
+            return False                        # a name, operator or keyword: code
+        if m.group("comment"):
+            break
+        if m.group("num") or (m.group("str") and _CHAR_LITERAL.fullmatch(m.group("str"))):
+            data += 1
+        pos = m.end()
+    return data > 0
+
+
+def table_share(text: str) -> float:
+    """Share of the non-blank lines of ``text`` that are mapping-table lines (:func:`is_table_line`)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return sum(map(is_table_line, lines)) / len(lines) if lines else 0.0
+
+
 def is_generated_table(text: str) -> bool:
-    """A charmap codec module written by CPython's gencodec.py (encodings/cp1252.py and 64 more):
-    a 256-entry table of escaped characters and hex codes, not code. They were 11% of the training
-    text, and greedy decoding from a short prompt fell into them ("0x00d4 -> BOX DRAWINGS ...")."""
-    return "gencodec.py" in text[:400]
+    """A module that is mostly a mapping table (codec tables, entity and case-folding maps), not code.
+    The charmap codecs alone were 11% of the training text, and greedy decoding from a short prompt
+    fell into them ("0x00c: 0x00b,  #  LATIN SMALL LETTER E"). Detected by content, so hand-made
+    tables (encodings/cp858.py, stringprep.py) go too and code with a small table (locale.py) stays."""
+    return table_share(text) > TABLE_SHARE_MAX
 
 
 def texts(files) -> list[str]:
-    """The files' texts, less empty files and generated codec tables."""
+    """The files' texts, less empty files and mapping-table modules (:func:`is_generated_table`)."""
     return [t for t in (read_text(f) for f in files) if t and t.strip() and not is_generated_table(t)]
 
 

@@ -1,0 +1,60 @@
+/* Whole decoder blocks on the CPU: the structs the fused block call reads (block_impl.h).
+ *
+ * A decode step of a small model spends its time in host calls, not in bytes: ~20 torch calls per
+ * block at a few microseconds each, against ~10 us of arithmetic for a demo-sized block.  So when
+ * every unit of the model runs on the CPU, the loader describes each block once in these structs
+ * (pointers into the weights the model already holds, never a copy) and a decode-sized forward
+ * (1..17 rows) is one C call for all the blocks.  build.py's cdef repeats these structs: keep the
+ * two the same.
+ */
+#ifndef NX_BLOCK_H
+#define NX_BLOCK_H
+#include "moe_kernels.h"
+
+#define NX_MAX_PARTS 4
+
+/* a dense weight [sum of parts' rows, cols]: parts stacked by rows (q/k/v, gate/up), each one
+ * matrix (n_expert 1) in any kernel type, F32 included; bias NULL or [sum rows] */
+typedef struct {
+    int32_t n_parts;
+    nx_tensor parts[NX_MAX_PARTS];
+    const float *bias;
+} nx_lin;
+
+typedef struct {
+    const float *attn_norm;   /* [H] */
+    nx_lin qkv;               /* [(n_heads + 2 n_kv) head_dim, H] */
+    const float *qk_norm;     /* [n_heads + n_kv, head_dim] or NULL (no QK-norm) */
+    nx_lin wo;                /* [H, n_heads head_dim] */
+    const float *post_norm;   /* [H] */
+    /* the dense FFN of a dense block, or the shared expert of an MoE block (n_parts 0: none) */
+    nx_lin ffn_gate_up;       /* [2F, H]: gate rows, then up rows */
+    nx_lin ffn_down;          /* [H, F] */
+    /* MoE: router_w NULL for a dense block */
+    const float *router_w;    /* [E, H] */
+    const float *router_b;    /* [E]: selection only */
+    int32_t n_expert, top_k, norm_topk;
+    float scale;
+    nx_tensor exp_gate, exp_up, exp_down;
+} nx_block;
+
+typedef struct {
+    int32_t H, n_heads, n_kv, head_dim;
+    float eps, attn_scale;
+    /* per position, over the whole head: C = [c, c, 1...], S = [-s, s, 0...] (runtime/model.py
+     * RoPE), so a head's rotation is x * C + x[swap halves of the rotated dims] * S */
+    const float *rope_cos, *rope_sin;
+    int64_t rope_len;
+    int32_t rope_half;        /* rope_dim / 2 */
+} nx_dims;
+
+/* per-path entry points (suffix = path name; dispatch.c picks one) */
+#define NX_DECL_BLOCKS(sfx) \
+    int nx_blocks_forward_##sfx(const nx_dims *d, const nx_block *blocks, int32_t n_blocks, float **kc, \
+                                float **vc, int64_t cache_len, float *x, int64_t T, int64_t pos0, \
+                                int64_t start, const float *final_norm, double *stats, int nthreads);
+NX_DECL_BLOCKS(ref)
+NX_DECL_BLOCKS(avx2)
+NX_DECL_BLOCKS(avx512)
+
+#endif

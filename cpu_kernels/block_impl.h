@@ -1,0 +1,251 @@
+/* Whole decoder blocks for decode-sized row counts: the fused block call (structs in block.h).
+ *
+ * Included at the end of moe_impl.h, so it is compiled once per SIMD path and calls that path's
+ * own linear and MoE entry points directly.  One call runs every block of a model (or the MTP
+ * layer's one block) over T rows, the same operations in the same order as runtime/model.py's
+ * torch path (the reference; tests/test_fused.py compares them):
+ *
+ *   h = rms_norm(x, attn_norm); qkv = h Wqkv^T + b; per-head rms_norm of q and k; NEOX RoPE on the
+ *   first rope_dim dims of each head; K/V written at slots start..start+T-1; attention of row t
+ *   over slots 0..start+t (GQA, softmax scale); x += o Wo^T; h = rms_norm(x, post_norm);
+ *   dense FFN:  x += down(silu(gate h) * up h)
+ *   MoE:        s = sigmoid(Wr h); top-k of s + bias; w = s of those (/ sum, * scale);
+ *               x += routed(h, ids, w) + shared(h)
+ *
+ * Every row is computed on its own: norms, rotations and attention row by row, and the linear
+ * and MoE kernels give a row the same bits alone or in a batch.  So a verify batch's row gets
+ * exactly the bits a plain step gets for it, and greedy MTP output equals plain greedy output.
+ *
+ * Scratch is one allocation per call.  Parallelism is the kernels' own (they use fewer threads for
+ * small matrices); attention splits its (row, head) units over the threads when there is enough
+ * of it.  Returns 0, -1 (allocation failed) or -4 (a descriptor or argument out of range: nothing
+ * written).
+ */
+#include <time.h>
+
+static inline double FN(now_s)(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static inline void FN(rms_norm_row)(const float *x, const float *w, int64_t n, float eps, float *y) {
+    const float ss = FN(dot_f)(x, x, n);
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    if (w)
+        for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+    else
+        for (int64_t i = 0; i < n; i++) y[i] = x[i] * r;
+}
+
+static int64_t FN(lin_rows)(const nx_lin *w) {
+    int64_t n = 0;
+    for (int p = 0; p < w->n_parts; p++) n += w->parts[p].rows;
+    return n;
+}
+
+/* a weight fits: 1..NX_MAX_PARTS single-matrix parts of `cols` columns, `rows` rows in all */
+static int FN(lin_ok)(const nx_lin *w, int64_t rows, int64_t cols) {
+    if (w->n_parts < 1 || w->n_parts > NX_MAX_PARTS) return 0;
+    for (int p = 0; p < w->n_parts; p++)
+        if (!w->parts[p].data || w->parts[p].n_expert != 1 || w->parts[p].cols != cols || w->parts[p].rows < 1) return 0;
+    return FN(lin_rows)(w) == rows;
+}
+
+/* out [T, N] = x [T, K] W^T (+ bias), each part filling its columns */
+static int FN(lin_apply)(const nx_lin *w, const float *x, int64_t T, float *out, int nthreads) {
+    const int64_t N = FN(lin_rows)(w);
+    int64_t r0 = 0;
+    for (int p = 0; p < w->n_parts; p++) {
+        int rc = NX_CAT(nx_linear, NX_SFX)(x, T, &w->parts[p], out + r0, N, nthreads);
+        if (rc) return rc;
+        r0 += w->parts[p].rows;
+    }
+    if (w->bias)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t r = 0; r < N; r++) out[t * N + r] += w->bias[r];
+    return 0;
+}
+
+/* attention of rows t < T over slots 0..start+t; q already normed and rotated in qkv's q part;
+ * o [T, n_heads * head_dim]. Units (row, head) are independent: any split over threads gives the
+ * same bits. */
+static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const float *kc, const float *vc,
+                       int64_t start, float *o, float *scr_all, int64_t scr_stride, int nthreads) {
+    const int64_t nh = d->n_heads, nkv = d->n_kv, hd = d->head_dim, group = nh / nkv;
+    const int64_t nqkv = (nh + 2 * nkv) * hd;
+    const double work = (double)T * (double)nh * (double)(start + T) * (double)hd * 8.0;
+    int nth = nthreads;
+    const double mw = (double)nx_min_work_per_thread;
+    if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
+    if (nth > nthreads) nth = nthreads;
+#pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
+    for (int64_t u = 0; u < T * nh; u++) {
+        const int64_t t = u / nh, h = u % nh, g = h / group, n = start + t + 1;
+        float *s = scr_all + scr_stride * (int64_t)omp_get_thread_num();
+        const float *q = qkv + t * nqkv + h * hd;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            s[j] = FN(dot_f)(q, kc + (j * nkv + g) * hd, hd) * d->attn_scale;
+            if (s[j] > m) m = s[j];
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) { s[j] = expf(s[j] - m); sum += s[j]; }
+        float *out = o + t * nh * hd + h * hd;
+        for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = vc + (j * nkv + g) * hd;
+            const float p = s[j];
+            for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t i = 0; i < hd; i++) out[i] *= inv;
+    }
+}
+
+/* top-k of s + b (ties: the lower expert id), weights the unbiased s of the chosen */
+static void FN(route_row)(const float *s, const float *b, int64_t E, int64_t K, int norm, float scale,
+                          int32_t *ids, float *w, uint8_t *taken) {
+    memset(taken, 0, (size_t)E);
+    float sum = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        int64_t best = -1;
+        float bv = 0.0f;
+        for (int64_t e = 0; e < E; e++) {
+            if (taken[e]) continue;
+            const float v = s[e] + b[e];
+            if (best < 0 || v > bv) { best = e; bv = v; }
+        }
+        taken[best] = 1;
+        ids[k] = (int32_t)best;
+        w[k] = s[best];
+        sum += s[best];
+    }
+    if (norm)
+        for (int64_t k = 0; k < K; k++) w[k] = w[k] / (sum + 1e-20f);
+    if (scale != 1.0f)
+        for (int64_t k = 0; k < K; k++) w[k] *= scale;
+}
+
+/* the dense FFN / shared expert: out [T, H] = down(silu(gate h) * up h); gu [T, 2F], a [T, F] */
+static int FN(ffn)(const nx_block *b, const float *h, int64_t T, float *gu, float *a, float *out, int nthreads) {
+    const int64_t F2 = FN(lin_rows)(&b->ffn_gate_up), F = F2 / 2;
+    int rc = FN(lin_apply)(&b->ffn_gate_up, h, T, gu, nthreads);
+    if (rc) return rc;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < F; i++) a[t * F + i] = FN(silu)(gu[t * F2 + i]) * gu[t * F2 + F + i];
+    return FN(lin_apply)(&b->ffn_down, a, T, out, nthreads);
+}
+
+static int FN(block_ok)(const nx_dims *d, const nx_block *b) {
+    const int64_t H = d->H, nq = (int64_t)d->n_heads * d->head_dim, nkv = (int64_t)d->n_kv * d->head_dim;
+    if (!b->attn_norm || !b->post_norm) return 0;
+    if (!FN(lin_ok)(&b->qkv, nq + 2 * nkv, H) || !FN(lin_ok)(&b->wo, H, nq)) return 0;
+    const int has_ffn = b->ffn_gate_up.n_parts > 0;
+    if (has_ffn) {
+        const int64_t F2 = FN(lin_rows)(&b->ffn_gate_up);
+        if (F2 % 2 || !FN(lin_ok)(&b->ffn_gate_up, F2, H) || !FN(lin_ok)(&b->ffn_down, H, F2 / 2)) return 0;
+    }
+    if (!b->router_w) return has_ffn;   /* a dense block needs its FFN */
+    const nx_tensor *g = &b->exp_gate, *u = &b->exp_up, *dn = &b->exp_down;
+    if (!b->router_b || b->n_expert < 1 || b->top_k < 1 || b->top_k > b->n_expert) return 0;
+    if (!g->data || !u->data || !dn->data) return 0;
+    if (g->n_expert != b->n_expert || u->n_expert != b->n_expert || dn->n_expert != b->n_expert) return 0;
+    if (g->cols != H || u->cols != H || u->rows != g->rows || dn->rows != H || dn->cols != g->rows) return 0;
+    return 1;
+}
+
+int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, int32_t n_blocks,
+                                       float **kc, float **vc, int64_t cache_len, float *x, int64_t T,
+                                       int64_t pos0, int64_t start, const float *final_norm,
+                                       double *stats, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (!d || !blocks || n_blocks < 1 || !kc || !vc || !x || T < 1 || T > 4096 || start < 0 || pos0 < 0 ||
+        start + T > cache_len || pos0 + T > d->rope_len || d->H < 1 || d->n_heads < 1 || d->n_kv < 1 ||
+        d->n_heads % d->n_kv || d->head_dim < 1 || d->rope_half < 0 || 2 * d->rope_half > d->head_dim ||
+        !d->rope_cos || !d->rope_sin)
+        return -4;
+    const int64_t H = d->H, nh = d->n_heads, nkv = d->n_kv, hd = d->head_dim;
+    const int64_t nq = nh * hd, nqkv = (nh + 2 * nkv) * hd;
+    int64_t F2max = 0, Emax = 0, Kmax = 0;
+    for (int32_t i = 0; i < n_blocks; i++) {
+        const nx_block *b = &blocks[i];
+        if (!FN(block_ok)(d, b) || !kc[i] || !vc[i]) return -4;
+        if (b->ffn_gate_up.n_parts > 0 && FN(lin_rows)(&b->ffn_gate_up) > F2max) F2max = FN(lin_rows)(&b->ffn_gate_up);
+        if (b->router_w && b->n_expert > Emax) Emax = b->n_expert;
+        if (b->router_w && b->top_k > Kmax) Kmax = b->top_k;
+    }
+    /* scratch: h, qkv, attention out, a [T, H]-sized result, gate/up [T, 2F], silu(g)*u [T, F],
+     * router scores [T, E], ids and weights [T, K], the routed output [T, H], attention scores
+     * (start + T floats per thread), an E-byte mark table */
+    const int64_t ss = ((start + T + 15) / 16) * 16;
+    const size_t nf = (size_t)T * (size_t)(H + nqkv + nq + H + F2max + F2max / 2 + Emax + Kmax + H) +
+                      (size_t)ss * (size_t)nthreads;
+    float *ws = (float *)malloc(nf * sizeof(float) + (size_t)T * (size_t)Kmax * sizeof(int32_t) + (size_t)Emax + 64);
+    if (!ws) return -1;
+    float *h = ws, *qkv = h + T * H, *att = qkv + T * nqkv, *y = att + T * nq, *gu = y + T * H;
+    float *act = gu + T * F2max, *sc = act + T * (F2max / 2), *wts = sc + T * Emax, *ro = wts + T * Kmax;
+    float *ascr = ro + T * H;
+    int32_t *ids = (int32_t *)(ascr + ss * nthreads);
+    uint8_t *mark = (uint8_t *)(ids + T * Kmax);
+    double exp_s = 0.0, distinct = 0.0;
+    int rc = 0;
+
+    for (int32_t li = 0; li < n_blocks && !rc; li++) {
+        const nx_block *b = &blocks[li];
+        float *K = kc[li], *V = vc[li];
+        /* attention */
+        for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, b->attn_norm, H, d->eps, h + t * H);
+        if ((rc = FN(lin_apply)(&b->qkv, h, T, qkv, nthreads))) break;
+        for (int64_t t = 0; t < T; t++) {
+            float *r = qkv + t * nqkv;
+            const float *C = d->rope_cos + (pos0 + t) * hd, *S = d->rope_sin + (pos0 + t) * hd;
+            const int64_t half = d->rope_half;
+            for (int64_t hh = 0; hh < nh + nkv; hh++) {   /* q's heads, then k's */
+                float *v = r + hh * hd;
+                if (b->qk_norm) FN(rms_norm_row)(v, b->qk_norm + hh * hd, hd, d->eps, v);
+                for (int64_t i = 0; i < half; i++) {
+                    const float a = v[i], c = v[i + half];
+                    v[i] = a * C[i] + c * S[i];
+                    v[i + half] = c * C[i + half] + a * S[i + half];
+                }
+            }
+            memcpy(K + (start + t) * nkv * hd, r + nq, (size_t)(nkv * hd) * sizeof(float));
+            memcpy(V + (start + t) * nkv * hd, r + nq + nkv * hd, (size_t)(nkv * hd) * sizeof(float));
+        }
+        FN(attend)(d, qkv, T, K, V, start, att, ascr, ss, nthreads);
+        if ((rc = FN(lin_apply)(&b->wo, att, T, y, nthreads))) break;
+        for (int64_t i = 0; i < T * H; i++) x[i] = x[i] + y[i];
+        for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, b->post_norm, H, d->eps, h + t * H);
+        /* FFN */
+        if (!b->router_w) {
+            if ((rc = FN(ffn)(b, h, T, gu, act, y, nthreads))) break;
+            for (int64_t i = 0; i < T * H; i++) x[i] = x[i] + y[i];
+            continue;
+        }
+        const int64_t E = b->n_expert, KK = b->top_k;
+        for (int64_t t = 0; t < T; t++) {
+            float *s = sc + t * E;
+            for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-FN(dot_f)(b->router_w + e * H, h + t * H, H)));
+            FN(route_row)(s, b->router_b, E, KK, b->norm_topk, b->scale, ids + t * KK, wts + t * KK, mark);
+        }
+        memset(mark, 0, (size_t)E);
+        for (int64_t p = 0; p < T * KK; p++)
+            if (!mark[ids[p]]) { mark[ids[p]] = 1; distinct += 1.0; }
+        const double t0 = FN(now_s)();
+        rc = NX_CAT(nx_moe_forward, NX_SFX)(h, T, ids, wts, KK, &b->exp_gate, &b->exp_up, &b->exp_down, ro, nthreads);
+        exp_s += FN(now_s)() - t0;
+        if (rc) break;
+        if (b->ffn_gate_up.n_parts > 0) {
+            if ((rc = FN(ffn)(b, h, T, gu, act, y, nthreads))) break;
+            for (int64_t i = 0; i < T * H; i++) x[i] = x[i] + (ro[i] + y[i]);
+        } else {
+            for (int64_t i = 0; i < T * H; i++) x[i] = x[i] + ro[i];
+        }
+    }
+    if (!rc && final_norm)
+        for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, final_norm, H, d->eps, x + t * H);
+    free(ws);
+    if (stats) { stats[0] += exp_s; stats[1] += distinct; }
+    return rc;
+}

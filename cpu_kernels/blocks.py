@@ -1,0 +1,191 @@
+"""Whole decoder blocks in one C call (cpu_kernels/block.h, block_impl.h).
+
+    stack = BlockStack(dims, [BlockWeights(...), ...])
+    kv = stack.cache(k_tensors, v_tensors)          # once per KV cache
+    stack.forward(x, kv, pos0, start, final_norm)   # x [T, H] float32, updated in place
+
+The descriptors hold pointers into arrays the caller keeps (the model's own weights and caches):
+nothing is copied. Everything is validated here, once, when a stack or a cache view is made; a
+forward checks only its row range (and C checks the descriptors again before it reads anything).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ExpertTensor, _call_threads, _check_rc, _ffi, _lib, _state
+
+MAX_PARTS = 4  # NX_MAX_PARTS in block.h
+
+
+@dataclass
+class Dims:
+    H: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    eps: float
+    rope_cos: np.ndarray  # [positions, head_dim] float32: C = [c, c, 1...]
+    rope_sin: np.ndarray  # [positions, head_dim] float32: S = [-s, s, 0...]
+    rope_half: int        # rope_dim / 2
+
+
+@dataclass
+class BlockWeights:
+    """One block's weights: float32 arrays [n] for norms, biases and the router; dense weights as
+    lists of single-matrix ExpertTensor parts (shape (1, N_i, K)) stacked by rows."""
+
+    attn_norm: np.ndarray
+    qkv: list
+    wo: list
+    post_norm: np.ndarray
+    qkv_bias: np.ndarray | None = None
+    qk_norm: np.ndarray | None = None      # [n_heads + n_kv, head_dim]
+    ffn_gate_up: list | None = None        # dense FFN or shared expert [2F, H]
+    ffn_down: list | None = None
+    router_w: np.ndarray | None = None     # [E, H]: None for a dense block
+    router_b: np.ndarray | None = None     # [E]
+    top_k: int = 0
+    norm_topk: bool = True
+    scale: float = 1.0
+    experts: tuple | None = None           # (gate, up, down) ExpertTensor
+
+
+def _f32(name: str, a, shape: tuple) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous float32 array")
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+    return a
+
+
+class KVView:
+    """Pointer arrays to one KV cache's per-layer K and V ([length, n_kv, head_dim] float32)."""
+
+    def __init__(self, k: list, v: list, n_kv: int, head_dim: int):
+        if len(k) != len(v) or not k:
+            raise ValueError("a KV view needs one K and one V array per layer")
+        self.length = int(k[0].shape[0])
+        want = (self.length, n_kv, head_dim)
+        self.arrays = [_f32(f"kv[{i}]", np.asarray(a), want) for i, a in enumerate(list(k) + list(v))]
+        self.n_layers = len(k)
+        self.k = _ffi.new("float *[]", [_ffi.cast("float *", a.ctypes.data) for a in self.arrays[:len(k)]])
+        self.v = _ffi.new("float *[]", [_ffi.cast("float *", a.ctypes.data) for a in self.arrays[len(k):]])
+
+
+class BlockStack:
+    def __init__(self, dims: Dims, blocks: list[BlockWeights]):
+        if not blocks:
+            raise ValueError("a block stack needs at least one block")
+        H, nh, nkv, hd = dims.H, dims.n_heads, dims.n_kv, dims.head_dim
+        if min(H, nh, nkv, hd) < 1 or nh % nkv or not 0 <= 2 * dims.rope_half <= hd:
+            raise ValueError(f"bad dimensions {dims}")
+        keep = []  # every array a descriptor points into, kept alive with the stack
+        cos = _f32("rope_cos", dims.rope_cos, (dims.rope_cos.shape[0], hd))
+        sin = _f32("rope_sin", dims.rope_sin, cos.shape)
+        keep += [cos, sin]
+        d = _ffi.new("nx_dims *")
+        d.H, d.n_heads, d.n_kv, d.head_dim = H, nh, nkv, hd
+        d.eps, d.attn_scale = float(dims.eps), float(hd) ** -0.5
+        d.rope_cos, d.rope_sin = self._ptr(cos), self._ptr(sin)
+        d.rope_len, d.rope_half = cos.shape[0], int(dims.rope_half)
+        arr = _ffi.new("nx_block[]", len(blocks))
+        nq, nkvd = nh * hd, nkv * hd
+        for i, b in enumerate(blocks):
+            c = arr[i]
+            c.attn_norm = self._vec(f"block {i} attn_norm", b.attn_norm, H, keep)
+            self._lin(f"block {i} qkv", c.qkv, b.qkv, nq + 2 * nkvd, H, b.qkv_bias, keep)
+            if b.qk_norm is not None:
+                keep.append(_f32(f"block {i} qk_norm", b.qk_norm, (nh + nkv, hd)))
+                c.qk_norm = self._ptr(b.qk_norm)
+            self._lin(f"block {i} wo", c.wo, b.wo, H, nq, None, keep)
+            c.post_norm = self._vec(f"block {i} post_norm", b.post_norm, H, keep)
+            if b.ffn_gate_up is not None:
+                f2 = sum(p.shape[1] for p in b.ffn_gate_up)
+                if f2 % 2:
+                    raise ValueError(f"block {i} ffn_gate_up: {f2} rows, expected gate and up of equal size")
+                self._lin(f"block {i} ffn_gate_up", c.ffn_gate_up, b.ffn_gate_up, f2, H, None, keep)
+                self._lin(f"block {i} ffn_down", c.ffn_down, b.ffn_down, H, f2 // 2, None, keep)
+            if b.router_w is None:
+                if b.ffn_gate_up is None:
+                    raise ValueError(f"block {i}: a dense block needs its FFN")
+                continue
+            E = b.router_w.shape[0] if isinstance(b.router_w, np.ndarray) else 0
+            keep.append(_f32(f"block {i} router", b.router_w, (E, H)))
+            c.router_w = self._ptr(b.router_w)
+            c.router_b = self._vec(f"block {i} router bias", b.router_b, E, keep)
+            if not 1 <= int(b.top_k) <= E:
+                raise ValueError(f"block {i}: top_k {b.top_k} outside 1..{E}")
+            c.n_expert, c.top_k, c.norm_topk, c.scale = E, int(b.top_k), int(bool(b.norm_topk)), float(b.scale)
+            gate, up, down = b.experts
+            for nm, t in (("gate", gate), ("up", up), ("down", down)):
+                if not isinstance(t, ExpertTensor):
+                    raise ValueError(f"block {i} experts {nm}: expected an ExpertTensor")
+            I = gate.shape[1]
+            if gate.shape != (E, I, H) or up.shape != gate.shape or down.shape != (E, H, I):
+                raise ValueError(f"block {i} experts: shapes {gate.shape} {up.shape} {down.shape} "
+                                 f"do not make {E} experts of [{I}, {H}]")
+            keep += [gate, up, down]
+            c.exp_gate, c.exp_up, c.exp_down = gate._c[0], up._c[0], down._c[0]
+        self.dims, self._d, self._blocks, self._keep = dims, d, arr, keep
+        self.n_blocks = len(blocks)
+        self._stats = _ffi.new("double[2]")
+        self._fn = _lib.nx_blocks_forward
+
+    @staticmethod
+    def _ptr(a: np.ndarray):
+        return _ffi.cast("float *", a.ctypes.data)
+
+    def _vec(self, name, a, n, keep):
+        keep.append(_f32(name, a, (n,)))
+        return self._ptr(a)
+
+    def _lin(self, name, c, parts, rows, cols, bias, keep):
+        if not parts or len(parts) > MAX_PARTS:
+            raise ValueError(f"{name}: 1..{MAX_PARTS} parts expected, got {len(parts or [])}")
+        total = 0
+        for j, p in enumerate(parts):
+            if not isinstance(p, ExpertTensor) or p.shape[0] != 1 or p.shape[2] != cols:
+                raise ValueError(f"{name} part {j}: expected an ExpertTensor (1, N, {cols}), got {p!r}")
+            c.parts[j] = p._c[0]
+            keep.append(p)
+            total += p.shape[1]
+        if total != rows:
+            raise ValueError(f"{name}: parts have {total} rows, expected {rows}")
+        c.n_parts = len(parts)
+        if bias is not None:
+            c.bias = self._vec(f"{name} bias", bias, rows, keep)
+
+    def cache(self, k: list, v: list) -> KVView:
+        if len(k) != self.n_blocks:
+            raise ValueError(f"a KV cache of {len(k)} layers for {self.n_blocks} blocks")
+        return KVView(k, v, self.dims.n_kv, self.dims.head_dim)
+
+    def forward(self, x, kv: KVView, pos0: int, start: int, final_norm: np.ndarray | None = None,
+                threads: int | None = None) -> tuple[float, int]:
+        """Rows x [T, H] (float32, C-contiguous; a numpy array or CPU torch tensor) at positions
+        pos0.. and cache slots start..: runs every block in place (then rms_norm with
+        `final_norm` if given). Returns (seconds in the routed experts, distinct experts read
+        summed over the blocks)."""
+        if type(x) is not np.ndarray:
+            x = x.numpy()
+        T = x.shape[0] if x.ndim == 2 else 0
+        if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != self.dims.H or not x.flags.c_contiguous \
+                or not x.flags.writeable:
+            raise ValueError(f"x must be a writable C-contiguous float32 [T, {self.dims.H}] array, "
+                             f"got {x.dtype} {x.shape}")
+        if not 1 <= T or start < 0 or start + T > kv.length or pos0 < 0 or pos0 + T > self._d.rope_len:
+            raise ValueError(f"rows {T} at slots {start}.. and positions {pos0}.. exceed the cache "
+                             f"({kv.length}) or the rotary table ({self._d.rope_len})")
+        if kv.n_layers != self.n_blocks:
+            raise ValueError(f"a KV cache of {kv.n_layers} layers for {self.n_blocks} blocks")
+        fn = _ffi.NULL if final_norm is None else self._ptr(_f32("final_norm", final_norm, (self.dims.H,)))
+        st = self._stats
+        st[0] = st[1] = 0.0
+        rc = self._fn(_state["path"], self._d, self._blocks, self.n_blocks, kv.k, kv.v, kv.length,
+                      _ffi.cast("float *", x.ctypes.data), T, pos0, start, fn, st, _call_threads(threads))
+        if rc == -4:
+            raise ValueError("cpu_kernels.blocks_forward: a block descriptor is inconsistent")
+        _check_rc(rc, "blocks_forward")
+        return st[0], int(st[1])
