@@ -4,8 +4,8 @@
  * block at a few microseconds each, against ~10 us of arithmetic for a demo-sized block.  So when
  * every unit of the model runs on the CPU, the loader describes each block once in these structs
  * (pointers into the weights the model already holds, never a copy) and a decode-sized forward
- * (1..17 rows) is one C call for all the blocks.  build.py's cdef repeats these structs: keep the
- * two the same.
+ * (1..17 rows) is one C call for all the blocks.  build.py reads these structs for cffi's cdef
+ * (plain typedefs only: no other macro than NX_MAX_PARTS in them).
  */
 #ifndef NX_BLOCK_H
 #define NX_BLOCK_H

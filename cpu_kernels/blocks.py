@@ -2,7 +2,7 @@
 
     stack = BlockStack(dims, [BlockWeights(...), ...])
     kv = stack.cache(k_tensors, v_tensors)          # once per KV cache
-    stack.forward(x, kv, pos0, start, final_norm)   # x [T, H] float32, updated in place
+    stack.forward(x, kv, pos0, start)               # x [T, H] float32, updated in place
 
 The descriptors hold pointers into arrays the caller keeps (the model's own weights and caches):
 nothing is copied. Everything is validated here, once, when a stack or a cache view is made; a
@@ -75,7 +75,9 @@ class KVView:
 
 
 class BlockStack:
-    def __init__(self, dims: Dims, blocks: list[BlockWeights]):
+    """`final_norm` (float32 [H], optional): an rms_norm weight applied after the last block."""
+
+    def __init__(self, dims: Dims, blocks: list[BlockWeights], final_norm: np.ndarray | None = None):
         if not blocks:
             raise ValueError("a block stack needs at least one block")
         H, nh, nkv, hd = dims.H, dims.n_heads, dims.n_kv, dims.head_dim
@@ -128,6 +130,7 @@ class BlockStack:
                                  f"do not make {E} experts of [{I}, {H}]")
             keep += [gate, up, down]
             c.exp_gate, c.exp_up, c.exp_down = gate._c[0], up._c[0], down._c[0]
+        self._final = _ffi.NULL if final_norm is None else self._vec("final_norm", final_norm, H, keep)
         self.dims, self._d, self._blocks, self._keep = dims, d, arr, keep
         self.n_blocks = len(blocks)
         self._stats = _ffi.new("double[2]")
@@ -162,11 +165,10 @@ class BlockStack:
             raise ValueError(f"a KV cache of {len(k)} layers for {self.n_blocks} blocks")
         return KVView(k, v, self.dims.n_kv, self.dims.head_dim)
 
-    def forward(self, x, kv: KVView, pos0: int, start: int, final_norm: np.ndarray | None = None,
-                threads: int | None = None) -> tuple[float, int]:
+    def forward(self, x, kv: KVView, pos0: int, start: int, threads: int | None = None) -> tuple[float, int]:
         """Rows x [T, H] (float32, C-contiguous; a numpy array or CPU torch tensor) at positions
-        pos0.. and cache slots start..: runs every block in place (then rms_norm with
-        `final_norm` if given). Returns (seconds in the routed experts, distinct experts read
+        pos0.. and cache slots start..: runs every block in place (then the stack's final norm,
+        if it has one). Returns (seconds in the routed experts, distinct experts read
         summed over the blocks)."""
         if type(x) is not np.ndarray:
             x = x.numpy()
@@ -180,11 +182,10 @@ class BlockStack:
                              f"({kv.length}) or the rotary table ({self._d.rope_len})")
         if kv.n_layers != self.n_blocks:
             raise ValueError(f"a KV cache of {kv.n_layers} layers for {self.n_blocks} blocks")
-        fn = _ffi.NULL if final_norm is None else self._ptr(_f32("final_norm", final_norm, (self.dims.H,)))
         st = self._stats
         st[0] = st[1] = 0.0
         rc = self._fn(_state["path"], self._d, self._blocks, self.n_blocks, kv.k, kv.v, kv.length,
-                      _ffi.cast("float *", x.ctypes.data), T, pos0, start, fn, st, _call_threads(threads))
+                      _ffi.cast("float *", x.ctypes.data), T, pos0, start, self._final, st, _call_threads(threads))
         if rc == -4:
             raise ValueError("cpu_kernels.blocks_forward: a block descriptor is inconsistent")
         _check_rc(rc, "blocks_forward")

@@ -9,6 +9,7 @@ same template under ``#pragma GCC target`` in their own source files and picked 
 """
 import os
 import platform
+import re
 import sys
 
 from cffi import FFI
@@ -16,40 +17,25 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # cffi's cdef: the tensor struct (defined in moe_kernels.h among block structs and static asserts
-# that cffi cannot parse; keep the two the same) plus the exported functions, read from dispatch.h so they are declared once.
+# that cffi cannot parse; keep the two the same), the block structs (read from block.h) and the
+# exported functions (read from dispatch.h), so those are declared once.
 _STRUCT = """
 typedef struct {
     const uint8_t *data;
     int32_t type;
     int64_t n_expert, rows, cols, row_bytes;
 } nx_tensor;
-typedef struct {
-    int32_t n_parts;
-    nx_tensor parts[4];
-    const float *bias;
-} nx_lin;
-typedef struct {
-    const float *attn_norm;
-    nx_lin qkv;
-    const float *qk_norm;
-    nx_lin wo;
-    const float *post_norm;
-    nx_lin ffn_gate_up;
-    nx_lin ffn_down;
-    const float *router_w;
-    const float *router_b;
-    int32_t n_expert, top_k, norm_topk;
-    float scale;
-    nx_tensor exp_gate, exp_up, exp_down;
-} nx_block;
-typedef struct {
-    int32_t H, n_heads, n_kv, head_dim;
-    float eps, attn_scale;
-    const float *rope_cos, *rope_sin;
-    int64_t rope_len;
-    int32_t rope_half;
-} nx_dims;
 """
+
+
+def _block_structs() -> str:
+    """block.h's typedefs, comments dropped and NX_MAX_PARTS spelled out (cffi takes no macros)."""
+    with open(os.path.join(HERE, "block.h")) as f:
+        text = f.read()
+    parts = re.search(r"#define NX_MAX_PARTS (\d+)", text).group(1)
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    body = text[text.index("typedef struct"):text.index("#define NX_DECL_BLOCKS")]
+    return body.replace("NX_MAX_PARTS", parts)
 
 
 def _exported_declarations() -> str:
@@ -57,7 +43,7 @@ def _exported_declarations() -> str:
         return "".join(line for line in f if line.strip() and not line.lstrip().startswith(("#", "/*", "*")))
 
 
-CDEF = _STRUCT + _exported_declarations()
+CDEF = _STRUCT + _block_structs() + _exported_declarations()
 
 SOURCES = ["dispatch.c", "moe_ref.c", "moe_avx2.c", "moe_avx512.c"]
 COMPILE_ARGS = ["-O3", "-fopenmp", "-std=gnu11", "-fno-strict-aliasing"]

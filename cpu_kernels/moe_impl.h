@@ -480,35 +480,11 @@ static inline float FN(dot_f)(const float *w, const float *x, int64_t n) {
 }
 
 #if NX_PATH >= 1
-/* an F16 row against a float row straight from the halves: the same conversions (vcvtph2ps is
- * exact, as H2F) and the same accumulation order as prep_row + dot_f, so the same bits, without
- * the row's trip through scratch memory (the dense F16 weights of small models at decode) */
-static inline float FN(dot_f16)(const uint8_t *w, const float *x, int64_t n) {
-    int64_t i = 0;
-#define NX_H8(k) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * (i + (k)))))
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(NX_H8(0), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(NX_H8(8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(NX_H8(16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(NX_H8(24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-#undef NX_H8
-    float s = FN(hsum256)(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    /* dot_f's tail: elements past the last 32 (prep_row decoded them the same way) */
-    for (; i + 8 <= n; i += 8) {
-        float f[8];
-        _mm256_storeu_ps(f, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i))));
-        for (int j = 0; j < 8; j++) s += f[j] * x[i + j];
-    }
-    for (; i < n; i++) s += H2F(FN(rd16)(w + 2 * i)) * x[i];
-    return s;
-}
-
-/* res[t] = dot_f16(w, x[t], n) for t < nt (1..4), each token's sum in exactly dot_f16's order
- * (so the same bits as one token at a time), with the row's halves converted once per pass:
- * the tokens' independent accumulator chains overlap, so a verify batch's few rows cost far less
- * than one call each (small weights are latency-bound, not bandwidth-bound) */
+/* res[t] = an F16 row against the float row x[t], for t < nt (1..4), straight from the halves: the
+ * same conversions (vcvtph2ps is exact, as H2F) and each token's sum in the order of prep_row +
+ * dot_f, so the same bits, without the row's trip through scratch memory; the halves are
+ * converted once per pass and the tokens' independent accumulator chains overlap (the dense F16
+ * weights of small models at decode are latency-bound, not bandwidth-bound) */
 static inline __attribute__((always_inline)) void FN(dot_f16_nt)(const uint8_t *w, const float *const *x, int64_t n,
                                                                  float *res, const int nt) {
     int64_t i = 0;
@@ -1446,7 +1422,7 @@ static inline void FN(row_dots)(int type, int fam, int sgn, const uint8_t *row, 
             const float *xp[4];
             for (int t = 0; t < nt; t++) xp[t] = (const float *)(abase + (size_t)(aidx ? aidx[j + t] : j + t) * astride);
             switch (nt) {
-            case 1: res[j] = FN(dot_f16)(row, xp[0], n); break;
+            case 1: FN(dot_f16_nt)(row, xp, n, res + j, 1); break;
             case 2: FN(dot_f16_nt)(row, xp, n, res + j, 2); break;
             case 3: FN(dot_f16_nt)(row, xp, n, res + j, 3); break;
             default: FN(dot_f16_nt)(row, xp, n, res + j, 4); break;

@@ -102,13 +102,11 @@ class FusedLayers:
         cos, sin = _f32(rope.cos, "rope table"), _f32(rope.sin, "rope table")
         dims = Dims(cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, cos, sin, rope.dim // 2)
         self.model = model
-        self.main = BlockStack(dims, [_weights(b, cfg) for b in model.blocks])
-        self.output_norm = _f32(model.output_norm, "output_norm")
-        self.mtp = None
+        self.main = BlockStack(dims, [_weights(b, cfg) for b in model.blocks],
+                               final_norm=_f32(model.output_norm, "output_norm"))
         n = model.nextn
-        if n is not None:
-            self.mtp = BlockStack(dims, [_weights(n.block, cfg)])
-            self.shared_head_norm = _f32(n.shared_head_norm, "shared_head_norm")
+        self.mtp = None if n is None else BlockStack(dims, [_weights(n.block, cfg)],
+                                                     final_norm=_f32(n.shared_head_norm, "shared_head_norm"))
         self.main_bytes_per_row = self._bytes_per_row(mtp=False)
         self.mtp_bytes_per_row = self._bytes_per_row(mtp=True) if self.mtp is not None else 0
 
@@ -136,7 +134,6 @@ class FusedLayers:
                 if mtp:
                     cache = m.new_mtp_cache(1, torch.float32)
                     h = torch.zeros(1, m.cfg.hidden)
-                    e0 = ctx.activation_bytes
                     z = m._mtp_pre(h, torch.zeros(1, dtype=torch.long), None)
                     e1 = ctx.activation_bytes
                     m._block(m.nextn.block, z, m.nextn.side, 0, cache, 0, m._positions(1, 0, 1))
@@ -170,8 +167,7 @@ class FusedLayers:
         if not x.is_contiguous():
             x = x.contiguous()
         t0 = perf_counter()
-        exp_s, distinct = stack.forward(x, self._view(stack, cache), pos0, start,
-                                        self.shared_head_norm if mtp else self.output_norm)
+        exp_s, distinct = stack.forward(x, self._view(stack, cache), pos0, start)
         t1 = perf_counter()
         ctx.cpu_expert_s += exp_s
         ctx.cpu_experts_read += distinct
