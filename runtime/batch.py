@@ -89,6 +89,7 @@ class Batch:
         self._ids: dict[int, int] = {}  # id(run) -> sid
         self._next = 0
         self.stats = BatchStats()
+        self.preemptions = 0
         # called with (run, exception) when a run's step raises (the run is dropped, the others go
         # on); None: the exception propagates (generate, generate_batch)
         self.on_error = None
@@ -142,7 +143,9 @@ class Batch:
                 self._begin(sid, out)
             for sid in list(self.sched.running):
                 st = self.states.get(sid)
-                if st is not None and st.gen is None and self._reserve(sid):
+                if st is None or sid not in self.sched.running:  # finished, or preempted just now
+                    continue
+                if st.gen is None and self._reserve(sid):
                     st.gen = st.run.step_ops()
                     self._advance(sid, None, out)
             by_kind: dict[str, list[int]] = {}
@@ -267,6 +270,7 @@ class Batch:
             if victim is not None:
                 self.states[victim].run.preempt()
                 self.sched.preempt(victim)
+                self.preemptions += 1
             free = self._free()
             if need[0] <= free[0] and need[1] <= free[1]:
                 run.seq.reserve(n)

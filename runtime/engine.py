@@ -367,6 +367,7 @@ class _Run:
         self.reuse = None
         seq.oracle = self.oracle
         self._prefill = seq.prefill_ops(self.prompt_ids) if self.max_tokens > 0 else None
+        self._prefill_len = len(self.prompt_ids)  # tokens the prefill runs
         self.cached_tokens = seq.cache.length  # prompt tokens whose KV was kept from `reuse`
         self._pending = None
         self._resuming = False
@@ -390,7 +391,7 @@ class _Run:
         before the step starts."""
         seq = self.seq
         if self._prefill is not None:
-            return min(len(self.prompt_ids), seq.cache.length + seq.chunk)
+            return min(self._prefill_len, seq.cache.length + seq.chunk)
         return len(seq.tokens) + 2 * (self.draft_max if self._policy is not None else 0) + 2
 
     def step_ops(self):
@@ -481,6 +482,7 @@ class _Run:
             self._prefill = seq.prefill_ops(self.prompt_ids)
             return
         self._prefill = seq.prefill_ops(held)
+        self._prefill_len = len(held)
         self._resuming = True
 
     def _take(self, upto: int) -> str:
