@@ -178,6 +178,7 @@ class Batch:
             return
         if not st.begun:
             st.begun = True
+            st.run.batch_size = len(self.sched.running)
             st.run.begin()
         if st.run.done:  # max_tokens 0: nothing to run
             self._finish(sid, out, "")

@@ -90,7 +90,8 @@ class SpecStats:
 class Sequence:
     def __init__(self, model: GLM4Model, context: int, kv_dtype: torch.dtype, use_mtp: bool,
                  params: SamplingParams, prefill_chunk: int = 512, draft_ahead: bool = False,
-                 reuse: "Sequence | None" = None, pools: tuple[KVPool, KVPool | None] | None = None):
+                 reuse: "Sequence | None" = None, pools: tuple[KVPool, KVPool | None] | None = None,
+                 prefix=None):
         """`pools`: the engine's KV pools (main, MTP) the caches take pages from (None: caches
         with pools of their own). `reuse`: a finished sequence (same model and context) whose
         caches this one takes over; `prefill` then keeps the KV of the longest prefix that the new
@@ -101,6 +102,7 @@ class Sequence:
         self.tokens: list[int] = []  # every token of the sequence (prompt + emitted)
         self.owed_h: torch.Tensor | None = None  # hidden states of MTP rows not yet in the MTP cache
         self._reused = None
+        self.prefix = prefix  # the engine's PrefixCache (shared prompt prefixes), or None
         if pools is not None:
             from .kvpool import SeqKV
 
@@ -156,8 +158,11 @@ class Sequence:
     def context(self) -> int:
         return self.cache.max_len
 
-    def release(self) -> None:
-        """Give the caches' pages back to the pools (the sequence is done and not kept)."""
+    def release(self, cache_prefix: bool = False) -> None:
+        """Give the caches' pages back to the pools (the sequence is done and not kept); with
+        `cache_prefix`, the prefix cache keeps its full pages for later prompts first."""
+        if cache_prefix and self.prefix is not None:
+            self.prefix.insert(self.tokens, self.cache, self.mtp_cache)
         self.cache.release()
         if self.mtp_cache is not None:
             self.mtp_cache.release()
@@ -184,7 +189,7 @@ class Sequence:
         (h_p, x_{p+1}), valid while x_{p+1} is in the prefix; the old sequence's owed rows (hidden
         states of its last positions, not yet in its MTP cache) are kept as far as the prefix."""
         if self._reused is None:
-            return 0
+            return self._shared_prefix(ids)
         old, owed, m, keep_mtp = self._reused
         self._reused = None
         n = 0
@@ -212,6 +217,22 @@ class Sequence:
             self.owed_h = None
             return 0
         self.cache.length = n
+        self.tokens = list(ids[:n])
+        return n
+
+    def _shared_prefix(self, ids: list[int]) -> int:
+        """Without a reused sequence: share the pages of the longest prefix of `ids` that the
+        engine's prefix cache holds (runtime/kvpool.py PrefixCache), in both caches. MTP slot n-1
+        then holds (h_{n-1}, x_n) with x_n = ids[n], so nothing is owed."""
+        pc = self.prefix
+        if pc is None or self.cache.pages or self.cache.pool is not pc.main:
+            return 0
+        n, main, mtp = pc.lookup(ids, need_mtp=self.use_mtp)
+        if n <= 0:
+            return 0
+        self.cache.adopt(main, n)
+        if self.use_mtp:
+            self.mtp_cache.adopt(mtp, n)
         self.tokens = list(ids[:n])
         return n
 

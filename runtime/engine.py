@@ -109,6 +109,11 @@ class Engine:
         # `kv_slots` positions in all (default: one context), never fewer than one context
         self.kv_slots = max(int(kv_slots or self.context), self.context)
         self.pools = self.model.new_pools(self.kv_slots, self.dtype)
+        # full pages of finished sequences, shared with later prompts that start with the same
+        # tokens (a system prompt, a previous turn); evicted when the pools run short
+        from .kvpool import PrefixCache
+
+        self.prefix_cache = PrefixCache(*self.pools)
         self._mtp_notice_given = False
         self.last_result: GenerationResult | None = None
         self.last_batch = None  # the last generate_batch's Batch (its stats: runtime/runner.py BatchStats)
@@ -162,10 +167,13 @@ class Engine:
             raise NextnError(f"prompt of {len(ids)} tokens is longer than the context ({self.context})")
         return torch.tensor(ids, dtype=torch.long)
 
-    def draft_policy(self, draft_max: int, adaptive: bool) -> DraftPolicy:
-        """The engine keeps one policy per setting, so what it learned about this machine's costs
-        and this model's acceptance carries over between generations."""
-        key = (draft_max, adaptive)
+    def draft_policy(self, draft_max: int, adaptive: bool, batch: int = 1) -> DraftPolicy:
+        """The engine keeps one policy per setting and batch size (1, 2, 3-4, 5-8, ...), so what it
+        learned about this machine's costs and this model's acceptance carries over between
+        generations, and a sequence decoded in a batch is priced at what a step costs in a batch
+        of that size (there one more row costs less than alone: the weights are read once)."""
+        bucket = 1 << max(0, int(batch) - 1).bit_length()
+        key = (draft_max, adaptive) if bucket == 1 else (draft_max, adaptive, bucket)
         if key not in self._policies:
             moe_cpu = sum(1 for b in self.model.blocks
                           if getattr(b.ffn, "routed", None) is not None and b.ffn.routed.side == "cpu")
@@ -173,11 +181,12 @@ class Engine:
         return self._policies[key]
 
     def new_sequence(self, params: SamplingParams, use_mtp: bool, draft_ahead: bool = False,
-                     reuse: Sequence | None = None) -> Sequence:
+                     reuse: Sequence | None = None, prefix: bool = False) -> Sequence:
         """A sequence ready for prefill; with `reuse`, it takes over that finished sequence's
         caches (prompt caching: Sequence.__init__)."""
         return Sequence(self.model, self.context, self.dtype, use_mtp, params, self.prefill_chunk,
-                        draft_ahead=draft_ahead, reuse=reuse, pools=self.pools)
+                        draft_ahead=draft_ahead, reuse=reuse, pools=self.pools,
+                        prefix=self.prefix_cache if prefix else None)
 
     def resolve_draft_ahead(self, want: bool | None) -> bool:
         """Draft-ahead could pay only where the GPU idles while CPU experts run; on a CPU-only
@@ -282,7 +291,8 @@ class _Run:
     def __init__(self, engine: Engine, prompt, *, max_tokens=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, seed=None, mtp=None, draft_max=None, p_min=None,
                  adaptive=None, draft_ahead=None, stop=None, chat: bool = False, trace=None, oracle=None,
-                 repeat_penalty=None, repeat_last_n=None, reuse: Sequence | None = None):
+                 repeat_penalty=None, repeat_last_n=None, reuse: Sequence | None = None,
+                 cache_prompt: bool = False):
         d, sp = engine.sampling, engine.speculative
         pick = lambda v, dv: dv if v is None else v  # noqa: E731
         self.engine = engine
@@ -311,6 +321,12 @@ class _Run:
         # common prefix (prompt caching): see Sequence.__init__
         self.reuse = reuse
         self.keep_seq = False  # set by a caller that keeps the finished sequence as a prompt cache
+        # share KV pages of cached prefixes (the engine's PrefixCache) and leave this run's there.
+        # Off by default: a prefix computed in another chunking (a long prompt's prefill chunk
+        # runs batched matmuls) may differ from this prompt's own in the last bits, and a caller
+        # comparing two runs of one prompt expects the same tokens
+        self.cache_prompt = bool(cache_prompt)
+        self.batch_size = 1  # sequences decoded beside this one when it starts (its draft policy's)
         if isinstance(prompt, str):
             text = prompt
             if chat:
@@ -353,7 +369,7 @@ class _Run:
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.text, self._sent, self.out = "", 0, []
         self.finish = "length"
-        policy = e.draft_policy(self.draft_max, self.adaptive) if self.use_mtp else None
+        policy = e.draft_policy(self.draft_max, self.adaptive, self.batch_size) if self.use_mtp else None
         use_mtp = self.use_mtp and (policy is None or policy.start_sequence())
         self._policy = policy if use_mtp else None
         self._decider = policy  # kept for the stats' `draft_policy` line after `_policy` is dropped
@@ -363,7 +379,8 @@ class _Run:
         self.ctx = e.model.bus.begin_run(self._tl)
         self._closed = False
         with torch.inference_mode():
-            seq = self.seq = e.new_sequence(self.params, use_mtp, self.draft_ahead, reuse=self.reuse)
+            seq = self.seq = e.new_sequence(self.params, use_mtp, self.draft_ahead, reuse=self.reuse,
+                                            prefix=self.cache_prompt)
         self.reuse = None
         seq.oracle = self.oracle
         self._prefill = seq.prefill_ops(self.prompt_ids) if self.max_tokens > 0 else None
@@ -518,7 +535,7 @@ class _Run:
             return
         self._closed = True
         if self.seq is not None and not self.keep_seq:
-            self.seq.release()
+            self.seq.release(cache_prefix=self.cache_prompt and self.finish != "error")
         self.engine.model.bus.end_run()
         if self.trace is not None:
             self._tl.write_chrome_trace(self.trace)

@@ -55,9 +55,13 @@ class KVPool:
         # consecutive pages and its K/V reads are views, not gathers
         self._free = list(range(self.n_pages - 1, -1, -1))
 
+        # the prefix cache's pages: given back when the pool runs short (`PrefixCache.evict`)
+        self.evictor = None
+
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages free now, plus those only the prefix cache holds (freed on demand)."""
+        return len(self._free) + (self.evictor.evictable(self) if self.evictor is not None else 0)
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +71,8 @@ class KVPool:
         return -(-n_slots // self.page_size)
 
     def alloc(self, n: int) -> list[int]:
+        if n > len(self._free) and self.evictor is not None:
+            self.evictor.evict(self, n - len(self._free))
         if n > len(self._free):
             raise PoolFull(f"KV pool: {n} pages asked, {len(self._free)} of {self.n_pages} free")
         out = [self._free.pop() for _ in range(n)]
@@ -129,6 +135,19 @@ class SeqKV:
             lo, hi = i * P, min((i + 1) * P, self.max_len)
             self.slot_map[lo:hi] = np.arange(p * P, p * P + hi - lo, dtype=np.int32)
         self.pages.extend(new)
+        self._index.clear()
+
+    def adopt(self, pages: list[int], n: int) -> None:
+        """Take shared pages holding slots 0..n-1 (a cached prefix) as this empty cache's first."""
+        if self.pages or n > len(pages) * self.pool.page_size or n > self.max_len:
+            raise ValueError("adopt: the cache must be empty and the pages must hold the slots")
+        self.pool.share(pages)
+        P = self.pool.page_size
+        for i, p in enumerate(pages):
+            lo, hi = i * P, min((i + 1) * P, self.max_len)
+            self.slot_map[lo:hi] = np.arange(p * P, p * P + hi - lo, dtype=np.int32)
+        self.pages = list(pages)
+        self.length = n
         self._index.clear()
 
     def pages_needed(self, n: int) -> int:
@@ -217,6 +236,106 @@ class SeqKV:
             return ck[base:base + end], cv[base:base + end]
         idx = self._slots(ck.device, 0, end)
         return ck.index_select(0, idx), cv.index_select(0, idx)
+
+
+class PrefixCache:
+    """Full pages of finished sequences, by the tokens they hold, for new sequences to share.
+
+    Page i of a sequence holds the KV of tokens [P*i, P*(i+1)); its entry is keyed by those
+    tokens and its parent's key (a chain, as vLLM's prefix caching), so a lookup walks a new
+    prompt page by page. The MTP layer's page i holds rows (h_p, x_{p+1}) for p in that range, so
+    it also depends on token P*(i+1): an entry keeps an MTP page per next token. The cache holds
+    one reference on each page it keeps; a pool that runs short evicts the least recently used
+    entries whose pages nobody else holds (`KVPool.alloc`).
+
+    Sharing keeps bits where the donor's KV has the bits the new sequence would compute: rows
+    computed on the fused CPU path (decode steps, and prefill chunks of up to ROWWISE_MAX rows)
+    do; a longer prefill chunk's batched matmuls do not promise it."""
+
+    def __init__(self, main: KVPool, mtp: KVPool | None):
+        self.main, self.mtp = main, mtp
+        self.entries: dict = {}  # key -> [main page, {next token: mtp page}], insertion = LRU order
+        for pool in (main, mtp):
+            if pool is not None:
+                pool.evictor = self
+
+    @staticmethod
+    def _key(parent, block: tuple):
+        return (hash(parent), block) if parent is not None else ((), block)
+
+    def insert(self, tokens: list[int], cache: SeqKV, mtp_cache: SeqKV | None) -> None:
+        """Keep the full pages of a finished sequence's caches (before they are released)."""
+        P = cache.pool.page_size
+        if cache.pool is not self.main:
+            return
+        key = None
+        n_main = min(cache.length, len(tokens)) // P
+        n_mtp = 0 if mtp_cache is None else min(mtp_cache.length, len(tokens) - 1) // P
+        for i in range(n_main):
+            key = self._key(key, tuple(tokens[P * i:P * (i + 1)]))
+            e = self.entries.pop(key, None)
+            if e is None:
+                e = [cache.pages[i], {}]
+                self.main.share([e[0]])
+            self.entries[key] = e  # most recently used last
+            if i < n_mtp and self.mtp is not None:
+                nxt = tokens[P * (i + 1)]
+                if nxt not in e[1]:
+                    e[1][nxt] = mtp_cache.pages[i]
+                    self.mtp.share([e[1][nxt]])
+
+    def lookup(self, ids: list[int], need_mtp: bool) -> tuple[int, list[int], list[int]]:
+        """(n, main pages, MTP pages): the longest cached prefix of `ids` of whole pages, less at
+        least one token (the prompt's last token must run); with `need_mtp`, as far as the MTP
+        pages go too."""
+        P = self.main.page_size
+        key, main, mtp = None, [], []
+        for i in range((len(ids) - 1) // P):
+            key = self._key(key, tuple(ids[P * i:P * (i + 1)]))
+            e = self.entries.get(key)
+            if e is None:
+                break
+            if need_mtp:
+                page = e[1].get(ids[P * (i + 1)])
+                if page is None:
+                    break
+                mtp.append(page)
+            main.append(e[0])
+            self.entries[key] = self.entries.pop(key)  # used: to the end of the LRU order
+        return len(main) * P, main, mtp
+
+    def evictable(self, pool: KVPool) -> int:
+        if pool is self.main:
+            return sum(1 for e in self.entries.values() if pool.refs[e[0]] == 1)
+        return sum(1 for e in self.entries.values() for p in e[1].values() if pool.refs[p] == 1)
+
+    def evict(self, pool: KVPool, n: int) -> None:
+        """Drop least recently used entries until `pool` has gained n free pages (or nothing is
+        left that only the cache holds)."""
+        freed = 0
+        for key in list(self.entries):
+            if freed >= n:
+                break
+            e = self.entries[key]
+            pages = [e[0]] if pool is self.main else list(e[1].values())
+            if not pages or any(pool.refs[p] != 1 for p in pages):
+                continue
+            if pool is self.main:  # the entry goes, with its MTP pages
+                del self.entries[key]
+                self.main.release([e[0]])
+                if self.mtp is not None and e[1]:
+                    self.mtp.release(list(e[1].values()))
+            else:
+                e[1].clear()
+                self.mtp.release(pages)
+            freed += len(pages)
+
+    def clear(self) -> None:
+        for e in self.entries.values():
+            self.main.release([e[0]])
+            if self.mtp is not None and e[1]:
+                self.mtp.release(list(e[1].values()))
+        self.entries.clear()
 
 
 def private_cache(devices: list, max_len: int, n_kv: int, head_dim: int, dtype) -> SeqKV:

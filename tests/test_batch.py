@@ -257,3 +257,28 @@ def test_bad_slot_maps_are_refused_before_the_kernels_read_them(eng):
         stack.forward_rows(x, kv, np.array([0]), np.array([9]), [bad])
     with pytest.raises(ValueError, match="out of range"):
         stack.forward_rows(x, kv, np.array([10**9]), np.array([0]), [np.zeros(1, np.int32)])
+
+
+def test_a_shared_prompt_prefix_is_reused_and_gives_the_lone_output(eng):
+    e = runtime.Engine(eng.file, progress=False)
+    e.prefill_chunk = 8  # every prefill chunk on the fused path: a prefix's KV has the same bits
+    system = "# utilities for parsing configuration files and command lines\nimport os\nimport sys\n"
+    prompts = [system + p for p in ("def main():", "class Config:", "def parse(argv):")]
+    kw = dict(max_tokens=12, mtp=True, draft_max=2, adaptive=False, **GREEDY)
+    want = [e.generate(p, **kw).tokens for p in prompts]
+    assert not e.prefix_cache.entries  # off unless asked for
+    first = e.generate_batch(prompts[:1], cache_prompt=True, **kw)[0]
+    assert first.stats["cached_tokens"] == 0 and first.tokens == want[0]
+    assert e.prefix_cache.entries  # its full pages stay for later prompts
+    got = e.generate_batch(prompts, cache_prompt=True, **kw)
+    n_sys = len(e.tokenize(system))
+    for r, w in zip(got, want):
+        assert r.tokens == w
+        assert r.stats["cached_tokens"] >= (n_sys // 16) * 16 > 0
+    # the pool runs short: cached pages are evicted, not an error
+    main, mtp = e.pools
+    hold = [e.new_sequence(runtime.sampling.SamplingParams(), use_mtp=False) for _ in range(1)]
+    hold[0].cache.reserve(main.n_slots)
+    assert not e.prefix_cache.entries
+    hold[0].release()
+    assert main.free_pages == main.n_pages and mtp.free_pages == mtp.n_pages

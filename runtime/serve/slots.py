@@ -166,6 +166,7 @@ class Scheduler:
             run.keep_seq = True  # and kept by the slot when the run ends: its prompt cache
             slot.seq, slot.job, job.slot = None, job, slot.id
             try:
+                run.batch_size = self.busy
                 run.begin()
             except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
                 self._fail(slot, e)
