@@ -23,8 +23,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from time import perf_counter
 
 import torch
+
+from .errors import NextnError
 
 from .model import RunContext
 from .runner import KINDS, BatchStats, execute
@@ -90,11 +93,24 @@ class Batch:
         self._next = 0
         self.stats = BatchStats()
         self.preemptions = 0
+        self.t_decode = None  # when every sequence had finished its prefill (benchmarks)
+        self.drafts = _BatchDrafts()
+        self.cpu_s = 0.0  # routed-expert seconds of every call (main and MTP), for the draft costs
+        self.experts = 0  # distinct experts of the main forwards
         # called with (run, exception) when a run's step raises (the run is dropped, the others go
         # on); None: the exception propagates (generate, generate_batch)
         self.on_error = None
 
     # ---- the callers' side ---------------------------------------------------------------------
+
+    def submit(self, prompt, **kw):
+        """A new generation (the keywords of `Engine.generate`) in this batch; returns its run:
+        `round()` reports its text as it comes, `run.done` and `run.result` tell when it ended."""
+        from .engine import _Run
+
+        run = _Run(self.engine, prompt, **kw)
+        self.add(run)
+        return run
 
     def add(self, run, begun: bool = False) -> int:
         """Queue a run (`begun`: its `begin()` was called already, as the server does to report
@@ -139,20 +155,31 @@ class Batch:
         (run, text) for every step that ended in this round."""
         out: list[tuple[object, str]] = []
         with torch.inference_mode():
-            for sid in self.sched.admit(self._fits):
-                self._begin(sid, out)
-            for sid in list(self.sched.running):
-                st = self.states.get(sid)
-                if st is None or sid not in self.sched.running:  # finished, or preempted just now
-                    continue
-                if st.gen is None and self._reserve(sid):
-                    st.gen = st.run.step_ops()
-                    self._advance(sid, None, out)
+            if all(self.states[sid].gen is None for sid in self.sched.running):
+                # a batch step ends here and the next one starts: every running sequence, and
+                # those admitted now, take one step together (the step's cost is then one figure,
+                # which the draft policy of a batch needs: _BatchDrafts)
+                self.drafts.end_step(self)
+                for sid in self.sched.admit(self._fits):
+                    self._begin(sid, out)
+                if not self.sched.running and self.sched.waiting:
+                    # nothing holds pages, yet the next run's first chunk does not fit: waiting
+                    # would never end (a pool smaller than one chunk, or pages not given back)
+                    free = self._free()
+                    raise NextnError(f"KV pool: {free[0]} main and {free[1]} MTP pages free with no "
+                                     "sequence running, too few for the next prompt's first chunk")
+                self.drafts.start_step(self)
+                for sid in list(self.sched.running):
+                    if sid in self.sched.running:  # not preempted just now for another's pages
+                        self._start(sid, out)
             by_kind: dict[str, list[int]] = {}
             for sid in self.sched.running:
                 st = self.states.get(sid)
                 if st is not None and st.op is not None:
                     by_kind.setdefault(st.op[0], []).append(sid)
+            if self.t_decode is None and not self.sched.waiting and all(
+                    st.begun and st.run._prefill is None for st in self.states.values()):
+                self.t_decode = perf_counter()  # every sequence has its first token: decoding only
             for kind in KINDS:
                 sids = by_kind.get(kind)
                 if sids:
@@ -170,6 +197,16 @@ class Batch:
                         self._advance(sid, r, out)
                     break
         return out
+
+    def _start(self, sid: int, out) -> None:
+        """Start the sequence's next step (after reserving its pages); a step that ends without
+        a model call (it emitted tokens decided before) is followed at once by the next one."""
+        for _ in range(4):
+            st = self.states.get(sid)
+            if st is None or st.gen is not None or not self._reserve(sid):
+                return
+            st.gen = st.run.step_ops()
+            self._advance(sid, None, out)
 
     def _begin(self, sid: int, out) -> None:
         st = self.states[sid]
@@ -229,7 +266,9 @@ class Batch:
             _activate(bus, c)
             e0, s0 = c.cpu_experts_read, c.cpu_expert_s
             res = execute(self.model, ops)
+            self.cpu_s += c.cpu_expert_s - s0
             if kind == "fwd":
+                self.experts += c.cpu_experts_read - e0
                 self.stats.add(1, _rows(ops[0]), c.cpu_experts_read - e0, c.cpu_expert_s - s0)
             return res
         bctx = RunContext(timeline=ctxs[0].timeline)
@@ -241,7 +280,9 @@ class Batch:
             c.activation_bytes += bctx.activation_bytes * r // total
             c.cpu_expert_s += bctx.cpu_expert_s
             c.cpu_experts_read += bctx.cpu_experts_read
+        self.cpu_s += bctx.cpu_expert_s
         if kind == "fwd":
+            self.experts += bctx.cpu_experts_read
             self.stats.add(len(ops), sum(rows), bctx.cpu_experts_read, bctx.cpu_expert_s)
         return res
 
@@ -277,6 +318,84 @@ class Batch:
                 run.seq.reserve(n)
                 return True
         return False
+
+
+class _BatchDrafts:
+    """The draft length of a batch step, for the adaptive sequences decoding in it.
+
+    Alone, a sequence's draft policy prices each length by what its steps cost. In a batch the
+    sequences' steps are one step: a sequence that decodes plainly waits for the others' drafts,
+    so its "plain" step costs what theirs cost, and a policy that watched its own steps would see
+    drafting as free. So once a batch has held two sequences, the batch asks the policy for the
+    number of sequences in the step (`Engine.draft_policy`: 1, 2, 3-4, 5-8, ...) for one length,
+    gives it to each adaptive sequence (capped by each one's own limit), and tells the policy what
+    the step cost per sequence and what each sequence accepted. A batch that only ever held one
+    sequence (`generate`) leaves the decision to the sequence, which prices its own steps."""
+
+    def __init__(self):
+        self.runs: list = []  # the runs this batch step decides for
+        self.policy = None
+        self.k = 0
+        self.multi = False  # the batch has held two sequences at once
+        self._t0 = self._cpu0 = 0.0
+        self._e0 = 0
+        self._pure = True  # no prefill in this batch step: its cost is a decode step's
+        self._n = 1  # sequences in this batch step
+
+    def start_step(self, batch: "Batch") -> None:
+        runs = [batch.states[s].run for s in batch.sched.running]
+        for r in runs:
+            r.batch_k, r.last_step = None, None
+        self.runs, self.policy = [], None
+        self.multi = self.multi or len(runs) >= 2
+        for r in runs:
+            r.batched = self.multi
+        ctl = [r for r in runs if r._prefill is None and r._policy is not None and r.adaptive
+               and not r.done and r._resume is None]
+        if not ctl or not self.multi:
+            return  # one sequence: it decides alone, as without a batch
+        dm = ctl[0].draft_max
+        ctl = [r for r in ctl if r.draft_max == dm]  # others (another draft_max) decide alone
+        policy = batch.engine.draft_policy(dm, True, len(runs))
+        if policy.off_for > 0:  # drafting lost at this batch size: plain until it measures again
+            for r in ctl:
+                r.stop_drafting()
+            return
+        # a step with a prefill in it costs what the prefill costs: it is not sampled (end_step),
+        # and it does not use up the policy's warm-up and probes either
+        self._pure = all(r._prefill is None for r in runs)
+        limit = min(r.draft_limit() for r in ctl)
+        self.k = policy.choose(limit) if self._pure else policy.peek(limit)
+        for r in ctl:
+            r.batch_k = self.k
+        self.runs, self.policy, self._n = ctl, policy, len(runs)
+        self._t0, self._cpu0, self._e0 = perf_counter(), batch.cpu_s, batch.experts
+
+    def end_step(self, batch: "Batch") -> None:
+        policy, runs = self.policy, self.runs
+        self.runs, self.policy = [], None
+        if policy is None:
+            return
+        from .scheduler import StepSample
+
+        # per sequence in the step: a step's cost grows with the sequences in it, and the policy
+        # compares lengths by tokens per sequence
+        n = self._n
+        wall, cpu = perf_counter() - self._t0, batch.cpu_s - self._cpu0
+        sample = StepSample(self.k, (wall - cpu) / n, cpu / n, (batch.experts - self._e0) / n)
+        done = [r for r in runs if r.last_step is not None]
+        if not self._pure or not done:
+            for r in done:  # acceptance still counts; the cost is not a decode step's
+                policy.count_accepted(*r.last_step[1:])
+            return
+        first, rest = done[0], done[1:]
+        policy.observe(self.k, first.last_step[1], first.last_step[2], sample)
+        for r in rest:
+            policy.count_accepted(*r.last_step[1:])
+        if self.k == 0 and policy.mtp_loses():
+            policy.give_up()
+            for r in runs:
+                r.stop_drafting()
 
 
 def _rows(op) -> int:

@@ -6,7 +6,9 @@
 For each batch size n, `Engine.generate_batch` decodes the first n of 8 code prompts (greedy),
 settings interleaved round by round (MTP off and, with --mtp, on). Reported per setting (medians
 over rounds): aggregate tokens/s (all sequences' generated tokens over the wall time of the whole
-batch, prefill included), its ratio to n=1 with the same MTP setting, tokens/s per sequence, and
+batch, prefill included) and decode tokens/s (tokens after the first over the time after every
+sequence had its first token), their ratios to n=1 with the same MTP setting, tokens/s per
+sequence, and
 per main-model forward: sequences, rows, distinct routed experts and the weight bytes read
 (non-expert weights once, plus each distinct expert once). Every sequence's output is checked
 equal to its output decoded alone (n=1 and MTP off), bit for bit.
@@ -103,12 +105,15 @@ def main(argv: list[str]) -> int:
             for mtp in mtps:
                 t0 = time.perf_counter()
                 res = eng.generate_batch(PROMPTS[:n], **base, **spec[mtp])
-                wall = time.perf_counter() - t0
+                t_end = time.perf_counter()
+                wall = t_end - t0
                 bs = eng.last_batch.stats
+                t_dec = eng.last_batch.t_decode or t0
                 mismatches += sum(r.tokens != alone[i] for i, r in enumerate(res))
                 gen = sum(len(r.tokens) for r in res)
                 rows.setdefault((n, mtp), []).append({
                     "agg": gen / wall,
+                    "dec": (gen - n) / max(t_end - t_dec, 1e-9),
                     "per_seq": statistics.median(r.stats["decode_tokens_per_s"] for r in res),
                     "seqs": bs.sequences / max(bs.steps, 1),
                     "rows": bs.rows / max(bs.steps, 1),
@@ -118,24 +123,28 @@ def main(argv: list[str]) -> int:
                 })
     print(f"# {eng.file.path.name}: {a.rounds} rounds, {a.max_tokens} tokens per sequence, greedy; "
           f"weights read per forward: {dense / 1e6:.1f} MB + {per_expert / 1e6:.2f} MB per distinct expert")
-    print(f"{'seqs':>4} {'mtp':>4} {'agg tok/s':>10} {'vs 1 seq':>8} {'tok/s/seq':>10} {'seqs/fwd':>8} "
-          f"{'rows/fwd':>8} {'experts/fwd':>11} {'MB/fwd':>8} {'accept':>7}")
+    print(f"{'seqs':>4} {'mtp':>4} {'agg tok/s':>10} {'vs 1 seq':>8} {'decode':>8} {'vs 1 seq':>8} "
+          f"{'tok/s/seq':>10} {'seqs/fwd':>8} {'rows/fwd':>8} {'experts/fwd':>11} {'MB/fwd':>8} {'accept':>7}")
     med = lambda xs: statistics.median(xs)  # noqa: E731
     for mtp in mtps:
         one = med(r["agg"] for r in rows[(sizes[0], mtp)]) if sizes[0] == 1 else None
+        one_d = med(r["dec"] for r in rows[(sizes[0], mtp)]) if sizes[0] == 1 else None
         for n in sizes:
             rs = rows[(n, mtp)]
             agg = med(r["agg"] for r in rs)
+            dec = med(r["dec"] for r in rs)
             ex = med(r["experts"] for r in rs)
             acc = rs[0]["accept"]
             print(f"{n:>4} {'on' if mtp else 'off':>4} {agg:>10.1f} "
-                  f"{(f'{agg / one:.2f}x' if one else '-'):>8} {med(r['per_seq'] for r in rs):>10.1f} "
+                  f"{(f'{agg / one:.2f}x' if one else '-'):>8} {dec:>8.1f} "
+                  f"{(f'{dec / one_d:.2f}x' if one_d else '-'):>8} {med(r['per_seq'] for r in rs):>10.1f} "
                   f"{med(r['seqs'] for r in rs):>8.2f} {med(r['rows'] for r in rs):>8.2f} {ex:>11.1f} "
                   f"{(dense + ex * per_expert) / 1e6:>8.1f} {(f'{acc:.1%}' if acc is not None else '-'):>7}")
     if len(mtps) == 2:
         for n in sizes:
             off, on = med(r["agg"] for r in rows[(n, False)]), med(r["agg"] for r in rows[(n, True)])
-            print(f"# {n} sequences: MTP on / off = {on / off:.2f}x")
+            doff, don = med(r["dec"] for r in rows[(n, False)]), med(r["dec"] for r in rows[(n, True)])
+            print(f"# {n} sequences: MTP on / off = {on / off:.2f}x (decode {don / doff:.2f}x)")
     print(f"# outputs equal to each prompt decoded alone: "
           f"{'all' if not mismatches else f'{mismatches} sequences differ'}")
     return 0 if not mismatches else 1

@@ -308,10 +308,12 @@ class Sequence:
 
     def stop_mtp(self) -> None:
         """Drop the MTP layer for the rest of this sequence (the draft policy found it does not
-        pay): no more owed rows, no MTP cache."""
+        pay): no more owed rows, no MTP cache (its pages go back to the pool)."""
         self.use_mtp = False
         self.owed_h = None
         self._plain_owed = 0
+        if self.mtp_cache is not None:
+            self.mtp_cache.release()
         self.mtp_cache = None
         self.ahead = None
 

@@ -177,7 +177,8 @@ class Engine:
         if key not in self._policies:
             moe_cpu = sum(1 for b in self.model.blocks
                           if getattr(b.ffn, "routed", None) is not None and b.ffn.routed.side == "cpu")
-            self._policies[key] = DraftPolicy(draft_max, adaptive, moe_cpu * self.cfg.n_experts)
+            self._policies[key] = DraftPolicy(draft_max, adaptive, moe_cpu * self.cfg.n_experts,
+                                              relative_costs=bucket == 1)
         return self._policies[key]
 
     def new_sequence(self, params: SamplingParams, use_mtp: bool, draft_ahead: bool = False,
@@ -272,7 +273,18 @@ class Engine:
         for r in runs:  # everything validated before anything starts
             batch.add(r)
         batch.run_to_end()
+        figures = batch.stats.figures()
+        for r in runs:
+            r.result.stats["batch"] = figures
         return [r.result for r in runs]
+
+    def batch(self, max_batch: int | None = None):
+        """A step-level batch (runtime/batch.py) for a caller that interleaves requests:
+        `r = b.submit(prompt, **kw)`, then `for run, text in b.round(): ...` until `r.done`,
+        `b.cancel(r)` to end one early; `r.result` as `generate` returns it."""
+        from .batch import Batch
+
+        return Batch(self, max_batch=max_batch)
 
     def generate(self, prompt, **kw) -> GenerationResult:
         res = self.generate_batch([prompt], **kw)[0]
@@ -327,6 +339,12 @@ class _Run:
         # comparing two runs of one prompt expects the same tokens
         self.cache_prompt = bool(cache_prompt)
         self.batch_size = 1  # sequences decoded beside this one when it starts (its draft policy's)
+        self.batch_k = None  # the draft length a batch chose for this step (runtime/batch.py), or None
+        self.last_step = None  # (k, drafted, accepted) of the last step, when the batch decides
+        # decoded in a batch that has held two sequences: its own steps' times are the batch's,
+        # so its policy is not told them (the batch prices its steps: runtime/batch.py)
+        self.batched = False
+        self._resume = None  # (tokens held, old sequence) after a preemption
         if isinstance(prompt, str):
             text = prompt
             if chat:
@@ -436,7 +454,7 @@ class _Run:
             nxt = yield from seq.plain_ops(self._pending)
             if self.use_mtp and self._limit > 0:  # also after the policy turned drafting off
                 self._lengths[0] = self._lengths.get(0, 0) + 1
-            if policy is not None and self._limit > 0:
+            if policy is not None and self._limit > 0 and self.batch_k is None and not self.batched:
                 policy.observe(0, 0, 0, seq.last_sample)
                 if policy.mtp_loses():
                     policy.give_up()
@@ -447,15 +465,25 @@ class _Run:
         # `pending` is the next token, not yet in the main cache. A speculative step feeds it
         # with k drafts and returns the accepted drafts plus the new pending.
         pending = self._pending
-        room = e.context - len(seq.tokens) - 1  # cache slots left after pending's own
-        limit = min(room, self.max_tokens - len(self.out) - 1)
-        k = policy.choose(limit) if policy is not None else 0
+        limit = self.draft_limit()
+        if policy is None:
+            k = 0
+        elif self.batch_k is not None:  # the batch decides for its adaptive sequences together
+            k = min(self.batch_k, limit, self.draft_max)
+            self.last_step = (0, 0, 0)
+        elif self.batched:  # a step the batch does not price (a prefill runs beside it)
+            k = policy.peek(limit)
+        else:
+            k = policy.choose(limit)
         nxt = None
         emit = [pending]
         if k > 0:
             step = yield from seq.spec_ops(pending, k, self.p_min)
             emit, nxt = emit + step[:-1], step[-1]
-            policy.observe(k, seq.last_drafted, seq.last_accepted, seq.last_sample)
+            if self.batch_k is None and not self.batched:
+                policy.observe(k, seq.last_drafted, seq.last_accepted, seq.last_sample)
+            elif self.batch_k is not None:
+                self.last_step = (k, seq.last_drafted, seq.last_accepted)
             self._lengths[k] = self._lengths.get(k, 0) + 1
         for t in emit:
             if t in self._eos:
@@ -476,6 +504,19 @@ class _Run:
             self._pending = nxt
         return self._take(len(self.text) - self._hold)
 
+    def draft_limit(self) -> int:
+        """Most drafts the next step may verify: the context's room after the pending token's own
+        slot, and the tokens left to generate after it."""
+        seq = self.seq
+        return min(self.engine.context - len(seq.tokens) - 1, self.max_tokens - len(self.out) - 1)
+
+    def stop_drafting(self) -> None:
+        """The draft policy found drafting does not pay: MTP off for the rest of this run."""
+        if self._policy is not None:
+            self.seq.stop_mtp()
+            self._policy, self._mtp_off = None, True
+        self.batch_k = None
+
     def preempt(self) -> None:
         """Give the sequence's pages back (the pool is short); `resume` recomputes them."""
         seq = self.seq
@@ -484,7 +525,7 @@ class _Run:
 
     @property
     def _resume_pending(self) -> bool:
-        return getattr(self, "_resume", None) is not None
+        return self._resume is not None
 
     def resume(self) -> None:
         """After `preempt`: a new sequence prefills the tokens the old one held (prompt and

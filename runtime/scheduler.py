@@ -66,6 +66,11 @@ class CostModel:
     # ratio would mean nothing: draft steps are then priced as measured); set by observe, read for
     # every k the policy prices each step
     _ref: float | None = None
+    # False: each length priced at its own recent samples' median. For a batch's policy, whose
+    # lengths are sampled as whole batch steps per sequence: there the ratios, each taken against
+    # the other lengths' recent steps, drifted together with few plain steps to anchor them (demo
+    # model, 8 sequences: one draft priced at 1.4x a plain step, measured at 2.1x).
+    relative: bool = True
 
     def _ratio(self, k: int) -> float | None:
         """k's median cost relative to a plain step (1 for plain; None: not measured yet)."""
@@ -112,7 +117,7 @@ class CostModel:
     def _measured(self, k: int, best: bool) -> float:
         """GPU-side time at a measured k: at the current plain cost when k has a ratio (plain: that
         cost itself, or its fastest sample for `best`)."""
-        if self._ref is not None:
+        if self._ref is not None and self.relative:
             if k > 0 and k in self.ratio_by_k:
                 r = self.ratio_by_k[k]
                 return (min(r) if best else _median(r)) * self._ref
@@ -166,11 +171,13 @@ class DraftPolicy:
 
     def __init__(self, draft_max: int, adaptive: bool, total_experts: int,
                  explore_every: int = 16, explore_max: int = 256, prior_accept: float = 0.5,
-                 prior_weight: float = 2.0):
+                 prior_weight: float = 2.0, relative_costs: bool = True):
         self.draft_max = draft_max
         self.adaptive = adaptive
         self.total = total_experts
-        self.model = CostModel()
+        self.relative_costs = relative_costs  # CostModel.relative
+        self.margin = 1.0 if relative_costs else self.BATCH_MARGIN  # a batch's policy: see BATCH_MARGIN
+        self.model = CostModel(relative=relative_costs)
         self.reached = [0] * (draft_max + 1)  # position j was verified (all earlier accepted)
         self.accepted = [0] * (draft_max + 1)
         self.prior = (prior_accept, prior_weight)
@@ -232,7 +239,7 @@ class DraftPolicy:
             k, self._again = min(self._again, hi), 0
             self.chosen[k] = self.chosen.get(k, 0) + 1
             return k
-        k = max(range(hi + 1), key=self.rate)
+        k = self._best(hi)
         if self._probe_from is not None:  # the step after a probe: did it change the choice?
             same = k == self._probe_from
             self.explore_every = min(self.explore_every * 2, self.explore_max) if same else self.explore_base
@@ -260,6 +267,27 @@ class DraftPolicy:
         self.chosen[k] = self.chosen.get(k, 0) + 1
         return k
 
+    # For a batch's policy, a draft length is chosen over plain decoding only when it promises this
+    # much more (`margin`): a batch's step samples leave out what drafting costs around the steps
+    # (the MTP layer's share of each prefill, sequences finishing on different steps), and two
+    # rates within a few percent are a tie the policy would flip on. (Demo model, 4 sequences:
+    # k=1 and k=2 were priced within 2% of plain and ran 9% and 16% slower.)
+    BATCH_MARGIN = 1.04
+
+    def peek(self, limit: int) -> int:
+        """The length `choose` would exploit now, with no warm-up, probe or count taken: for a
+        batch step whose cost is not a decode step's (another sequence's prefill runs in it)."""
+        hi = min(self.draft_max, limit)
+        if not self.adaptive or hi <= 0:
+            return max(hi, 0)
+        if self._warm or 0 not in self.model.gpu_by_k:
+            return 0
+        return self._best(hi)
+
+    def _best(self, hi: int) -> int:
+        k = max(range(1, hi + 1), key=self.rate, default=0)
+        return k if k and self.rate(k) > self.rate(0) * self.margin else 0
+
     # `mtp_loses` bound: even with every draft accepted, drafting must beat plain decoding by this
     # factor to be kept on from a single measured step (noise on one step is well below it)
     HOPELESS_MARGIN = 1.15
@@ -283,7 +311,7 @@ class DraftPolicy:
             return False
         ks = range(1, self.draft_max + 1)
         plain = self.rate(0)
-        return max(self.rate(k) for k in ks) < plain <= max(self.rate(k, optimistic=True) for k in ks)
+        return max(self.rate(k) for k in ks) < plain * self.margin <= max(self.rate(k, optimistic=True) for k in ks)
 
     def _gathering(self) -> bool:
         """Drafting on every other step to collect what `mtp_loses` needs."""
@@ -320,7 +348,7 @@ class DraftPolicy:
             return True
         if self._undecided():
             return False
-        return max(self.rate(k) for k in range(1, self.draft_max + 1)) < self.rate(0)
+        return max(self.rate(k) for k in range(1, self.draft_max + 1)) < self.rate(0) * self.margin
 
     RETRY_AFTER = 8  # first back-off, in sequences; doubled at each give-up, up to RETRY_MAX
     RETRY_MAX = 64
@@ -333,7 +361,7 @@ class DraftPolicy:
             if self.off_for == 0:
                 # the sequence after this one measures again from scratch: costs drift with the
                 # machine and the context (the acceptance counts are kept: they describe the model)
-                self.model = CostModel()
+                self.model = CostModel(relative=self.relative_costs)
                 self._warm = [0, 1, 0]  # popped from the end: plain, one draft, plain
                 self._remeasure = True
                 self._cold = True
@@ -384,13 +412,17 @@ class DraftPolicy:
             return f"{self.gave_up}; measured again {again}"
         return self._cost_line("drafting on")
 
-    def observe(self, k: int, n_drafted: int, n_accepted: int, sample: StepSample) -> None:
-        """After a step that drafted `n_drafted` (<= k: p_min may stop early) and accepted the
-        first `n_accepted` of them."""
+    def count_accepted(self, n_drafted: int, n_accepted: int) -> None:
+        """A step's drafts and how many of them were accepted (the acceptance per position)."""
         for j in range(1, n_drafted + 1):
             if j <= n_accepted + 1:
                 self.reached[j] += 1
                 self.accepted[j] += int(j <= n_accepted)
+
+    def observe(self, k: int, n_drafted: int, n_accepted: int, sample: StepSample) -> None:
+        """After a step that drafted `n_drafted` (<= k: p_min may stop early) and accepted the
+        first `n_accepted` of them."""
+        self.count_accepted(n_drafted, n_accepted)
         if self._cold:
             self._cold = False
             return
