@@ -34,11 +34,17 @@
 #define NX_DP(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
 #endif
 
+#ifndef NX_LIN_Q6K
+#define NX_LIN_Q6K 0
+#endif
 static inline int FN(lin_kind)(int type) {
 #ifdef NX_NO_LIN
     (void)type; return 0;
 #endif
-    return type == NX_Q8_0_R8 || type == NX_Q4_K_R8 || type == NX_Q6_K_R8 || type == NX_F16;
+    /* Q6_K_R8 has a kernel here but keeps the row_dots path: in a same-run A/B on GLM-4.5-Air's
+     * attention shapes (benchmarks/linear_ab.py) it was 0.91-0.96x the old path at 8-16 rows and
+     * 0.92x at 512 on attn_output, where Q8_0, Q4_K and F16 gained 1.1-2.3x */
+    return type == NX_Q8_0_R8 || type == NX_Q4_K_R8 || type == NX_F16 || (NX_LIN_Q6K && type == NX_Q6_K_R8);
 }
 /* aux bytes per token (Q4_K_R8: 8 floats per block; Q6_K_R8: 16 int32 per block) */
 static inline size_t FN(lin_aux_bytes)(int type, int64_t H) {
