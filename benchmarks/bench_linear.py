@@ -9,7 +9,9 @@ Types: q8_0, q4_k, q6_k, q5_0, f16, bf16.
 
 Per (weight, type, T): median ms of the kernel and of torch (x @ W.T on the dequantized float32
 copy, torch.set_num_threads = the kernel threads), interleaved call by call in one process; the
-kernel's GB/s of weight bytes; the ratio torch / kernel. The read bandwidth (C sum over 256 MiB,
+kernel's GB/s of weight bytes; the ratio torch / kernel; "vs 1 row": the kernel's time over its
+time for T=1 of the same weight and type (when --tokens lists 1 first: the cost of extra rows,
+which the multi-token kernels aim to keep near 1x while the weights' bytes dominate). The read bandwidth (C sum over 256 MiB,
 best of 3) is printed first. Several weights of 4-60 MB are cycled so each call reads from DRAM.
 --float-path adds a column: the runtime's own path for a float32 weight on the CPU
 (`runtime.linear.linear`: batched one-row products for up to 17 rows, batch-invariant).
@@ -64,6 +66,7 @@ def main() -> int:
             fs = [torch.from_numpy(ck.dequantize(r, t, (1, N, K))[0]) for r in raw]
             qs = [ck.ExpertTensor(r, t, (1, N, K)) for r in raw]
             qs = [q.repacked() for q in qs]  # the load's repack: auto (Q5_0 -> q5_0_r8)
+            one = None
             for T in (int(s) for s in a.tokens.split(",")):
                 x = rng.standard_normal((T, K), dtype=np.float32)
                 xt = torch.from_numpy(x)
@@ -88,8 +91,11 @@ def main() -> int:
                         rt.append(t3 - t2)
                         ut.append(t4 - t3)
                 km, tm = statistics.median(kt), statistics.median(tt)
+                if T == 1:
+                    one = km
+                vs1 = f"{km / one:.2f}x" if one else "-"
                 print(f"{wname:<14} {tname:<5} {T:>4} {km * 1e3:>10.3f} {tm * 1e3:>12.3f} "
-                      f"{qs[0].nbytes / km / 1e9:>7.2f} {tm / km:>7.2f}x"
+                      f"{qs[0].nbytes / km / 1e9:>7.2f} {tm / km:>7.2f}x {vs1:>9}"
                       + (f" {statistics.median(rt) * 1e3:>12.3f}" if a.float_path else "")
                       + (f" {statistics.median(ut) * 1e3:>10.3f}" if a.runtime_path else ""), flush=True)
     return 0

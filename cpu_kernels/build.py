@@ -63,7 +63,7 @@ ffibuilder.set_source(
     include_dirs=[os.path.relpath(HERE)],
     # the kernels live in headers (moe_impl.h is compiled once per path): list them so that an
     # edit to a header rebuilds the extension (setuptools only compares the .c files otherwise)
-    depends=[os.path.relpath(os.path.join(HERE, h)) for h in ("moe_impl.h", "moe_kernels.h", "dispatch.h", "block.h", "block_impl.h")],
+    depends=[os.path.relpath(os.path.join(HERE, h)) for h in ("moe_impl.h", "linear_impl.h", "moe_kernels.h", "dispatch.h", "block.h", "block_impl.h")],
     extra_compile_args=COMPILE_ARGS,
     extra_link_args=LINK_ARGS,
     define_macros=[("NX_BUILD_FLAGS", '"%s"' % _flags)],

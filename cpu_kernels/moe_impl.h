@@ -374,6 +374,31 @@ static inline const void *FN(prep_row)(int type, int fam, const uint8_t *src, in
 }
 
 /* ------------------------------------------------------------------ activation quantizers */
+#if NX_PATH >= 1
+/* max |x[j]| for j < n (n a multiple of 8) */
+static inline float FN(amax_ps)(const float *x, int n) {
+    const __m256 sm = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sm, _mm256_loadu_ps(x + j)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+/* y[j] = rint(x[j] * id) for j < 16 (|values| <= 127); returns their sum */
+static inline int FN(rint_i8)(const float *x, float id, int8_t *y) {
+    const __m256 iv = _mm256_set1_ps(id);
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), iv));
+    const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), iv));
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+    _mm_storeu_si128((__m128i *)y, _mm_packs_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+    __m256i s = _mm256_add_epi32(i0, i1);
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    return _mm_cvtsi128_si32(h);
+}
+#endif
 /* B32 activations, structure-of-arrays like the weights: y[32*nb], d[nb], s[nb] = d*sum(y).
  * Quantizes blocks b0..b1-1 of a row of nb blocks (x points at the row's start). */
 static void FN(quant_b32)(const float *x, int64_t nb, int64_t b0, int64_t b1, uint8_t *base, const int tr) {
@@ -384,12 +409,20 @@ static void FN(quant_b32)(const float *x, int64_t nb, int64_t b0, int64_t b1, ui
     const int64_t n8 = tr ? nb / 8 * 8 : 0, n4 = tr && nb - n8 >= 4 ? n8 + 4 : n8;
     for (int64_t b = b0; b < b1; b++) {
         const float *xb = x + 32 * b;
+        int sum = 0;
+        int8_t y[32];
+#if NX_PATH >= 1
+        /* the scalar code's values exactly (max is exact; x * id is the same float product;
+         * cvtps rounds to nearest even as lrintf does), without a libm call per element */
+        const float amax = FN(amax_ps)(xb, 32);
+        const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        sum = FN(rint_i8)(xb, id, y) + FN(rint_i8)(xb + 16, id, y + 16);
+#else
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) { float v = fabsf(xb[j]); amax = v > amax ? v : amax; }
         float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
-        int8_t y[32];
         for (int j = 0; j < 32; j++) { int v = (int)lrintf(xb[j] * id); y[j] = (int8_t)v; sum += v; }
+#endif
         if (b < n4) {
             const int64_t g0 = b < n8 ? b / 8 * 8 : n8, G = b < n8 ? 8 : 4;
             for (int w = 0; w < 8; w++) memcpy(yb + 32 * g0 + 4 * G * w + 4 * (b - g0), y + 4 * w, 4);
@@ -402,6 +435,15 @@ static void FN(quant_b32)(const float *x, int64_t nb, int64_t b0, int64_t b1, ui
 static void FN(quant_k)(const float *x, int64_t b0, int64_t b1, ak256 *a) {
     for (int64_t b = b0; b < b1; b++) {
         const float *xb = x + 256 * b;
+#if NX_PATH >= 1
+        {   /* as quant_b32: the scalar code's values, vectorised */
+            const float amax = FN(amax_ps)(xb, 256), id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int g = 0; g < 16; g++) a[b].bsum[g] = (int16_t)FN(rint_i8)(xb + 16 * g, id, a[b].y + 16 * g);
+            for (int j = 0; j < 8; j++) a[b].bsum32[j] = (int16_t)(a[b].bsum[2 * j] + a[b].bsum[2 * j + 1]);
+            a[b].d = amax / 127.0f;
+            continue;
+        }
+#endif
         float amax = 0.0f;
         for (int j = 0; j < 256; j++) { float v = fabsf(xb[j]); amax = v > amax ? v : amax; }
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -1400,6 +1442,9 @@ static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *
 }
 #endif
 
+/* the dense linear's multi-token kernels (dense_rows) */
+#include "linear_impl.h"
+
 /* res[j] = dot(row, acts(j)) for j < ns, acts(j) = abase + aoff[j] (aoff NULL: abase + j*astride) */
 static inline void FN(row_dots)(int type, int fam, int sgn, const uint8_t *row, int64_t n, const uint8_t *abase,
                                 const int32_t *aidx, size_t astride, int64_t ns, float *res, void *scratch) {
@@ -1647,6 +1692,9 @@ int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, flo
                                int nthreads) {
     const int64_t N = w->rows, H = w->cols;
     const int fam = FN(family)(w->type), sgn = FN(is_signed)(w->type), fused = FN(has_fused)(w->type);
+    /* SIMD paths, Q8_0_R8 / Q4_K_R8 / Q6_K_R8 / F16: the multi-token kernels (linear_impl.h) for
+     * every T, T = 1 included, so a row's bits never depend on the batch */
+    const int lin = FN(lin_kind)(w->type);
     if (nthreads < 1) nthreads = 1;
     if (T <= 0) return 0;
     const double work = (double)N * (double)w->row_bytes + (double)T * (double)(N * H) * 0.25;
@@ -1664,12 +1712,17 @@ int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, flo
     const size_t tile = (size_t)NX_TILE_T * (size_t)rb, nres = (size_t)T > tile ? (size_t)T : tile;
     const size_t scr_stride = ((dec + nres * sizeof(float)) + 127) & ~(size_t)63;
     uint8_t *scr_all = (uint8_t *)aligned_alloc(64, scr_stride * (size_t)nth);
-    if ((fam != NX_FAM_F && !qx) || !scr_all) { free(qx); free(scr_all); return -1; }
+    const size_t sx = lin ? FN(lin_aux_bytes)(w->type, H) : 0;
+    uint8_t *aux = sx ? (uint8_t *)malloc((size_t)T * sx) : NULL;
+    if ((fam != NX_FAM_F && !qx) || !scr_all || (sx && !aux)) { free(qx); free(scr_all); free(aux); return -1; }
     const uint8_t *a = qx ? qx : (const uint8_t *)x;
     const size_t sa = qx ? ax : (size_t)H * 4;
     const int par_quant = T * H > (1 << 16);
     if (qx && !par_quant)
-        for (int64_t t = 0; t < T; t++) FN(quant_act)(fam, x + t * H, H, qx + t * ax);
+        for (int64_t t = 0; t < T; t++) {
+            FN(quant_act)(fam, x + t * H, H, qx + t * ax);
+            if (lin) FN(lin_prep)(w->type, qx + t * ax, H, aux + t * sx);
+        }
 
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
@@ -1677,11 +1730,15 @@ int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, flo
         float *res = (float *)(scratch + dec);
         if (qx && par_quant) {
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++) FN(quant_act)(fam, x + t * H, H, qx + t * ax);
+            for (int64_t t = 0; t < T; t++) {
+                FN(quant_act)(fam, x + t * H, H, qx + t * ax);
+                if (lin) FN(lin_prep)(w->type, qx + t * ax, H, aux + t * sx);
+            }
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t unit = 0; unit < nu; unit++) {
             const int64_t r0 = unit * rb, r1 = r0 + rb < N ? r0 + rb : N, nr = r1 - r0;
+            if (lin) { FN(dense_rows)(w, r0, r1, a, sa, aux, sx, T, out, ld); continue; }
             if (T > NX_GRP && fused) {
                 for (int64_t j0 = 0; j0 < T; j0 += NX_TILE_T) {
                     const int64_t nj = T - j0 < NX_TILE_T ? T - j0 : NX_TILE_T;
@@ -1697,7 +1754,7 @@ int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, flo
             }
         }
     }
-    free(qx); free(scr_all);
+    free(qx); free(scr_all); free(aux);
     return 0;
 }
 

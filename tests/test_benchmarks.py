@@ -109,6 +109,8 @@ def test_bench_linear_runs_through_the_cli(capsys):
                            "--copies", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("shexp_down")]
     assert [r[2] for r in rows] == ["1", "2"] and all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    # "vs 1 row": each T's kernel time over T=1's (the cost of the extra rows)
+    assert rows[0][7] == "1.00x" and float(rows[1][7].rstrip("x")) > 0
     # a half type on both sides of the runtime's GEMM threshold, with the runtime path's column
     assert main("linear", ["--weights", "shexp_down", "--types", "bf16", "--tokens", "1,64", "--repeats", "1",
                            "--copies", "1", "--runtime-path"]) == 0

@@ -860,3 +860,43 @@ def test_dequantize_rows_bad_arguments(case, exc, match):
         kw["threads"] = 0
     with pytest.raises(exc, match=match):
         ck.dequantize_rows(W, **kw)
+
+
+# ---- the dense linear's multi-token kernels ----------------------------------------------------------
+# Q8_0 / Q4_K / Q6_K in their repacked layouts (the loader's `repack`) and F16 run through the
+# multi-token kernels (cpu_kernels/linear_impl.h) on the SIMD paths for every T: a row's bits must not
+# depend on T, its position in the batch, the tile of rows it falls in or the thread count.
+LIN_CASES = [(QT.Q8_0, 37, 15 * 32),   # groups of 8 and of 4 and 3 loose blocks (Q8_0_R8 tails)
+             (QT.Q8_0, 21, 64 * 32),
+             (QT.Q4_K, 37, 3 * 256),
+             (QT.Q6_K, 37, 3 * 256),
+             (QT.F16, 37, 16 * 5 + 13),  # vector chunks + a tail on either path
+             (QT.F16, 9, 7)]
+
+
+@pytest.mark.parametrize("t,N,K", LIN_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_linear_multi_token_rows_same_bits_as_alone(path, t, N, K):
+    """For T = 1..17 every row of the batched result equals (np.array_equal) that row computed
+    alone, on every SIMD path; outputs start as NaN so an unwritten element fails; the batch is
+    also within the per-type tolerances of gguf's dequantize + float64, and the same with 1 and 2
+    threads."""
+    rng = np.random.default_rng(int(t) * 100 + K)
+    W, wf, x = _linear_case(t, N, K, 17, rng)
+    W = W.repacked()
+    x *= rng.uniform(0.1, 10.0, size=(17, 1)).astype(np.float32)   # rows of different scales
+    alone = np.full((17, N), np.nan, dtype=np.float32)
+    for i in range(17):
+        ck.linear(x[i:i + 1], W, out=alone[i:i + 1])
+    assert np.isfinite(alone).all()
+    ref = x.astype(np.float64) @ wf.astype(np.float64).T
+    emu = _fake_quant(x, _fam(t)) @ wf.astype(np.float64).T
+    for T in range(1, 18):
+        for start in (0, 17 - T):      # the rows at the start and at the end of the batch
+            out = np.full((T, N), np.nan, dtype=np.float32)
+            ck.linear(x[start:start + T], W, out=out)
+            assert np.array_equal(out, alone[start:start + T]), f"T={T} start={start}"
+    scale = np.abs(ref).max(axis=1, keepdims=True)
+    assert (np.abs(alone - ref) / scale).max() < TOL_EXACT[t]
+    assert (np.abs(alone - emu) / scale).max() < TOL_EMU
+    for n in (1, 2):
+        assert np.array_equal(ck.linear(x, W, threads=n), alone)

@@ -1,0 +1,412 @@
+/* The dense linear's multi-token kernels (SIMD paths), included by moe_impl.h after the fused dots.
+ *
+ * Why: a batched decoding step or an MTP verify multiplies 2-16 rows by every dense matrix.  One
+ * row is bound by the weight bytes (DRAM); every further row should cost only its multiplies, so
+ * the kernels decode each weight block once into registers and run all (up to NX_LT) tokens
+ * against it, with as little per-token work as possible: one integer dot instruction per 32 code
+ * bytes (VNNI vpdpbusd on the AVX-512 path; maddubs + madd on AVX2), the block/sub-block scales
+ * prepared once per weight block as float vectors, and 2-4 float ops per token per block.  The
+ * F16 kernel converts a chunk of halves once and FMAs it into a tile of rows x tokens.
+ *
+ * Invariance rule (a token's row must have the same bits alone or in any batch, any position,
+ * any thread count): every (row, token) result is computed by the same sequence of float
+ * operations whatever nt (the number of tokens in the pass, a compile-time constant after
+ * inlining) or the tile of rows is: each token has its own accumulators, the integer parts are
+ * exact (so how they are formed does not matter), and the float parts never mix tokens.  The T=1
+ * call runs the same kernel with nt = 1.
+ *
+ * Layouts read: Q8_0_R8, Q4_K_R8, Q6_K_R8 (the repacked rows the loader makes, moe_kernels.h) and
+ * F16.  The activations are the linear's own copy, post-processed once per call (lin_prep): Q8_0
+ * codes offset by 128 for vpdpbusd (u8 x s8), the correction -128 * sum(q) formed once per weight
+ * group; Q4_K's per-32 sums as floats; Q6_K's y regrouped so that each 32-bit lane holds one
+ * sub-block, with -32 * (per-16 sums) as int32 in that lane order. */
+#if NX_PATH >= 1
+#ifndef NX_LT
+#define NX_LT 8   /* tokens per pass over a weight row */
+#endif
+#ifndef NX_LG
+#define NX_LG 4   /* tokens per pass when a call has more than NX_LT */
+#endif
+
+#if NX_PATH == 2
+#define NX_DP(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#else
+#define NX_DP(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#endif
+
+#ifndef NX_LIN_Q6K
+#define NX_LIN_Q6K 0
+#endif
+static inline int FN(lin_kind)(int type) {
+#ifdef NX_NO_LIN
+    (void)type; return 0;
+#endif
+    /* Q6_K_R8 has a kernel here but keeps the row_dots path: in a same-run A/B on GLM-4.5-Air's
+     * attention shapes (benchmarks/linear_ab.py) it was 0.91-0.96x the old path at 8-16 rows and
+     * 0.92x at 512 on attn_output, where Q8_0, Q4_K and F16 gained 1.1-2.3x */
+    return type == NX_Q8_0_R8 || type == NX_Q4_K_R8 || type == NX_F16 || (NX_LIN_Q6K && type == NX_Q6_K_R8);
+}
+/* aux bytes per token (Q4_K_R8: 8 floats per block; Q6_K_R8: 16 int32 per block) */
+static inline size_t FN(lin_aux_bytes)(int type, int64_t H) {
+    return type == NX_Q4_K_R8 ? (size_t)(H / 256) * 32 : type == NX_Q6_K_R8 ? (size_t)(H / 256) * 64 : 0;
+}
+/* Q6_K's 16 sub-blocks in the order of the two accumulators' lanes (unpacklo / unpackhi_epi16 of
+ * register pairs): A = 0 1 2 3 8 9 10 11, B = 4 5 6 7 12 13 14 15 */
+static const int8_t FN(q6_ord)[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+
+/* one token's quantized activations (quant_act's form) -> the form the kernels read, in place,
+ * plus its aux row */
+static void FN(lin_prep)(int type, uint8_t *act, int64_t H, uint8_t *aux) {
+    if (type == NX_Q8_0_R8) {
+#if NX_PATH == 2
+        const __m256i m = _mm256_set1_epi8((char)0x80);
+        for (int64_t i = 0; i < H; i += 32) FN(st256)(act + i, _mm256_xor_si256(FN(ld256)(act + i), m));
+#endif
+        (void)aux;
+    } else if (type == NX_Q4_K_R8) {
+        const ak256 *a = (const ak256 *)act;
+        float *bf = (float *)aux;
+        for (int64_t b = 0; b < H / 256; b++)
+            for (int j = 0; j < 8; j++) bf[8 * b + j] = (float)a[b].bsum32[j];
+    } else if (type == NX_Q6_K_R8) {
+        ak256 *a = (ak256 *)act;
+        int32_t *c = (int32_t *)aux;
+        for (int64_t b = 0; b < H / 256; b++) {
+            for (int k = 0; k < 4; k++) {
+                const __m256i y0 = FN(ld256)(a[b].y + 64 * k), y1 = FN(ld256)(a[b].y + 64 * k + 32);
+                FN(st256)(a[b].y + 64 * k, _mm256_unpacklo_epi16(y0, y1));
+                FN(st256)(a[b].y + 64 * k + 32, _mm256_unpackhi_epi16(y0, y1));
+            }
+            for (int j = 0; j < 16; j++) c[16 * b + j] = -32 * (int32_t)a[b].bsum[FN(q6_ord)[j]];
+        }
+    }
+}
+
+/* Q8_0_R8 against B32R activations.  A group of 8 blocks: 8 code registers, word v of block i in
+ * int32 lane i, so 8 integer dots leave the 8 block sums in the lanes (no horizontal adds) and
+ * one FMA per token scales them by d_w * d_y; a group of 4 holds two words per register (lanes i
+ * and 4+i), its halves are added; the last nb % 4 blocks are ggml blocks. */
+/* one group of G (8 or 4, a constant after inlining) Q8_0_R8 blocks for nt tokens: the int32 sums */
+NX_FUSED void FN(lq8r_group)(const uint8_t *q, const uint8_t *const *a, const int64_t b, __m256i *s, const int nt, const int G) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i W[8];
+    for (int v = 0; v < G; v++) W[v] = FN(ld256)(q + 32 * v);
+#if NX_PATH == 2
+    /* sum((y + 128) * q) - 128 * sum(q) = sum(y * q): the correction once per group */
+    const __m256i c80 = _mm256_set1_epi8((char)0x80);
+    __m256i c0 = zero, c1 = zero;
+    for (int v = 0; v < G; v += 2) { c0 = _mm256_dpbusd_epi32(c0, c80, W[v]); c1 = _mm256_dpbusd_epi32(c1, c80, W[v + 1]); }
+    const __m256i corr = _mm256_sub_epi32(zero, _mm256_add_epi32(c0, c1));
+    for (int t = 0; t < nt; t++) {
+        const int8_t *yt = (const int8_t *)a[t] + 32 * b;
+        /* two independent chains (one chain of 8 dependent dots is latency-bound) */
+        __m256i s0 = corr, s1 = zero;
+        for (int v = 0; v < G; v += 2) {
+            s0 = _mm256_dpbusd_epi32(s0, FN(ld256)(yt + 32 * v), W[v]);
+            s1 = _mm256_dpbusd_epi32(s1, FN(ld256)(yt + 32 * v + 32), W[v + 1]);
+        }
+        s[t] = _mm256_add_epi32(s0, s1);
+    }
+#else
+    __m256i U[8];
+    for (int v = 0; v < G; v++) U[v] = _mm256_abs_epi8(W[v]);
+    for (int t = 0; t < nt; t++) {
+        const int8_t *yt = (const int8_t *)a[t] + 32 * b;
+        __m256i s0 = zero, s1 = zero;
+        for (int v = 0; v < G; v += 2) {
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(U[v], _mm256_sign_epi8(FN(ld256)(yt + 32 * v), W[v])),
+                                                        _mm256_set1_epi16(1)));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(U[v + 1], _mm256_sign_epi8(FN(ld256)(yt + 32 * v + 32), W[v + 1])),
+                                                        _mm256_set1_epi16(1)));
+        }
+        s[t] = _mm256_add_epi32(s0, s1);
+    }
+#endif
+}
+/* Q8_0_R8 against B32R activations.  A group of 8 blocks: 8 code registers, word v of block i in
+ * int32 lane i, so 8 integer dots leave the 8 block sums in the lanes (no horizontal adds) and
+ * one FMA per token scales them by d_w * d_y; a group of 4 holds two words per register (lanes i
+ * and 4+i), its halves are added; the last nb % 4 blocks are ggml blocks. */
+NX_FUSED void FN(lq8r)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
+    const float *dy[NX_LT];
+    __m256 acc[NX_LT], accl[NX_LT];
+    __m128 acc4[NX_LT];
+    for (int t = 0; t < nt; t++) {
+        dy[t] = (const float *)(a[t] + 32 * nb);
+        acc[t] = accl[t] = _mm256_setzero_ps(); acc4[t] = _mm_setzero_ps();
+    }
+    const __m256i zero = _mm256_setzero_si256();
+    int64_t b = 0;
+    __m256i s[NX_LT];
+    for (; nb - b >= 8; b += 8, w += 8 * 34) {
+        NX_PF(w, 5);
+        FN(lq8r_group)(w + 16, a, b, s, nt, 8);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(dw, _mm256_loadu_ps(dy[t] + b)), acc[t]);
+    }
+    if (nb - b >= 4) {
+        FN(lq8r_group)(w + 8, a, b, s, nt, 4);
+        const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)w));
+        for (int t = 0; t < nt; t++) {
+            const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s[t]), _mm256_extracti128_si256(s[t], 1));
+            acc4[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h), _mm_mul_ps(dw, _mm_loadu_ps(dy[t] + b)), acc4[t]);
+        }
+        b += 4;
+        w += 4 * 34;
+    }
+    for (; b < nb; b++, w += 34) {   /* the last nb % 4 blocks, ggml blocks */
+        const float d = H2F(FN(rd16)(w));
+        const __m256i qv = FN(ld256)(w + 2);
+#if NX_PATH == 2
+        const __m256i corr = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, _mm256_set1_epi8((char)0x80), qv));
+#else
+        const __m256i u = _mm256_abs_epi8(qv);
+#endif
+        for (int t = 0; t < nt; t++) {
+            const __m256i yv = FN(ld256)((const int8_t *)a[t] + 32 * b);
+#if NX_PATH == 2
+            const __m256i p = _mm256_dpbusd_epi32(corr, yv, qv);
+#else
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(yv, qv)), _mm256_set1_epi16(1));
+#endif
+            const float sc = d * dy[t][b];
+            accl[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sc), accl[t]);
+        }
+    }
+    (void)zero;
+    for (int t = 0; t < nt; t++) {
+        const float s8 = FN(hsum256)(acc[t]), s4 = FN(hsum128)(acc4[t]), sl = FN(hsum256)(accl[t]);
+        res[t] = (s8 + s4) + sl;
+    }
+}
+
+/* Q4_K_R8 against KR activations: register r holds word r of the 8 sub-blocks in lane i, so 8
+ * integer dots leave the sub-block sums S_i in the lanes; per token
+ *   acc += d_y * (S * (d * sc) - bsum32 * (dmin * m))
+ * with d*sc and dmin*m (exact in float) formed once per block. */
+NX_FUSED void FN(lq4kr)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, const uint8_t *const *x2,
+                        float *res, const int nt) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const ak256 *ab[NX_LT];
+    const float *bf[NX_LT];
+    __m256 acc[NX_LT];
+    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; bf[t] = (const float *)x2[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int64_t b = 0; b < nb; b++, w += 144) {
+        NX_PF(w, 3);
+        __m256i Q[8];
+        for (int r = 0; r < 8; r += 2) {
+            const __m256i v = FN(ld256)(w + 16 + 16 * r);
+            Q[r] = _mm256_and_si256(v, m4);
+            Q[r + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
+        const __m256i ms = FN(k4_scales)(w);
+        const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(ms))));
+        const __m256 dmm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(ms, 1))));
+        for (int t = 0; t < nt; t++) {
+            const int8_t *y = ab[t][b].y;
+#if NX_PATH == 2
+            /* four independent chains of two (integer: any grouping gives the same sum) */
+            __m256i s4[4];
+            for (int c = 0; c < 4; c++)
+                s4[c] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), Q[2 * c], FN(ld256)(y + 64 * c)),
+                                            Q[2 * c + 1], FN(ld256)(y + 64 * c + 32));
+            const __m256i s = _mm256_add_epi32(_mm256_add_epi32(s4[0], s4[1]), _mm256_add_epi32(s4[2], s4[3]));
+#else
+            /* codes <= 15: the 8 registers' products add in int16 (|lane| <= 8*2*15*127 < 2^15) */
+            __m256i p = _mm256_maddubs_epi16(Q[0], FN(ld256)(y));
+            for (int r = 1; r < 8; r++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(Q[r], FN(ld256)(y + 32 * r)));
+            const __m256i s = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+            const __m256 m = _mm256_mul_ps(_mm256_loadu_ps(bf[t] + 8 * b), dmm);
+            const __m256 u = _mm256_fmsub_ps(_mm256_cvtepi32_ps(s), dsc, m);
+            acc[t] = _mm256_fmadd_ps(u, _mm256_set1_ps(ab[t][b].d), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
+}
+
+/* Q6_K_R8 against K16R activations regrouped by lin_prep: each register pair (2k, 2k+1) of codes
+ * is interleaved by int16 (unpacklo / unpackhi) so a 32-bit lane holds 4 elements of one
+ * sub-block: accumulator A's lanes are sub-blocks 0-3, 8-11, B's 4-7, 12-15; they start from
+ * -32 * (per-16 sums) (the zero point), 4 integer dots each; per token
+ *   acc += d_y * (A * (d * sc_A) + B * (d * sc_B)). */
+NX_FUSED void FN(lq6kr)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, const uint8_t *const *x2,
+                        float *res, const int nt) {
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    const __m128i oA = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i oB = _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    const ak256 *ab[NX_LT];
+    const int32_t *cx[NX_LT];
+    __m256 acc[NX_LT];
+    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; cx[t] = (const int32_t *)x2[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int64_t b = 0; b < nb; b++, w += 210) {
+        NX_PF(w, 4);
+        __m256i L[4], Hh[4];
+        for (int r = 0; r < 8; r += 2) {
+            const __m256i v = FN(ld256)(w + 16 * r), h = FN(ld256)(w + 128 + 32 * (r / 4));
+            const __m256i h0 = _mm256_and_si256(r % 4 ? h : _mm256_slli_epi16(h, 4), m30);
+            const __m256i h1 = _mm256_and_si256(r % 4 ? _mm256_srli_epi16(h, 2) : _mm256_slli_epi16(h, 2), m30);
+            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
+            L[r / 2] = _mm256_unpacklo_epi16(q0, q1);
+            Hh[r / 2] = _mm256_unpackhi_epi16(q0, q1);
+        }
+        const float d = H2F(FN(rd16)(w + 208));
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
+        const __m256 dv = _mm256_set1_ps(d);
+        const __m256 dA = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc8, oA))));
+        const __m256 dB = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc8, oB))));
+        for (int t = 0; t < nt; t++) {
+            const int8_t *y = ab[t][b].y;
+            __m256i A = _mm256_loadu_si256((const __m256i *)(cx[t] + 16 * b));
+            __m256i B = _mm256_loadu_si256((const __m256i *)(cx[t] + 16 * b + 8));
+#if NX_PATH == 2
+            __m256i A1 = _mm256_setzero_si256(), B1 = A1;
+            for (int k = 0; k < 4; k += 2) {
+                A = _mm256_dpbusd_epi32(A, L[k], FN(ld256)(y + 64 * k));
+                B = _mm256_dpbusd_epi32(B, Hh[k], FN(ld256)(y + 64 * k + 32));
+                A1 = _mm256_dpbusd_epi32(A1, L[k + 1], FN(ld256)(y + 64 * k + 64));
+                B1 = _mm256_dpbusd_epi32(B1, Hh[k + 1], FN(ld256)(y + 64 * k + 96));
+            }
+            A = _mm256_add_epi32(A, A1);
+            B = _mm256_add_epi32(B, B1);
+#else
+            /* codes <= 63: two registers' products add in int16 (|lane| <= 2*2*63*127 < 2^15) */
+            const __m256i one = _mm256_set1_epi16(1);
+            for (int k = 0; k < 4; k += 2) {
+                const __m256i pa = _mm256_add_epi16(_mm256_maddubs_epi16(L[k], FN(ld256)(y + 64 * k)),
+                                                    _mm256_maddubs_epi16(L[k + 1], FN(ld256)(y + 64 * k + 64)));
+                const __m256i pb = _mm256_add_epi16(_mm256_maddubs_epi16(Hh[k], FN(ld256)(y + 64 * k + 32)),
+                                                    _mm256_maddubs_epi16(Hh[k + 1], FN(ld256)(y + 64 * k + 96)));
+                A = _mm256_add_epi32(A, _mm256_madd_epi16(pa, one));
+                B = _mm256_add_epi32(B, _mm256_madd_epi16(pb, one));
+            }
+#endif
+            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(B), dB, _mm256_mul_ps(_mm256_cvtepi32_ps(A), dA));
+            acc[t] = _mm256_fmadd_ps(f, _mm256_set1_ps(ab[t][b].d), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
+}
+
+#define NX_LT_SWITCH(call) \
+    switch (nt) { case 1: { const int NTC = 1; call; } break; case 2: { const int NTC = 2; call; } break; \
+                  case 3: { const int NTC = 3; call; } break; case 4: { const int NTC = 4; call; } break; \
+                  case 5: { const int NTC = 5; call; } break; case 6: { const int NTC = 6; call; } break; \
+                  case 7: { const int NTC = 7; call; } break; default: { const int NTC = 8; call; } break; }
+/* res[t] = row . act[t] for t < nt (1..NX_LT), quantized lin_kind types */
+static void FN(lin_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *const *a, const uint8_t *const *x2,
+                        float *res, int nt) {
+    switch (type) {
+    case NX_Q8_0_R8: NX_LT_SWITCH(FN(lq8r)(w, n / 32, a, res, NTC)) break;
+    case NX_Q4_K_R8: NX_LT_SWITCH(FN(lq4kr)(w, n / 256, a, x2, res, NTC)) break;
+    case NX_Q6_K_R8: NX_LT_SWITCH(FN(lq6kr)(w, n / 256, a, x2, res, NTC)) break;
+    }
+}
+
+/* F16: a tile of R rows x NT tokens (compile-time after inlining); each (row, token) has one
+ * vector accumulator over chunks of NX_FV elements (the halves converted once per chunk and row),
+ * a fixed horizontal sum, then the n % NX_FV tail in order: the same operations whatever the
+ * tile, so the same bits. */
+#if NX_PATH == 2
+#define NX_FV 16
+#define NX_FR 4
+typedef __m512 nx_fv;
+#define NX_FLDH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define NX_FLD(p) _mm512_loadu_ps(p)
+#define NX_FFMA _mm512_fmadd_ps
+#define NX_FZERO _mm512_setzero_ps
+#define NX_FHSUM(v) FN(hsum256)(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)))
+#else
+#define NX_FV 8
+#define NX_FR 2
+typedef __m256 nx_fv;
+#define NX_FLDH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define NX_FLD(p) _mm256_loadu_ps(p)
+#define NX_FFMA _mm256_fmadd_ps
+#define NX_FZERO _mm256_setzero_ps
+#define NX_FHSUM(v) FN(hsum256)(v)
+#endif
+#define NX_FT 4   /* tokens per F16 tile */
+NX_FUSED void FN(lf16)(const uint8_t *restrict w, size_t rb, const float *const *x, int64_t n, float *out, int64_t ld,
+                       const int R, const int NT) {
+    nx_fv acc[NX_FR][NX_FT];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = NX_FZERO();
+    int64_t i = 0;
+    for (; i + NX_FV <= n; i += NX_FV) {
+        nx_fv h[NX_FR];
+        for (int r = 0; r < R; r++) {
+            if (NX_PFD > 0 && !(i & 31)) __builtin_prefetch(w + r * rb + 2 * i + NX_PFD, 0, 0);
+            h[r] = NX_FLDH(w + r * rb + 2 * i);
+        }
+        for (int t = 0; t < NT; t++) {
+            const nx_fv xv = NX_FLD(x[t] + i);
+            for (int r = 0; r < R; r++) acc[r][t] = NX_FFMA(h[r], xv, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < NT; t++) {
+            float s = NX_FHSUM(acc[r][t]);
+            for (int64_t j = i; j < n; j++) s = fmaf(H2F(FN(rd16)(w + r * rb + 2 * j)), x[t][j], s);
+            out[t * ld + r] = s;
+        }
+}
+static void FN(lin_f16)(const uint8_t *w, size_t rb, const float *const *x, int64_t n, float *out, int64_t ld, int R, int NT) {
+#define NX_F16_T(RR) switch (NT) { case 1: FN(lf16)(w, rb, x, n, out, ld, RR, 1); break; case 2: FN(lf16)(w, rb, x, n, out, ld, RR, 2); break; \
+                                   case 3: FN(lf16)(w, rb, x, n, out, ld, RR, 3); break; default: FN(lf16)(w, rb, x, n, out, ld, RR, 4); break; }
+    switch (R) {
+    case 1: NX_F16_T(1) break;
+#if NX_FR >= 4
+    case 2: NX_F16_T(2) break;
+    case 3: NX_F16_T(3) break;
+    default: NX_F16_T(4) break;
+#else
+    default: NX_F16_T(2) break;
+#endif
+    }
+#undef NX_F16_T
+}
+
+/* rows r0..r1-1 of w against all T tokens: out[t * ld + r] (ld: the output's row stride).
+ * Token groups outside, rows inside: a unit's rows (<= 64, in L2) meet one group's activations
+ * (in L1/L2) at a time. */
+static void FN(dense_rows)(const nx_tensor *w, int64_t r0, int64_t r1, const uint8_t *a, size_t sa, const uint8_t *aux,
+                         size_t sx, int64_t T, float *out, int64_t ld) {
+    const int64_t H = w->cols;
+    if (w->type == NX_F16) {
+        for (int64_t j0 = 0; j0 < T; j0 += NX_FT) {
+            const int nt = T - j0 < NX_FT ? (int)(T - j0) : NX_FT;
+            const float *xp[NX_FT];
+            for (int t = 0; t < nt; t++) xp[t] = (const float *)(a + (size_t)(j0 + t) * sa);
+            for (int64_t r = r0; r < r1; r += NX_FR) {
+                const int R = r1 - r < NX_FR ? (int)(r1 - r) : NX_FR;
+                FN(lin_f16)(w->data + r * w->row_bytes, (size_t)w->row_bytes, xp, H, out + j0 * ld + r, ld, R, nt);
+            }
+        }
+        return;
+    }
+    /* up to NX_LT tokens: one pass; more: groups of NX_LG, whose activations stay in L1 */
+    const int gs = T <= NX_LT ? NX_LT : NX_LG;
+    for (int64_t j0 = 0; j0 < T; j0 += gs) {
+        const int nt = T - j0 < gs ? (int)(T - j0) : gs;
+        const uint8_t *ap[NX_LT], *xp[NX_LT];
+        for (int t = 0; t < nt; t++) { ap[t] = a + (size_t)(j0 + t) * sa; xp[t] = aux + (size_t)(j0 + t) * sx; }
+        for (int64_t r = r0; r < r1; r++) {
+            float v[NX_LT];
+            FN(lin_dot)(w->type, w->data + r * w->row_bytes, H, ap, xp, v, nt);
+            for (int t = 0; t < nt; t++) out[(j0 + t) * ld + r] = v[t];
+        }
+    }
+}
+#else
+static inline int FN(lin_kind)(int type) { (void)type; return 0; }
+static inline size_t FN(lin_aux_bytes)(int type, int64_t H) { (void)type; (void)H; return 0; }
+static void FN(lin_prep)(int type, uint8_t *act, int64_t H, uint8_t *aux) { (void)type; (void)act; (void)H; (void)aux; }
+static void FN(dense_rows)(const nx_tensor *w, int64_t r0, int64_t r1, const uint8_t *a, size_t sa, const uint8_t *aux,
+                         size_t sx, int64_t T, float *out, int64_t ld) {
+    (void)w; (void)r0; (void)r1; (void)a; (void)sa; (void)aux; (void)sx; (void)T; (void)out; (void)ld;
+}
+#endif
