@@ -296,6 +296,11 @@ if _IMPORT_ERROR is None:
         # the tensors are kept alive by the cache entry, so their ids cannot be reused while cached
         _checked[(id(gate), id(up), id(down))] = (gate, up, down)
 
+    def forget_checked() -> None:
+        """Drop the cache of validated expert triples (it keeps its tensors alive): called by
+        Engine.close() so a closed engine's weights are freed."""
+        _checked.clear()
+
     def _call_threads(threads) -> int:
         """A call's thread count: `threads`, else the engine-wide setting, else the default."""
         if threads is None:
