@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         a.gpu = "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda dev=None: None)
     import runtime
-    from runtime.model import MoE, Positions, rms_norm
+    from runtime.model import MoE, Seg, rms_norm
     from runtime.sampling import SamplingParams
 
     eng = runtime.load(a.model, gpu=a.gpu, progress=False)
@@ -59,12 +59,13 @@ def main(argv=None) -> int:
         seq.prefill(eng.tokenize("def fibonacci(n):\n    if n < 2:\n        return n"))
     start = seq.cache.length
     x_static = torch.randn(1, cfg.hidden, device=dev, dtype=eng.dtype)
-    pos = Positions(m.rope, torch.arange(start, start + 1), start)
+    seq.cache.reserve(start + 1)
+    pos = m._positions([Seg(seq.cache, start, 1, start)])
     pos.cos_sin(dev)  # made (host-to-device) before any capture: a graph cannot copy from the host
     shared = b.ffn.shared
 
     def segment(x):
-        h = x + m._attention(b.attn, x, layer, seq.cache, start, pos)
+        h = x + m._attention(b.attn, x, layer, pos)
         hn = rms_norm(h, b.attn.post_norm, cfg.rms_eps)
         ids, w = b.ffn.router(hn)
         ys = shared(hn) if shared is not None and shared.side == "gpu" else None

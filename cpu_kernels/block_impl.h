@@ -6,15 +6,17 @@
  * torch path (the reference; tests/test_fused.py compares them):
  *
  *   h = rms_norm(x, attn_norm); qkv = h Wqkv^T + b; per-head rms_norm of q and k; NEOX RoPE on the
- *   first rope_dim dims of each head; K/V written at slots start..start+T-1; attention of row t
- *   over slots 0..start+t (GQA, softmax scale); x += o Wo^T; h = rms_norm(x, post_norm);
+ *   first rope_dim dims of each head; K/V written at the row's cache slot; attention of the row
+ *   over its sequence's slots up to its own (GQA, softmax scale); x += o Wo^T;
+ *   h = rms_norm(x, post_norm);
  *   dense FFN:  x += down(silu(gate h) * up h)
  *   MoE:        s = sigmoid(Wr h); top-k of s + bias; w = s of those (/ sum, * scale);
  *               x += routed(h, ids, w) + shared(h)
  *
  * Every row is computed on its own: norms, rotations and attention row by row, and the linear
  * and MoE kernels give a row the same bits alone or in a batch.  So a verify batch's row gets
- * exactly the bits a plain step gets for it, and greedy MTP output equals plain greedy output.
+ * exactly the bits a plain step gets for it (greedy MTP output equals plain greedy output), and
+ * rows of several sequences in one call (a batched decode step) each get the bits they get alone.
  *
  * Scratch is one allocation per call.  Parallelism is the kernels' own (they use fewer threads for
  * small matrices); attention splits its (row, head) units over the threads when there is enough
@@ -67,26 +69,30 @@ static int FN(lin_apply)(const nx_lin *w, const float *x, int64_t T, float *out,
     return 0;
 }
 
-/* attention of rows t < T over slots 0..start+t; q already normed and rotated in qkv's q part;
- * o [T, n_heads * head_dim]. Units (row, head) are independent: any split over threads gives the
- * same bits. */
+/* attention of row t over its sequence's logical slots 0..lslot[t] (physical maps[t][j]); q already
+ * normed and rotated in qkv's q part; o [T, n_heads * head_dim]. Units (row, head) are independent:
+ * any split over threads gives the same bits. */
 static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const float *kc, const float *vc,
-                       int64_t start, float *o, float *scr_all, int64_t scr_stride, int nthreads) {
+                       const int64_t *lslot, const int32_t *const *maps, float *o, float *scr_all,
+                       int64_t scr_stride, int nthreads) {
     const int64_t nh = d->n_heads, nkv = d->n_kv, hd = d->head_dim, group = nh / nkv;
     const int64_t nqkv = (nh + 2 * nkv) * hd;
-    const double work = (double)T * (double)nh * (double)(start + T) * (double)hd * 8.0;
+    double work = 0.0;
+    for (int64_t t = 0; t < T; t++) work += (double)(lslot[t] + 1);
+    work *= (double)nh * (double)hd * 8.0;
     int nth = nthreads;
     const double mw = (double)nx_min_work_per_thread;
     if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
     if (nth > nthreads) nth = nthreads;
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
     for (int64_t u = 0; u < T * nh; u++) {
-        const int64_t t = u / nh, h = u % nh, g = h / group, n = start + t + 1;
+        const int64_t t = u / nh, h = u % nh, g = h / group, n = lslot[t] + 1;
+        const int32_t *map = maps[t];
         float *s = scr_all + scr_stride * (int64_t)omp_get_thread_num();
         const float *q = qkv + t * nqkv + h * hd;
         float m = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
-            s[j] = FN(dot_f)(q, kc + (j * nkv + g) * hd, hd) * d->attn_scale;
+            s[j] = FN(dot_f)(q, kc + ((int64_t)map[j] * nkv + g) * hd, hd) * d->attn_scale;
             if (s[j] > m) m = s[j];
         }
         float sum = 0.0f;
@@ -94,7 +100,7 @@ static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const floa
         float *out = o + t * nh * hd + h * hd;
         for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
         for (int64_t j = 0; j < n; j++) {
-            const float *v = vc + (j * nkv + g) * hd;
+            const float *v = vc + ((int64_t)map[j] * nkv + g) * hd;
             const float p = s[j];
             for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
         }
@@ -156,15 +162,23 @@ static int FN(block_ok)(const nx_dims *d, const nx_block *b) {
 }
 
 int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, int32_t n_blocks,
-                                       float **kc, float **vc, int64_t cache_len, float *x, int64_t T,
-                                       int64_t pos0, int64_t start, const float *final_norm,
-                                       double *stats, int nthreads) {
+                                       float **kc, float **vc, int64_t pool_len, float *x, int64_t T,
+                                       const int64_t *pos, const int64_t *lslot, const int32_t *const *maps,
+                                       const float *final_norm, double *stats, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    if (!d || !blocks || n_blocks < 1 || !kc || !vc || !x || T < 1 || T > 4096 || start < 0 || pos0 < 0 ||
-        start + T > cache_len || pos0 + T > d->rope_len || d->H < 1 || d->n_heads < 1 || d->n_kv < 1 ||
+    if (!d || !blocks || n_blocks < 1 || !kc || !vc || !x || T < 1 || T > 4096 || !pos || !lslot || !maps ||
+        pool_len < 1 || d->H < 1 || d->n_heads < 1 || d->n_kv < 1 ||
         d->n_heads % d->n_kv || d->head_dim < 1 || d->rope_half < 0 || 2 * d->rope_half > d->head_dim ||
         !d->rope_cos || !d->rope_sin)
         return -4;
+    /* every row's position and every slot it writes or reads, checked before anything is written */
+    int64_t smax = 0;
+    for (int64_t t = 0; t < T; t++) {
+        if (pos[t] < 0 || pos[t] >= d->rope_len || lslot[t] < 0 || lslot[t] >= pool_len || !maps[t]) return -4;
+        for (int64_t j = 0; j <= lslot[t]; j++)
+            if (maps[t][j] < 0 || maps[t][j] >= pool_len) return -4;
+        if (lslot[t] + 1 > smax) smax = lslot[t] + 1;
+    }
     const int64_t H = d->H, nh = d->n_heads, nkv = d->n_kv, hd = d->head_dim;
     const int64_t nq = nh * hd, nqkv = (nh + 2 * nkv) * hd;
     int64_t F2max = 0, Emax = 0, Kmax = 0;
@@ -177,8 +191,8 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
     }
     /* scratch: h, qkv, attention out, a [T, H]-sized result, gate/up [T, 2F], silu(g)*u [T, F],
      * router scores [T, E], ids and weights [T, K], the routed output [T, H], attention scores
-     * (start + T floats per thread), an E-byte mark table */
-    const int64_t ss = ((start + T + 15) / 16) * 16;
+     * (as many floats per thread as the longest row sees), an E-byte mark table */
+    const int64_t ss = ((smax + 15) / 16) * 16;
     const size_t nf = (size_t)T * (size_t)(H + nqkv + nq + H + F2max + F2max / 2 + Emax + Kmax + H) +
                       (size_t)ss * (size_t)nthreads;
     float *ws = (float *)malloc(nf * sizeof(float) + (size_t)T * (size_t)Kmax * sizeof(int32_t) + (size_t)Emax + 64);
@@ -199,7 +213,7 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
         if ((rc = FN(lin_apply)(&b->qkv, h, T, qkv, nthreads))) break;
         for (int64_t t = 0; t < T; t++) {
             float *r = qkv + t * nqkv;
-            const float *C = d->rope_cos + (pos0 + t) * hd, *S = d->rope_sin + (pos0 + t) * hd;
+            const float *C = d->rope_cos + pos[t] * hd, *S = d->rope_sin + pos[t] * hd;
             const int64_t half = d->rope_half;
             for (int64_t hh = 0; hh < nh + nkv; hh++) {   /* q's heads, then k's */
                 float *v = r + hh * hd;
@@ -210,10 +224,11 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
                     v[i + half] = c * C[i + half] + a * S[i + half];
                 }
             }
-            memcpy(K + (start + t) * nkv * hd, r + nq, (size_t)(nkv * hd) * sizeof(float));
-            memcpy(V + (start + t) * nkv * hd, r + nq + nkv * hd, (size_t)(nkv * hd) * sizeof(float));
+            const int64_t slot = maps[t][lslot[t]];
+            memcpy(K + slot * nkv * hd, r + nq, (size_t)(nkv * hd) * sizeof(float));
+            memcpy(V + slot * nkv * hd, r + nq + nkv * hd, (size_t)(nkv * hd) * sizeof(float));
         }
-        FN(attend)(d, qkv, T, K, V, start, att, ascr, ss, nthreads);
+        FN(attend)(d, qkv, T, K, V, lslot, maps, att, ascr, ss, nthreads);
         if ((rc = FN(lin_apply)(&b->wo, att, T, y, nthreads))) break;
         for (int64_t i = 0; i < T * H; i++) x[i] = x[i] + y[i];
         for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, b->post_norm, H, d->eps, h + t * H);

@@ -3,6 +3,7 @@
     stack = BlockStack(dims, [BlockWeights(...), ...])
     kv = stack.cache(k_tensors, v_tensors)          # once per KV cache
     stack.forward(x, kv, pos0, start)               # x [T, H] float32, updated in place
+    stack.forward_rows(x, kv, pos, lslot, maps)     # rows of several sequences (a batched step)
 
 The descriptors hold pointers into arrays the caller keeps (the model's own weights and caches):
 nothing is copied. Everything is validated here, once, when a stack or a cache view is made; a
@@ -61,7 +62,7 @@ def _f32(name: str, a, shape: tuple) -> np.ndarray:
 
 
 class KVView:
-    """Pointer arrays to one KV cache's per-layer K and V ([length, n_kv, head_dim] float32)."""
+    """Pointer arrays to one KV pool's per-layer K and V ([length, n_kv, head_dim] float32)."""
 
     def __init__(self, k: list, v: list, n_kv: int, head_dim: int):
         if len(k) != len(v) or not k:
@@ -72,6 +73,13 @@ class KVView:
         self.n_layers = len(k)
         self.k = _ffi.new("float *[]", [_ffi.cast("float *", a.ctypes.data) for a in self.arrays[:len(k)]])
         self.v = _ffi.new("float *[]", [_ffi.cast("float *", a.ctypes.data) for a in self.arrays[len(k):]])
+        self._identity = None
+
+    def identity(self) -> np.ndarray:
+        """The slot map of a cache that is the whole pool, in order (`BlockStack.forward`)."""
+        if self._identity is None:
+            self._identity = np.arange(self.length, dtype=np.int32)
+        return self._identity
 
 
 class BlockStack:
@@ -166,9 +174,24 @@ class BlockStack:
         return KVView(k, v, self.dims.n_kv, self.dims.head_dim)
 
     def forward(self, x, kv: KVView, pos0: int, start: int, threads: int | None = None) -> tuple[float, int]:
-        """Rows x [T, H] (float32, C-contiguous; a numpy array or CPU torch tensor) at positions
-        pos0.. and cache slots start..: runs every block in place (then the stack's final norm,
-        if it has one). Returns (seconds in the routed experts, distinct experts read
+        """Rows x [T, H] of one sequence whose cache is the whole of `kv`, in order: positions pos0..
+        and cache slots start.. (`forward_rows` with the identity slot map)."""
+        T = x.shape[0] if getattr(x, "ndim", 0) == 2 else 0
+        if not 1 <= T or start < 0 or start + T > kv.length or pos0 < 0 or pos0 + T > self._d.rope_len:
+            raise ValueError(f"rows {T} at slots {start}.. and positions {pos0}.. exceed the cache "
+                             f"({kv.length}) or the rotary table ({self._d.rope_len})")
+        pos = np.arange(pos0, pos0 + T, dtype=np.int64)
+        lslot = np.arange(start, start + T, dtype=np.int64)
+        ident = kv.identity()
+        return self.forward_rows(x, kv, pos, lslot, [ident] * T, threads)
+
+    def forward_rows(self, x, kv: KVView, pos: np.ndarray, lslot: np.ndarray, maps: list,
+                     threads: int | None = None) -> tuple[float, int]:
+        """Rows x [T, H] (float32, C-contiguous; a numpy array or CPU torch tensor), each of its own
+        sequence: row t at rotary position pos[t] and logical slot lslot[t] of its sequence, whose
+        logical slot j is physical slot maps[t][j] of the pool `kv` (an int32 array per row; rows
+        of one sequence pass the same array). Runs every block in place (then the stack's final
+        norm, if it has one). Returns (seconds in the routed experts, distinct experts read
         summed over the blocks)."""
         if type(x) is not np.ndarray:
             x = x.numpy()
@@ -177,16 +200,27 @@ class BlockStack:
                 or not x.flags.writeable:
             raise ValueError(f"x must be a writable C-contiguous float32 [T, {self.dims.H}] array, "
                              f"got {x.dtype} {x.shape}")
-        if not 1 <= T or start < 0 or start + T > kv.length or pos0 < 0 or pos0 + T > self._d.rope_len:
-            raise ValueError(f"rows {T} at slots {start}.. and positions {pos0}.. exceed the cache "
-                             f"({kv.length}) or the rotary table ({self._d.rope_len})")
         if kv.n_layers != self.n_blocks:
             raise ValueError(f"a KV cache of {kv.n_layers} layers for {self.n_blocks} blocks")
+        if T < 1 or len(pos) != T or len(lslot) != T or len(maps) != T:
+            raise ValueError(f"{T} rows need {T} positions, slots and slot maps "
+                             f"(got {len(pos)}, {len(lslot)}, {len(maps)})")
+        pos = np.ascontiguousarray(pos, dtype=np.int64)
+        lslot = np.ascontiguousarray(lslot, dtype=np.int64)
+        ptrs = []
+        for t, m in enumerate(maps):
+            if not isinstance(m, np.ndarray) or m.dtype != np.int32 or not m.flags.c_contiguous \
+                    or not 0 <= lslot[t] < m.shape[0]:
+                raise ValueError(f"row {t}: slot {int(lslot[t])} needs a C-contiguous int32 slot map "
+                                 f"longer than that")
+            ptrs.append(_ffi.cast("int32_t *", m.ctypes.data))
+        cmaps = _ffi.new("int32_t *[]", ptrs)
         st = self._stats
         st[0] = st[1] = 0.0
         rc = self._fn(_state["path"], self._d, self._blocks, self.n_blocks, kv.k, kv.v, kv.length,
-                      _ffi.cast("float *", x.ctypes.data), T, pos0, start, self._final, st, _call_threads(threads))
+                      _ffi.cast("float *", x.ctypes.data), T, _ffi.cast("int64_t *", pos.ctypes.data),
+                      _ffi.cast("int64_t *", lslot.ctypes.data), cmaps, self._final, st, _call_threads(threads))
         if rc == -4:
-            raise ValueError("cpu_kernels.blocks_forward: a block descriptor is inconsistent")
+            raise ValueError("cpu_kernels.blocks_forward: a block descriptor is inconsistent, or a position or slot is out of range")
         _check_rc(rc, "blocks_forward")
         return st[0], int(st[1])

@@ -40,7 +40,7 @@ def load(plan_or_gguf_path: str | os.PathLike | None = None, **overrides) -> Eng
     return engine_from_plan(plan, progress=progress, use_kernels=use_kernels, **engine_kw)
 
 
-def engine_from_plan(plan, *, progress=True, use_kernels=True, overlap=None) -> Engine:
+def engine_from_plan(plan, *, progress=True, use_kernels=True, overlap=None, kv_slots=None) -> Engine:
     if plan.model_path is None:
         raise NextnError(f"{plan.source}: no model given (set `model:` in the plan or pass a .gguf path)")
     f = GGUFFile(plan.model_path)
@@ -50,4 +50,4 @@ def engine_from_plan(plan, *, progress=True, use_kernels=True, overlap=None) -> 
     return Engine(f, side_of=resolved.side_of, gpu=plan.gpu, gpu_dtype=plan.gpu_dtype,
                   threads=threads, repack=plan.repack, context=plan.context, use_kernels=use_kernels, sampling=plan.sampling,
                   speculative=plan.speculative,
-                  progress=progress, plan=plan, placement=resolved, overlap=overlap)
+                  progress=progress, plan=plan, placement=resolved, overlap=overlap, kv_slots=kv_slots)

@@ -11,6 +11,8 @@
         those after the adaptive policy turned drafting off)
     nextn bench kernels [...]
         the CPU expert kernel benchmark (benchmarks/bench_kernels.py; see BENCHMARKS.md)
+    nextn bench batch [PLAN|MODEL] [--sequences 1,2,4,8] [--mtp]
+        several sequences in one batched step (runtime/bench_batch.py)
     nextn bench linear [...]
         the dense quantized (and F16/BF16) linear against torch on float32 copies (benchmarks/bench_linear.py)
 """
@@ -192,4 +194,8 @@ def _run_script(name: str, argv: list[str]) -> int:
 def main(what: str, argv: list[str]) -> int:
     if what == "model":
         return bench_model(argv)
+    if what == "batch":
+        from .bench_batch import main as bench_batch
+
+        return bench_batch(argv)
     return _run_script({"kernels": "bench_kernels.py", "linear": "bench_linear.py"}[what], argv)

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (kernels: the CPU expert kernels; model: decode with/without MTP)",
                        description="Benchmarks. `nextn bench kernels [...]` runs the CPU expert kernel benchmark; "
                                    "`nextn bench model [PLAN|MODEL]` compares decoding with and without MTP.")
-    b.add_argument("what", choices=["kernels", "linear", "model"])
+    b.add_argument("what", choices=["kernels", "linear", "model", "batch"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for that benchmark")
 
     t = sub.add_parser("tune", help="measure candidate placements on this machine and write the best plan",

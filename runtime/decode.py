@@ -32,9 +32,33 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kvpool import KVPool
 from .model import GLM4Model
 from .sampling import SamplingParams
 from .scheduler import Oracle, StepSample
+
+# A sequence's steps are generators: they yield the model calls they need as ops and receive each
+# call's result, so a runner can serve the same op of many sequences in one batched call
+# (runtime/runner.py), and `run_alone` serves one sequence's ops one at a time. The ops:
+#   ("fwd", tokens, cache, start, hook)          -> h after output_norm   (GLM4Model.forward)
+#   ("mtp", h_prev, tokens, cache, start, side)  -> z after shared_head_norm (mtp_forward)
+#   ("logits", h)                                -> main-head logits
+#   ("mtp_logits", z)                            -> MTP-head logits
+# and STEP_END, yielded by prefill between chunks: a step of the generation ends there.
+STEP_END = ("end",)
+
+
+def run_alone(model: GLM4Model, gen):
+    """Drive a step generator to its end, each op as its own model call; returns its value.
+    STEP_END markers are passed over."""
+    from .runner import execute
+
+    try:
+        op = next(gen)
+        while True:
+            op = gen.send(None if op is STEP_END else execute(model, [op])[0])
+    except StopIteration as e:
+        return e.value
 
 # Plain steps with MTP on owe MTP rows (the MTP cache must cover every position to draft again).
 # They are paid in one batch with the next draft, or when this many are owed: one batched pass
@@ -66,22 +90,34 @@ class SpecStats:
 class Sequence:
     def __init__(self, model: GLM4Model, context: int, kv_dtype: torch.dtype, use_mtp: bool,
                  params: SamplingParams, prefill_chunk: int = 512, draft_ahead: bool = False,
-                 reuse: "Sequence | None" = None):
-        """`reuse`: a finished sequence (same model and context) whose caches this one takes
-        over instead of allocating its own; `prefill` then keeps the KV of the longest prefix
-        that the new prompt shares with `reuse.tokens` (prompt caching)."""
+                 reuse: "Sequence | None" = None, pools: tuple[KVPool, KVPool | None] | None = None,
+                 prefix=None):
+        """`pools`: the engine's KV pools (main, MTP) the caches take pages from (None: caches
+        with pools of their own). `reuse`: a finished sequence (same model and context) whose
+        caches this one takes over; `prefill` then keeps the KV of the longest prefix that the new
+        prompt shares with `reuse.tokens` (prompt caching)."""
         self.model, self.params, self.chunk = model, params, prefill_chunk
         self.use_mtp = use_mtp and model.nextn is not None
         self.gen: torch.Generator | None = None  # made on first use, on the logits' device (_rng)
         self.tokens: list[int] = []  # every token of the sequence (prompt + emitted)
         self.owed_h: torch.Tensor | None = None  # hidden states of MTP rows not yet in the MTP cache
         self._reused = None
+        self.prefix = prefix  # the engine's PrefixCache (shared prompt prefixes), or None
+        if pools is not None:
+            from .kvpool import SeqKV
+
+            new_cache = lambda: SeqKV(pools[0], context)  # noqa: E731
+            new_mtp = lambda: SeqKV(pools[1], context)  # noqa: E731
+        else:
+            new_cache = lambda: model.new_cache(context, kv_dtype)  # noqa: E731
+            new_mtp = lambda: model.new_mtp_cache(context, kv_dtype)  # noqa: E731
         if reuse is not None and reuse.cache.max_len == context:
             self.cache = reuse.cache
             # the MTP cache is only worth keeping when it covers the same tokens as the main cache
             keep_mtp = self.use_mtp and reuse.mtp_cache is not None
-            self.mtp_cache = reuse.mtp_cache if keep_mtp else (
-                model.new_mtp_cache(context, kv_dtype) if self.use_mtp else None)
+            if reuse.mtp_cache is not None and not keep_mtp:
+                reuse.mtp_cache.release()
+            self.mtp_cache = reuse.mtp_cache if keep_mtp else (new_mtp() if self.use_mtp else None)
             # what the old caches hold: its tokens up to the main cache's length (a run ended
             # between prefill chunks has more tokens than KV), its MTP slots, its owed rows
             self._reused = (reuse.tokens[:reuse.cache.length], reuse.owed_h if keep_mtp else None,
@@ -90,8 +126,10 @@ class Sequence:
             if self.mtp_cache is not None:
                 self.mtp_cache.reset()
         else:
-            self.cache = model.new_cache(context, kv_dtype)
-            self.mtp_cache = model.new_mtp_cache(context, kv_dtype) if self.use_mtp else None
+            if reuse is not None:  # not usable here (another context): its pages go back
+                reuse.release()
+            self.cache = new_cache()
+            self.mtp_cache = new_mtp() if self.use_mtp else None
         self.last_logits: torch.Tensor | None = None
         self.stats = SpecStats()
         self.oracle: Oracle | None = None
@@ -120,6 +158,28 @@ class Sequence:
     def context(self) -> int:
         return self.cache.max_len
 
+    def release(self, cache_prefix: bool = False) -> None:
+        """Give the caches' pages back to the pools (the sequence is done and not kept); with
+        `cache_prefix`, the prefix cache keeps its full pages for later prompts first."""
+        if cache_prefix and self.prefix is not None:
+            self.prefix.insert(self.tokens, self.cache, self.mtp_cache)
+        self.cache.release()
+        if self.mtp_cache is not None:
+            self.mtp_cache.release()
+
+    def pages_needed(self, n: int) -> tuple[int, int]:
+        """Free pages of the main and the MTP pool that holding slots 0..n-1 in both caches
+        takes: the runner reserves a step's slots before it starts, so no op of the step can find
+        a pool full."""
+        n = min(n, self.cache.max_len)
+        return (self.cache.pages_needed(n), 0 if self.mtp_cache is None else self.mtp_cache.pages_needed(n))
+
+    def reserve(self, n: int) -> None:
+        n = min(n, self.cache.max_len)
+        self.cache.reserve(n)
+        if self.mtp_cache is not None:
+            self.mtp_cache.reserve(n)
+
     # ---- prefill -----------------------------------------------------------------------------
 
     def keep_prefix(self, ids: list[int]) -> int:
@@ -129,7 +189,7 @@ class Sequence:
         (h_p, x_{p+1}), valid while x_{p+1} is in the prefix; the old sequence's owed rows (hidden
         states of its last positions, not yet in its MTP cache) are kept as far as the prefix."""
         if self._reused is None:
-            return 0
+            return self._shared_prefix(ids)
         old, owed, m, keep_mtp = self._reused
         self._reused = None
         n = 0
@@ -160,27 +220,40 @@ class Sequence:
         self.tokens = list(ids[:n])
         return n
 
+    def _shared_prefix(self, ids: list[int]) -> int:
+        """Without a reused sequence: share the pages of the longest prefix of `ids` that the
+        engine's prefix cache holds (runtime/kvpool.py PrefixCache), in both caches. MTP slot n-1
+        then holds (h_{n-1}, x_n) with x_n = ids[n], so nothing is owed."""
+        pc = self.prefix
+        if pc is None or self.cache.pages or self.cache.pool is not pc.main:
+            return 0
+        n, main, mtp = pc.lookup(ids, need_mtp=self.use_mtp)
+        if n <= 0:
+            return 0
+        self.cache.adopt(main, n)
+        if self.use_mtp:
+            self.mtp_cache.adopt(mtp, n)
+        self.tokens = list(ids[:n])
+        return n
+
     def prefill(self, ids: list[int]) -> int:
         """Run the prompt in chunks (with MTP WARMUP per chunk); returns the first new token."""
-        for tok in self.prefill_steps(ids):
-            if tok is not None:
-                return tok
+        return run_alone(self.model, self.prefill_ops(ids))
 
-    def prefill_steps(self, ids: list[int]):
-        """`prefill` one chunk per iteration: yields None after each chunk but the last, then the
-        first new token. Starts after the prefix that `keep_prefix` keeps (decided here, before
-        the first iteration, so `cache.length` tells at once how much of the prompt was cached)."""
+    def prefill_ops(self, ids: list[int]):
+        """`prefill` as ops, with STEP_END after each chunk but the last; returns the first new
+        token. Starts after the prefix that `keep_prefix` keeps (decided before the first op, so
+        `cache.length` tells at once how much of the prompt was cached)."""
         start = self.keep_prefix(ids)
+        self.tokens = list(ids)
         return self._prefill_from(ids, start)
 
     def _prefill_from(self, ids: list[int], start: int):
-        m = self.model
-        self.tokens = list(ids)
         n = len(ids)
         t = torch.tensor(ids, dtype=torch.long)
         h = None
         for s in range(start, n, self.chunk):
-            h = m.forward(t[s:s + self.chunk], self.cache, s)
+            h = yield ("fwd", t[s:s + self.chunk], self.cache, s, None)
             if self.use_mtp:
                 # rows p = s .. s+len-1 pair h_p with x_{p+1}; the chunk's last row needs the next
                 # chunk's first token (or, at the end, the first generated token): owe it.
@@ -188,12 +261,12 @@ class Sequence:
                 first = s - (0 if self.owed_h is None else self.owed_h.shape[0])
                 k = rows.shape[0] - 1
                 if k > 0:
-                    m.mtp_forward(rows[:k], t[first + 1:first + 1 + k], self.mtp_cache, first)
+                    yield ("mtp", rows[:k], t[first + 1:first + 1 + k], self.mtp_cache, first, None)
                 self.owed_h = rows[k:]
             if s + self.chunk < n:
-                yield None
-        self.last_logits = m.logits(h[-1:])[0]
-        yield self._sample(self.last_logits, self._history())
+                yield STEP_END
+        self.last_logits = (yield ("logits", h[-1:]))[0]
+        return self._sample(self.last_logits, self._history())
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self.gen is None or self.gen.device != device:
@@ -215,19 +288,21 @@ class Sequence:
 
     def plain_step(self, token: int) -> int:
         """Feed the pending token; return the next one."""
-        m = self.model
+        return run_alone(self.model, self.plain_ops(token))
+
+    def plain_ops(self, token: int):
         begin = self._begin()
         start = self.cache.length
-        h = m.forward(torch.tensor([token], dtype=torch.long), self.cache, start)
+        h = yield ("fwd", torch.tensor([token], dtype=torch.long), self.cache, start, None)
         self.tokens.append(token)
-        self.last_logits = m.logits(h)[0]
+        self.last_logits = (yield ("logits", h))[0]
         self._end(begin, 0)
         self.ahead = None
         if self.use_mtp:  # owe the MTP row, so drafting can resume at any step
             self.owed_h = h if self.owed_h is None else torch.cat([self.owed_h, h])
             self._plain_owed += 1
             if self.owed_h.shape[0] > MAX_OWED_MTP_ROWS:
-                self._pay_owed(keep=1)
+                yield from self._pay_owed(keep=1)
                 self._plain_owed = 1
         return self._sample(self.last_logits, self._history())
 
@@ -240,18 +315,21 @@ class Sequence:
         self.mtp_cache = None
         self.ahead = None
 
-    def _pay_owed(self, keep: int) -> None:
+    def _pay_owed(self, keep: int):
         """UPDATE the MTP cache with all owed rows but the last `keep` (whose next token is not
-        known yet, or is the pending one)."""
+        known yet, or is the pending one). Ops."""
         n = self.owed_h.shape[0] - keep
         if n <= 0:
             return
         first = len(self.tokens) - self.owed_h.shape[0]
         nxt = torch.tensor(self.tokens[first + 1:first + 1 + n], dtype=torch.long)
-        self.model.mtp_forward(self.owed_h[:n], nxt, self.mtp_cache, first)
+        yield ("mtp", self.owed_h[:n], nxt, self.mtp_cache, first, None)
         self.owed_h = self.owed_h[n:]
 
     def draft(self, token: int, k: int, p_min: float) -> list[tuple[int, float]]:
+        return run_alone(self.model, self.draft_ops(token, k, p_min))
+
+    def draft_ops(self, token: int, k: int, p_min: float):
         """DRAFT: pay the owed MTP rows (the last one pairs with the pending token) and chain up
         to k greedy drafts. Returns [(token, prob)] (prob: NaN where p_min does not need it);
         the MTP cache ends past the drafted rows."""
@@ -260,14 +338,14 @@ class Sequence:
         n_owed = self.owed_h.shape[0]
         first = len(self.tokens) - n_owed  # slot of the first owed row
         nxt = torch.tensor(self.tokens[first + 1:] + [token], dtype=torch.long)
-        z = m.mtp_forward(self.owed_h, nxt, mc, first)[-1:]
+        z = (yield ("mtp", self.owed_h, nxt, mc, first, None))[-1:]
         self.owed_h = None
         self._catchup, self._plain_owed = self._plain_owed, 0
         drafts = []
         pos = len(self.tokens) + 1  # sequence position of the first draft
         while True:
-            d, prob = self._greedy_draft(z, need_prob=bool(drafts) and p_min > 0,
-                                         history=self._history(token, *(x for x, _ in drafts)))
+            d, prob = yield from self._greedy_draft(z, need_prob=bool(drafts) and p_min > 0,
+                                                    history=self._history(token, *(x for x, _ in drafts)))
             if drafts and prob < p_min:
                 break
             if self.oracle is not None:
@@ -276,34 +354,38 @@ class Sequence:
             if len(drafts) >= k:
                 self._chain = (z, d)
                 break
-            z = m.mtp_forward(z, torch.tensor([d]), mc, mc.length, h_side=m.nextn.side)
+            z = yield ("mtp", z, torch.tensor([d]), mc, mc.length, m.nextn.side)
         if len(drafts) < k:
             self._chain = (z, None)  # stopped by p_min: z already holds the last draft's row
         return drafts
 
-    def _greedy_draft(self, z: torch.Tensor, need_prob: bool, history=()) -> tuple[int, float]:
+    def _greedy_draft(self, z: torch.Tensor, need_prob: bool, history=()):
         """The MTP head's argmax for the row z, and its probability when p_min needs it (NaN
         otherwise: the softmax over the vocabulary and its read-back cost a call or two per draft,
         and the first draft, or any with p_min 0, is kept whatever its probability). `history`:
         the tokens before the drafted one, for the repetition penalty (the target's rows get it
-        too, so a draft that repeats is one the target would not pick)."""
-        logits = self.params.penalise(self.model.mtp_logits(z)[0], history)
+        too, so a draft that repeats is one the target would not pick). Ops; returns (d, prob)."""
+        logits = self.params.penalise((yield ("mtp_logits", z))[0], history)
         d = int(logits.argmax())
         return d, float(torch.softmax(logits, -1)[d]) if need_prob else float("nan")
 
     def _draft_ahead(self, k: int, p_min: float, pos: int) -> None:
         """DRAFT-AHEAD: continue the MTP chain past the last draft: a guess of the main model's
-        token at sequence position `pos`, then up to k drafts after it."""
+        token at sequence position `pos`, then up to k drafts after it. Runs inside the
+        verification's forward (its hook), so its model calls are direct."""
+        run_alone(self.model, self._draft_ahead_ops(k, p_min, pos))
+
+    def _draft_ahead_ops(self, k: int, p_min: float, pos: int):
         m, mc = self.model, self.mtp_cache
         side = m.nextn.side
         z, feed = self._chain
         if mc.length + k + 1 > mc.max_len:  # near the end of the context: no room to draft ahead
             return
         if feed is not None:
-            z = m.mtp_forward(z, torch.tensor([feed]), mc, mc.length, h_side=side)
+            z = yield ("mtp", z, torch.tensor([feed]), mc, mc.length, side)
         guess, ahead = None, []
         while len(ahead) < k:
-            d, prob = self._greedy_draft(z, need_prob=guess is not None and bool(ahead) and p_min > 0)
+            d, prob = yield from self._greedy_draft(z, need_prob=guess is not None and bool(ahead) and p_min > 0)
             if self.oracle is not None:
                 d = self.oracle.replace(pos + len(ahead) + (guess is not None), d)
             if guess is None:
@@ -314,13 +396,16 @@ class Sequence:
                 ahead.append((d, prob))
                 if len(ahead) >= k:
                     break
-            z = m.mtp_forward(z, torch.tensor([d]), mc, mc.length, h_side=side)
+            z = yield ("mtp", z, torch.tensor([d]), mc, mc.length, side)
         self._made = (guess, ahead)
         self.stats.ahead_made += 1
 
     def spec_step(self, token: int, k: int, p_min: float) -> list[int]:
         """One speculative step from pending `token`: returns the emitted tokens (accepted drafts
         and the main model's own next token); the last one is the new pending token."""
+        return run_alone(self.model, self.spec_ops(token, k, p_min))
+
+    def spec_ops(self, token: int, k: int, p_min: float):
         m, st = self.model, self.stats
         begin = self._begin()
         start = self.cache.length
@@ -332,8 +417,8 @@ class Sequence:
             st.ahead_used += 1
         else:
             mtp_start = start  # MTP slots >= this are speculative after drafting
-            with m.timeline.span("phase", "draft", k=k):
-                drafts = self.draft(token, k, p_min)
+            drafts = yield from self.draft_ops(token, k, p_min)
+            m.timeline.add("phase", "draft", t0, time.perf_counter(), {"k": k})
         self.ahead, self._made = None, None
         hook = None
         if self.draft_ahead and not use_ahead and drafts:
@@ -345,8 +430,8 @@ class Sequence:
         t1 = time.perf_counter()
         batch = torch.tensor([token] + [d for d, _ in drafts], dtype=torch.long)
         e0 = m.bus.ctx.cpu_experts_read
-        h = m.forward(batch, self.cache, start, beside_last_experts=hook)
-        logits = m.logits(h)
+        h = yield ("fwd", batch, self.cache, start, hook)
+        logits = yield ("logits", h)
         st.distinct_experts += m.bus.ctx.cpu_experts_read - e0
         t2 = time.perf_counter()
         st.draft_s += t1 - t0

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, check_tensors, read_config
-from .decode import Sequence
+from .decode import STEP_END, Sequence, run_alone
 from placement.schema import Sampling, Speculative
 
 from .errors import NextnError, UnsupportedError
@@ -72,7 +72,8 @@ class Engine:
                  context: int | None = None,
                  use_kernels: bool = True, sampling: Sampling | None = None,
                  speculative: Speculative | None = None, progress: bool = True,
-                 prefill_chunk: int = 512, plan=None, placement=None, overlap: bool | None = None):
+                 prefill_chunk: int = 512, plan=None, placement=None, overlap: bool | None = None,
+                 kv_slots: int | None = None):
         self.file = model_path if isinstance(model_path, GGUFFile) else GGUFFile(model_path)
         self.cfg: ModelConfig = read_config(self.file)
         check_tensors(self.file, self.cfg)
@@ -105,8 +106,18 @@ class Engine:
         # CPU-only machine both sides share the same cores, so it is off unless asked for.
         self.model.overlap = (self.device.type == "cuda") if overlap is None else bool(overlap)
         self._use_fused_blocks()
+        # the KV pools every sequence takes its pages from (runtime/kvpool.py), allocated once:
+        # `kv_slots` positions in all (default: one context), never fewer than one context
+        self.kv_slots = max(int(kv_slots or self.context), self.context)
+        self.pools = self.model.new_pools(self.kv_slots, self.dtype)
+        # full pages of finished sequences, shared with later prompts that start with the same
+        # tokens (a system prompt, a previous turn); evicted when the pools run short
+        from .kvpool import PrefixCache
+
+        self.prefix_cache = PrefixCache(*self.pools)
         self._mtp_notice_given = False
         self.last_result: GenerationResult | None = None
+        self.last_batch = None  # the last generate_batch's Batch (its stats: runtime/runner.py BatchStats)
         self._policies: dict = {}
 
     def _use_fused_blocks(self) -> None:
@@ -209,10 +220,13 @@ class Engine:
             raise NextnError(f"prompt of {len(ids)} tokens is longer than the context ({self.context})")
         return torch.tensor(ids, dtype=torch.long)
 
-    def draft_policy(self, draft_max: int, adaptive: bool) -> DraftPolicy:
-        """The engine keeps one policy per setting, so what it learned about this machine's costs
-        and this model's acceptance carries over between generations."""
-        key = (draft_max, adaptive)
+    def draft_policy(self, draft_max: int, adaptive: bool, batch: int = 1) -> DraftPolicy:
+        """The engine keeps one policy per setting and batch size (1, 2, 3-4, 5-8, ...), so what it
+        learned about this machine's costs and this model's acceptance carries over between
+        generations, and a sequence decoded in a batch is priced at what a step costs in a batch
+        of that size (there one more row costs less than alone: the weights are read once)."""
+        bucket = 1 << max(0, int(batch) - 1).bit_length()
+        key = (draft_max, adaptive) if bucket == 1 else (draft_max, adaptive, bucket)
         if key not in self._policies:
             moe_cpu = sum(1 for b in self.model.blocks
                           if getattr(b.ffn, "routed", None) is not None and b.ffn.routed.side == "cpu")
@@ -220,11 +234,12 @@ class Engine:
         return self._policies[key]
 
     def new_sequence(self, params: SamplingParams, use_mtp: bool, draft_ahead: bool = False,
-                     reuse: Sequence | None = None) -> Sequence:
+                     reuse: Sequence | None = None, prefix: bool = False) -> Sequence:
         """A sequence ready for prefill; with `reuse`, it takes over that finished sequence's
         caches (prompt caching: Sequence.__init__)."""
         return Sequence(self.model, self.context, self.dtype, use_mtp, params, self.prefill_chunk,
-                        draft_ahead=draft_ahead, reuse=reuse)
+                        draft_ahead=draft_ahead, reuse=reuse, pools=self.pools,
+                        prefix=self.prefix_cache if prefix else None)
 
     def resolve_draft_ahead(self, want: bool | None) -> bool:
         """Draft-ahead could pay only where the GPU idles while CPU experts run; on a CPU-only
@@ -241,9 +256,12 @@ class Engine:
             raise NextnError("logits() needs at least one token")
         seq = self.new_sequence(SamplingParams(), use_mtp=False)
         out = []
-        for s in range(0, len(t), self.prefill_chunk):
-            h = self.model.forward(t[s:s + self.prefill_chunk], seq.cache, s)
-            out.append(self.model.logits(h).cpu())
+        try:
+            for s in range(0, len(t), self.prefill_chunk):
+                h = self.model.forward(t[s:s + self.prefill_chunk], seq.cache, s)
+                out.append(self.model.logits(h).cpu())
+        finally:
+            seq.release()
         return torch.cat(out).numpy()
 
     @torch.inference_mode()
@@ -255,15 +273,17 @@ class Engine:
         if len(t) < 2:
             raise NextnError("mtp_logits() needs at least two tokens")
         seq = self.new_sequence(SamplingParams(), use_mtp=True)
-        hs = []
-        for s in range(0, len(t), self.prefill_chunk):
-            hs.append(self.model.forward(t[s:s + self.prefill_chunk], seq.cache, s))
-        h = torch.cat(hs)
-        out = []
-        for s in range(0, len(t) - 1, self.prefill_chunk):
-            e = min(s + self.prefill_chunk, len(t) - 1)
-            z = self.model.mtp_forward(h[s:e], t[s + 1:e + 1], seq.mtp_cache, s)
-            out.append(self.model.mtp_logits(z).cpu())
+        hs, out = [], []
+        try:
+            for s in range(0, len(t), self.prefill_chunk):
+                hs.append(self.model.forward(t[s:s + self.prefill_chunk], seq.cache, s))
+            h = torch.cat(hs)
+            for s in range(0, len(t) - 1, self.prefill_chunk):
+                e = min(s + self.prefill_chunk, len(t) - 1)
+                z = self.model.mtp_forward(h[s:e], t[s + 1:e + 1], seq.mtp_cache, s)
+                out.append(self.model.mtp_logits(z).cpu())
+        finally:
+            seq.release()
         return torch.cat(out).numpy()
 
     # ---- generation ------------------------------------------------------------------------------
@@ -289,32 +309,28 @@ class Engine:
         yield from run
         self.last_result = run.result
 
-    def generate_batch(self, prompts, **kw) -> list[GenerationResult]:
-        """One result per prompt. The sequences decode concurrently, one thread each: while one
-        sequence's routed experts run on the CPU (the C kernels release the GIL; one CPU expert
-        call at a time), another's GPU-side work proceeds. Each result equals what `generate`
-        gives for that prompt alone."""
+    def generate_batch(self, prompts, settings: list[dict] | None = None, max_batch: int | None = None,
+                       **kw) -> list[GenerationResult]:
+        """One result per prompt, decoded together: each step runs one forward over every active
+        sequence's rows (runtime/batch.py). `settings`: per-prompt keyword arguments (sampling,
+        MTP, max_tokens...) over the shared `kw`. Each result equals what `generate` gives for
+        that prompt alone (bit for bit on the CPU in float32)."""
+        from .batch import Batch
+
         prompts = list(prompts)
-        if len(prompts) <= 1:
-            return [self.generate(p, **kw) for p in prompts]
-        runs = [_Run(self, p, **kw) for p in prompts]  # validate everything before starting
-
-        def drive(run: _Run) -> GenerationResult:
-            for _ in run:
-                pass
-            return run.result
-
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="nextn-seq") as ex:
-            return list(ex.map(drive, runs))
+        if settings is not None and len(settings) != len(prompts):
+            raise NextnError(f"{len(settings)} settings for {len(prompts)} prompts")
+        runs = [_Run(self, p, **{**kw, **(settings[i] if settings else {})}) for i, p in enumerate(prompts)]
+        batch = self.last_batch = Batch(self, max_batch=max_batch)
+        for r in runs:  # everything validated before anything starts
+            batch.add(r)
+        batch.run_to_end()
+        return [r.result for r in runs]
 
     def generate(self, prompt, **kw) -> GenerationResult:
-        run = _Run(self, prompt, **kw)
-        for _ in run:
-            pass
-        self.last_result = run.result
-        return run.result
+        res = self.generate_batch([prompt], **kw)[0]
+        self.last_result = res
+        return res
 
 
 class _Run:
@@ -328,7 +344,8 @@ class _Run:
     def __init__(self, engine: Engine, prompt, *, max_tokens=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, seed=None, mtp=None, draft_max=None, p_min=None,
                  adaptive=None, draft_ahead=None, stop=None, chat: bool = False, trace=None, oracle=None,
-                 repeat_penalty=None, repeat_last_n=None, reuse: Sequence | None = None):
+                 repeat_penalty=None, repeat_last_n=None, reuse: Sequence | None = None,
+                 cache_prompt: bool = False):
         d, sp = engine.sampling, engine.speculative
         pick = lambda v, dv: dv if v is None else v  # noqa: E731
         self.engine = engine
@@ -356,6 +373,13 @@ class _Run:
         # a finished sequence whose caches this run takes over, keeping the KV of the longest
         # common prefix (prompt caching): see Sequence.__init__
         self.reuse = reuse
+        self.keep_seq = False  # set by a caller that keeps the finished sequence as a prompt cache
+        # share KV pages of cached prefixes (the engine's PrefixCache) and leave this run's there.
+        # Off by default: a prefix computed in another chunking (a long prompt's prefill chunk
+        # runs batched matmuls) may differ from this prompt's own in the last bits, and a caller
+        # comparing two runs of one prompt expects the same tokens
+        self.cache_prompt = bool(cache_prompt)
+        self.batch_size = 1  # sequences decoded beside this one when it starts (its draft policy's)
         if isinstance(prompt, str):
             text = prompt
             if chat:
@@ -375,14 +399,17 @@ class _Run:
         self._closed = True  # until begin() opens the run's context
 
     def __iter__(self) -> Iterator[str]:
+        from .batch import Batch
+
+        batch = Batch(self.engine)
+        batch.add(self)
         try:
-            self.begin()
             while not self.done:
-                piece = self.step()
-                if piece:
-                    yield piece
+                for run, piece in batch.round():
+                    if piece:
+                        yield piece
         finally:
-            self.close()
+            batch.cancel(self)
 
     # ---- the step machine ----------------------------------------------------------------------
 
@@ -395,7 +422,7 @@ class _Run:
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.text, self._sent, self.out = "", 0, []
         self.finish = "length"
-        policy = e.draft_policy(self.draft_max, self.adaptive) if self.use_mtp else None
+        policy = e.draft_policy(self.draft_max, self.adaptive, self.batch_size) if self.use_mtp else None
         use_mtp = self.use_mtp and (policy is None or policy.start_sequence())
         self._policy = policy if use_mtp else None
         self._decider = policy  # kept for the stats' `draft_policy` line after `_policy` is dropped
@@ -405,12 +432,15 @@ class _Run:
         self.ctx = e.model.bus.begin_run(self._tl)
         self._closed = False
         with torch.inference_mode():
-            seq = self.seq = e.new_sequence(self.params, use_mtp, self.draft_ahead, reuse=self.reuse)
+            seq = self.seq = e.new_sequence(self.params, use_mtp, self.draft_ahead, reuse=self.reuse,
+                                            prefix=self.cache_prompt)
         self.reuse = None
         seq.oracle = self.oracle
-        self._prefill = seq.prefill_steps(self.prompt_ids) if self.max_tokens > 0 else None
+        self._prefill = seq.prefill_ops(self.prompt_ids) if self.max_tokens > 0 else None
+        self._prefill_len = len(self.prompt_ids)  # tokens the prefill runs
         self.cached_tokens = seq.cache.length  # prompt tokens whose KV was kept from `reuse`
         self._pending = None
+        self._resuming = False
         self._plain_next = False  # the last step emitted `pending` alone: a plain step feeds it next
         self._t0 = self._t1 = time.perf_counter()
         self.done = self.max_tokens == 0
@@ -420,65 +450,110 @@ class _Run:
     def step(self) -> str:
         """One model step; returns the text it completed (held back while it may start a stop
         string). Sets `done` at the end; the result is then in `.result`."""
-        e, seq = self.engine, self.seq
-        _activate(e.model.bus, self.ctx)
+        _activate(self.engine.model.bus, self.ctx)
         with torch.inference_mode():
-            if self._prefill is not None:
-                with self._tl.span("phase", "prefill", tokens=len(self.prompt_ids)):
-                    self._pending = next(self._prefill, None)
-                if self._pending is None:
-                    return ""
-                self._prefill = None
-                self._t1 = time.perf_counter()
-            policy = self._policy
-            if self._plain_next:
-                # `pending` was emitted by the last step alone; feed it
-                self._plain_next = False
-                if len(seq.tokens) >= e.context:
-                    self.finish = "context"
-                    return self._end()
-                nxt = seq.plain_step(self._pending)
-                if self.use_mtp and self._limit > 0:  # also after the policy turned drafting off
-                    self._lengths[0] = self._lengths.get(0, 0) + 1
-                if policy is not None and self._limit > 0:
-                    policy.observe(0, 0, 0, seq.last_sample)
-                    if policy.mtp_loses():
-                        policy.give_up()
-                        seq.stop_mtp()
-                        self._policy, self._mtp_off = None, True
-                self._pending = nxt
+            self.seq.reserve(self.slots_next())
+            return run_alone(self.engine.model, self.step_ops())
+
+    def slots_next(self) -> int:
+        """Cache slots (0..n-1) the next step may write: a prefill chunk, or the pending token
+        with at most draft_max drafts (and draft-ahead's rows past them). Its pages are reserved
+        before the step starts."""
+        seq = self.seq
+        if self._prefill is not None:
+            return min(self._prefill_len, seq.cache.length + seq.chunk)
+        return len(seq.tokens) + 2 * (self.draft_max if self._policy is not None else 0) + 2
+
+    def step_ops(self):
+        """`step` as ops (runtime/decode.py): a runner serves them, batched with other runs'."""
+        e, seq = self.engine, self.seq
+        if self._prefill is not None:
+            t0 = time.perf_counter()
+            done, tok = yield from _until_step_end(self._prefill)
+            self._tl.add("phase", "prefill", t0, time.perf_counter(), {"tokens": len(self.prompt_ids)})
+            if not done:
                 return ""
-            # `pending` is the next token, not yet in the main cache. A speculative step feeds it
-            # with k drafts and returns the accepted drafts plus the new pending.
-            pending = self._pending
-            room = e.context - len(seq.tokens) - 1  # cache slots left after pending's own
-            limit = min(room, self.max_tokens - len(self.out) - 1)
-            k = policy.choose(limit) if policy is not None else 0
-            nxt = None
-            emit = [pending]
-            if k > 0:
-                step = seq.spec_step(pending, k, self.p_min)
-                emit, nxt = emit + step[:-1], step[-1]
-                policy.observe(k, seq.last_drafted, seq.last_accepted, seq.last_sample)
-                self._lengths[k] = self._lengths.get(k, 0) + 1
-            for t in emit:
-                if t in self._eos:
-                    self.finish = "eos"
-                    return self._end()
-                self.out.append(t)
-                self.text += self._dec.push(t)
-                hit = self._find_stop(self.text)
-                if hit is not None:
-                    self.text, self.finish = self.text[:hit], "stop"
-                    return self._end()
-                if len(self.out) >= self.max_tokens:
-                    self.finish = "length"
-                    return self._end()
-            if nxt is None:
-                self._plain_next, self._limit = True, limit
-            else:
-                self._pending = nxt
-            return self._take(len(self.text) - self._hold)
+            self._prefill = None
+            if self._resuming:  # recomputed after a preemption: `pending` is still the next token
+                self._resuming = False
+                return ""
+            self._pending = tok
+            self._t1 = time.perf_counter()
+        policy = self._policy
+        if self._plain_next:
+            # `pending` was emitted by the last step alone; feed it
+            self._plain_next = False
+            if len(seq.tokens) >= e.context:
+                self.finish = "context"
+                return self._end()
+            nxt = yield from seq.plain_ops(self._pending)
+            if self.use_mtp and self._limit > 0:  # also after the policy turned drafting off
+                self._lengths[0] = self._lengths.get(0, 0) + 1
+            if policy is not None and self._limit > 0:
+                policy.observe(0, 0, 0, seq.last_sample)
+                if policy.mtp_loses():
+                    policy.give_up()
+                    seq.stop_mtp()
+                    self._policy, self._mtp_off = None, True
+            self._pending = nxt
+            return ""
+        # `pending` is the next token, not yet in the main cache. A speculative step feeds it
+        # with k drafts and returns the accepted drafts plus the new pending.
+        pending = self._pending
+        room = e.context - len(seq.tokens) - 1  # cache slots left after pending's own
+        limit = min(room, self.max_tokens - len(self.out) - 1)
+        k = policy.choose(limit) if policy is not None else 0
+        nxt = None
+        emit = [pending]
+        if k > 0:
+            step = yield from seq.spec_ops(pending, k, self.p_min)
+            emit, nxt = emit + step[:-1], step[-1]
+            policy.observe(k, seq.last_drafted, seq.last_accepted, seq.last_sample)
+            self._lengths[k] = self._lengths.get(k, 0) + 1
+        for t in emit:
+            if t in self._eos:
+                self.finish = "eos"
+                return self._end()
+            self.out.append(t)
+            self.text += self._dec.push(t)
+            hit = self._find_stop(self.text)
+            if hit is not None:
+                self.text, self.finish = self.text[:hit], "stop"
+                return self._end()
+            if len(self.out) >= self.max_tokens:
+                self.finish = "length"
+                return self._end()
+        if nxt is None:
+            self._plain_next, self._limit = True, limit
+        else:
+            self._pending = nxt
+        return self._take(len(self.text) - self._hold)
+
+    def preempt(self) -> None:
+        """Give the sequence's pages back (the pool is short); `resume` recomputes them."""
+        seq = self.seq
+        self._resume = (list(seq.tokens[:seq.cache.length]), seq)
+        seq.release()
+
+    @property
+    def _resume_pending(self) -> bool:
+        return getattr(self, "_resume", None) is not None
+
+    def resume(self) -> None:
+        """After `preempt`: a new sequence prefills the tokens the old one held (prompt and
+        output so far, or the part of the prompt it had reached); the pending token, the text so
+        far, the sampler and the statistics carry over."""
+        held, old = self._resume
+        self._resume = None
+        e = self.engine
+        seq = self.seq = e.new_sequence(self.params, old.use_mtp, self.draft_ahead)
+        seq.stats, seq.gen, seq.oracle, seq.last_sample = old.stats, old.gen, old.oracle, old.last_sample
+        if self._prefill is not None:  # preempted during its prefill: start it again
+            self._prefill = seq.prefill_ops(self.prompt_ids)
+            return
+        self._prefill = seq.prefill_ops(held)
+        self._prefill_len = len(held)
+        self._resuming = True
 
     def _take(self, upto: int) -> str:
         if upto <= self._sent:
@@ -507,10 +582,13 @@ class _Run:
         self.close()
 
     def close(self) -> None:
-        """Release the thread's run context; writes the trace if one was asked for."""
+        """Release the run context and, unless a caller keeps the sequence (`keep_seq`: the
+        server's prompt cache), its KV pages; writes the trace if one was asked for."""
         if self._closed:
             return
         self._closed = True
+        if self.seq is not None and not self.keep_seq:
+            self.seq.release(cache_prefix=self.cache_prompt and self.finish != "error")
         self.engine.model.bus.end_run()
         if self.trace is not None:
             self._tl.write_chrome_trace(self.trace)
@@ -562,6 +640,20 @@ class _Run:
             if i != -1 and (best is None or i < best):
                 best = i
         return best
+
+
+def _until_step_end(gen):
+    """Relay a prefill generator's ops until its next STEP_END (returns (False, None)) or its end
+    (returns (True, its value))."""
+    res = None
+    while True:
+        try:
+            op = gen.send(res)
+        except StopIteration as e:
+            return True, e.value
+        if op is STEP_END:
+            return False, None
+        res = yield op
 
 
 def _activate(bus, ctx) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .linear import ROWWISE_MAX, KernelLinear
-from .model import MoE, GLM4Model, KVCache, RunContext
+from .model import MoE, GLM4Model, RunContext, Seg
 from .trace import NULL_TIMELINE
 
 
@@ -136,38 +136,50 @@ class FusedLayers:
                     h = torch.zeros(1, m.cfg.hidden)
                     z = m._mtp_pre(h, torch.zeros(1, dtype=torch.long), None)
                     e1 = ctx.activation_bytes
-                    m._block(m.nextn.block, z, m.nextn.side, 0, cache, 0, m._positions(1, 0, 1))
+                    m._block(m.nextn.block, z, m.nextn.side, 0, m._positions([Seg(cache, 0, 1, 1)]))
                     return ctx.activation_bytes - e1
                 cache = m.new_cache(1, torch.float32)
                 x, side = m.embed(torch.zeros(1, dtype=torch.long)), m.embed.side
                 e0 = ctx.activation_bytes
                 for layer, b in enumerate(m.blocks):
-                    x, side = m._block(b, x, side, layer, cache, 0, m._positions(0, 0, 1))
+                    x, side = m._block(b, x, side, layer, m._positions([Seg(cache, 0, 1, 0)]))
                 m.bus.to(x, side, m.output_norm_side)
                 return ctx.activation_bytes - e0
         finally:
             bus._tls.ctx = saved if saved is not None else RunContext()
 
     @staticmethod
-    def accepts(T: int, cache: KVCache) -> bool:
-        return T <= ROWWISE_MAX and cache.fusable
+    def accepts(segs: list[Seg]) -> bool:
+        """Decode-shaped rows (each sequence's at most ROWWISE_MAX: a step, a draft, a verify
+        batch) in float32 CPU caches of one pool; prefill chunks keep the torch path."""
+        pool = segs[0].cache.pool
+        return pool.fusable and all(sg.n <= ROWWISE_MAX and sg.cache.pool is pool for sg in segs)
 
-    def _view(self, stack, cache: KVCache):
-        v = cache.fused_view
+    def _view(self, stack, pool):
+        v = pool.fused_view
         if v is None or v[0] is not stack:
-            cache.fused_view = v = (stack, stack.cache(cache.k, cache.v))
+            pool.fused_view = v = (stack, stack.cache(pool.k, pool.v))
         return v[1]
 
-    def run(self, x: torch.Tensor, cache: KVCache, start: int, pos0: int, mtp: bool) -> torch.Tensor:
-        """x [T, H] float32 (a fresh tensor: updated in place) through every block, then the final
-        norm (output_norm, or the MTP layer's shared_head_norm)."""
+    def run(self, x: torch.Tensor, segs: list[Seg], mtp: bool) -> torch.Tensor:
+        """x [T, H] float32 (a fresh tensor: updated in place), the rows of `segs` in order, through
+        every block, then the final norm (output_norm, or the MTP layer's shared_head_norm)."""
         m = self.model
         ctx = m.bus.ctx
         stack = self.mtp if mtp else self.main
         if not x.is_contiguous():
             x = x.contiguous()
+        if len(segs) == 1:
+            sg = segs[0]
+            pos = np.arange(sg.pos0, sg.pos0 + sg.n, dtype=np.int64)
+            lslot = np.arange(sg.start, sg.start + sg.n, dtype=np.int64)
+            maps = [sg.cache.slot_map] * sg.n
+        else:
+            pos = np.concatenate([np.arange(sg.pos0, sg.pos0 + sg.n, dtype=np.int64) for sg in segs])
+            lslot = np.concatenate([np.arange(sg.start, sg.start + sg.n, dtype=np.int64) for sg in segs])
+            maps = [sg.cache.slot_map for sg in segs for _ in range(sg.n)]
         t0 = perf_counter()
-        exp_s, distinct = stack.forward(x, self._view(stack, cache), pos0, start)
+        exp_s, distinct = stack.forward_rows(x, self._view(stack, segs[0].cache.pool), pos, lslot, maps)
         t1 = perf_counter()
         ctx.cpu_expert_s += exp_s
         ctx.cpu_experts_read += distinct

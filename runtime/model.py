@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
+from .kvpool import KVPool, SeqKV, private_cache
 from .linear import ROWWISE_MAX, KernelLinear, QuantizedTable, linear, rowwise
 from .trace import NULL_TIMELINE, Timeline
 
@@ -179,10 +180,12 @@ class RoPE:
 class Positions:
     """One forward's rows: their positions, rotary cos/sin rows and causal mask, made once per
     device that runs the forward's attention, not once per layer (each is a kernel launch on a
-    GPU). Rows sit at cache slots start..start+T-1."""
+    GPU). The rows are `segs`, one per sequence, in order; the mask is for a forward of one
+    sequence whose rows sit at cache slots start..start+T-1."""
 
-    def __init__(self, rope: RoPE, pos: torch.Tensor, start: int):
+    def __init__(self, rope: RoPE, pos: torch.Tensor, start: int, segs: list | None = None):
         self.rope, self.pos, self.start = rope, pos, start
+        self.segs = segs
         self._cs: dict = {}
         self._mask: dict = {}
 
@@ -205,35 +208,19 @@ class Positions:
         return cs
 
 
-class KVCache:
-    """Preallocated K/V per layer, indexed by slot; `length` slots are valid.
+# A sequence's KV cache is its slots in a pool (runtime/kvpool.py): `SeqKV` keeps the old cache's
+# surface (length, max_len, truncate, reset) and reads/writes by logical slot.
+KVCache = SeqKV
 
-    Each layer's K/V lives on the device of that layer's attention (plans may put some layers'
-    attention on the CPU side). Truncation is just lowering `length` (speculative rollback); rows
-    past it are overwritten by the next forward.
-    """
 
-    def __init__(self, devices: list, max_len: int, n_kv: int, head_dim: int, dtype):
-        self.k = [torch.zeros(max_len, n_kv, head_dim, dtype=dtype, device=d) for d in devices]
-        self.v = [torch.zeros_like(k) for k in self.k]
-        self.max_len = max_len
-        self.length = 0
-        # the fused CPU path (runtime/fused.py) reads float32 caches in CPU memory; it keeps its
-        # pointer view of them here
-        self.fusable = dtype == torch.float32 and all(torch.device(d).type == "cpu" for d in devices)
-        self.fused_view = None
+@dataclass
+class Seg:
+    """One sequence's rows in a forward: `n` rows at cache slots start.. and positions pos0.."""
 
-    def truncate(self, n: int) -> None:
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
-        self.length = n
-
-    def reset(self) -> None:
-        self.length = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(2 * k.numel() * k.element_size() for k in self.k)
+    cache: SeqKV
+    start: int
+    n: int
+    pos0: int
 
 
 @dataclass
@@ -370,8 +357,7 @@ class GLM4Model:
 
     # ---- building blocks -------------------------------------------------------------------
 
-    def _attention(self, a: Attention, x: torch.Tensor, layer: int, cache: KVCache, start: int,
-                   pos: Positions) -> torch.Tensor:
+    def _attention(self, a: Attention, x: torch.Tensor, layer: int, pos: Positions) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
         h = rms_norm(x, a.norm, cfg.rms_eps)
@@ -383,12 +369,29 @@ class GLM4Model:
             qk = rms_norm(qk, a.qk_norm, cfg.rms_eps)
         qk = self.rope(qk, pos.cos_sin(x.device))
         q, k = qk[:, :nh], qk[:, nh:]
+        segs = pos.segs
+        if len(segs) == 1:
+            o = self._attend(q, k, v, layer, segs[0], pos)
+        else:  # a batched step: each sequence's rows over its own cache
+            outs, r = [], 0
+            for sg in segs:
+                outs.append(self._attend(q[r:r + sg.n], k[r:r + sg.n], v[r:r + sg.n], layer, sg, pos))
+                r += sg.n
+            o = torch.cat(outs)
+        o = _as(o.reshape(T, cfg.n_heads * cfg.head_dim), x.dtype)
+        return linear(o, a.wo)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, sg: Seg,
+                pos: Positions) -> torch.Tensor:
+        """One sequence's rows: K/V written at its slots start..start+T-1, then attention of row t
+        over slots 0..start+t; returns [T, heads, head_dim]."""
+        cfg = self.cfg
+        T, start = q.shape[0], sg.start
         end = start + T
-        ck, cv = cache.k[layer], cache.v[layer]
-        ck[start:end].copy_(k)  # converts to the cache dtype in the same call (one kernel, not two)
-        cv[start:end].copy_(v)
-        K = ck[:end].transpose(0, 1)[None]  # [1, kv, S, D]
-        V = cv[:end].transpose(0, 1)[None]
+        sg.cache.write(layer, start, k, v)  # converts to the cache dtype in the same call
+        ck, cv = sg.cache.read(layer, end)
+        K = ck.transpose(0, 1)[None]  # [1, kv, S, D]
+        V = cv.transpose(0, 1)[None]
         Q = _as(q.transpose(0, 1)[None], K.dtype)  # [1, heads, T, D]
         scale = cfg.head_dim ** -0.5
         if T == 1:  # a decode step: the one-row call itself (no list, no concatenation)
@@ -402,13 +405,11 @@ class GLM4Model:
                                                           V[:, :, :start + t + 1], scale=scale, enable_gqa=True)
                            for t in range(T)], dim=2)
         else:
-            o = F.scaled_dot_product_attention(Q, K, V, attn_mask=pos.mask(x.device), scale=scale, enable_gqa=True)
-        o = _as(o[0].transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim), x.dtype)
-        return linear(o, a.wo)
+            o = F.scaled_dot_product_attention(Q, K, V, attn_mask=pos.mask(q.device), scale=scale, enable_gqa=True)
+        return o[0].transpose(0, 1)
 
-    def _block(self, b: Block, x: torch.Tensor, x_side: str, layer: int, cache: KVCache, start: int,
-               pos: Positions, tag: str = "", beside_experts: Callable[[], None] | None = None
-               ) -> tuple[torch.Tensor, str]:
+    def _block(self, b: Block, x: torch.Tensor, x_side: str, layer: int, pos: Positions, tag: str = "",
+               beside_experts: Callable[[], None] | None = None) -> tuple[torch.Tensor, str]:
         """One block. `beside_experts` (only given for an MoE block) runs on this thread while the
         block's CPU experts run on the worker when overlapping, else right after them."""
         bus = self.bus
@@ -417,7 +418,7 @@ class GLM4Model:
         a = b.attn
         t0 = perf_counter()
         x = bus.to(x, x_side, a.side)
-        x = x + self._attention(a, x, layer, cache, start, pos)
+        x = x + self._attention(a, x, layer, pos)
         h = rms_norm(x, a.post_norm, self.cfg.rms_eps)
         if isinstance(b.ffn, DenseFFN):
             y = bus.to(b.ffn(bus.to(h, a.side, b.ffn.side)), b.ffn.side, a.side)
@@ -487,13 +488,41 @@ class GLM4Model:
 
     # ---- the main model ----------------------------------------------------------------------
 
+    def new_pools(self, n_slots: int, dtype) -> tuple[KVPool, KVPool | None]:
+        """The KV pools every sequence of an engine takes its slots from (runtime/kvpool.py): one
+        for the main model's layers and one for the MTP layer (None without one), each of
+        `n_slots` positions, allocated once."""
+        cfg = self.cfg
+        main = KVPool([self.bus.devices[b.attn.side] for b in self.blocks], n_slots, cfg.n_kv_heads,
+                      cfg.head_dim, dtype)
+        mtp = None if self.nextn is None else KVPool([self.bus.devices[self.nextn.block.attn.side]], n_slots,
+                                                     cfg.n_kv_heads, cfg.head_dim, dtype)
+        return main, mtp
+
     def new_cache(self, max_len: int, dtype) -> KVCache:
+        """A main-model cache with a pool of its own (one-off forwards, tools, tests)."""
         devs = [self.bus.devices[b.attn.side] for b in self.blocks]
-        return KVCache(devs, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+        return private_cache(devs, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
 
     def new_mtp_cache(self, max_len: int, dtype) -> KVCache:
         dev = self.bus.devices[self.nextn.block.attn.side]
-        return KVCache([dev], max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+        return private_cache([dev], max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+
+    @staticmethod
+    def _segs(items, what: str, shift: int) -> list[Seg]:
+        """The forward's segments, with their caches holding the slots the rows write."""
+        segs = []
+        for rows, cache, start in items:
+            T = rows.shape[0]
+            if start < 0 or start + T > cache.max_len:
+                raise ValueError(f"{what} {start}..{start + T - 1} exceed the context of {cache.max_len}")
+            cache.reserve(start + T)
+            segs.append(Seg(cache, start, T, start + shift))
+        return segs
+
+    @staticmethod
+    def _split(x: torch.Tensor, segs: list[Seg]) -> list[torch.Tensor]:
+        return [x] if len(segs) == 1 else list(x.split([sg.n for sg in segs]))
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int,
                 beside_last_experts: Callable[[], None] | None = None) -> torch.Tensor:
@@ -501,36 +530,50 @@ class GLM4Model:
         on the head's side. The cache's valid length becomes start+T. `beside_last_experts` runs
         once, beside the last MoE block's routed experts (draft-ahead uses it: the GPU is otherwise
         idle while they run on the CPU), or at the end when there is no MoE block."""
-        T = tokens.shape[0]
-        if start + T > cache.max_len:
-            raise ValueError(f"positions {start}..{start + T - 1} exceed the context of {cache.max_len}")
+        return self.forward_batch([(tokens, cache, start)], beside_last_experts)[0]
+
+    def forward_batch(self, items, beside_last_experts: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """Several sequences' rows in one forward: `items` are (tokens [T_i], cache, start), one per
+        sequence; returns h after output_norm per item. Every matrix is read once for all rows
+        (one router call, one routed-expert call per layer); attention runs per sequence over its
+        own cache. On the CPU in float32 each row gets the bits it gets alone (the fused path's
+        kernels are batch-invariant; runtime/runner.py keeps other CPU paths to one sequence a
+        call)."""
+        segs = self._segs(items, "positions", 0)
+        tokens = items[0][0] if len(items) == 1 else torch.cat([it[0] for it in items])
         t0 = perf_counter()
         x, side = self.embed(tokens), self.embed.side
         self.timeline.add("gpu", "embed", t0, perf_counter())
-        if self.fused is not None and self.fused.accepts(T, cache):
-            x = self.fused.run(x, cache, start, start, mtp=False)  # through output_norm
-            cache.length = start + T
+        if self.fused is not None and self.fused.accepts(segs):
+            x = self.fused.run(x, segs, mtp=False)  # through output_norm
+            for sg in segs:
+                sg.cache.length = sg.start + sg.n
             if beside_last_experts is not None:
                 beside_last_experts()
-            return x
-        pos = self._positions(start, start, T)
+            return self._split(x, segs)
+        pos = self._positions(segs)
         if self._last_moe is None:
             self._last_moe = max((i for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)), default=-1)
         last_moe = self._last_moe
         for layer, b in enumerate(self.blocks):
             hook = beside_last_experts if layer == last_moe else None
-            x, side = self._block(b, x, side, layer, cache, start, pos, beside_experts=hook)
+            x, side = self._block(b, x, side, layer, pos, beside_experts=hook)
         if last_moe < 0 and beside_last_experts is not None:
             beside_last_experts()
-        cache.length = start + T
+        for sg in segs:
+            sg.cache.length = sg.start + sg.n
         t0 = perf_counter()
         x = self.bus.to(x, side, self.output_norm_side)
         x = rms_norm(x, self.output_norm, self.cfg.rms_eps)
         self.timeline.add("gpu", "output norm", t0, perf_counter())
-        return x
+        return self._split(x, segs)
 
-    def _positions(self, pos0: int, slot0: int, T: int) -> Positions:
-        return Positions(self.rope, torch.arange(pos0, pos0 + T), slot0)
+    def _positions(self, segs: list[Seg]) -> Positions:
+        if len(segs) == 1:
+            pos = torch.arange(segs[0].pos0, segs[0].pos0 + segs[0].n)
+        else:
+            pos = torch.cat([torch.arange(sg.pos0, sg.pos0 + sg.n) for sg in segs])
+        return Positions(self.rope, pos, segs[0].start, segs)
 
     def logits(self, h: torch.Tensor, side: str | None = None) -> torch.Tensor:
         t0 = perf_counter()
@@ -546,19 +589,28 @@ class GLM4Model:
         """MTP rows: (h_p after output_norm, x_{p+1}) for p = start..start+T-1, at positions p+1,
         cache slots p. `h_prev` lies on `h_side` (default: where output_norm runs). Returns the output
         AFTER shared_head_norm [T, H] on the MTP side (fed back as h_prev to draft more)."""
+        return self.mtp_forward_batch([(h_prev, next_tokens, cache, start, h_side)])[0]
+
+    def mtp_forward_batch(self, items) -> list[torch.Tensor]:
+        """Several sequences' MTP rows in one forward: `items` are (h_prev, next_tokens, cache,
+        start, h_side) as `mtp_forward` takes them; returns one output per item."""
         n = self.nextn
-        T = next_tokens.shape[0]
-        if start + T > cache.max_len:
-            raise ValueError(f"MTP slots {start}..{start + T - 1} exceed the context of {cache.max_len}")
-        z = self._mtp_pre(h_prev, next_tokens, h_side)
-        if self.fused is not None and self.fused.accepts(T, cache):
-            z = self.fused.run(z, cache, start, start + 1, mtp=True)  # through shared_head_norm
-            cache.length = start + T
-            return z
-        z, side = self._block(n.block, z, n.side, 0, cache, start, self._positions(start + 1, start, T), tag="mtp ")
-        cache.length = start + T
+        segs = self._segs([(it[1], it[2], it[3]) for it in items], "MTP slots", 1)
+        if len(items) == 1:
+            z = self._mtp_pre(items[0][0], items[0][1], items[0][4])
+        else:
+            hs = [self.bus.to(h, side or self.output_norm_side, n.side) for h, _, _, _, side in items]
+            z = self._mtp_pre(torch.cat(hs), torch.cat([it[1] for it in items]), n.side)
+        if self.fused is not None and self.fused.accepts(segs):
+            z = self.fused.run(z, segs, mtp=True)  # through shared_head_norm
+            for sg in segs:
+                sg.cache.length = sg.start + sg.n
+            return self._split(z, segs)
+        z, side = self._block(n.block, z, n.side, 0, self._positions(segs), tag="mtp ")
+        for sg in segs:
+            sg.cache.length = sg.start + sg.n
         z = self.bus.to(z, side, n.side)
-        return rms_norm(z, n.shared_head_norm, self.cfg.rms_eps)
+        return self._split(rms_norm(z, n.shared_head_norm, self.cfg.rms_eps), segs)
 
     def _mtp_pre(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, h_side: str | None) -> torch.Tensor:
         """eh_proj(concat[enorm(embed(x_{p+1})), hnorm(h_p)]): the MTP block's input rows."""

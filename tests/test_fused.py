@@ -167,7 +167,7 @@ def test_block_stack_rejects_bad_input(engine):
     f = engine.model.fused
     stack = f.main
     cache = engine.new_sequence(SamplingParams(), use_mtp=False).cache
-    kv = stack.cache(cache.k, cache.v)
+    kv = stack.cache(cache.pool.k, cache.pool.v)
     H = engine.cfg.hidden
     with pytest.raises(ValueError, match="float32"):
         stack.forward(np.zeros((1, H), np.float64), kv, 0, 0)
@@ -176,7 +176,7 @@ def test_block_stack_rejects_bad_input(engine):
     with pytest.raises(ValueError, match="exceed"):
         stack.forward(np.zeros((1, H), np.float32), kv, 10**9, 0)
     with pytest.raises(ValueError):
-        stack.cache(cache.k[:1], cache.v[:1])
+        stack.cache(cache.pool.k[:1], cache.pool.v[:1])
     with pytest.raises(ValueError):
         BlockStack(stack.dims, [])
     # a descriptor damaged after validation: C checks again before it reads anything

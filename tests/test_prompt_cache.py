@@ -19,6 +19,7 @@ def eng():
 
 def run(eng, ids, reuse=None, steps=None, **kw):
     r = _Run(eng, ids, max_tokens=kw.pop("max_tokens", 16), adaptive=False, draft_max=3, reuse=reuse, **kw)
+    r.keep_seq = True  # its caches may be taken over by the next run, as a server slot keeps them
     if steps is None:
         for _ in r:
             pass

@@ -79,7 +79,8 @@ def serve(target, *, overrides: dict, server: dict, engine_kw: dict) -> int:
 
     def load():
         try:
-            eng = engine_from_plan(plan, progress=False, **engine_kw)
+            # one KV pool for all slots: the context of every slot together (llama-server's -c)
+            eng = engine_from_plan(plan, progress=False, kv_slots=per_slot * s.parallel, **engine_kw)
             sch = Scheduler(eng, s.parallel, queue)
             sch.start()
             state.engine, state.scheduler = eng, sch

@@ -1,10 +1,12 @@
 """Slots: N generations decoding concurrently on one engine, driven by one worker thread.
 
-The worker owns the model. Each cycle it admits queued requests to free slots, then gives every
-busy slot one model step in turn (a prefill chunk, a plain step or an MTP speculative step:
-`engine._Run.step`), so a long prompt is prefilled chunk by chunk between the other slots' decode
-steps. Each slot's generation has its own `Sequence` (KV and MTP caches), sampler and draft
-state; greedy output is what the engine gives for the same prompt alone.
+The worker owns the model. Each cycle it admits queued requests to free slots, then runs one
+round of the slots' batch (runtime/batch.py): every busy slot's step (a prefill chunk, a plain
+step or an MTP speculative step) advances, and the steps' model calls of one kind run as one
+batched call for all slots, so a long prompt is prefilled chunk by chunk between the other slots'
+decode steps. Each slot's generation has its own `Sequence` (KV and MTP caches in the engine's
+one pool), sampler and draft state; greedy output is what the engine gives for the same prompt
+alone.
 
 Prompt caching: a slot keeps its last sequence, whose KV covers its last prompt and reply. A new
 request goes to the free slot sharing the longest prefix with its prompt and prefills only the
@@ -91,6 +93,12 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="nextn-slots", daemon=True)
+        # the slots' runs step together: one batched forward per round for all of them
+        from ..batch import Batch
+
+        self.batch = Batch(engine, max_batch=n_slots)
+        self.batch.on_error = self._run_failed
+        self._slot_of: dict[int, Slot] = {}  # id(run) -> its slot
 
     # ---- the handlers' side --------------------------------------------------------------------
 
@@ -155,11 +163,16 @@ class Scheduler:
             if slot.seq is not None and not job.cache_prompt:
                 slot.seq.cache.length = 0  # reuse the memory, not the prefix
             run.reuse = slot.seq  # taken over by the run's sequence: one owner of the caches
+            run.keep_seq = True  # and kept by the slot when the run ends: its prompt cache
             slot.seq, slot.job, job.slot = None, job, slot.id
             try:
+                run.batch_size = self.busy
                 run.begin()
             except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
                 self._fail(slot, e)
+                continue
+            self._slot_of[id(run)] = slot
+            self.batch.add(run, begun=True)
 
     def _loop(self) -> None:
         while True:
@@ -172,20 +185,23 @@ class Scheduler:
                     self._cv.wait(0.5)
                     continue
             for slot in active:
-                job = slot.job
-                if job is None:
-                    continue
-                if job.cancelled:
+                if slot.job is not None and slot.job.cancelled:
                     self._finish(slot, cancelled=True)
-                    continue
-                try:
-                    piece = job.run.step()
-                except Exception as e:  # noqa: BLE001
-                    self._fail(slot, e)
+            try:
+                events = self.batch.round()
+            except Exception as e:  # noqa: BLE001 - a failure outside any one run's step
+                for slot in active:
+                    if slot.job is not None:
+                        self.batch.cancel(slot.job.run)
+                        self._fail(slot, e)
+                continue
+            for run, piece in events:
+                slot = self._slot_of.get(id(run))
+                if slot is None or slot.job is None:
                     continue
                 if piece:
-                    job.sink(("text", piece))
-                if job.run.done:
+                    slot.job.sink(("text", piece))
+                if run.done:
                     self._finish(slot)
         # shutting down: every job ends as it stands
         with self._cv:
@@ -196,9 +212,16 @@ class Scheduler:
             if slot.job is not None:
                 self._finish(slot, cancelled=True)
 
+    def _run_failed(self, run, e: Exception) -> None:
+        slot = self._slot_of.get(id(run))
+        if slot is not None and slot.job is not None:
+            self._fail(slot, e)
+
     def _finish(self, slot: Slot, cancelled: bool = False) -> None:
         job, run = slot.job, slot.job.run
+        self._slot_of.pop(id(run), None)
         if cancelled:
+            self.batch.cancel(run)
             run.cancel()
         else:
             run.close()
@@ -221,6 +244,7 @@ class Scheduler:
         """A step raised: the client gets the message, the slot forgets its caches (their state is
         unknown), the server goes on."""
         job = slot.job
+        self._slot_of.pop(id(job.run), None)
         from ..errors import NextnError
 
         if not isinstance(e, NextnError):
@@ -230,5 +254,7 @@ class Scheduler:
         except Exception:  # noqa: BLE001
             pass
         self.counters.errors += 1
+        if job.run.seq is not None:
+            job.run.seq.release()
         slot.seq, slot.job = None, None
         job.sink(("error", f"{type(e).__name__}: {e}" if not isinstance(e, NextnError) else str(e)))
