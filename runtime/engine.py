@@ -151,7 +151,7 @@ class Engine:
 
     def close(self) -> None:
         """Free what the engine holds: the model's weights and their memory maps of the GGUF
-        file(s), repacked copies, the KV caches it made, the CPU-expert worker thread and the
+        file(s), repacked copies, the KV pools and prefix cache, the CPU-expert worker thread and the
         kernels' cache of checked tensors. Idempotent. Afterwards any use of the engine raises
         NextnError. A stream still being read from holds its own references and is not stopped.
         Process-wide pools (OpenMP's and torch's threads) stay: they are shared by every engine and
