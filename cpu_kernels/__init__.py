@@ -96,6 +96,7 @@ __all__ = [
 ]
 
 _PATH_IDS = {"ref": 0, "avx2": 1, "avx512": 2}
+MAX_THREADS = 4096  # OpenMP threads one call may ask for (dispatch.c refuses more, too)
 _PATH_NAMES = {0: "ref", 1: "avx2", 2: "avx512vnni"}
 
 
@@ -142,7 +143,7 @@ if _IMPORT_ERROR is None:
             except ValueError:
                 raise ValueError(f"NEXTN_EXPERT_THREADS={env!r} is not an integer") from None
             if n >= 1:
-                return n
+                return min(n, MAX_THREADS)
         try:
             return max(1, len(os.sched_getaffinity(0)))
         except AttributeError:  # pragma: no cover
@@ -151,8 +152,8 @@ if _IMPORT_ERROR is None:
     def set_threads(n: int | None) -> None:
         """Engine-wide number of expert OpenMP threads (None: back to the default)."""
         if n is not None:
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 1:
-                raise ValueError(f"threads must be a positive integer, got {n!r}")
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= int(n) <= MAX_THREADS:
+                raise ValueError(f"threads must be a positive integer (at most {MAX_THREADS}), got {n!r}")
             n = int(n)
         _state["threads"] = n
 
@@ -253,7 +254,7 @@ if _IMPORT_ERROR is None:
             dst = np.empty(self.nbytes, dtype=np.uint8)
             nb = cols // block_size(self.ggml_type)[0]
             rc = _lib.nx_repack(_LAYOUTS[layout][1], self._ptr, _ffi.from_buffer("uint8_t[]", dst), E * rows, nb,
-                                int(threads or get_threads()))
+                                _call_threads(threads))
             if rc:  # _LAYOUTS and dispatch.c must list the same layouts
                 raise RuntimeError(f"cpu_kernels build has no {layout} layout (nx_repack returned {rc})")
             return ExpertTensor(dst, self.ggml_type, self.shape, layout=layout)
@@ -295,18 +296,30 @@ if _IMPORT_ERROR is None:
         # the tensors are kept alive by the cache entry, so their ids cannot be reused while cached
         _checked[(id(gate), id(up), id(down))] = (gate, up, down)
 
+    def forget_checked() -> None:
+        """Drop the cache of validated expert triples (it keeps its tensors alive): called by
+        Engine.close() so a closed engine's weights are freed."""
+        _checked.clear()
+
     def _call_threads(threads) -> int:
         """A call's thread count: `threads`, else the engine-wide setting, else the default."""
         if threads is None:
             return _state["threads"] or _default_threads()
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or int(threads) < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= int(threads) <= MAX_THREADS:
+            raise ValueError(f"threads must be a positive integer (at most {MAX_THREADS}), got {threads!r}")
         return int(threads)
 
     def _check_rc(rc: int, name: str) -> None:
-        """A C entry point's status: 0 ok, -1 scratch allocation failed, else the path is missing."""
+        """A C entry point's status: 0 ok, -1 scratch allocation failed, -3 an index out of range,
+        -4 arguments the C side refused (dispatch.c re-checks what this wrapper checks), else the
+        path is missing."""
         if rc == -1:
             raise MemoryError(f"cpu_kernels.{name}: scratch allocation failed")
+        if rc == -3:
+            raise ValueError(f"cpu_kernels.{name}: an index is out of range (rc=-3)")
+        if rc == -4:
+            raise ValueError(f"cpu_kernels.{name}: the C kernel refused its arguments (shapes, row bytes, "
+                             f"type or thread count; rc=-4)")
         if rc != 0:
             raise RuntimeError(f"cpu_kernels.{name}: kernel path {active_path()} unavailable (rc={rc})")
 
@@ -475,17 +488,24 @@ if _IMPORT_ERROR is None:
     def _set_min_work_per_thread(nbytes: int) -> int:
         """Calls with less than `nbytes` of work per thread use fewer threads (default 1 MiB; 0 =
         always use every thread given). For tests and experiments; returns the previous value."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or not 0 <= nbytes < 1 << 62:
+            raise ValueError(f"min work per thread must be a byte count >= 0, got {nbytes!r}")
         return int(_lib.nx_set_min_work(int(nbytes)))
 
     def read_bandwidth(nbytes: int = 1 << 30, threads: int | None = None, repeats: int = 5) -> float:
         """Measured read bandwidth in GB/s (best of `repeats`) of a STREAM-like sum over `nbytes`
         with the expert OpenMP threads."""
         import time
-        n = max(1, nbytes // 8)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 8:
+            raise ValueError(f"nbytes must be an integer >= 8, got {nbytes!r}")
+        if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+            raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+        n = int(nbytes) // 8
         buf = np.ones(n, dtype=np.int64)
-        nth = threads or get_threads()
+        nth = _call_threads(threads)
         p = _ffi.from_buffer("int64_t[]", buf)
-        _lib.nx_read_bw(p, n, nth)
+        if _lib.nx_read_bw(p, n, nth) != n:  # a sum of n ones; NX_EINVAL for arguments C refused
+            raise RuntimeError("cpu_kernels.read_bandwidth: the read probe returned a wrong sum")
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -51,6 +51,18 @@ LINK_ARGS = ["-fopenmp"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     COMPILE_ARGS.append("-mtune=generic")
 
+# NEXTN_SANITIZE=address,undefined (any of gcc's -fsanitize= names): a checking build for CI
+# (.ci/sanitize.sh). Python must then run with the ASan runtime preloaded:
+#   LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python ...
+# -O1 keeps reports readable and the run short; UB aborts (no recovery) so a test run fails on it.
+SANITIZE = os.environ.get("NEXTN_SANITIZE", "").strip()
+if SANITIZE:
+    if not all(part.replace("-", "").isalnum() for part in SANITIZE.split(",")):
+        sys.exit(f"NEXTN_SANITIZE={SANITIZE!r}: expected comma-separated sanitizer names, e.g. address,undefined")
+    COMPILE_ARGS = [a for a in COMPILE_ARGS if not a.startswith("-O")] + [
+        "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all"]
+    LINK_ARGS = LINK_ARGS + [f"-fsanitize={SANITIZE}"]
+
 _flags = " ".join(COMPILE_ARGS) + " | link: " + " ".join(LINK_ARGS)
 
 ffibuilder = FFI()

@@ -18,5 +18,6 @@ int nx_omp_num_procs(void);
 const char *nx_build_flags(void);
 int64_t nx_read_bw(const int64_t *p, int64_t n, int nthreads);
 int nx_repack(int type, const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t nb, int nthreads);
-void nx_repacked_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint8_t *out);
+int nx_repacked_block(int type, const uint8_t *row, int64_t nb, int64_t i, uint8_t *out);
+int64_t nx_type_row_bytes(int type, int64_t cols);
 #endif

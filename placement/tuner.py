@@ -38,6 +38,7 @@ from pathlib import Path
 
 from runtime.errors import NextnError
 from runtime.loader import mem_available
+from runtime.trace import write_atomic
 
 from .memory import GPU_RESERVE_BYTES, estimate_memory, fmt_bytes
 from .schema import PlanError, load_plan
@@ -508,15 +509,17 @@ class Tuner:
             ids = ids + ids
         return ids[:PROMPT_TOKENS]
 
+    def close_engine(self) -> None:
+        eng, self.engine, self.engine_key = self.engine, None, None
+        if eng is not None:
+            eng.close()  # frees its weights and memory maps now, not at a later garbage collection
+
     def load(self, c: Candidate):
         from runtime.api import engine_from_plan
 
         if self.engine_key == c.load_key and self.engine is not None:
             return self.engine, 0.0
-        self.engine = None
-        import gc
-
-        gc.collect()
+        self.close_engine()  # the previous candidate's memory goes before the next one loads
         t = time.perf_counter()
         self.engine = engine_from_plan(c.plan, progress=False)
         dt = time.perf_counter() - t
@@ -626,7 +629,7 @@ class Tuner:
             self.interrupted = True
             self.log("interrupted: writing the best plan measured so far")
         finally:
-            self.engine = None
+            self.close_engine()
         best = self.winner()
         if best is None:
             raise NextnError("no candidate could be measured within the time budget")
@@ -714,9 +717,7 @@ class Tuner:
     def write_plan(self, c: Candidate) -> None:
         text = self.plan_yaml(c)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.out)
+        write_atomic(self.out, text, "plan")  # an interrupt leaves the old plan or none, never half
         load_plan(self.out)  # the written plan must validate
 
     def table(self, best: Candidate) -> str:

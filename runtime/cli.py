@@ -152,9 +152,21 @@ def cmd_run(a: argparse.Namespace) -> int:
     out = sys.stdout
     if not a.quiet:
         out.write(prompt if not a.chat else "")
-    for piece in run_stream:
-        out.write(piece)
+    try:
+        for piece in run_stream:
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        # Ctrl-C in prefill or decode: what was generated is already on stdout (each piece is
+        # flushed as it comes); end its line, stop the run (its trace, if asked for, is written
+        # whole: a temporary file renamed) and exit 130.
+        run_stream.close()
+        out.write("\n")
         out.flush()
+        print("-- interrupted: the text above is what was generated so far", file=sys.stderr)
+        if a.trace:
+            print(f"-- trace of the interrupted run written to {a.trace}", file=sys.stderr)
+        return 130
     out.write("\n")
     if not a.quiet:
         res = eng.last_result

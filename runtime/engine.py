@@ -10,6 +10,7 @@ the generation loop with its stop conditions and statistics; the decoding algori
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -145,6 +146,58 @@ class Engine:
                 raise NextnError(f"NEXTN_TORCH_THREADS={env!r}: expected a whole number") from None
         elif self.device.type == "cpu" and self.cfg.hidden <= 1024:
             torch.set_num_threads(1)
+
+    # ---- lifetime ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free what the engine holds: the model's weights and their memory maps of the GGUF
+        file(s), repacked copies, the KV pools and prefix cache, the CPU-expert worker thread and the
+        kernels' cache of checked tensors. Idempotent. Afterwards any use of the engine raises
+        NextnError. A stream still being read from holds its own references and is not stopped.
+        Process-wide pools (OpenMP's and torch's threads) stay: they are shared by every engine and
+        made once per process."""
+        d = self.__dict__
+        if d.get("_closed"):
+            return
+        model = d.get("model")
+        pool = getattr(model, "_executor", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+            model._executor = None
+        f = d.get("file")
+        path = f.path if f is not None else "engine"
+        # Dropping every reference frees the weights; the memory maps go with the last array that
+        # views them (a mmap cannot be closed while numpy arrays over it exist).
+        del model, pool, f
+        d.clear()
+        d["_closed"] = str(path)
+        try:
+            import cpu_kernels
+
+            cpu_kernels.forget_checked()
+        except (ImportError, AttributeError):
+            pass
+        gc.collect()  # the model's parts refer to each other: free the maps now, not at some later GC
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.__dict__.get("_closed"))
+
+    def __enter__(self) -> "Engine":
+        if self.closed:
+            raise NextnError(f"{self.__dict__['_closed']}: the engine is closed")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, name: str):
+        # Only called for attributes not found normally: after close() every instance attribute
+        # is gone, so any use of a closed engine ends here with one clear line.
+        closed = self.__dict__.get("_closed")
+        if closed:
+            raise NextnError(f"{closed}: the engine is closed (Engine.close() was called); load the model again")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ---- basic surface ---------------------------------------------------------------------------
 
