@@ -255,7 +255,9 @@ class Segment:
                 self.run()
         torch.cuda.current_stream(self.device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        # thread_local: the CPU experts' worker thread may be running kernels meanwhile; only
+        # this thread's CUDA calls must be capture-safe
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
             self.run()
         self.graph = g
 
@@ -335,10 +337,12 @@ class GraphedLayers:
         seg = self.segments.get(key)
         if seg is None or seg.k_pool is not pool.k[layer]:  # a new pool (a private cache): anew
             seg = Segment(model, b, pool.k[layer], pool.v[layer], st)
-            if self.capture:
+            seg.x_in.copy_(bus.to(x, x_side, "gpu"))
+            if self.capture:  # the warm-up runs write this step's own K/V slots: harmless
                 seg.capture()
             self.segments[key] = seg
-        seg.x_in.copy_(bus.to(x, x_side, "gpu"))
+        else:
+            seg.x_in.copy_(bus.to(x, x_side, "gpu"))
         seg.replay()
         r = b.ffn.routed
         he, ids, w = bus.to_all((seg.hn, seg.ids, seg.w), "gpu", r.side)

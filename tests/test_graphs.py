@@ -161,3 +161,22 @@ def test_segment_runs_as_replay_without_a_graph(engine):
         res = seg.res.clone()
         seg.run()
     assert torch.equal(res, seg.res)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA capture and replay need a GPU")
+def test_captured_segments_match_the_eager_path_on_cuda(make_test_model):
+    """On a GPU (benchmarks/gpu_check.sh, stage graphs): captured graphs against the eager path,
+    and the capture check on CUDA tensors."""
+    eng = runtime.load(make_test_model().gguf_path, progress=False, gpu="cuda:0")
+    m = eng.model
+    assert any(GraphedLayers.eligible(m, b) for b in m.blocks)
+    g = GraphedLayers(m, capture=True)
+    rows = [1, 2, 3, 4, 1]
+    want, _ = decode(eng, None, rows)
+    got, _ = decode(eng, g, rows)
+    assert g.segments and all(s.graph is not None for s in g.segments.values())
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b.float().cpu(), a.float().cpu(), rtol=1e-4, atol=1e-4)
+    for seg in g.segments.values():
+        c = check_capturable(seg.run)
+        assert c.syncs == [] and c.allocs == [], (c.syncs, c.allocs)
