@@ -80,11 +80,15 @@ class StepInputs:
         self.arange = torch.arange(window, dtype=torch.int64, device=self.device)
         self._np = self.host.numpy()
         self.key = None  # the Positions object last loaded (one load per forward)
+        self.copied = None  # CUDA: an event after the last copy out of `host`
 
     def load(self, segs) -> None:
         """Fill from a forward's segments (each row t of a segment sits at slot start+t and sees
-        slots 0..start+t). The copy is asynchronous; the host buffer is rewritten only at the
-        next forward, after the step's first expert call has synchronised the stream."""
+        slots 0..start+t). The copy is asynchronous: before the pinned buffer is rewritten, wait
+        for the previous copy out of it (a CPU expert call has usually synchronised the stream
+        long before; a block whose experts are on the GPU, the MTP layer's, does not)."""
+        if self.copied is not None:
+            self.copied.synchronize()
         R, W = self.rows, self.window
         a = self._np
         meta = a[:3 * R].reshape(3, R)
@@ -99,6 +103,9 @@ class StepInputs:
                 idx[r, s + 1:] = 0  # padding: a valid slot index, masked out by the length
                 r += 1
         self.dev.copy_(self.host, non_blocking=True)
+        if self.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
 
 class Segment:
@@ -298,9 +305,10 @@ class GraphedLayers:
     def build(cls, model, env: str | None = None):
         """(GraphedLayers or None, why): on only with NEXTN_CUDA_GRAPHS=1 and a CUDA gpu side."""
         env = (os.environ.get("NEXTN_CUDA_GRAPHS", "0") if env is None else env).strip().lower()
-        if env not in ("1", "on", "true", "yes"):
-            return None, "off (NEXTN_CUDA_GRAPHS=1 turns it on)"
-        if model.bus.devices["gpu"].type != "cuda":
+        cuda = model.bus.devices["gpu"].type == "cuda"
+        if env not in ("1", "on", "true", "yes"):  # nothing to say without CUDA: "" (no line)
+            return None, "off (NEXTN_CUDA_GRAPHS=1 turns it on)" if cuda else ""
+        if not cuda:
             return None, "off: the gpu side is not CUDA"
         blocks = list(model.blocks) + ([model.nextn.block] if model.nextn is not None else [])
         if not any(cls.eligible(model, b) for b in blocks):
