@@ -11,7 +11,12 @@ For one MoE layer at a fixed cache position (a short prompt prefilled), one row:
   graph    the same segment captured once (static input, the cache slot fixed) and replayed:
            host time per replay, wall time per replay
 and whether capture worked at all (what failed, if not). Each segment's output is checked against
-the eager one. Without CUDA it says so and exits 0.
+the eager one. Then the same for the model's own capture-ready form (runtime/graphs.py `Segment`,
+what NEXTN_CUDA_GRAPHS=1 replays), 1 and 4 rows:
+  segment  Segment.run() issued eagerly (out= ops, device-side positions and window), and under a
+           TorchDispatchMode check on the device (host syncs, allocations: both must be 0)
+  replay   Segment.capture() once, then replay(): host time and wall time per replay
+Without CUDA it says so and exits 0; --dry-run runs the eager parts on the CPU.
 """
 from __future__ import annotations
 
@@ -90,6 +95,8 @@ def main(argv=None) -> int:
             eager_out = segment(x_static)
         eh, ew = timed(lambda: segment(x_static), a.reps)
         print(f"eager:  host {eh:8.1f} us/call   wall {ew:8.1f} us/call")
+        for rows in (1, 4):
+            segment_probe(m, eng, seq, layer, rows, timed, cuda, a.reps)
         if not cuda:
             return 0
         try:
@@ -117,6 +124,54 @@ def main(argv=None) -> int:
         print(f"graph:  host {gh:8.1f} us/call   wall {gw:8.1f} us/call   "
               f"(host {eh / max(gh, 1e-9):.1f}x less, wall {ew / max(gw, 1e-9):.1f}x less)")
     return 0
+
+
+def segment_probe(m, eng, seq, layer, rows, timed, cuda, reps) -> None:
+    """runtime/graphs.py's Segment for `rows` rows of the probe's sequence, at its next slots."""
+    import torch
+    from runtime.graphs import GraphedLayers, Segment, StepInputs, check_capturable, window_for
+    from runtime.model import Seg
+
+    b, dev = m.blocks[layer], m.bus.devices["gpu"]
+    if not GraphedLayers.eligible(m, b):
+        print(f"segment x{rows}: layer {layer} is not eligible for graphs")
+        return
+    start = seq.cache.length
+    seq.cache.reserve(start + rows)
+    pool = seq.cache.pool
+    W = min(window_for(start + rows), pool.n_slots)
+    st = StepInputs(rows, W, dev)
+    segs = [Seg(seq.cache, start, rows, start)]
+    st.load(segs)
+    seg = Segment(m, b, pool.k[layer], pool.v[layer], st)
+    seg.x_in.copy_(torch.randn(rows, eng.cfg.hidden, device=dev, dtype=eng.dtype))
+    pos = m._positions(segs)
+    pos.cos_sin(dev)
+    # the eager model path on the same rows, for the outputs (it writes the same K/V slots)
+    from runtime.model import rms_norm
+    ref = seg.x_in + m._attention(b.attn, seg.x_in.clone(), layer, pos)
+    seg.run()
+    err = (seg.res.float() - ref.float()).abs().max().item()
+    print(f"segment x{rows} (window {W}): res vs eager max |diff| {err:.3g}")
+    c = check_capturable(seg.run)
+    print(f"segment x{rows}: {len(c.ops)} ops, host syncs {len(c.syncs)} {c.syncs[:3]}, "
+          f"allocations {len(c.allocs)} {c.allocs[:3]}")
+    sh, sw = timed(seg.run, reps)
+    print(f"segment x{rows}: eager run()  host {sh:8.1f} us/call   wall {sw:8.1f} us/call")
+    if not cuda:
+        return
+    try:
+        seg.capture()
+    except Exception as e:
+        print(f"segment x{rows}: capture failed: {type(e).__name__}: {e}")
+        return
+    want = seg.res.clone()
+    seg.replay()
+    torch.cuda.synchronize(dev)
+    print(f"segment x{rows}: replay output {'matches' if torch.equal(want, seg.res) else 'DIFFERS from'} run()")
+    gh, gw = timed(seg.replay, reps)
+    print(f"segment x{rows}: replay       host {gh:8.1f} us/call   wall {gw:8.1f} us/call   "
+          f"(host {sh / max(gh, 1e-9):.1f}x less than run())")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,25 @@ stage demo 45 python3 -m runtime.cli bench model --gpu "$GPU" --max-tokens 64 --
 # Verify batches and drafts as ratios to a plain step (medians from one cache state): the
 # synthetic Air, then the demo model.
 stage steps 60 bash -c "python3 benchmarks/step_costs.py . /tmp/air.gguf --reps 20 && python3 benchmarks/step_costs.py . --reps 100"
-# Whether one layer's GPU segment captures in a CUDA graph, and its host time eager vs replayed.
+# Whether one layer's GPU segment captures in a CUDA graph, and its host time eager vs replayed:
+# the probe's own capture, then runtime/graphs.py's Segment (what NEXTN_CUDA_GRAPHS=1 replays),
+# 1 and 4 rows, with its capture check (syncs, allocations) on the device. Then plain and MTP
+# tokens/s with graphs off and on, interleaved off/on: the synthetic Air (hybrid plan, oracle
+# acceptance 0.9, fixed drafts 1-2 and adaptive) and the demo model (its real acceptance), and the
+# graph tests on CUDA. Not in the default list: run it as STAGES=graphs (~6 min on an H200 with the
+# setup; each part under its own limit, 420 s in all).
 stage graphs 60 python3 benchmarks/cuda_graph_probe.py /tmp/air.gguf --gpu "$GPU"
+for g in 0 1; do
+  NEXTN_CUDA_GRAPHS=$g stage graphs 90 python3 -m runtime.cli bench model /tmp/air.gguf --gpu "$GPU" \
+    --oracle 0.9 --draft 1,2 --max-tokens "$TOKENS" --repeats 2 --prompts 2 | sed "s/^/[graphs=$g air] /"
+done
+for g in 0 1; do
+  NEXTN_CUDA_GRAPHS=$g stage graphs 45 python3 -m runtime.cli bench model --gpu "$GPU" --max-tokens 64 \
+    --repeats 2 | sed "s/^/[graphs=$g demo] /"
+done
+NEXTN_CUDA_GRAPHS=1 stage graphs 60 python3 -m runtime.cli run /tmp/air.gguf --gpu "$GPU" --max-tokens "$TOKENS" \
+  --draft-max 2 --trace "$OUT/trace_air_graphs.json" --prompt "def main():"
+stage graphs 30 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py
 # torch.profiler over plain and 2-row verify steps (where a step's time goes).
 stage profile 75 python3 benchmarks/gpu_profile.py /tmp/air.gguf --gpu "$GPU"
 # The whole test suite with CUDA present (engines default to gpu: auto there).

@@ -199,6 +199,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             lines.append(f"-- dense weights run by the CPU kernels in GGUF form: {rep.kernel_weights}")
         if rep.fused_blocks:
             lines.append(f"-- decode steps as one C call for all blocks: {rep.fused_blocks}")
+        if getattr(rep, "cuda_graphs", ""):
+            lines.append(f"-- MoE layers' GPU segments as CUDA graphs: {rep.cuda_graphs}")
         if a.trace:
             lines.append(f"-- trace written to {a.trace} (open in ui.perfetto.dev or chrome://tracing)")
         print("\n".join(lines), file=sys.stderr)

@@ -106,6 +106,7 @@ class Engine:
         # CPU-only machine both sides share the same cores, so it is off unless asked for.
         self.model.overlap = (self.device.type == "cuda") if overlap is None else bool(overlap)
         self._use_fused_blocks()
+        self._use_cuda_graphs()
         # the KV pools every sequence takes its pages from (runtime/kvpool.py), allocated once:
         # `kv_slots` positions in all (default: one context), never fewer than one context
         self.kv_slots = max(int(kv_slots or self.context), self.context)
@@ -131,6 +132,14 @@ class Engine:
 
         self.model.fused, why = FusedLayers.build(self.model)
         self.load_report.fused_blocks = "on" if self.model.fused is not None else f"off: {why}"
+
+    def _use_cuda_graphs(self) -> None:
+        """MoE blocks' gpu-side segments as captured CUDA graphs (runtime/graphs.py): opt-in
+        with NEXTN_CUDA_GRAPHS=1 until measured on a GPU; only when the gpu side is CUDA."""
+        from .graphs import GraphedLayers
+
+        self.model.graphs, why = GraphedLayers.build(self.model)
+        self.load_report.cuda_graphs = why
 
     def _set_torch_threads(self) -> None:
         """When the "gpu" side runs on the CPU, torch's intra-op threads share the cores with the

@@ -65,6 +65,7 @@ class LoadReport:
     repack_skipped: str = ""  # why `repack: auto` stopped repacking, if it did
     mtp_shares_embed: bool = True
     mtp_shares_head: bool = True
+    cuda_graphs: str = ""  # whether MoE blocks' gpu-side segments replay CUDA graphs (runtime/graphs.py)
     fused_blocks: str = ""  # whether decode-sized forwards run as one C call (runtime/fused.py), or why not
 
 

@@ -346,6 +346,9 @@ class GLM4Model:
     # every block as one C call for decode-sized forwards when all units run on the CPU
     # (runtime/fused.py; set by the engine after load, None: the torch path only)
     fused: object | None = None
+    # MoE blocks' gpu-side segments as captured CUDA graphs (runtime/graphs.py; set by the engine
+    # with NEXTN_CUDA_GRAPHS=1 on CUDA, None: the eager path)
+    graphs: object | None = None
 
     def __post_init__(self):
         if self.bus.devices["gpu"].type == "cuda":
@@ -412,6 +415,10 @@ class GLM4Model:
                beside_experts: Callable[[], None] | None = None) -> tuple[torch.Tensor, str]:
         """One block. `beside_experts` (only given for an MoE block) runs on this thread while the
         block's CPU experts run on the worker when overlapping, else right after them."""
+        if self.graphs is not None:
+            done = self.graphs.block(self, b, x, x_side, layer, pos, tag, beside_experts)
+            if done is not None:
+                return done
         bus = self.bus
         ctx = bus.ctx  # this thread's run: the expert worker below reports into it
         tl = ctx.timeline
