@@ -210,6 +210,45 @@ def test_the_pool_is_allocated_once_and_shared_by_the_batch(eng):
     assert all(p.free_pages == p.n_pages for p in e.pools)
 
 
+def test_adaptive_batches_stay_exact_and_give_back_the_mtp_pages_of_sequences_that_stop_drafting(eng):
+    """The batch chooses one draft length per step for its adaptive sequences; where drafting
+    loses (the demo on the CPU) the policy turns MTP off mid-sequence, and each such sequence's MTP
+    pages must go back at once (they once leaked, and a full MTP pool then stalled admission)."""
+    e = runtime.Engine(eng.file, context=128, kv_slots=512, progress=False)
+    kw = dict(max_tokens=40, **GREEDY)
+    ref = alone(e, PROMPTS, mtp=False, **kw)
+    for _ in range(4):
+        res = e.generate_batch(PROMPTS, mtp=True, **kw)
+        assert [r.tokens for r in res] == ref
+        assert all(p.free_pages == p.n_pages for p in e.pools)
+    policies = [p for key, p in e._policies.items() if len(key) == 3]  # the batch sizes' policies
+    assert policies and all(sum(p.chosen.values()) > 0 for p in policies)
+    # a sequence told to stop drafting mid-run gives its MTP pages back at once
+    b = e.batch()
+    runs = [b.submit(p, mtp=True, draft_max=2, adaptive=False, **kw) for p in PROMPTS[:3]]
+    while not all(r.seq is not None and r.seq.mtp_cache is not None and r.seq.mtp_cache.length > 4
+                  for r in runs):
+        b.round()
+    while b.states[b._ids[id(runs[0])]].gen is not None:  # to a step boundary
+        b.round()
+    mtp_pool = e.pools[1]
+    held, free = len(runs[0].seq.mtp_cache.pages), mtp_pool.free_pages
+    runs[0].stop_drafting()
+    assert mtp_pool.free_pages == free + held
+    b.run_to_end()
+    assert [r.result.tokens for r in runs] == ref[:3]
+    assert all(p.free_pages == p.n_pages for p in e.pools)
+
+
+def test_a_batch_that_cannot_admit_into_an_empty_pool_says_so(eng):
+    e = runtime.Engine(eng.file, context=64, kv_slots=64, progress=False)
+    b = e.batch()
+    b.submit(PROMPTS[0], max_tokens=4, mtp=False, **GREEDY)
+    e.pools[0]._free.clear()  # as if pages had leaked: nothing runs and nothing fits
+    with pytest.raises(runtime.NextnError, match="KV pool"):
+        b.run_to_end()
+
+
 def test_a_short_pool_preempts_and_every_sequence_still_finishes(eng):
     e = runtime.Engine(eng.file, context=64, kv_slots=64, progress=False)
     kw = dict(max_tokens=30, mtp=False, **GREEDY)
