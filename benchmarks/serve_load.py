@@ -1,12 +1,15 @@
 """Load check of `nextn serve`: N streaming clients for S seconds against a server with P slots.
 
     python benchmarks/serve_load.py [PLAN|MODEL] [--clients 8] [--seconds 60] [--slots 2] [--tokens 48]
+                                    [--queue N] [--warmup 10]
 
 Starts the server on a free localhost port (the demo model by default), then every client loops:
 a streaming chat completion with its own prompt, timed from request to first token and to the end.
 Reports requests/s, p50/p99 time to first token, tokens/s per stream, errors (503s from the queue
-bound are counted apart: with more clients than slots plus queue they are expected), and the
-server's resident memory at start and end. Bounded: every loop stops at the deadline.
+bound are counted apart: with more clients than slots plus queue they are expected; `--queue`
+sets the server's bound, so a small one provokes them), and the server's resident memory when it
+is ready, after the first `--warmup` seconds of load (allocator and caches warmed up) and at the
+end, with the growth after the warm-up. Bounded: every loop stops at the deadline.
 """
 from __future__ import annotations
 
@@ -50,10 +53,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--queue", type=int, default=None, help="the server's --queue (default: its own, 4x slots)")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of load before the RSS baseline")
     a = ap.parse_args(argv)
     port = free_port()
     cmd = [sys.executable, "-m", "runtime.cli", "serve", *([a.target] if a.target else []), "--port", str(port),
-           "-np", str(a.slots)]
+           "-np", str(a.slots), *(["--queue", str(a.queue)] if a.queue is not None else [])]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -106,7 +111,15 @@ def main(argv=None) -> int:
                     with lock:
                         errors.append(f"{type(e).__name__}: {str(e)[:120]}")
 
+        rss_warm = [rss0]
+
+        def sample_rss():  # the baseline after the warm-up, when the load has run a while
+            time.sleep(min(a.warmup, a.seconds / 2))
+            rss_warm[0] = rss_mb(proc.pid)
+
         threads = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
         t_start = time.time()
         for t in threads:
             t.start()
@@ -114,6 +127,7 @@ def main(argv=None) -> int:
             t.join(a.seconds + 90)
         wall = time.time() - t_start
         rss1 = rss_mb(proc.pid)
+        sampler.join(1)
     finally:
         proc.terminate()
         try:
@@ -125,7 +139,10 @@ def main(argv=None) -> int:
     print(f"time to first token p50 {pct(ttft, 0.5) * 1e3:.0f} ms, p99 {pct(ttft, 0.99) * 1e3:.0f} ms")
     if speed:
         print(f"tokens/s per stream (pieces after the first): median {statistics.median(speed):.1f}")
-    print(f"server RSS {rss0:.0f} MB at start, {rss1:.0f} MB at end ({(rss1 / rss0 - 1) * 100:+.1f}%)")
+    warm = rss_warm[0]
+    print(f"server RSS {rss0:.0f} MB when ready, {warm:.0f} MB after {min(a.warmup, a.seconds / 2):.0f} s of load, "
+          f"{rss1:.0f} MB at end ({(rss1 / warm - 1) * 100:+.1f}% after the warm-up, "
+          f"{(rss1 / rss0 - 1) * 100:+.1f}% since ready)")
     for e in errors[:5]:
         print("  error:", e)
     print(f"server exit code {proc.returncode}")
