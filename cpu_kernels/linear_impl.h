@@ -15,11 +15,12 @@
  * exact (so how they are formed does not matter), and the float parts never mix tokens.  The T=1
  * call runs the same kernel with nt = 1.
  *
- * Layouts read: Q8_0_R8, Q4_K_R8, Q6_K_R8 (the repacked rows the loader makes, moe_kernels.h) and
- * F16.  The activations are the linear's own copy, post-processed once per call (lin_prep): Q8_0
- * codes offset by 128 for vpdpbusd (u8 x s8), the correction -128 * sum(q) formed once per weight
- * group; Q4_K's per-32 sums as floats; Q6_K's y regrouped so that each 32-bit lane holds one
- * sub-block, with -32 * (per-16 sums) as int32 in that lane order. */
+ * Layouts read: Q8_0_R8, Q4_K_R8 (the repacked rows the loader makes, moe_kernels.h) and F16.
+ * The activations are the linear's own copy, post-processed once per call (lin_prep): Q8_0 codes
+ * offset by 128 for vpdpbusd (u8 x s8), the correction -128 * sum(q) formed once per weight
+ * group; Q4_K's per-32 sums as floats.  Q6_K_R8 keeps the row_dots path: a kernel of this kind
+ * for it was 0.91-0.96x that path at 8-16 rows and 0.92x at 512 on GLM-4.5-Air's attn_output in a
+ * same-run A/B (benchmarks/linear_ab.py), where Q8_0, Q4_K and F16 gained 1.1-2.3x. */
 #if NX_PATH >= 1
 #ifndef NX_LT
 #define NX_LT 8   /* tokens per pass over a weight row */
@@ -34,25 +35,16 @@
 #define NX_DP(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
 #endif
 
-#ifndef NX_LIN_Q6K
-#define NX_LIN_Q6K 0
-#endif
 static inline int FN(lin_kind)(int type) {
 #ifdef NX_NO_LIN
     (void)type; return 0;
 #endif
-    /* Q6_K_R8 has a kernel here but keeps the row_dots path: in a same-run A/B on GLM-4.5-Air's
-     * attention shapes (benchmarks/linear_ab.py) it was 0.91-0.96x the old path at 8-16 rows and
-     * 0.92x at 512 on attn_output, where Q8_0, Q4_K and F16 gained 1.1-2.3x */
-    return type == NX_Q8_0_R8 || type == NX_Q4_K_R8 || type == NX_F16 || (NX_LIN_Q6K && type == NX_Q6_K_R8);
+    return type == NX_Q8_0_R8 || type == NX_Q4_K_R8 || type == NX_F16;
 }
-/* aux bytes per token (Q4_K_R8: 8 floats per block; Q6_K_R8: 16 int32 per block) */
+/* aux bytes per token (Q4_K_R8: 8 floats per block) */
 static inline size_t FN(lin_aux_bytes)(int type, int64_t H) {
-    return type == NX_Q4_K_R8 ? (size_t)(H / 256) * 32 : type == NX_Q6_K_R8 ? (size_t)(H / 256) * 64 : 0;
+    return type == NX_Q4_K_R8 ? (size_t)(H / 256) * 32 : 0;
 }
-/* Q6_K's 16 sub-blocks in the order of the two accumulators' lanes (unpacklo / unpackhi_epi16 of
- * register pairs): A = 0 1 2 3 8 9 10 11, B = 4 5 6 7 12 13 14 15 */
-static const int8_t FN(q6_ord)[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
 
 /* one token's quantized activations (quant_act's form) -> the form the kernels read, in place,
  * plus its aux row */
@@ -68,17 +60,6 @@ static void FN(lin_prep)(int type, uint8_t *act, int64_t H, uint8_t *aux) {
         float *bf = (float *)aux;
         for (int64_t b = 0; b < H / 256; b++)
             for (int j = 0; j < 8; j++) bf[8 * b + j] = (float)a[b].bsum32[j];
-    } else if (type == NX_Q6_K_R8) {
-        ak256 *a = (ak256 *)act;
-        int32_t *c = (int32_t *)aux;
-        for (int64_t b = 0; b < H / 256; b++) {
-            for (int k = 0; k < 4; k++) {
-                const __m256i y0 = FN(ld256)(a[b].y + 64 * k), y1 = FN(ld256)(a[b].y + 64 * k + 32);
-                FN(st256)(a[b].y + 64 * k, _mm256_unpacklo_epi16(y0, y1));
-                FN(st256)(a[b].y + 64 * k + 32, _mm256_unpackhi_epi16(y0, y1));
-            }
-            for (int j = 0; j < 16; j++) c[16 * b + j] = -32 * (int32_t)a[b].bsum[FN(q6_ord)[j]];
-        }
     }
 }
 
@@ -227,70 +208,6 @@ NX_FUSED void FN(lq4kr)(const uint8_t *restrict w, const int64_t nb, const uint8
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
 }
 
-/* Q6_K_R8 against K16R activations regrouped by lin_prep: each register pair (2k, 2k+1) of codes
- * is interleaved by int16 (unpacklo / unpackhi) so a 32-bit lane holds 4 elements of one
- * sub-block: accumulator A's lanes are sub-blocks 0-3, 8-11, B's 4-7, 12-15; they start from
- * -32 * (per-16 sums) (the zero point), 4 integer dots each; per token
- *   acc += d_y * (A * (d * sc_A) + B * (d * sc_B)). */
-NX_FUSED void FN(lq6kr)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, const uint8_t *const *x2,
-                        float *res, const int nt) {
-    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
-    const __m128i oA = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1);
-    const __m128i oB = _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
-    const ak256 *ab[NX_LT];
-    const int32_t *cx[NX_LT];
-    __m256 acc[NX_LT];
-    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; cx[t] = (const int32_t *)x2[t]; acc[t] = _mm256_setzero_ps(); }
-    for (int64_t b = 0; b < nb; b++, w += 210) {
-        NX_PF(w, 4);
-        __m256i L[4], Hh[4];
-        for (int r = 0; r < 8; r += 2) {
-            const __m256i v = FN(ld256)(w + 16 * r), h = FN(ld256)(w + 128 + 32 * (r / 4));
-            const __m256i h0 = _mm256_and_si256(r % 4 ? h : _mm256_slli_epi16(h, 4), m30);
-            const __m256i h1 = _mm256_and_si256(r % 4 ? _mm256_srli_epi16(h, 2) : _mm256_slli_epi16(h, 2), m30);
-            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
-            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
-            L[r / 2] = _mm256_unpacklo_epi16(q0, q1);
-            Hh[r / 2] = _mm256_unpackhi_epi16(q0, q1);
-        }
-        const float d = H2F(FN(rd16)(w + 208));
-        const __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
-        const __m256 dv = _mm256_set1_ps(d);
-        const __m256 dA = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc8, oA))));
-        const __m256 dB = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc8, oB))));
-        for (int t = 0; t < nt; t++) {
-            const int8_t *y = ab[t][b].y;
-            __m256i A = _mm256_loadu_si256((const __m256i *)(cx[t] + 16 * b));
-            __m256i B = _mm256_loadu_si256((const __m256i *)(cx[t] + 16 * b + 8));
-#if NX_PATH == 2
-            __m256i A1 = _mm256_setzero_si256(), B1 = A1;
-            for (int k = 0; k < 4; k += 2) {
-                A = _mm256_dpbusd_epi32(A, L[k], FN(ld256)(y + 64 * k));
-                B = _mm256_dpbusd_epi32(B, Hh[k], FN(ld256)(y + 64 * k + 32));
-                A1 = _mm256_dpbusd_epi32(A1, L[k + 1], FN(ld256)(y + 64 * k + 64));
-                B1 = _mm256_dpbusd_epi32(B1, Hh[k + 1], FN(ld256)(y + 64 * k + 96));
-            }
-            A = _mm256_add_epi32(A, A1);
-            B = _mm256_add_epi32(B, B1);
-#else
-            /* codes <= 63: two registers' products add in int16 (|lane| <= 2*2*63*127 < 2^15) */
-            const __m256i one = _mm256_set1_epi16(1);
-            for (int k = 0; k < 4; k += 2) {
-                const __m256i pa = _mm256_add_epi16(_mm256_maddubs_epi16(L[k], FN(ld256)(y + 64 * k)),
-                                                    _mm256_maddubs_epi16(L[k + 1], FN(ld256)(y + 64 * k + 64)));
-                const __m256i pb = _mm256_add_epi16(_mm256_maddubs_epi16(Hh[k], FN(ld256)(y + 64 * k + 32)),
-                                                    _mm256_maddubs_epi16(Hh[k + 1], FN(ld256)(y + 64 * k + 96)));
-                A = _mm256_add_epi32(A, _mm256_madd_epi16(pa, one));
-                B = _mm256_add_epi32(B, _mm256_madd_epi16(pb, one));
-            }
-#endif
-            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(B), dB, _mm256_mul_ps(_mm256_cvtepi32_ps(A), dA));
-            acc[t] = _mm256_fmadd_ps(f, _mm256_set1_ps(ab[t][b].d), acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
-}
-
 #define NX_LT_SWITCH(call) \
     switch (nt) { case 1: { const int NTC = 1; call; } break; case 2: { const int NTC = 2; call; } break; \
                   case 3: { const int NTC = 3; call; } break; case 4: { const int NTC = 4; call; } break; \
@@ -302,7 +219,6 @@ static void FN(lin_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *co
     switch (type) {
     case NX_Q8_0_R8: NX_LT_SWITCH(FN(lq8r)(w, n / 32, a, res, NTC)) break;
     case NX_Q4_K_R8: NX_LT_SWITCH(FN(lq4kr)(w, n / 256, a, x2, res, NTC)) break;
-    case NX_Q6_K_R8: NX_LT_SWITCH(FN(lq6kr)(w, n / 256, a, x2, res, NTC)) break;
     }
 }
 

@@ -357,17 +357,7 @@ class GraphedLayers:
         tl.add("gpu", f"{tag}attention+router {layer} (graph)", t0, perf_counter())
 
         def routed():
-            if r.side != "cpu":  # as GLM4Model._block: the experts' output in the rows' dtype
-                y = r(he, ids, w)
-                return y if y.dtype == he.dtype else y.to(he.dtype)
-            with model._cpu_lock:
-                t = perf_counter()
-                y = r(he, ids, w)
-                t1 = perf_counter()
-                ctx.cpu_expert_s += t1 - t
-                ctx.cpu_experts_read += len(set(ids.reshape(-1).tolist()))
-            tl.add("cpu", f"{tag}experts {layer}", t, t1, {"rows": R})
-            return y
+            return model._run_routed(r, he, ids, w, ctx, f"{tag}experts {layer}")
 
         if model.overlap and r.side == "cpu" and beside_experts is not None:
             fut = model._pool().submit(routed)

@@ -443,19 +443,7 @@ class GLM4Model:
         tl.add("gpu", f"{tag}attention+router {layer}", t0, perf_counter())
 
         def routed() -> torch.Tensor:
-            if r.side != "cpu":  # the kernels return float32 when the gpu side is the CPU
-                y = r(he, ids, w)
-                return y if y.dtype == he.dtype else y.to(he.dtype)
-            with self._cpu_lock:  # the CPU track: what the cost model and overlap figures measure
-                t = perf_counter()
-                y = r(he, ids, w)
-                t1 = perf_counter()
-                # counted under the lock: with draft-ahead, the MTP block's CPU experts (main
-                # thread) and these (worker) report into the same run
-                ctx.cpu_expert_s += t1 - t
-                ctx.cpu_experts_read += len(set(ids.reshape(-1).tolist()))  # 2 us; torch.unique: 19
-            tl.add("cpu", f"{tag}experts {layer}", t, t1, {"rows": int(ids.shape[0])})
-            return y
+            return self._run_routed(r, he, ids, w, ctx, f"{tag}experts {layer}")
 
         shared = moe.shared
         gpu_shared = shared is not None and shared.side != "cpu"
@@ -487,6 +475,25 @@ class GLM4Model:
         out = x + y
         tl.add("gpu", f"{tag}combine {layer}", t, perf_counter())
         return out, a.side
+
+    def _run_routed(self, r, he: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, ctx: RunContext,
+                    label: str) -> torch.Tensor:
+        """The routed experts of a block on their side, in the rows' dtype; on the CPU, timed and
+        counted into `ctx` (the caller's run: this may run on the expert worker thread)."""
+        if r.side != "cpu":
+            y = r(he, ids, w)
+            return y if y.dtype == he.dtype else y.to(he.dtype)
+        # the kernels return float32 when the gpu side is the CPU
+        with self._cpu_lock:  # the CPU track: what the cost model and overlap figures measure
+            t = perf_counter()
+            y = r(he, ids, w)
+            t1 = perf_counter()
+            # counted under the lock: with draft-ahead, the MTP block's CPU experts (main
+            # thread) and these (worker) report into the same run
+            ctx.cpu_expert_s += t1 - t
+            ctx.cpu_experts_read += len(set(ids.reshape(-1).tolist()))  # 2 us; torch.unique: 19
+        ctx.timeline.add("cpu", label, t, t1, {"rows": int(ids.shape[0])})
+        return y
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:

@@ -1,0 +1,61 @@
+"""What one fused block call (all blocks of a forward, `BlockStack.forward_rows`) costs by the
+rows it carries, in batched decoding: where a batch's step time goes when its bytes are small.
+
+    python benchmarks/batch_rows.py [MODEL|PLAN] [--sequences 1,4,8] [--max-tokens 64] [--rounds 3]
+
+For each batch size n, `Engine.generate_batch` decodes the first n of the batch bench's prompts
+(greedy, MTP off) `--rounds` times; every fused call is timed, and the median ms per call is
+printed by the rows it carried (decode calls only: n rows), with the distinct routed experts per
+main forward of the batch.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    from cpu_kernels.blocks import BlockStack
+    from runtime.api import load
+    from runtime.bench_batch import PROMPTS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", nargs="?")
+    p.add_argument("--sequences", default="1,4,8")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args(argv)
+    times: dict[int, list[float]] = {}
+    orig = BlockStack.forward_rows
+
+    def timed(self, x, *args, **kw):
+        t = time.perf_counter()
+        out = orig(self, x, *args, **kw)
+        times.setdefault(int(x.shape[0]), []).append(time.perf_counter() - t)
+        return out
+
+    BlockStack.forward_rows = timed
+    eng = load(a.target, progress=False)
+    kw = dict(max_tokens=a.max_tokens, temperature=0.0, repeat_penalty=1.0, mtp=False)
+    print(f"{'seqs':>4} {'ms per fused call':>18} {'calls':>6} {'experts/fwd':>11}")
+    for n in [int(s) for s in a.sequences.split(",")]:
+        eng.generate_batch(PROMPTS[:n], **kw)  # warm-up
+        times.clear()
+        experts = []
+        for _ in range(a.rounds):
+            eng.generate_batch(PROMPTS[:n], **kw)
+            bs = eng.last_batch.stats
+            experts.append(bs.distinct_experts / max(bs.steps, 1))
+        ts = times.get(n, [])
+        ms = statistics.median(ts) * 1e3 if ts else float("nan")
+        print(f"{n:>4} {ms:>18.3f} {len(ts):>6} {statistics.median(experts):>11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
