@@ -486,7 +486,7 @@ if _IMPORT_ERROR is None:
         return out
 
     def _set_min_work_per_thread(nbytes: int) -> int:
-        """Calls with less than `nbytes` of work per thread use fewer threads (default 1 MiB; 0 =
+        """Calls with less than `nbytes` of work per thread use fewer threads (default 16 KiB; 0 =
         always use every thread given). For tests and experiments; returns the previous value."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or not 0 <= nbytes < 1 << 62:
             raise ValueError(f"min work per thread must be a byte count >= 0, got {nbytes!r}")

@@ -132,7 +132,12 @@ int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_
     return -2;
 }
 
-int64_t nx_min_work_per_thread = 1 << 20;
+/* Calls with less work than this per thread (bytes read plus a share of the multiplies) use fewer
+ * threads.  16 KiB: libgomp's team spins between regions, so a region costs a few microseconds,
+ * and on the demo model (matrices of 32-200 KB) splitting every call over 2 threads made the fused
+ * block call 9-27% faster at 1-8 rows than the former 1 MiB, which ran them all on one thread
+ * (same-process interleaved A/B; BENCHMARKS.md, "Small calls on every thread"). */
+int64_t nx_min_work_per_thread = 16 << 10;
 /* a negative size changes nothing and returns NX_EINVAL (the old value is never negative) */
 int64_t nx_set_min_work(int64_t bytes) {
     if (bytes < 0) return NX_EINVAL;

@@ -23,8 +23,8 @@
  *      down row with that expert's pairs and accumulate w_pair * dot into out[t, row]; every output
  *      element is owned by one unit and summed in a fixed order (deterministic, independent of the
  *      thread count, no atomics)
- *   One parallel region, one barrier between the phases; calls with under ~1 MiB of work per
- *   thread use fewer threads (1 for the demo model's layers).
+ *   One parallel region, one barrier between the phases; calls with under ~16 KiB of work per
+ *   thread use fewer threads (nx_min_work_per_thread, dispatch.c).
  * All scratch is allocated once per call, before the hot loops.
  */
 #include <math.h>
@@ -1572,7 +1572,7 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
     const double work = (double)nact * (double)(I * (gate->row_bytes + up->row_bytes) + H * down->row_bytes) +
                         (double)P * (double)(3 * H * I) * 0.25;
     int nth = nthreads;
-    const double mw = (double)nx_min_work_per_thread;                   /* default ~1 MiB */
+    const double mw = (double)nx_min_work_per_thread;                   /* default 16 KiB */
     if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
     if (nth > nthreads) nth = nthreads;
 

@@ -48,7 +48,7 @@ PATHS = ck.available_paths()
 @pytest.fixture(params=PATHS)
 def path(request):
     """Force each SIMD path; small test calls also run on all threads (not the 1-thread shortcut
-    that calls under ~1 MiB of work take), so the parallel code is what gets checked."""
+    that calls under ~16 KiB of work per thread take), so the parallel code is what gets checked."""
     old = ck.active_path()
     ck._set_path(request.param)
     old_mw = ck._set_min_work_per_thread(0)
