@@ -133,10 +133,10 @@ int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_
 }
 
 /* Calls with less work than this per thread (bytes read plus a share of the multiplies) use fewer
- * threads.  16 KiB: libgomp's team spins between regions, so a region costs a few microseconds,
- * and on the demo model (matrices of 32-200 KB) splitting every call over 2 threads made the fused
- * block call 9-27% faster at 1-8 rows than the former 1 MiB, which ran them all on one thread
- * (same-process interleaved A/B; BENCHMARKS.md, "Small calls on every thread"). */
+ * threads.  16 KiB: libgomp's team spins between regions, so a region costs a few microseconds.
+ * On the demo model (matrices of 32-200 KB) the former 1 MiB ran every call on one thread; at
+ * 16 KiB the fused call of a 4- or 8-sequence decode step is 16-21% faster and 1 row is unchanged
+ * within noise (benchmarks/min_work_ab.py; BENCHMARKS.md, "Small calls on every thread"). */
 int64_t nx_min_work_per_thread = 16 << 10;
 /* a negative size changes nothing and returns NX_EINVAL (the old value is never negative) */
 int64_t nx_set_min_work(int64_t bytes) {

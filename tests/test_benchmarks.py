@@ -172,3 +172,17 @@ def test_policy_giveups_script_runs_and_describes_the_policy(capsys):
         p.observe(k, k, 0, StepSample(k, 0.002 if k else 0.001, 0.0, 0))
     text = mod.describe(p)
     assert "ratio to plain by k {1: [2.0, 2.0]}" in text and "rates [" in text
+
+
+def test_min_work_ab_script_runs_and_restores_the_threshold(capsys):
+    import cpu_kernels as ck
+    before = ck._set_min_work_per_thread(12345)
+    try:
+        assert _script("min_work_ab").main(["--settings", "1048576,0", "--reps", "2", "--rounds", "1",
+                                            "--max-tokens", "4"]) == 0
+        out = capsys.readouterr().out
+        assert "fused block call" in out and "generate_batch" in out
+        assert len([line for line in out.splitlines() if line.split()[:1] == ["0"]]) == 2
+        assert ck._set_min_work_per_thread(before) == 12345
+    finally:
+        ck._set_min_work_per_thread(before)
