@@ -327,7 +327,7 @@ class _BatchDrafts:
     sequences' steps are one step: a sequence that decodes plainly waits for the others' drafts,
     so its "plain" step costs what theirs cost, and a policy that watched its own steps would see
     drafting as free. So once a batch has held two sequences, the batch asks the policy for the
-    number of sequences in the step (`Engine.draft_policy`: 1, 2, 3-4, 5-8, ...) for one length,
+    number of sequences in the step (`Engine.draft_policy`: 1, 2, ... 8, 9-16, ...) for one length,
     gives it to each adaptive sequence (capped by each one's own limit), and tells the policy what
     the step cost per sequence and what each sequence accepted. A batch that only ever held one
     sequence (`generate`) leaves the decision to the sequence, which prices its own steps."""
@@ -362,9 +362,15 @@ class _BatchDrafts:
                 r.stop_drafting()
             return
         # a step with a prefill in it costs what the prefill costs: it is not sampled (end_step),
-        # and it does not use up the policy's warm-up and probes either
-        self._pure = all(r._prefill is None for r in runs)
+        # and it does not use up the policy's warm-up and probes either. Nor is a step with no
+        # room to draft (a sequence's last token): the policy was not asked, and such steps come
+        # where sequences finish, with the finishing work in them; sampled as plain steps they
+        # priced plain decoding dear. Nor one where the policy decides for only some of the
+        # sequences (others run without MTP, e.g. started while it was off after a give-up): its
+        # draft steps cost what one sequence's drafts cost beside three plain ones (demo model, 4
+        # sequences: one draft priced at 1.3x a plain step after a re-measure, measured at 1.9x)
         limit = min(r.draft_limit() for r in ctl)
+        self._pure = all(r._prefill is None for r in runs) and limit > 0 and len(ctl) == len(runs)
         self.k = policy.choose(limit) if self._pure else policy.peek(limit)
         for r in ctl:
             r.batch_k = self.k

@@ -55,7 +55,7 @@ class CostModel:
     and its price follows its own recent times."""
 
     window: int = 9
-    gpu_by_k: dict = field(default_factory=dict)  # k -> recent GPU-side step times (seconds)
+    gpu_by_k: dict = field(default_factory=dict)  # k -> recent GPU-side step times (not relative: whole steps)
     ratio_by_k: dict = field(default_factory=dict)  # k > 0 -> recent times / plain reference
     cpu_per_expert: deque = field(default_factory=lambda: deque(maxlen=17))
     experts_by_rows: dict = field(default_factory=dict)  # rows -> EMA of distinct experts
@@ -66,11 +66,35 @@ class CostModel:
     # ratio would mean nothing: draft steps are then priced as measured); set by observe, read for
     # every k the policy prices each step
     _ref: float | None = None
-    # False: each length priced at its own recent samples' median. For a batch's policy, whose
-    # lengths are sampled as whole batch steps per sequence: there the ratios, each taken against
+    # False (a batch's policy, whose lengths are sampled as whole batch steps per sequence): a
+    # draft length is priced at its ratio to the step next to it, when that one is plain (or, for a
+    # length never next to a plain step, to a neighbouring draft step of a length that was), times
+    # what plain steps cost lately. Relative pricing drifted there: its ratios, each taken against
     # the other lengths' recent steps, drifted together with few plain steps to anchor them (demo
-    # model, 8 sequences: one draft priced at 1.4x a plain step, measured at 2.1x).
+    # model, 8 sequences: one draft priced at 1.4x a plain step, measured at 2.1x). Each length at
+    # its own samples' median compared samples minutes apart on a machine whose speed moved 1.5x in
+    # that time (demo, 4 sequences: drafts that ran 10-14% slower than plain were chosen).
     relative: bool = True
+    anchored: dict = field(default_factory=dict)  # k > 0 -> ratios to an adjacent plain step
+    chained: dict = field(default_factory=dict)  # k > 0 -> ratios through an adjacent draft step
+    _prev: tuple | None = None  # (k, GPU-side seconds) of the last sample
+
+    def _pair_ratio(self, k: int) -> deque | None:
+        """The ratios that price k (not relative): to plain steps beside it, else chained."""
+        return self.anchored.get(k) or self.chained.get(k)
+
+    def _pair(self, s: StepSample) -> None:
+        """Ratios from this step and the one before it (not relative)."""
+        prev, self._prev = self._prev, (s.k, s.gpu_s)
+        if prev is None or prev[0] == s.k or min(prev[1], s.gpu_s) <= 1e-9:
+            return
+        for (k, g), (j, gj) in ((prev, (s.k, s.gpu_s)), ((s.k, s.gpu_s), prev)):
+            if k == 0:
+                continue
+            if j == 0:
+                self.anchored.setdefault(k, deque(maxlen=self.window)).append(g / gj)
+            elif k not in self.anchored and j in self.anchored:
+                self.chained.setdefault(k, deque(maxlen=self.window)).append(g / gj * _median(self.anchored[j]))
 
     def _ratio(self, k: int) -> float | None:
         """k's median cost relative to a plain step (1 for plain; None: not measured yet)."""
@@ -94,6 +118,15 @@ class CostModel:
         self._ref = ref if ref > 1e-9 else None
 
     def observe(self, s: StepSample) -> None:
+        if not self.relative:
+            # whole steps, CPU experts included: there a draft's expert time is measured beside a
+            # plain step's rather than priced per distinct expert, which holds where experts are
+            # bound by their bytes but not on small ones bound by their rows (demo, 4 sequences:
+            # two drafts priced at 2.2x a plain step, measured at 2.8x)
+            s = StepSample(s.k, s.gpu_s + s.cpu_s, 0.0, 0, s.catchup)
+            self.gpu_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s)
+            self._pair(s)
+            return
         self.gpu_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s)
         if s.k > 0:
             eq = self._plain_equivalents(exclude=s.k)
@@ -123,6 +156,9 @@ class CostModel:
                 return (min(r) if best else _median(r)) * self._ref
             if k == 0 and not best:
                 return self._ref
+        if not self.relative and k > 0 and self._pair_ratio(k) and self.gpu_by_k.get(0):
+            r = self._pair_ratio(k)
+            return (min(r) if best else _median(r)) * _median(self.gpu_by_k[0])
         g = self.gpu_by_k[k]
         return min(g) if best else _median(g)
 
@@ -240,6 +276,15 @@ class DraftPolicy:
             self.chosen[k] = self.chosen.get(k, 0) + 1
             return k
         k = self._best(hi)
+        if k > 0 and not self.relative_costs and len(self.model.gpu_by_k.get(0, ())) < self.MEASURED_PLAIN:
+            # a batch's policy prices each length at its own samples (CostModel.relative): with
+            # fewer than 3 plain steps behind the plain price, one noisy step decided that
+            # drafting paid (demo model, 4 sequences: one plain sample, drafts run at 2-3 lengths
+            # for whole batches, 11-22% slower than MTP off). Plain on every other step until then
+            self._flip = not self._flip
+            if self._flip:
+                self.chosen[0] = self.chosen.get(0, 0) + 1
+                return 0
         if self._probe_from is not None:  # the step after a probe: did it change the choice?
             same = k == self._probe_from
             self.explore_every = min(self.explore_every * 2, self.explore_max) if same else self.explore_base
@@ -263,7 +308,10 @@ class DraftPolicy:
             # up and down in turn: draft costs are priced against recent plain steps, so while
             # drafting, the probes down are what keep those fresh
             self._probes += 1
-            k = k + 1 if k < hi and (k == 0 or self._probes % 2) else max(k - 1, 0)
+            up = k < hi and (k == 0 or self._probes % 2)
+            # a batch's policy probes down to plain itself: its plain price is made of plain
+            # steps alone (not relative), and while it drafts nothing else renews them
+            k = k + 1 if up else (max(k - 1, 0) if self.relative_costs else 0)
         self.chosen[k] = self.chosen.get(k, 0) + 1
         return k
 
@@ -371,8 +419,11 @@ class DraftPolicy:
         return True
 
     def end_sequence(self, turned_off: bool) -> None:
-        """After a sequence that ran MTP: one that kept it resets the back-off."""
-        if not turned_off:
+        """After a sequence that ran MTP: one that kept it, with the policy measured enough to
+        judge, resets the back-off. (A batch does not price a step in which some sequences run
+        without MTP: a re-measure's first sequence beside others still off kept MTP unjudged, and
+        its end reset the wait, so the demo model at 4 sequences re-measured every other batch.)"""
+        if not turned_off and self.model.gpu_by_k.get(0) and not self._drafts_short():
             self._retry = self.RETRY_AFTER
 
     def give_up(self) -> None:

@@ -159,12 +159,17 @@ def test_policy_gives_up_when_drafting_loses_and_retries_later():
     p.give_up()
     runs = [p.start_sequence() for _ in range(2 * DraftPolicy.RETRY_AFTER)]
     assert runs == [False] * (2 * DraftPolicy.RETRY_AFTER - 1) + [True]
-    p.end_sequence(turned_off=False)
+    p.end_sequence(turned_off=False)  # kept MTP but ended before the policy could judge: no reset
     p.give_up()
-    assert p.off_for == DraftPolicy.RETRY_AFTER - 1
+    assert p.off_for == 4 * DraftPolicy.RETRY_AFTER - 1
     good = DraftPolicy(draft_max=2, adaptive=True, total_experts=100)
     simulate(good, accept=0.9, cost=lambda k: (0.001, 0.01 * (1 + 0.1 * k), 8 * (1 + 0.1 * k)), steps=60)
     assert not good.mtp_loses()
+    good.give_up()
+    assert good.off_for == DraftPolicy.RETRY_AFTER - 1
+    good.end_sequence(turned_off=False)  # judged, and drafting pays: the wait starts over
+    good.give_up()
+    assert good.off_for == DraftPolicy.RETRY_AFTER - 1
 
 
 def test_policy_gives_up_after_two_draft_steps_where_drafting_can_never_pay():
