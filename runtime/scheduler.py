@@ -14,6 +14,10 @@ acceptance at draft position j given the earlier drafts were accepted. The polic
 0..draft_max that maximises tokens per second, and now and then probes a neighbouring length, up
 and down in turn, since acceptance and costs drift with the text and the machine; the probes thin
 out (16, 32, ... 256 steps apart) while they confirm the choice.
+
+A batch's policy (runtime/batch.py: one step of several sequences, priced per sequence) prices
+whole steps instead, CPU experts included: each draft length at its measured ratio to the plain
+steps beside it, times what plain steps cost lately (CostModel.relative False).
 """
 
 from __future__ import annotations
@@ -277,8 +281,8 @@ class DraftPolicy:
             return k
         k = self._best(hi)
         if k > 0 and not self.relative_costs and len(self.model.gpu_by_k.get(0, ())) < self.MEASURED_PLAIN:
-            # a batch's policy prices each length at its own samples (CostModel.relative): with
-            # fewer than 3 plain steps behind the plain price, one noisy step decided that
+            # a batch's policy prices drafts against its plain steps (CostModel.relative False):
+            # with fewer than 3 plain steps behind the plain price, one noisy step decided that
             # drafting paid (demo model, 4 sequences: one plain sample, drafts run at 2-3 lengths
             # for whole batches, 11-22% slower than MTP off). Plain on every other step until then
             self._flip = not self._flip

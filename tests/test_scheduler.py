@@ -458,3 +458,22 @@ def test_stats_say_none_when_nothing_was_drafted(eng):
     assert r.stats["draft_policy"] == pol.gave_up + "; measured again in 2 sequences"
     assert r.tokens == off.tokens
     del eng._policies[(3, True)]  # later tests get a fresh policy
+
+
+def test_a_batch_policy_prices_drafts_against_the_plain_steps_beside_them():
+    """relative=False (a batch's policy): on a machine whose speed moves 2x over the run, a draft
+    length is priced at its ratio to the adjacent plain steps (whole steps, CPU experts included),
+    not at samples taken at another speed."""
+    m = CostModel(relative=False)
+    speed = 1.0
+    for i in range(40):
+        speed = 1.0 + i / 40  # the machine slows down steadily
+        k = 1 if i % 4 else 0  # mostly drafts, a plain step now and then (the policy's probes)
+        m.observe(StepSample(k, 0.6e-3 * speed * (1 + k), 0.4e-3 * speed * (1 + k), 10))
+    # the last plain samples were taken at ~1.9x, the first draft samples at ~1.0x: raw medians of
+    # each length would put one draft near 2x a plain step only by chance; the pairs keep it at 2x
+    assert m.cost(1, 100) / m.cost(0, 100) == pytest.approx(2.0, rel=0.05)
+    assert m.per_expert() == 0.0  # expert time is inside the whole-step samples
+    # a length never next to a plain step is priced through its neighbour that was
+    m.observe(StepSample(2, 0.6e-3 * speed * 3, 0.4e-3 * speed * 3, 10))
+    assert m.cost(2, 100) / m.cost(0, 100) == pytest.approx(3.0, rel=0.1)
