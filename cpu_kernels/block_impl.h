@@ -54,15 +54,14 @@ static int FN(lin_ok)(const nx_lin *w, int64_t rows, int64_t cols) {
     return FN(lin_rows)(w) == rows;
 }
 
-/* out [T, N] = x [T, K] W^T (+ bias), each part filling its columns */
+#if NX_MAX_PARTS > NX_MAX_LIN_PARTS
+#error "lin_multi takes at most NX_MAX_LIN_PARTS parts"
+#endif
+/* out [T, N] = x [T, K] W^T (+ bias), each part filling its columns, all parts in one call */
 static int FN(lin_apply)(const nx_lin *w, const float *x, int64_t T, float *out, int nthreads) {
     const int64_t N = FN(lin_rows)(w);
-    int64_t r0 = 0;
-    for (int p = 0; p < w->n_parts; p++) {
-        int rc = NX_CAT(nx_linear, NX_SFX)(x, T, &w->parts[p], out + r0, N, nthreads);
-        if (rc) return rc;
-        r0 += w->parts[p].rows;
-    }
+    int rc = FN(lin_multi)(x, T, w->parts, w->n_parts, out, N, nthreads);
+    if (rc) return rc;
     if (w->bias)
         for (int64_t t = 0; t < T; t++)
             for (int64_t r = 0; r < N; r++) out[t * N + r] += w->bias[r];

@@ -1682,80 +1682,128 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
 }
 
 /* ------------------------------------------------------------------ the dense linear call
- * out[t * ld + r] = dot(row r of w's first matrix, x[t]) for r < w->rows, t < T: the non-expert
- * weights that sit on the CPU (attention, dense and shared FFNs, the head), read in their GGUF
- * blocks instead of a float copy 2-8x their size.  The same activation quantization and dot cores
- * as the MoE call, so the same per-type tolerances hold.  Parallel (dynamic) over blocks of rows:
- * each row is read once per call whatever T is; many tokens go through tile_dots as in phase 2.
- * Returns 0 or -1 (allocation failed). */
-int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, float *out, int64_t ld,
-                               int nthreads) {
-    const int64_t N = w->rows, H = w->cols;
-    const int fam = FN(family)(w->type), sgn = FN(is_signed)(w->type), fused = FN(has_fused)(w->type);
-    /* SIMD paths, Q8_0_R8 / Q4_K_R8 / Q6_K_R8 / F16: the multi-token kernels (linear_impl.h) for
-     * every T, T = 1 included, so a row's bits never depend on the batch */
-    const int lin = FN(lin_kind)(w->type);
+ * out[t * ld + r0_p + r] = dot(row r of part p's first matrix, x[t]) for every part p (stacked by
+ * rows: part p's outputs start at column r0_p = the rows of the parts before it), r < rows_p,
+ * t < T: the non-expert weights that sit on the CPU (attention, dense and shared FFNs, the head),
+ * read in their GGUF blocks instead of a float copy 2-8x their size.  The same activation
+ * quantization and dot cores as the MoE call, so the same per-type tolerances hold.  Parallel
+ * (dynamic) over blocks of rows of all the parts in ONE region: q/k/v or gate/up as one call, not
+ * one region each (a region costs ~1.3 us with 2 threads against ~0.5 us for a barrier, and the
+ * demo model's fused call ran ~136 of them); each row is read once per call whatever T is; many
+ * tokens go through tile_dots as in phase 2.  A part's rows get the same bits whatever the other
+ * parts, the thread count or the row blocks are.  Returns 0 or -1 (allocation failed). */
+#ifndef NX_MAX_LIN_PARTS
+#define NX_MAX_LIN_PARTS 4   /* most parts of one stacked weight (block.h's NX_MAX_PARTS) */
+#endif
+static int FN(lin_multi)(const float *x, int64_t T, const nx_tensor *parts, int n_parts, float *out, int64_t ld,
+                         int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    if (T <= 0) return 0;
-    const double work = (double)N * (double)w->row_bytes + (double)T * (double)(N * H) * 0.25;
+    if (T <= 0 || n_parts < 1) return 0;
+    if (n_parts > NX_MAX_LIN_PARTS) return -1;
+    const int64_t H = parts[0].cols;
+    double work = 0.0;
+    for (int p = 0; p < n_parts; p++)
+        work += (double)parts[p].rows * (double)parts[p].row_bytes + (double)T * (double)(parts[p].rows * H) * 0.25;
     int nth = nthreads;
     const double mw = (double)nx_min_work_per_thread;
     if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
     if (nth > nthreads) nth = nthreads;
-    int64_t rb = N / ((int64_t)nth * 8);
-    if (rb < 8) rb = 8;
-    if (rb > NX_RB2_MAX) rb = NX_RB2_MAX;
-    const int64_t nu = (N + rb - 1) / rb;
-    const size_t ax = FN(act_bytes)(fam, H);
-    uint8_t *qx = fam == NX_FAM_F ? NULL : (uint8_t *)malloc((size_t)T * ax);
-    const size_t dec = fused ? 0 : FN(unpacked_bytes)(fam, H) + 64;
-    const size_t tile = (size_t)NX_TILE_T * (size_t)rb, nres = (size_t)T > tile ? (size_t)T : tile;
+    /* per part: its row block, first unit, activations (parts of one type share them), aux rows */
+    int64_t rb[NX_MAX_LIN_PARTS], u0[NX_MAX_LIN_PARTS + 1], c0[NX_MAX_LIN_PARTS];
+    int src[NX_MAX_LIN_PARTS];   /* the part whose quantized activations this part reads */
+    size_t ax[NX_MAX_LIN_PARTS], sx[NX_MAX_LIN_PARTS], off[NX_MAX_LIN_PARTS], aoff[NX_MAX_LIN_PARTS];
+    size_t qbytes = 0, abytes = 0, dec = 0, nres = (size_t)T;
+    u0[0] = 0;
+    for (int p = 0; p < n_parts; p++) {
+        const nx_tensor *w = &parts[p];
+        const int fam = FN(family)(w->type);
+        int64_t b = w->rows / ((int64_t)nth * 8);
+        if (b < 8) b = 8;
+        if (b > NX_RB2_MAX) b = NX_RB2_MAX;
+        rb[p] = b;
+        u0[p + 1] = u0[p] + (w->rows + b - 1) / b;
+        c0[p] = p ? c0[p - 1] + parts[p - 1].rows : 0;
+        ax[p] = FN(act_bytes)(fam, H);
+        sx[p] = FN(lin_kind)(w->type) ? FN(lin_aux_bytes)(w->type, H) : 0;
+        src[p] = p;
+        for (int q = 0; q < p; q++)
+            if (parts[q].type == w->type) { src[p] = q; break; }
+        off[p] = aoff[p] = 0;
+        if (src[p] == p && fam != NX_FAM_F) { off[p] = qbytes; qbytes += (size_t)T * ax[p]; }
+        if (src[p] == p && sx[p]) { aoff[p] = abytes; abytes += (size_t)T * sx[p]; }
+        if (src[p] != p) { off[p] = off[src[p]]; aoff[p] = aoff[src[p]]; }
+        if (!FN(has_fused)(w->type)) {
+            const size_t d = FN(unpacked_bytes)(fam, H) + 64;
+            if (d > dec) dec = d;
+        }
+        const size_t tile = (size_t)NX_TILE_T * (size_t)b;
+        if (tile > nres) nres = tile;
+    }
+    const int64_t nu = u0[n_parts];
+    uint8_t *qx = qbytes ? (uint8_t *)malloc(qbytes) : NULL;
+    uint8_t *aux = abytes ? (uint8_t *)malloc(abytes) : NULL;
     const size_t scr_stride = ((dec + nres * sizeof(float)) + 127) & ~(size_t)63;
     uint8_t *scr_all = (uint8_t *)aligned_alloc(64, scr_stride * (size_t)nth);
-    const size_t sx = lin ? FN(lin_aux_bytes)(w->type, H) : 0;
-    uint8_t *aux = sx ? (uint8_t *)malloc((size_t)T * sx) : NULL;
-    if ((fam != NX_FAM_F && !qx) || !scr_all || (sx && !aux)) { free(qx); free(scr_all); free(aux); return -1; }
-    const uint8_t *a = qx ? qx : (const uint8_t *)x;
-    const size_t sa = qx ? ax : (size_t)H * 4;
+    if ((qbytes && !qx) || (abytes && !aux) || !scr_all) { free(qx); free(aux); free(scr_all); return -1; }
     const int par_quant = T * H > (1 << 16);
-    if (qx && !par_quant)
-        for (int64_t t = 0; t < T; t++) {
-            FN(quant_act)(fam, x + t * H, H, qx + t * ax);
-            if (lin) FN(lin_prep)(w->type, qx + t * ax, H, aux + t * sx);
+    /* quantize x once per type (small T: here, before the threads start) */
+    if (!par_quant)
+        for (int p = 0; p < n_parts; p++) {
+            if (src[p] != p || FN(family)(parts[p].type) == NX_FAM_F) continue;
+            for (int64_t t = 0; t < T; t++) {
+                FN(quant_act)(FN(family)(parts[p].type), x + t * H, H, qx + off[p] + t * ax[p]);
+                if (FN(lin_kind)(parts[p].type))   /* in place (Q8_0_R8's offset codes), plus aux rows */
+                    FN(lin_prep)(parts[p].type, qx + off[p] + t * ax[p], H, sx[p] ? aux + aoff[p] + t * sx[p] : NULL);
+            }
         }
 
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
         uint8_t *scratch = scr_all + scr_stride * (size_t)omp_get_thread_num();
         float *res = (float *)(scratch + dec);
-        if (qx && par_quant) {
+        if (par_quant)
+            for (int p = 0; p < n_parts; p++) {
+                if (src[p] != p || FN(family)(parts[p].type) == NX_FAM_F) continue;
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++) {
-                FN(quant_act)(fam, x + t * H, H, qx + t * ax);
-                if (lin) FN(lin_prep)(w->type, qx + t * ax, H, aux + t * sx);
+                for (int64_t t = 0; t < T; t++) {
+                    FN(quant_act)(FN(family)(parts[p].type), x + t * H, H, qx + off[p] + t * ax[p]);
+                    if (FN(lin_kind)(parts[p].type))   /* in place (Q8_0_R8's offset codes), plus aux rows */
+                    FN(lin_prep)(parts[p].type, qx + off[p] + t * ax[p], H, sx[p] ? aux + aoff[p] + t * sx[p] : NULL);
+                }
             }
-        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t unit = 0; unit < nu; unit++) {
-            const int64_t r0 = unit * rb, r1 = r0 + rb < N ? r0 + rb : N, nr = r1 - r0;
-            if (lin) { FN(dense_rows)(w, r0, r1, a, sa, aux, sx, T, out, ld); continue; }
-            if (T > NX_GRP && fused) {
+            int p = 0;
+            while (unit >= u0[p + 1]) p++;
+            const nx_tensor *w = &parts[p];
+            const int fam = FN(family)(w->type);
+            const int64_t N = w->rows, r0 = (unit - u0[p]) * rb[p], r1 = r0 + rb[p] < N ? r0 + rb[p] : N, nr = r1 - r0;
+            const uint8_t *a = fam == NX_FAM_F ? (const uint8_t *)x : qx + off[p];
+            const size_t sa = fam == NX_FAM_F ? (size_t)H * 4 : ax[p];
+            float *o = out + c0[p];
+            if (FN(lin_kind)(w->type)) { FN(dense_rows)(w, r0, r1, a, sa, sx[p] ? aux + aoff[p] : NULL, sx[p], T, o, ld); continue; }
+            if (T > NX_GRP && FN(has_fused)(w->type)) {
                 for (int64_t j0 = 0; j0 < T; j0 += NX_TILE_T) {
                     const int64_t nj = T - j0 < NX_TILE_T ? T - j0 : NX_TILE_T;
                     FN(tile_dots)(w, 0, r0, r1, a + (size_t)j0 * sa, NULL, sa, nj, res, nr);
                     for (int64_t j = 0; j < nj; j++)
-                        memcpy(out + (j0 + j) * ld + r0, res + j * nr, (size_t)nr * sizeof(float));
+                        memcpy(o + (j0 + j) * ld + r0, res + j * nr, (size_t)nr * sizeof(float));
                 }
                 continue;
             }
             for (int64_t r = r0; r < r1; r++) {
-                FN(row_dots)(w->type, fam, sgn, w->data + r * w->row_bytes, H, a, NULL, sa, T, res, scratch);
-                for (int64_t j = 0; j < T; j++) out[j * ld + r] = res[j];
+                FN(row_dots)(w->type, fam, FN(is_signed)(w->type), w->data + r * w->row_bytes, H, a, NULL, sa, T, res, scratch);
+                for (int64_t j = 0; j < T; j++) o[j * ld + r] = res[j];
             }
         }
     }
     free(qx); free(scr_all); free(aux);
     return 0;
+}
+
+int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, float *out, int64_t ld,
+                               int nthreads) {
+    return FN(lin_multi)(x, T, w, 1, out, ld, nthreads);
 }
 
 /* ------------------------------------------------------------------ dequantization to float32
