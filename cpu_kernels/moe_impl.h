@@ -1410,34 +1410,46 @@ NX_FUSED void FN(fiq4xsr)(const uint8_t *restrict w, const int64_t nb, const uin
 #define NX_NT_SWITCH(call) \
     switch (nt) { case 1: { const int NTC = 1; call; } break; case 2: { const int NTC = 2; call; } break; \
                   case 3: { const int NTC = 3; call; } break; default: { const int NTC = 4; call; } break; }
-/* res[t] = row . act[t] for t < nt (1..4), fused types only */
-static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *const *a, float *res, int nt) {
+/* res[r * nt + t] = row r . act[t] for r < R rows (rb bytes apart) and t < nt (1..4), fused
+ * types only.  One type dispatch for R rows: a demo-sized row (4 Q8_0 blocks) costs ~7 ns, and a
+ * dispatch per row was a good part of that; the rows' results are the kernel's for each row alone. */
+#define NX_ROWS(call) for (int r = 0; r < R; r++) call
+static void FN(fused_dots)(int type, const uint8_t *w, size_t rb, int R, int64_t n, const uint8_t *const *a,
+                           float *res, int nt) {
     switch (type) {
-    case NX_Q8_0: NX_NT_SWITCH(FN(fb32)(NX_Q8_0, w, n / 32, a, res, NTC)) break;
-    case NX_Q4_0: NX_NT_SWITCH(FN(fb32)(NX_Q4_0, w, n / 32, a, res, NTC)) break;
-    case NX_Q5_0: NX_NT_SWITCH(FN(fb32)(NX_Q5_0, w, n / 32, a, res, NTC)) break;
-    case NX_IQ4_NL: NX_NT_SWITCH(FN(fb32)(NX_IQ4_NL, w, n / 32, a, res, NTC)) break;
-    case NX_Q5_0_R8: NX_NT_SWITCH(FN(fq5r8)(w, n / 32, a, res, NTC)) break;
-    case NX_Q8_0_R8: NX_NT_SWITCH(FN(fb32r)(NX_Q8_0_R8, w, n / 32, a, res, NTC)) break;
-    case NX_Q4_0_R8: NX_NT_SWITCH(FN(fb32r)(NX_Q4_0_R8, w, n / 32, a, res, NTC)) break;
-    case NX_IQ4_NL_R8: NX_NT_SWITCH(FN(fb32r)(NX_IQ4_NL_R8, w, n / 32, a, res, NTC)) break;
-    case NX_Q4_K: NX_NT_SWITCH(FN(fq45k)(NX_Q4_K, w, n / 256, a, res, NTC)) break;
-    case NX_Q4_K_R8: NX_NT_SWITCH(FN(fq4kr)(NX_Q4_K_R8, w, n / 256, a, res, NTC)) break;
-    case NX_Q5_K_R8: NX_NT_SWITCH(FN(fq4kr)(NX_Q5_K_R8, w, n / 256, a, res, NTC)) break;
-    case NX_Q5_K: NX_NT_SWITCH(FN(fq45k)(NX_Q5_K, w, n / 256, a, res, NTC)) break;
-    case NX_Q6_K: NX_NT_SWITCH(FN(fq6k)(w, n / 256, a, res, NTC)) break;
-    case NX_IQ4_XS: NX_NT_SWITCH(FN(fiq4xs)(w, n / 256, a, res, NTC)) break;
-    case NX_IQ4_XS_R8: NX_NT_SWITCH(FN(fiq4xsr)(w, n / 256, a, res, NTC)) break;
-    case NX_Q2_K: NX_NT_SWITCH(FN(fq23k)(NX_Q2_K, w, n / 256, a, res, NTC)) break;
-    case NX_Q3_K: NX_NT_SWITCH(FN(fq23k)(NX_Q3_K, w, n / 256, a, res, NTC)) break;
-    case NX_Q2_K_R8: NX_NT_SWITCH(FN(fq23kr)(NX_Q2_K_R8, w, n / 256, a, res, NTC)) break;
-    case NX_Q6_K_R8: NX_NT_SWITCH(FN(fq6kr)(w, n / 256, a, res, NTC)) break;
-    case NX_Q3_K_R8: NX_NT_SWITCH(FN(fq23kr)(NX_Q3_K_R8, w, n / 256, a, res, NTC)) break;
+    case NX_Q8_0: NX_NT_SWITCH(NX_ROWS(FN(fb32)(NX_Q8_0, w + r * rb, n / 32, a, res + r * NTC, NTC))) break;
+    case NX_Q4_0: NX_NT_SWITCH(NX_ROWS(FN(fb32)(NX_Q4_0, w + r * rb, n / 32, a, res + r * NTC, NTC))) break;
+    case NX_Q5_0: NX_NT_SWITCH(NX_ROWS(FN(fb32)(NX_Q5_0, w + r * rb, n / 32, a, res + r * NTC, NTC))) break;
+    case NX_IQ4_NL: NX_NT_SWITCH(NX_ROWS(FN(fb32)(NX_IQ4_NL, w + r * rb, n / 32, a, res + r * NTC, NTC))) break;
+    case NX_Q5_0_R8: NX_NT_SWITCH(NX_ROWS(FN(fq5r8)(w + r * rb, n / 32, a, res + r * NTC, NTC))) break;
+    case NX_Q8_0_R8: NX_NT_SWITCH(NX_ROWS(FN(fb32r)(NX_Q8_0_R8, w + r * rb, n / 32, a, res + r * NTC, NTC))) break;
+    case NX_Q4_0_R8: NX_NT_SWITCH(NX_ROWS(FN(fb32r)(NX_Q4_0_R8, w + r * rb, n / 32, a, res + r * NTC, NTC))) break;
+    case NX_IQ4_NL_R8: NX_NT_SWITCH(NX_ROWS(FN(fb32r)(NX_IQ4_NL_R8, w + r * rb, n / 32, a, res + r * NTC, NTC))) break;
+    case NX_Q4_K: NX_NT_SWITCH(NX_ROWS(FN(fq45k)(NX_Q4_K, w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_Q4_K_R8: NX_NT_SWITCH(NX_ROWS(FN(fq4kr)(NX_Q4_K_R8, w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_Q5_K_R8: NX_NT_SWITCH(NX_ROWS(FN(fq4kr)(NX_Q5_K_R8, w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_Q5_K: NX_NT_SWITCH(NX_ROWS(FN(fq45k)(NX_Q5_K, w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_Q6_K: NX_NT_SWITCH(NX_ROWS(FN(fq6k)(w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_IQ4_XS: NX_NT_SWITCH(NX_ROWS(FN(fiq4xs)(w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_IQ4_XS_R8: NX_NT_SWITCH(NX_ROWS(FN(fiq4xsr)(w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_Q2_K: NX_NT_SWITCH(NX_ROWS(FN(fq23k)(NX_Q2_K, w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_Q3_K: NX_NT_SWITCH(NX_ROWS(FN(fq23k)(NX_Q3_K, w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_Q2_K_R8: NX_NT_SWITCH(NX_ROWS(FN(fq23kr)(NX_Q2_K_R8, w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_Q6_K_R8: NX_NT_SWITCH(NX_ROWS(FN(fq6kr)(w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
+    case NX_Q3_K_R8: NX_NT_SWITCH(NX_ROWS(FN(fq23kr)(NX_Q3_K_R8, w + r * rb, n / 256, a, res + r * NTC, NTC))) break;
     }
+}
+/* res[t] = row . act[t] for t < nt (1..4), fused types only */
+static inline void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *const *a, float *res, int nt) {
+    FN(fused_dots)(type, w, 0, 1, n, a, res, nt);
 }
 #else
 static inline int FN(has_fused)(int type) { (void)type; return 0; }
-static void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *const *a, float *res, int nt) {
+static void FN(fused_dots)(int type, const uint8_t *w, size_t rb, int R, int64_t n, const uint8_t *const *a,
+                           float *res, int nt) {
+    (void)type; (void)w; (void)rb; (void)R; (void)n; (void)a; (void)res; (void)nt;
+}
+static inline void FN(fused_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *const *a, float *res, int nt) {
     (void)type; (void)w; (void)n; (void)a; (void)res; (void)nt;
 }
 #endif
@@ -1623,6 +1635,17 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
                  * time would pull every token's activations from L2 once per row */
                 FN(tile_dots)(gate, e, r0, r1, ag, ptok + s0, sxg, ns, G + s0 * I + r0, I);
                 FN(tile_dots)(up, e, r0, r1, au, ptok + s0, sxu, ns, U + s0 * I + r0, I);
+            } else if (FN(has_fused)(gate->type) && FN(has_fused)(up->type)) {
+                /* decode-sized (1..NX_GRP tokens): the unit's rows in one dispatch per matrix */
+                const uint8_t *apg[NX_GRP], *apu[NX_GRP];
+                for (int64_t j = 0; j < ns; j++) { apg[j] = ag + (size_t)ptok[s0 + j] * sxg; apu[j] = au + (size_t)ptok[s0 + j] * sxu; }
+                const int R = (int)(r1 - r0), nt = (int)ns;
+                FN(fused_dots)(gate->type, gate->data + (e * I + r0) * gate->row_bytes, gate->row_bytes, R, H, apg, res, nt);
+                for (int r = 0; r < R; r++)
+                    for (int j = 0; j < nt; j++) G[(s0 + j) * I + r0 + r] = res[r * nt + j];
+                FN(fused_dots)(up->type, up->data + (e * I + r0) * up->row_bytes, up->row_bytes, R, H, apu, res, nt);
+                for (int r = 0; r < R; r++)
+                    for (int j = 0; j < nt; j++) U[(s0 + j) * I + r0 + r] = res[r * nt + j];
             } else {
                 for (int64_t r = r0; r < r1; r++) {
                     const uint8_t *wg = gate->data + (e * I + r) * gate->row_bytes, *wu = up->data + (e * I + r) * up->row_bytes;
@@ -1666,6 +1689,15 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
                             for (int64_t r = r0; r < r1; r++) o[r] += wj * res[j * (r1 - r0) + (r - r0)];
                         }
                     }
+                    continue;
+                }
+                if (FN(has_fused)(down->type)) {   /* 1..NX_GRP pairs: the unit's rows in one dispatch */
+                    const uint8_t *ap[NX_GRP];
+                    for (int64_t j = 0; j < ns; j++) ap[j] = aa + (size_t)(s0 + j) * sa;
+                    const int R = (int)(r1 - r0), nt = (int)ns;
+                    FN(fused_dots)(down->type, down->data + (e * H + r0) * down->row_bytes, down->row_bytes, R, I, ap, res, nt);
+                    for (int r = 0; r < R; r++)
+                        for (int j = 0; j < nt; j++) out[ptok[s0 + j] * H + r0 + r] += pw[s0 + j] * res[r * nt + j];
                     continue;
                 }
                 for (int64_t r = r0; r < r1; r++) {
@@ -1789,6 +1821,14 @@ static int FN(lin_multi)(const float *x, int64_t T, const nx_tensor *parts, int 
                     for (int64_t j = 0; j < nj; j++)
                         memcpy(o + (j0 + j) * ld + r0, res + j * nr, (size_t)nr * sizeof(float));
                 }
+                continue;
+            }
+            if (FN(has_fused)(w->type)) {   /* 1..NX_GRP tokens: the unit's rows in one dispatch */
+                const uint8_t *ap[NX_GRP];
+                for (int64_t j = 0; j < T; j++) ap[j] = a + (size_t)j * sa;
+                FN(fused_dots)(w->type, w->data + r0 * w->row_bytes, w->row_bytes, (int)nr, H, ap, res, (int)T);
+                for (int64_t r = 0; r < nr; r++)
+                    for (int64_t j = 0; j < T; j++) o[j * ld + r0 + r] = res[r * T + j];
                 continue;
             }
             for (int64_t r = r0; r < r1; r++) {

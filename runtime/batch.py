@@ -308,6 +308,8 @@ class Batch:
         run = self.states[sid].run
         n = run.slots_next()
         need = run.seq.pages_needed(n)
+        if need == (0, 0):  # the usual step: its pages are held already (a page holds many slots)
+            return True
         for victim in [None] + self.sched.victims(sid, lambda v: self.states[v].gen is None):
             if victim is not None:
                 self.states[victim].run.preempt()
