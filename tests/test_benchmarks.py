@@ -186,3 +186,11 @@ def test_min_work_ab_script_runs_and_restores_the_threshold(capsys):
         assert ck._set_min_work_per_thread(before) == 12345
     finally:
         ck._set_min_work_per_thread(before)
+
+
+def test_replay_ab_script_runs_two_checkouts(capsys):
+    # this checkout against itself: the table has a ratio per run and the median line
+    assert _script("replay_ab").main([str(ROOT), str(ROOT), "--rows", "1,2", "--reps", "3", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "median new/base: 1 rows" in out and "2 rows" in out
+    assert len([line for line in out.splitlines() if line.split()[:1] == ["0"]]) == 1
