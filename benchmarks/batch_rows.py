@@ -6,7 +6,9 @@ rows it carries, in batched decoding: where a batch's step time goes when its by
 For each batch size n, `Engine.generate_batch` decodes the first n of the batch bench's prompts
 (greedy, MTP off) `--rounds` times; every fused call is timed, and the median ms per call is
 printed by the rows it carried (decode calls only: n rows), with the distinct routed experts per
-main forward of the batch.
+main forward of the batch, and what a batch step costs outside its fused calls (the run's wall
+time less all its fused calls, over its main forwards, prefill included: the step's host work,
+the embedding lookup, the head and sampling).
 """
 from __future__ import annotations
 
@@ -33,27 +35,36 @@ def main(argv=None) -> int:
     times: dict[int, list[float]] = {}
     orig = BlockStack.forward_rows
 
+    fused_s = [0.0]
+
     def timed(self, x, *args, **kw):
         t = time.perf_counter()
         out = orig(self, x, *args, **kw)
-        times.setdefault(int(x.shape[0]), []).append(time.perf_counter() - t)
+        dt = time.perf_counter() - t
+        times.setdefault(int(x.shape[0]), []).append(dt)
+        fused_s[0] += dt
         return out
 
     BlockStack.forward_rows = timed
     eng = load(a.target, progress=False)
     kw = dict(max_tokens=a.max_tokens, temperature=0.0, repeat_penalty=1.0, mtp=False)
-    print(f"{'seqs':>4} {'ms per fused call':>18} {'calls':>6} {'experts/fwd':>11}")
+    print(f"{'seqs':>4} {'ms per fused call':>18} {'calls':>6} {'experts/fwd':>11} {'ms outside/step':>15}")
     for n in [int(s) for s in a.sequences.split(",")]:
         eng.generate_batch(PROMPTS[:n], **kw)  # warm-up
         times.clear()
-        experts = []
+        experts, outside = [], []
         for _ in range(a.rounds):
+            fused_s[0] = 0.0
+            t = time.perf_counter()
             eng.generate_batch(PROMPTS[:n], **kw)
+            wall = time.perf_counter() - t
             bs = eng.last_batch.stats
             experts.append(bs.distinct_experts / max(bs.steps, 1))
+            outside.append((wall - fused_s[0]) / max(bs.steps, 1))
         ts = times.get(n, [])
         ms = statistics.median(ts) * 1e3 if ts else float("nan")
-        print(f"{n:>4} {ms:>18.3f} {len(ts):>6} {statistics.median(experts):>11.1f}")
+        print(f"{n:>4} {ms:>18.3f} {len(ts):>6} {statistics.median(experts):>11.1f} "
+              f"{statistics.median(outside) * 1e3:>15.3f}")
     return 0
 
 

@@ -1720,8 +1720,8 @@ int NX_CAT(nx_moe_forward, NX_SFX)(const float *x, int64_t T, const int32_t *ids
  * read in their GGUF blocks instead of a float copy 2-8x their size.  The same activation
  * quantization and dot cores as the MoE call, so the same per-type tolerances hold.  Parallel
  * (dynamic) over blocks of rows of all the parts in ONE region: q/k/v or gate/up as one call, not
- * one region each (a region costs ~1.3 us with 2 threads against ~0.5 us for a barrier, and the
- * demo model's fused call ran ~136 of them); each row is read once per call whatever T is; many
+ * one region each (a region costs ~1.3 us with 2 threads against ~0.5 us for a barrier:
+ * benchmarks/omp_cost.c; the demo's blocks have 3 q/k/v and 2 gate/up parts); each row is read once per call whatever T is; many
  * tokens go through tile_dots as in phase 2.  A part's rows get the same bits whatever the other
  * parts, the thread count or the row blocks are.  Returns 0 or -1 (allocation failed). */
 #ifndef NX_MAX_LIN_PARTS

@@ -81,18 +81,18 @@ class CostModel:
     relative: bool = True
     anchored: dict = field(default_factory=dict)  # k > 0 -> ratios to an adjacent plain step
     chained: dict = field(default_factory=dict)  # k > 0 -> ratios through an adjacent draft step
-    _prev: tuple | None = None  # (k, GPU-side seconds) of the last sample
+    _prev: tuple | None = None  # (k, seconds) of the last sample (not relative)
 
     def _pair_ratio(self, k: int) -> deque | None:
         """The ratios that price k (not relative): to plain steps beside it, else chained."""
         return self.anchored.get(k) or self.chained.get(k)
 
-    def _pair(self, s: StepSample) -> None:
-        """Ratios from this step and the one before it (not relative)."""
-        prev, self._prev = self._prev, (s.k, s.gpu_s)
-        if prev is None or prev[0] == s.k or min(prev[1], s.gpu_s) <= 1e-9:
+    def _pair(self, cur: tuple) -> None:
+        """Ratios from this step (k, seconds) and the one before it (not relative)."""
+        prev, self._prev = self._prev, cur
+        if prev is None or prev[0] == cur[0] or min(prev[1], cur[1]) <= 1e-9:
             return
-        for (k, g), (j, gj) in ((prev, (s.k, s.gpu_s)), ((s.k, s.gpu_s), prev)):
+        for (k, g), (j, gj) in ((prev, cur), (cur, prev)):
             if k == 0:
                 continue
             if j == 0:
@@ -127,9 +127,9 @@ class CostModel:
             # plain step's rather than priced per distinct expert, which holds where experts are
             # bound by their bytes but not on small ones bound by their rows (demo, 4 sequences:
             # two drafts priced at 2.2x a plain step, measured at 2.8x)
-            s = StepSample(s.k, s.gpu_s + s.cpu_s, 0.0, 0, s.catchup)
-            self.gpu_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s)
-            self._pair(s)
+            whole = s.gpu_s + s.cpu_s
+            self.gpu_by_k.setdefault(s.k, deque(maxlen=self.window)).append(whole)
+            self._pair((s.k, whole))
             return
         self.gpu_by_k.setdefault(s.k, deque(maxlen=self.window)).append(s.gpu_s)
         if s.k > 0:
