@@ -15,7 +15,7 @@ BENCH = ROOT / "benchmarks"
 
 @pytest.mark.skipif(shutil.which("gcc") is None or platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="needs gcc on x86-64")
-@pytest.mark.parametrize("prog,extra", [("dot_rate.c", []), ("omp_cost.c", []),
+@pytest.mark.parametrize("prog,extra", [("dot_rate.c", []), ("omp_cost.c", []), ("lin_rate.c", []),
                                         ("moe_ab.c", ['-DNX_OLD_IMPL="%s"' % (ROOT / "cpu_kernels" / "moe_impl.h")])])
 def test_c_benchmarks_compile(tmp_path, prog, extra):
     out = tmp_path / prog.replace(".c", "")

@@ -869,6 +869,9 @@ def test_dequantize_rows_bad_arguments(case, exc, match):
 LIN_CASES = [(QT.Q8_0, 37, 15 * 32),   # groups of 8 and of 4 and 3 loose blocks (Q8_0_R8 tails)
              (QT.Q8_0, 21, 64 * 32),
              (QT.Q4_K, 37, 3 * 256),
+             # rows so wide that 4 tokens' activations overflow NX_L1_ACT: passes of 8 tokens
+             (QT.Q8_0, 5, 192 * 32),
+             (QT.Q4_K, 5, 24 * 256),
              (QT.Q6_K, 37, 3 * 256),
              (QT.F16, 37, 16 * 5 + 13),  # vector chunks + a tail on either path
              (QT.F16, 9, 7)]
