@@ -68,6 +68,108 @@ static int FN(lin_apply)(const nx_lin *w, const float *x, int64_t T, float *out,
     return 0;
 }
 
+#if NX_PATH >= 1
+/* e^x for x <= 0 (scores less their max), 8 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6
+ * polynomial (Cephes expf's coefficients), 2^n through the exponent bits; below -87.3 (2^-126) 0.
+ * About 1 ulp from libm's expf; every lane the same operations, so a score's weight does not
+ * depend on its neighbours or on how many positions there are. */
+static inline __m256 FN(exp8_neg)(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* lane p: the horizontal sum of a[p], ((x0+x1)+(x2+x3)) + ((x4+x5)+(x6+x7)) in every lane */
+static inline __m256 FN(hsum8x8)(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+/* One (row, head) of attention: o = softmax(scale * q K^T) V over the n slots map[0..n) of the
+ * head's kv group g. The SIMD paths take positions 8 at a time (a short tail repeats the last
+ * slot in its unused lanes and stores only the valid ones), so every score, weight and sum is
+ * the same sequence of operations wherever its position falls. s: n + 8 floats of scratch. */
+static void FN(attend_unit)(const float *q, const float *kc, const float *vc, const int32_t *map, int64_t n,
+                            int64_t nkv, int64_t g, int64_t hd, float scale, float *s, float *out) {
+#if NX_PATH >= 1
+    if (hd % 8 == 0 && hd <= 256) {
+        const int64_t nv = hd / 8;
+        __m256 qv[32];
+        for (int64_t c = 0; c < nv; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);
+        const __m256 sc = _mm256_set1_ps(scale);
+        __m256 mx = _mm256_set1_ps(-INFINITY);
+        for (int64_t j0 = 0; j0 < n; j0 += 8) {
+            __m256 acc[8];
+            for (int p = 0; p < 8; p++) {
+                const int64_t j = j0 + p < n ? j0 + p : n - 1;
+                const float *k = kc + ((int64_t)map[j] * nkv + g) * hd;
+                __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k));
+                for (int64_t c = 1; c < nv; c++) a = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k + 8 * c), a);
+                acc[p] = a;
+            }
+            const __m256 v = _mm256_mul_ps(FN(hsum8x8)(acc), sc);
+            _mm256_storeu_ps(s + j0, v);   /* s has 8 floats of slack past n */
+            mx = _mm256_max_ps(mx, v);     /* tail lanes repeat slot n-1: the max is unchanged */
+        }
+        float mb[8];
+        _mm256_storeu_ps(mb, mx);
+        float m = mb[0];
+        for (int p = 1; p < 8; p++) m = mb[p] > m ? mb[p] : m;
+        const __m256 m8 = _mm256_set1_ps(m);
+        __m256 sum8 = _mm256_setzero_ps();
+        const int64_t nfull = n & ~(int64_t)7;
+        for (int64_t j0 = 0; j0 < n; j0 += 8) {
+            const __m256 e = FN(exp8_neg)(_mm256_sub_ps(_mm256_loadu_ps(s + j0), m8));
+            _mm256_storeu_ps(s + j0, e);
+            if (j0 < nfull) sum8 = _mm256_add_ps(sum8, e);
+        }
+        float sum = FN(hsum256)(sum8);
+        for (int64_t j = nfull; j < n; j++) sum += s[j];
+        __m256 o[32];
+        for (int64_t c = 0; c < nv; c++) o[c] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = vc + ((int64_t)map[j] * nkv + g) * hd;
+            const __m256 p = _mm256_set1_ps(s[j]);
+            for (int64_t c = 0; c < nv; c++) o[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), o[c]);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (int64_t c = 0; c < nv; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(o[c], inv));
+        return;
+    }
+#endif
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = FN(dot_f)(q, kc + ((int64_t)map[j] * nkv + g) * hd, hd) * scale;
+        if (s[j] > m) m = s[j];
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) { s[j] = expf(s[j] - m); sum += s[j]; }
+    for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        const float *v = vc + ((int64_t)map[j] * nkv + g) * hd;
+        const float p = s[j];
+        for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < hd; i++) out[i] *= inv;
+}
+
 /* attention of row t over its sequence's logical slots 0..lslot[t] (physical maps[t][j]); q already
  * normed and rotated in qkv's q part; o [T, n_heads * head_dim]. Units (row, head) are independent:
  * any split over threads gives the same bits. */
@@ -85,26 +187,9 @@ static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const floa
     if (nth > nthreads) nth = nthreads;
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
     for (int64_t u = 0; u < T * nh; u++) {
-        const int64_t t = u / nh, h = u % nh, g = h / group, n = lslot[t] + 1;
-        const int32_t *map = maps[t];
-        float *s = scr_all + scr_stride * (int64_t)omp_get_thread_num();
-        const float *q = qkv + t * nqkv + h * hd;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            s[j] = FN(dot_f)(q, kc + ((int64_t)map[j] * nkv + g) * hd, hd) * d->attn_scale;
-            if (s[j] > m) m = s[j];
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) { s[j] = expf(s[j] - m); sum += s[j]; }
-        float *out = o + t * nh * hd + h * hd;
-        for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            const float *v = vc + ((int64_t)map[j] * nkv + g) * hd;
-            const float p = s[j];
-            for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t i = 0; i < hd; i++) out[i] *= inv;
+        const int64_t t = u / nh, h = u % nh;
+        FN(attend_unit)(qkv + t * nqkv + h * hd, kc, vc, maps[t], lslot[t] + 1, nkv, h / group, hd, d->attn_scale,
+                        scr_all + scr_stride * (int64_t)omp_get_thread_num(), o + t * nh * hd + h * hd);
     }
 }
 
@@ -191,7 +276,7 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
     /* scratch: h, qkv, attention out, a [T, H]-sized result, gate/up [T, 2F], silu(g)*u [T, F],
      * router scores [T, E], ids and weights [T, K], the routed output [T, H], attention scores
      * (as many floats per thread as the longest row sees), an E-byte mark table */
-    const int64_t ss = ((smax + 15) / 16) * 16;
+    const int64_t ss = ((smax + 8 + 15) / 16) * 16;   /* attend_unit's 8 floats of slack */
     const size_t nf = (size_t)T * (size_t)(H + nqkv + nq + H + F2max + F2max / 2 + Emax + Kmax + H) +
                       (size_t)ss * (size_t)nthreads;
     float *ws = (float *)malloc(nf * sizeof(float) + (size_t)T * (size_t)Kmax * sizeof(int32_t) + (size_t)Emax + 64);
