@@ -101,6 +101,33 @@ static inline __m256 FN(hsum8x8)(const __m256 *a) {
 }
 #endif
 
+#if NX_PATH >= 1
+/* out[c0 .. c0 + 8 NC) = inv * sum_j s[j] v_j over the same columns: NC (1..4, compile-time after
+ * inlining) vectors of columns in registers, even and odd positions in two chains (added at the
+ * end), so the FMAs are not one long dependency chain through memory */
+static inline __attribute__((always_inline)) void FN(attend_pv)(const float *vc, const int32_t *map, int64_t n,
+                                                               int64_t nkv, int64_t g, int64_t hd, int64_t c0,
+                                                               const float *s, __m256 inv, float *out, const int NC) {
+    __m256 a0[4], a1[4];
+    for (int c = 0; c < NC; c++) a0[c] = a1[c] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+        const float *v0 = vc + ((int64_t)map[j] * nkv + g) * hd + c0, *v1 = vc + ((int64_t)map[j + 1] * nkv + g) * hd + c0;
+        const __m256 p0 = _mm256_set1_ps(s[j]), p1 = _mm256_set1_ps(s[j + 1]);
+        for (int c = 0; c < NC; c++) {
+            a0[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a0[c]);
+            a1[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 8 * c), a1[c]);
+        }
+    }
+    if (j < n) {
+        const float *v0 = vc + ((int64_t)map[j] * nkv + g) * hd + c0;
+        const __m256 p0 = _mm256_set1_ps(s[j]);
+        for (int c = 0; c < NC; c++) a0[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a0[c]);
+    }
+    for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + c0 + 8 * c, _mm256_mul_ps(_mm256_add_ps(a0[c], a1[c]), inv));
+}
+#endif
+
 /* One (row, head) of attention: o = softmax(scale * q K^T) V over the n slots map[0..n) of the
  * head's kv group g. The SIMD paths take positions 8 at a time (a short tail repeats the last
  * slot in its unused lanes and stores only the valid ones), so every score, weight and sum is
@@ -141,15 +168,14 @@ static void FN(attend_unit)(const float *q, const float *kc, const float *vc, co
         }
         float sum = FN(hsum256)(sum8);
         for (int64_t j = nfull; j < n; j++) sum += s[j];
-        __m256 o[32];
-        for (int64_t c = 0; c < nv; c++) o[c] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < n; j++) {
-            const float *v = vc + ((int64_t)map[j] * nkv + g) * hd;
-            const __m256 p = _mm256_set1_ps(s[j]);
-            for (int64_t c = 0; c < nv; c++) o[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), o[c]);
-        }
         const __m256 inv = _mm256_set1_ps(1.0f / sum);
-        for (int64_t c = 0; c < nv; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(o[c], inv));
+        int64_t c0 = 0;
+        for (; c0 + 32 <= hd; c0 += 32) FN(attend_pv)(vc, map, n, nkv, g, hd, c0, s, inv, out, 4);
+        switch ((hd - c0) / 8) {
+        case 1: FN(attend_pv)(vc, map, n, nkv, g, hd, c0, s, inv, out, 1); break;
+        case 2: FN(attend_pv)(vc, map, n, nkv, g, hd, c0, s, inv, out, 2); break;
+        case 3: FN(attend_pv)(vc, map, n, nkv, g, hd, c0, s, inv, out, 3); break;
+        }
         return;
     }
 #endif

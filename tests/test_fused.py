@@ -14,8 +14,9 @@ from runtime.sampling import SamplingParams
 QUANT = {"default": "Q4_K", "attn_v": "Q6_K", "ffn_down": "Q5_0", "ffn_down_exps": "Q5_0", "token_embd": "Q8_0",
          "output": "Q6_K"}
 SPECS = {
-    # F32 weights, QK-norm, attention bias, 1 dense block
-    "f32": dict(types="F32"),
+    # F32 weights, QK-norm, attention bias, 1 dense block; a head size that is not a multiple of 8
+    # (attention's scalar loop on every path)
+    "f32": dict(types="F32", head_dim=20),
     # quantized everything, no QK-norm and no bias, scaled un-normalised router with a selection bias
     "quant": dict(types=QUANT, match_hf=True, qk_norm=False, attn_bias=False, routed_scaling=2.5, norm_topk=False,
                   selection_bias_scale=0.5, hidden=256, expert_ffn=256, dense_ffn=256, n_heads=4, head_dim=64,
