@@ -19,7 +19,7 @@
  * rows of several sequences in one call (a batched decode step) each get the bits they get alone.
  *
  * Scratch is one allocation per call.  Parallelism is the kernels' own (they use fewer threads for
- * small matrices); attention splits its (row, head) units over the threads when there is enough
+ * small matrices); attention splits its (row, kv group, heads) units over the threads when there is enough
  * of it.  Returns 0, -1 (allocation failed) or -4 (a descriptor or argument out of range: nothing
  * written).
  */
@@ -101,84 +101,162 @@ static inline __m256 FN(hsum8x8)(const __m256 *a) {
 }
 #endif
 
+/* Attention over the KV cache, GQA-aware. A unit is a run of rows of one sequence (they share
+ * its slot map) and a run of heads of one kv group g (the group's heads are consecutive:
+ * h = g * group + u). Every (row, head)'s arithmetic is its own and the same whatever rows and
+ * heads share its unit, so any split into units and threads gives the same bits. The SIMD path
+ * takes positions in blocks and serves every (row, head) of the unit from a block before it moves
+ * on, so the group's K and V rows come from memory once per unit rather than once per head and
+ * row (GLM-4.5-Air: 12 query heads per kv head; at 4K positions a layer's K/V are 33 MB, read 96
+ * times a row head by head against 8 times by group; an MTP verify's rows read them once). */
+#define NX_ATT_HEADS 48       /* most (row, head)s in one unit (their maxima and sums on the stack) */
+#define NX_ATT_KPF 32         /* K rows fetched this many positions ahead, V rows NX_ATT_VPF: about */
+#define NX_ATT_VPF 64         /* 2 us of work ahead at 12 heads a unit (16..96 measured alike) */
+#define NX_ATT_PB 32          /* positions per PV block: 32 rows of V (16 KB at head_dim 128) stay in L1 */
+#define NX_ATT_SCORES (1 << 17) /* score floats per thread (512 KB, in L2): long contexts take fewer heads a unit */
+
 #if NX_PATH >= 1
-/* out[c0 .. c0 + 8 NC) = inv * sum_j s[j] v_j over the same columns: NC (1..4, compile-time after
- * inlining) vectors of columns in registers, even and odd positions in two chains (added at the
- * end), so the FMAs are not one long dependency chain through memory */
-static inline __attribute__((always_inline)) void FN(attend_pv)(const float *vc, const int32_t *map, int64_t n,
-                                                               int64_t nkv, int64_t g, int64_t hd, int64_t c0,
-                                                               const float *s, __m256 inv, float *out, const int NC) {
+/* acc0/acc1[c0 .. c0 + 8 NC) += sum over positions j0..j1 (j0 even; their V rows packed in vb) of
+ * s[j] v_j, even positions into acc0 and odd ones into acc1: two chains of FMAs, so they are not
+ * one long dependency through memory; the chains continue from block to block (first: they start
+ * at zero) */
+static inline __attribute__((always_inline)) void FN(attend_pv)(const float *vb, int64_t j0, int64_t j1, int64_t hd,
+                                                               int64_t c0, const float *s, float *acc0, float *acc1,
+                                                               int first, const int NC) {
     __m256 a0[4], a1[4];
-    for (int c = 0; c < NC; c++) a0[c] = a1[c] = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 2 <= n; j += 2) {
-        const float *v0 = vc + ((int64_t)map[j] * nkv + g) * hd + c0, *v1 = vc + ((int64_t)map[j + 1] * nkv + g) * hd + c0;
+    for (int c = 0; c < NC; c++) {
+        a0[c] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc0 + c0 + 8 * c);
+        a1[c] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc1 + c0 + 8 * c);
+    }
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) {
+        const float *v0 = vb + (j - j0) * hd + c0, *v1 = v0 + hd;
         const __m256 p0 = _mm256_set1_ps(s[j]), p1 = _mm256_set1_ps(s[j + 1]);
         for (int c = 0; c < NC; c++) {
             a0[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a0[c]);
             a1[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 8 * c), a1[c]);
         }
     }
-    if (j < n) {
-        const float *v0 = vc + ((int64_t)map[j] * nkv + g) * hd + c0;
+    if (j < j1) {
+        const float *v0 = vb + (j - j0) * hd + c0;
         const __m256 p0 = _mm256_set1_ps(s[j]);
         for (int c = 0; c < NC; c++) a0[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a0[c]);
     }
-    for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + c0 + 8 * c, _mm256_mul_ps(_mm256_add_ps(a0[c], a1[c]), inv));
+    for (int c = 0; c < NC; c++) {
+        _mm256_storeu_ps(acc0 + c0 + 8 * c, a0[c]);
+        _mm256_storeu_ps(acc1 + c0 + 8 * c, a1[c]);
+    }
 }
-#endif
 
-/* One (row, head) of attention: o = softmax(scale * q K^T) V over the n slots map[0..n) of the
- * head's kv group g. The SIMD paths take positions 8 at a time (a short tail repeats the last
- * slot in its unused lanes and stores only the valid ones), so every score, weight and sum is
- * the same sequence of operations wherever its position falls. s: n + 8 floats of scratch. */
-static void FN(attend_unit)(const float *q, const float *kc, const float *vc, const int32_t *map, int64_t n,
-                            int64_t nkv, int64_t g, int64_t hd, float scale, float *s, float *out) {
-#if NX_PATH >= 1
-    if (hd % 8 == 0 && hd <= 256) {
-        const int64_t nv = hd / 8;
-        __m256 qv[32];
-        for (int64_t c = 0; c < nv; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);
-        const __m256 sc = _mm256_set1_ps(scale);
-        __m256 mx = _mm256_set1_ps(-INFINITY);
-        for (int64_t j0 = 0; j0 < n; j0 += 8) {
-            __m256 acc[8];
-            for (int p = 0; p < 8; p++) {
-                const int64_t j = j0 + p < n ? j0 + p : n - 1;
-                const float *k = kc + ((int64_t)map[j] * nkv + g) * hd;
-                __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k));
-                for (int64_t c = 1; c < nv; c++) a = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k + 8 * c), a);
-                acc[p] = a;
+/* rows map[j0..j1) (those below n) of kv group g on their way to the cache: they are a page apart
+ * (slot-major cache), so the hardware prefetchers, which stay within a page, do not fetch them */
+static inline void FN(attend_prefetch)(const float *c, const int32_t *map, int64_t j0, int64_t j1, int64_t n,
+                                       int64_t nkv, int64_t g, int64_t hd) {
+    for (int64_t j = j0; j < j1 && j < n; j++) {
+        const float *r = c + ((int64_t)map[j] * nkv + g) * hd;
+        for (int64_t i = 0; i < hd; i += 16) __builtin_prefetch(r + i, 0, 2);
+    }
+}
+
+/* rows map[j0..j1) of kv group g packed into dst [j1 - j0, hd]; rows past n repeat slot n-1.
+ * A group's rows are n_kv * hd floats apart in the cache (4 KB at 8 x 128): a block of them read
+ * in place would fall into the same L1 sets, which hold 8 lines each. */
+static inline void FN(attend_pack)(const float *c, const int32_t *map, int64_t j0, int64_t j1, int64_t n,
+                                   int64_t nkv, int64_t g, int64_t hd, float *dst) {
+    for (int64_t j = j0; j < j1; j++)
+        memcpy(dst + (j - j0) * hd, c + ((int64_t)map[j < n ? j : n - 1] * nkv + g) * hd, (size_t)hd * sizeof(float));
+}
+
+/* nr rows (row r sees slots map[0..n[r]); its q at q + r * qstride, its output at out + r * ostride)
+ * and nu heads of kv group g (consecutive q and output vectors): o = softmax(scale q K^T) V.
+ * Scores 8 positions at a time (a row's short tail repeats its last slot in the unused lanes and
+ * stores only the valid ones), so every score, weight and sum is the same sequence of operations
+ * wherever its position falls and whatever rows share the unit. s: nr * nu * sst floats
+ * (sst >= n + 8); acc: (2 nr nu + 8 + NX_ATT_PB) hd floats. */
+static void FN(attend_heads)(const float *q, int64_t qstride, const float *kc, const float *vc, const int32_t *map,
+                             const int64_t *n, int64_t nr, int64_t nkv, int64_t g, int64_t hd, float scale, int64_t nu,
+                             float *s, int64_t sst, float *acc, float *out, int64_t ostride) {
+    const int64_t nv = hd / 8, nvh = nr * nu;   /* (row, head) v = r * nu + u */
+    float *kb = acc + 2 * nvh * hd, *vb = kb + 8 * hd;   /* a block of K rows, of V rows */
+    int64_t nmax = 0;
+    for (int64_t r = 0; r < nr; r++) nmax = n[r] > nmax ? n[r] : nmax;
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 mx[NX_ATT_HEADS];
+    for (int64_t v = 0; v < nvh; v++) mx[v] = _mm256_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < nmax; j0 += 8) {
+        FN(attend_prefetch)(kc, map, j0 + NX_ATT_KPF, j0 + NX_ATT_KPF + 8, nmax, nkv, g, hd);
+        FN(attend_pack)(kc, map, j0, j0 + 8, nmax, nkv, g, hd, kb);
+        for (int64_t r = 0; r < nr; r++) {
+            if (j0 >= n[r]) continue;
+            const float *kp[8];   /* the block's 8 K rows (4 KB at hd 128) stay in L1 */
+            for (int p = 0; p < 8; p++) kp[p] = kb + (j0 + p < n[r] ? p : n[r] - 1 - j0) * hd;
+            for (int64_t u = 0; u < nu; u++) {
+                const int64_t v = r * nu + u;
+                const float *qu = q + r * qstride + u * hd;
+                __m256 qv[32];
+                for (int64_t c = 0; c < nv; c++) qv[c] = _mm256_loadu_ps(qu + 8 * c);
+                __m256 a8[8];
+                for (int p = 0; p < 8; p++) {
+                    __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kp[p]));
+                    for (int64_t c = 1; c < nv; c++) a = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kp[p] + 8 * c), a);
+                    a8[p] = a;
+                }
+                const __m256 x = _mm256_mul_ps(FN(hsum8x8)(a8), sc);
+                _mm256_storeu_ps(s + v * sst + j0, x);   /* 8 floats of slack past n */
+                mx[v] = _mm256_max_ps(mx[v], x);         /* tail lanes repeat slot n-1: the max is unchanged */
             }
-            const __m256 v = _mm256_mul_ps(FN(hsum8x8)(acc), sc);
-            _mm256_storeu_ps(s + j0, v);   /* s has 8 floats of slack past n */
-            mx = _mm256_max_ps(mx, v);     /* tail lanes repeat slot n-1: the max is unchanged */
         }
-        float mb[8];
-        _mm256_storeu_ps(mb, mx);
+    }
+    float inv[NX_ATT_HEADS];
+    for (int64_t v = 0; v < nvh; v++) {
+        const int64_t nn = n[v / nu], nfull = nn & ~(int64_t)7;
+        float *sv = s + v * sst, mb[8];
+        _mm256_storeu_ps(mb, mx[v]);
         float m = mb[0];
         for (int p = 1; p < 8; p++) m = mb[p] > m ? mb[p] : m;
         const __m256 m8 = _mm256_set1_ps(m);
         __m256 sum8 = _mm256_setzero_ps();
-        const int64_t nfull = n & ~(int64_t)7;
-        for (int64_t j0 = 0; j0 < n; j0 += 8) {
-            const __m256 e = FN(exp8_neg)(_mm256_sub_ps(_mm256_loadu_ps(s + j0), m8));
-            _mm256_storeu_ps(s + j0, e);
+        for (int64_t j0 = 0; j0 < nn; j0 += 8) {
+            const __m256 e = FN(exp8_neg)(_mm256_sub_ps(_mm256_loadu_ps(sv + j0), m8));
+            _mm256_storeu_ps(sv + j0, e);
             if (j0 < nfull) sum8 = _mm256_add_ps(sum8, e);
         }
         float sum = FN(hsum256)(sum8);
-        for (int64_t j = nfull; j < n; j++) sum += s[j];
-        const __m256 inv = _mm256_set1_ps(1.0f / sum);
-        int64_t c0 = 0;
-        for (; c0 + 32 <= hd; c0 += 32) FN(attend_pv)(vc, map, n, nkv, g, hd, c0, s, inv, out, 4);
-        switch ((hd - c0) / 8) {
-        case 1: FN(attend_pv)(vc, map, n, nkv, g, hd, c0, s, inv, out, 1); break;
-        case 2: FN(attend_pv)(vc, map, n, nkv, g, hd, c0, s, inv, out, 2); break;
-        case 3: FN(attend_pv)(vc, map, n, nkv, g, hd, c0, s, inv, out, 3); break;
-        }
-        return;
+        for (int64_t j = nfull; j < nn; j++) sum += sv[j];
+        inv[v] = 1.0f / sum;
     }
+    for (int64_t j0 = 0; j0 < nmax; j0 += NX_ATT_PB) {   /* the block's V rows, then every (row, head) over them */
+        const int64_t j1 = j0 + NX_ATT_PB < nmax ? j0 + NX_ATT_PB : nmax;
+        FN(attend_prefetch)(vc, map, j0 + NX_ATT_VPF, j0 + NX_ATT_VPF + NX_ATT_PB, nmax, nkv, g, hd);
+        FN(attend_pack)(vc, map, j0, j1, nmax, nkv, g, hd, vb);
+        for (int64_t v = 0; v < nvh; v++) {
+            const int64_t nn = n[v / nu], e1 = j1 < nn ? j1 : nn;
+            if (j0 >= nn) continue;
+            const float *sv = s + v * sst;
+            float *a0 = acc + 2 * v * hd, *a1 = a0 + hd;
+            int64_t c0 = 0;
+            for (; c0 + 32 <= hd; c0 += 32) FN(attend_pv)(vb, j0, e1, hd, c0, sv, a0, a1, j0 == 0, 4);
+            switch ((hd - c0) / 8) {
+            case 1: FN(attend_pv)(vb, j0, e1, hd, c0, sv, a0, a1, j0 == 0, 1); break;
+            case 2: FN(attend_pv)(vb, j0, e1, hd, c0, sv, a0, a1, j0 == 0, 2); break;
+            case 3: FN(attend_pv)(vb, j0, e1, hd, c0, sv, a0, a1, j0 == 0, 3); break;
+            }
+        }
+    }
+    for (int64_t v = 0; v < nvh; v++) {
+        const float *a0 = acc + 2 * v * hd, *a1 = a0 + hd;
+        float *ov = out + (v / nu) * ostride + (v % nu) * hd;
+        const __m256 iv = _mm256_set1_ps(inv[v]);
+        for (int64_t c = 0; c < nv; c++)
+            _mm256_storeu_ps(ov + 8 * c, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(a0 + 8 * c), _mm256_loadu_ps(a1 + 8 * c)), iv));
+    }
+}
 #endif
+
+/* One (row, head), the reference path (and any head size the SIMD path does not take):
+ * o = softmax(scale * q K^T) V over the n slots map[0..n) of kv group g. s: n floats. */
+static void FN(attend_one)(const float *q, const float *kc, const float *vc, const int32_t *map, int64_t n,
+                           int64_t nkv, int64_t g, int64_t hd, float scale, float *s, float *out) {
     float m = -INFINITY;
     for (int64_t j = 0; j < n; j++) {
         s[j] = FN(dot_f)(q, kc + ((int64_t)map[j] * nkv + g) * hd, hd) * scale;
@@ -196,14 +274,30 @@ static void FN(attend_unit)(const float *q, const float *kc, const float *vc, co
     for (int64_t i = 0; i < hd; i++) out[i] *= inv;
 }
 
+/* the most (row, head)s of one unit for rows that see at most smax slots, and the per-thread
+ * scratch (floats) they take: their scores (8 floats of slack each, rounded to 16) and PV sums,
+ * a block of K rows and one of V rows */
+static int64_t FN(attend_vmax)(int64_t smax) {
+    const int64_t sst = ((smax + 8 + 15) / 16) * 16, v = NX_ATT_SCORES / sst;
+    return v < 1 ? 1 : v > NX_ATT_HEADS ? NX_ATT_HEADS : v;
+}
+static int64_t FN(attend_scratch)(int64_t smax, int64_t hd) {
+    const int64_t sst = ((smax + 8 + 15) / 16) * 16;
+    return FN(attend_vmax)(smax) * (sst + 2 * hd) + (8 + NX_ATT_PB) * hd;
+}
+
 /* attention of row t over its sequence's logical slots 0..lslot[t] (physical maps[t][j]); q already
- * normed and rotated in qkv's q part; o [T, n_heads * head_dim]. Units (row, head) are independent:
- * any split over threads gives the same bits. */
+ * normed and rotated in qkv's q part; o [T, n_heads * head_dim]. Units are (run of one sequence's
+ * consecutive rows, kv group, run of that group's heads): as many rows and heads per unit as let
+ * it read its group's K and V once for all of them, as few as keep every thread busy.
+ * rs: T + 1 int64 of scratch. */
 static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const float *kc, const float *vc,
                        const int64_t *lslot, const int32_t *const *maps, float *o, float *scr_all,
-                       int64_t scr_stride, int nthreads) {
+                       int64_t smax, int64_t *rs, int nthreads) {
     const int64_t nh = d->n_heads, nkv = d->n_kv, hd = d->head_dim, group = nh / nkv;
     const int64_t nqkv = (nh + 2 * nkv) * hd;
+    const int64_t sst = ((smax + 8 + 15) / 16) * 16, scr_stride = FN(attend_scratch)(smax, hd);
+    const int64_t vmax = FN(attend_vmax)(smax);
     double work = 0.0;
     for (int64_t t = 0; t < T; t++) work += (double)(lslot[t] + 1);
     work *= (double)nh * (double)hd * 8.0;
@@ -211,11 +305,40 @@ static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const floa
     const double mw = (double)nx_min_work_per_thread;
     if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
     if (nth > nthreads) nth = nthreads;
+    int64_t nseq = 1;   /* runs of rows with one slot map */
+    for (int64_t t = 1; t < T; t++) nseq += maps[t] != maps[t - 1];
+    int64_t hruns = (group + vmax - 1) / vmax;   /* runs of heads per group */
+    while (hruns < group && nseq * nkv * hruns < nth) hruns++;
+    const int64_t per = (group + hruns - 1) / hruns, rmax = vmax / per > 0 ? vmax / per : 1;
+    hruns = (group + per - 1) / per;
+    int64_t nrr = 0;   /* row runs: [rs[i], rs[i + 1]), one map each, at most rmax rows */
+    for (int64_t t = 0; t < T; t++)
+        if (t == 0 || maps[t] != maps[t - 1] || t - rs[nrr - 1] >= rmax) rs[nrr++] = t;
+    rs[nrr] = T;
+    const int simd = NX_PATH >= 1 && hd % 8 == 0 && hd <= 256;
+    (void)sst;
+    (void)simd;
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
-    for (int64_t u = 0; u < T * nh; u++) {
-        const int64_t t = u / nh, h = u % nh;
-        FN(attend_unit)(qkv + t * nqkv + h * hd, kc, vc, maps[t], lslot[t] + 1, nkv, h / group, hd, d->attn_scale,
-                        scr_all + scr_stride * (int64_t)omp_get_thread_num(), o + t * nh * hd + h * hd);
+    for (int64_t u = 0; u < nrr * nkv * hruns; u++) {
+        const int64_t ri = u / (nkv * hruns), g = (u / hruns) % nkv, h0 = g * group + (u % hruns) * per;
+        const int64_t nu = h0 + per <= (g + 1) * group ? per : (g + 1) * group - h0;
+        const int64_t t0 = rs[ri], nr = rs[ri + 1] - t0;
+        float *scr = scr_all + scr_stride * (int64_t)omp_get_thread_num();
+        const float *q = qkv + t0 * nqkv + h0 * hd;
+        float *out = o + t0 * nh * hd + h0 * hd;
+        int64_t n[NX_ATT_HEADS];
+        for (int64_t r = 0; r < nr; r++) n[r] = lslot[t0 + r] + 1;
+#if NX_PATH >= 1
+        if (simd) {
+            FN(attend_heads)(q, nqkv, kc, vc, maps[t0], n, nr, nkv, g, hd, d->attn_scale, nu, scr, sst,
+                             scr + nr * nu * sst, out, nh * hd);
+            continue;
+        }
+#endif
+        for (int64_t r = 0; r < nr; r++)
+            for (int64_t i = 0; i < nu; i++)
+                FN(attend_one)(q + r * nqkv + i * hd, kc, vc, maps[t0], n[r], nkv, g, hd, d->attn_scale, scr,
+                               out + r * nh * hd + i * hd);
     }
 }
 
@@ -301,16 +424,18 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
     }
     /* scratch: h, qkv, attention out, a [T, H]-sized result, gate/up [T, 2F], silu(g)*u [T, F],
      * router scores [T, E], ids and weights [T, K], the routed output [T, H], attention scores
-     * (as many floats per thread as the longest row sees), an E-byte mark table */
-    const int64_t ss = ((smax + 8 + 15) / 16) * 16;   /* attend_unit's 8 floats of slack */
-    const size_t nf = (size_t)T * (size_t)(H + nqkv + nq + H + F2max + F2max / 2 + Emax + Kmax + H) +
-                      (size_t)ss * (size_t)nthreads;
-    float *ws = (float *)malloc(nf * sizeof(float) + (size_t)T * (size_t)Kmax * sizeof(int32_t) + (size_t)Emax + 64);
+     * and PV sums (per thread: attend_scratch), attention's row runs [T + 1], an E-byte mark table */
+    const int64_t ss = FN(attend_scratch)(smax, hd);
+    const size_t nf = ((size_t)T * (size_t)(H + nqkv + nq + H + F2max + F2max / 2 + Emax + Kmax + H) +
+                       (size_t)ss * (size_t)nthreads + 1) & ~(size_t)1;   /* even: the int64s after it align */
+    float *ws = (float *)malloc(nf * sizeof(float) + (size_t)(T + 1) * sizeof(int64_t) +
+                                (size_t)T * (size_t)Kmax * sizeof(int32_t) + (size_t)Emax + 64);
     if (!ws) return -1;
     float *h = ws, *qkv = h + T * H, *att = qkv + T * nqkv, *y = att + T * nq, *gu = y + T * H;
     float *act = gu + T * F2max, *sc = act + T * (F2max / 2), *wts = sc + T * Emax, *ro = wts + T * Kmax;
     float *ascr = ro + T * H;
-    int32_t *ids = (int32_t *)(ascr + ss * nthreads);
+    int64_t *runs = (int64_t *)(ws + nf);
+    int32_t *ids = (int32_t *)(runs + T + 1);
     uint8_t *mark = (uint8_t *)(ids + T * Kmax);
     double exp_s = 0.0, distinct = 0.0;
     int rc = 0;
@@ -338,7 +463,7 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
             memcpy(K + slot * nkv * hd, r + nq, (size_t)(nkv * hd) * sizeof(float));
             memcpy(V + slot * nkv * hd, r + nq + nkv * hd, (size_t)(nkv * hd) * sizeof(float));
         }
-        FN(attend)(d, qkv, T, K, V, lslot, maps, att, ascr, ss, nthreads);
+        FN(attend)(d, qkv, T, K, V, lslot, maps, att, ascr, smax, runs, nthreads);
         if ((rc = FN(lin_apply)(&b->wo, att, T, y, nthreads))) break;
         for (int64_t i = 0; i < T * H; i++) x[i] = x[i] + y[i];
         for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, b->post_norm, H, d->eps, h + t * H);

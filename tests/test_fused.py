@@ -189,3 +189,50 @@ def test_block_stack_rejects_bad_input(engine):
     finally:
         stack._blocks[0].qkv.n_parts = saved
     stack.forward(np.zeros((1, H), np.float32), kv, 0, 0)
+
+
+def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_model):
+    """Multi-query attention (8 query heads on one kv head) at ~2000 positions, the case where the
+    fused attention groups rows and heads into units (by row count, sequences and threads) so a
+    kv group's K and V are read once per unit: every row of a call gets the bits of one-row calls
+    on one thread, with rows of two sequences in one call and 1, 2 or 3 threads (units of 8, 4 or
+    3 heads; runs of at most 6 rows)."""
+    tm = make_test_model(hidden=64, n_layers=2, n_heads=8, n_kv_heads=1, head_dim=32, context_length=4608,
+                         n_nextn=0, seed=7)
+    eng = runtime.load(tm.gguf_path, progress=False, gpu="cpu")
+    m = eng.model
+    stack = m.fused.main
+    with torch.inference_mode():
+        cache = m.new_cache(4608, torch.float32)
+        g = torch.Generator().manual_seed(0)
+        for t in cache.pool.k + cache.pool.v:
+            t.copy_(torch.randn(t.shape, generator=g))
+    kv = stack.cache(cache.pool.k, cache.pool.v)
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(kv.length).astype(np.int32)
+    maps = [perm[:kv.length // 2].copy(), perm[kv.length // 2:].copy()]  # two sequences' slots, apart
+    # rows: 9 of sequence 0 at its slots 2001.., 3 of sequence 1 at 1500..
+    rows = [(0, 2001 + i) for i in range(9)] + [(1, 1500 + i) for i in range(3)]
+    x = rng.standard_normal((len(rows), eng.cfg.hidden)).astype(np.float32)
+    k0 = [k.clone() for k in cache.pool.k]
+    v0 = [v.clone() for v in cache.pool.v]
+
+    def reset():
+        with torch.inference_mode():
+            for k, v, a, b in zip(cache.pool.k, cache.pool.v, k0, v0):
+                k.copy_(a)
+                v.copy_(b)
+
+    def call(sel, threads):
+        y = x[sel].copy()
+        at = np.array([rows[i][1] for i in sel])
+        stack.forward_rows(y, kv, at, at, [maps[rows[i][0]] for i in sel], threads)
+        return y
+
+    reset()
+    alone = [call([i], 1)[0] for i in range(len(rows))]  # in order: a row sees the K/V of those before it
+    for threads in (1, 2, 3):
+        reset()
+        y = call(list(range(len(rows))), threads)
+        for i in range(len(rows)):
+            assert np.array_equal(y[i], alone[i]), (threads, i)
