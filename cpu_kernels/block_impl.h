@@ -116,11 +116,11 @@ static inline __m256 FN(hsum8x8)(const __m256 *a) {
 #define NX_ATT_SCORES (1 << 17) /* score floats per thread (512 KB, in L2): long contexts take fewer heads a unit */
 
 #if NX_PATH >= 1
-/* acc0/acc1[c0 .. c0 + 8 NC) += sum over positions j0..j1 (j0 even; their V rows packed in vb) of
+/* acc0/acc1[c0 .. c0 + 8 NC) += sum over positions j0..j1 (j0 even; V row j at vr[j - j0]) of
  * s[j] v_j, even positions into acc0 and odd ones into acc1: two chains of FMAs, so they are not
  * one long dependency through memory; the chains continue from block to block (first: they start
  * at zero) */
-static inline __attribute__((always_inline)) void FN(attend_pv)(const float *vb, int64_t j0, int64_t j1, int64_t hd,
+static inline __attribute__((always_inline)) void FN(attend_pv)(const float *const *vr, int64_t j0, int64_t j1,
                                                                int64_t c0, const float *s, float *acc0, float *acc1,
                                                                int first, const int NC) {
     __m256 a0[4], a1[4];
@@ -130,7 +130,7 @@ static inline __attribute__((always_inline)) void FN(attend_pv)(const float *vb,
     }
     int64_t j = j0;
     for (; j + 2 <= j1; j += 2) {
-        const float *v0 = vb + (j - j0) * hd + c0, *v1 = v0 + hd;
+        const float *v0 = vr[j - j0] + c0, *v1 = vr[j + 1 - j0] + c0;
         const __m256 p0 = _mm256_set1_ps(s[j]), p1 = _mm256_set1_ps(s[j + 1]);
         for (int c = 0; c < NC; c++) {
             a0[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a0[c]);
@@ -138,7 +138,7 @@ static inline __attribute__((always_inline)) void FN(attend_pv)(const float *vb,
         }
     }
     if (j < j1) {
-        const float *v0 = vb + (j - j0) * hd + c0;
+        const float *v0 = vr[j - j0] + c0;
         const __m256 p0 = _mm256_set1_ps(s[j]);
         for (int c = 0; c < NC; c++) a0[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a0[c]);
     }
@@ -158,13 +158,23 @@ static inline void FN(attend_prefetch)(const float *c, const int32_t *map, int64
     }
 }
 
-/* rows map[j0..j1) of kv group g packed into dst [j1 - j0, hd]; rows past n repeat slot n-1.
- * A group's rows are n_kv * hd floats apart in the cache (4 KB at 8 x 128): a block of them read
- * in place would fall into the same L1 sets, which hold 8 lines each. */
-static inline void FN(attend_pack)(const float *c, const int32_t *map, int64_t j0, int64_t j1, int64_t n,
-                                   int64_t nkv, int64_t g, int64_t hd, float *dst) {
-    for (int64_t j = j0; j < j1; j++)
-        memcpy(dst + (j - j0) * hd, c + ((int64_t)map[j < n ? j : n - 1] * nkv + g) * hd, (size_t)hd * sizeof(float));
+/* rows map[j0..j1) of kv group g (rows past n repeat slot n-1): ptr[j - j0] points at row j, in
+ * the cache or, with pack, in dst [j1 - j0, hd] where they are copied. A group's rows are n_kv * hd
+ * floats apart in the cache (4 KB at 8 x 128): a block of them read in place falls into a few L1
+ * sets, which hold 8 lines each; copied once they serve every (row, head) of the unit from L1.
+ * Rows closer together than NX_ATT_PACK floats are read in place (the demo's 2 x 32: a copy there
+ * costs more than the few dots it serves). */
+#define NX_ATT_PACK 512
+static inline void FN(attend_rows)(const float *c, const int32_t *map, int64_t j0, int64_t j1, int64_t n,
+                                   int64_t nkv, int64_t g, int64_t hd, int pack, float *dst, const float **ptr) {
+    for (int64_t j = j0; j < j1; j++) {
+        const float *r = c + ((int64_t)map[j < n ? j : n - 1] * nkv + g) * hd;
+        if (pack) {
+            memcpy(dst + (j - j0) * hd, r, (size_t)hd * sizeof(float));
+            r = dst + (j - j0) * hd;
+        }
+        ptr[j - j0] = r;
+    }
 }
 
 /* nr rows (row r sees slots map[0..n[r]); its q at q + r * qstride, its output at out + r * ostride)
@@ -177,19 +187,21 @@ static void FN(attend_heads)(const float *q, int64_t qstride, const float *kc, c
                              const int64_t *n, int64_t nr, int64_t nkv, int64_t g, int64_t hd, float scale, int64_t nu,
                              float *s, int64_t sst, float *acc, float *out, int64_t ostride) {
     const int64_t nv = hd / 8, nvh = nr * nu;   /* (row, head) v = r * nu + u */
-    float *kb = acc + 2 * nvh * hd, *vb = kb + 8 * hd;   /* a block of K rows, of V rows */
+    float *kb = acc + 2 * nvh * hd, *vb = kb + 8 * hd;   /* a block of K rows, of V rows (packed) */
+    const float *kr[8], *vr[NX_ATT_PB];
+    const int pack = nkv * hd >= NX_ATT_PACK;
     int64_t nmax = 0;
     for (int64_t r = 0; r < nr; r++) nmax = n[r] > nmax ? n[r] : nmax;
     const __m256 sc = _mm256_set1_ps(scale);
     __m256 mx[NX_ATT_HEADS];
     for (int64_t v = 0; v < nvh; v++) mx[v] = _mm256_set1_ps(-INFINITY);
     for (int64_t j0 = 0; j0 < nmax; j0 += 8) {
-        FN(attend_prefetch)(kc, map, j0 + NX_ATT_KPF, j0 + NX_ATT_KPF + 8, nmax, nkv, g, hd);
-        FN(attend_pack)(kc, map, j0, j0 + 8, nmax, nkv, g, hd, kb);
+        if (pack) FN(attend_prefetch)(kc, map, j0 + NX_ATT_KPF, j0 + NX_ATT_KPF + 8, nmax, nkv, g, hd);
+        FN(attend_rows)(kc, map, j0, j0 + 8, nmax, nkv, g, hd, pack, kb, kr);
         for (int64_t r = 0; r < nr; r++) {
             if (j0 >= n[r]) continue;
             const float *kp[8];   /* the block's 8 K rows (4 KB at hd 128) stay in L1 */
-            for (int p = 0; p < 8; p++) kp[p] = kb + (j0 + p < n[r] ? p : n[r] - 1 - j0) * hd;
+            for (int p = 0; p < 8; p++) kp[p] = kr[j0 + p < n[r] ? p : n[r] - 1 - j0];
             for (int64_t u = 0; u < nu; u++) {
                 const int64_t v = r * nu + u;
                 const float *qu = q + r * qstride + u * hd;
@@ -227,19 +239,19 @@ static void FN(attend_heads)(const float *q, int64_t qstride, const float *kc, c
     }
     for (int64_t j0 = 0; j0 < nmax; j0 += NX_ATT_PB) {   /* the block's V rows, then every (row, head) over them */
         const int64_t j1 = j0 + NX_ATT_PB < nmax ? j0 + NX_ATT_PB : nmax;
-        FN(attend_prefetch)(vc, map, j0 + NX_ATT_VPF, j0 + NX_ATT_VPF + NX_ATT_PB, nmax, nkv, g, hd);
-        FN(attend_pack)(vc, map, j0, j1, nmax, nkv, g, hd, vb);
+        if (pack) FN(attend_prefetch)(vc, map, j0 + NX_ATT_VPF, j0 + NX_ATT_VPF + NX_ATT_PB, nmax, nkv, g, hd);
+        FN(attend_rows)(vc, map, j0, j1, nmax, nkv, g, hd, pack, vb, vr);
         for (int64_t v = 0; v < nvh; v++) {
             const int64_t nn = n[v / nu], e1 = j1 < nn ? j1 : nn;
             if (j0 >= nn) continue;
             const float *sv = s + v * sst;
             float *a0 = acc + 2 * v * hd, *a1 = a0 + hd;
             int64_t c0 = 0;
-            for (; c0 + 32 <= hd; c0 += 32) FN(attend_pv)(vb, j0, e1, hd, c0, sv, a0, a1, j0 == 0, 4);
+            for (; c0 + 32 <= hd; c0 += 32) FN(attend_pv)(vr, j0, e1, c0, sv, a0, a1, j0 == 0, 4);
             switch ((hd - c0) / 8) {
-            case 1: FN(attend_pv)(vb, j0, e1, hd, c0, sv, a0, a1, j0 == 0, 1); break;
-            case 2: FN(attend_pv)(vb, j0, e1, hd, c0, sv, a0, a1, j0 == 0, 2); break;
-            case 3: FN(attend_pv)(vb, j0, e1, hd, c0, sv, a0, a1, j0 == 0, 3); break;
+            case 1: FN(attend_pv)(vr, j0, e1, c0, sv, a0, a1, j0 == 0, 1); break;
+            case 2: FN(attend_pv)(vr, j0, e1, c0, sv, a0, a1, j0 == 0, 2); break;
+            case 3: FN(attend_pv)(vr, j0, e1, c0, sv, a0, a1, j0 == 0, 3); break;
             }
         }
     }

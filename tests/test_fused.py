@@ -191,13 +191,16 @@ def test_block_stack_rejects_bad_input(engine):
     stack.forward(np.zeros((1, H), np.float32), kv, 0, 0)
 
 
-def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_model):
-    """Multi-query attention (8 query heads on one kv head) at ~2000 positions, the case where the
-    fused attention groups rows and heads into units (by row count, sequences and threads) so a
-    kv group's K and V are read once per unit: every row of a call gets the bits of one-row calls
-    on one thread, with rows of two sequences in one call and 1, 2 or 3 threads (units of 8, 4 or
-    3 heads; runs of at most 6 rows)."""
-    tm = make_test_model(hidden=64, n_layers=2, n_heads=8, n_kv_heads=1, head_dim=32, context_length=4608,
+@pytest.mark.parametrize("heads", [(8, 1, 32), (16, 4, 128)], ids=["mqa-in-place", "gqa-packed"])
+def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_model, heads):
+    """Grouped attention at ~2000 positions, where the fused attention groups rows and heads into
+    units (by row count, sequences and threads) so a kv group's K and V are read once per unit:
+    every row of a call gets the bits of one-row calls on one thread, with rows of two sequences in
+    one call and 1, 2 or 3 threads. 8 query heads on one kv head of 32 (K/V rows read in place;
+    units of 8, 4 or 3 heads, runs of at most 6 rows), 16 on 4 of 128 (rows copied block by
+    block, as at GLM-4.5-Air's 8 x 128)."""
+    n_heads, n_kv, hd = heads
+    tm = make_test_model(hidden=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd, context_length=4608,
                          n_nextn=0, seed=7)
     eng = runtime.load(tm.gguf_path, progress=False, gpu="cpu")
     m = eng.model
@@ -236,3 +239,26 @@ def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_mode
         y = call(list(range(len(rows))), threads)
         for i in range(len(rows)):
             assert np.array_equal(y[i], alone[i]), (threads, i)
+
+
+@pytest.mark.parametrize("heads", [(8, 1, 32), (16, 4, 128)], ids=["mqa-in-place", "gqa-packed"])
+def test_grouped_attention_matches_the_torch_path(make_test_model, heads):
+    """The same shapes against the torch path: a 300-token prompt prefilled by it, then one-row
+    steps and a 5-row verify-shaped call, fused against torch over the same cache."""
+    n_heads, n_kv, hd = heads
+    tm = make_test_model(hidden=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd, context_length=4608,
+                         n_nextn=0, seed=7)
+    eng = runtime.load(tm.gguf_path, progress=False, gpu="cpu")
+    m = eng.model
+    ids = ids_for(eng, 312, seed=4)
+
+    def steps():
+        with torch.inference_mode():
+            seq = eng.new_sequence(SamplingParams(), use_mtp=False)
+            seq.prefill(ids[:300])
+            one = [m.logits(m.forward(torch.tensor([ids[p]]), seq.cache, p))[0] for p in range(300, 306)]
+            five = m.logits(m.forward(torch.tensor(ids[306:311]), seq.cache, 306))
+            return torch.cat([torch.stack(one), five]).numpy()
+
+    a, b = steps(), torch_path(eng, steps)
+    assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
