@@ -194,3 +194,12 @@ def test_replay_ab_script_runs_two_checkouts(capsys):
     out = capsys.readouterr().out
     assert "median new/base: 1 rows" in out and "2 rows" in out
     assert len([line for line in out.splitlines() if line.split()[:1] == ["0"]]) == 1
+
+
+def test_attention_context_script_runs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("attention_context", BENCH / "attention_context.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--contexts", "16,40", "--rows", "1,2", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("GLM-4.5-Air attention shape") and len(out) == 2 + 2 * 3  # L x (1 seq, 2 seq, 2 dist)
