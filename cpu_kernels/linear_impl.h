@@ -172,6 +172,131 @@ NX_FUSED void FN(lq8r)(const uint8_t *restrict w, const int64_t nb, const uint8_
     }
 }
 
+/* Two Q8_0_R8 rows (w0, w1) at once: each activation vector is loaded once for both rows' dots
+ * (one load fed one integer dot in lq8r, and the loads, not the dots, set its pace at 8 tokens).
+ * Every (row, token) gets lq8r's integer sums (exact) and then its float operations in lq8r's
+ * order, so the same bits. */
+NX_FUSED void FN(lq8r_group2)(const uint8_t *q0, const uint8_t *q1, const uint8_t *const *a, const int64_t b,
+                              __m256i *s, __m256i *s2, const int nt, const int G) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i W0[8], W1[8];
+    for (int v = 0; v < G; v++) { W0[v] = FN(ld256)(q0 + 32 * v); W1[v] = FN(ld256)(q1 + 32 * v); }
+#if NX_PATH == 2
+    const __m256i c80 = _mm256_set1_epi8((char)0x80);
+    __m256i c0 = zero, c1 = zero, d0 = zero, d1 = zero;
+    for (int v = 0; v < G; v += 2) {
+        c0 = _mm256_dpbusd_epi32(c0, c80, W0[v]); c1 = _mm256_dpbusd_epi32(c1, c80, W0[v + 1]);
+        d0 = _mm256_dpbusd_epi32(d0, c80, W1[v]); d1 = _mm256_dpbusd_epi32(d1, c80, W1[v + 1]);
+    }
+    const __m256i corr0 = _mm256_sub_epi32(zero, _mm256_add_epi32(c0, c1));
+    const __m256i corr1 = _mm256_sub_epi32(zero, _mm256_add_epi32(d0, d1));
+    for (int t = 0; t < nt; t++) {
+        const int8_t *yt = (const int8_t *)a[t] + 32 * b;
+        __m256i s0 = corr0, s1 = zero, u0 = corr1, u1 = zero;
+        for (int v = 0; v < G; v += 2) {
+            const __m256i y0 = FN(ld256)(yt + 32 * v), y1 = FN(ld256)(yt + 32 * v + 32);
+            s0 = _mm256_dpbusd_epi32(s0, y0, W0[v]);
+            s1 = _mm256_dpbusd_epi32(s1, y1, W0[v + 1]);
+            u0 = _mm256_dpbusd_epi32(u0, y0, W1[v]);
+            u1 = _mm256_dpbusd_epi32(u1, y1, W1[v + 1]);
+        }
+        s[t] = _mm256_add_epi32(s0, s1);
+        s2[t] = _mm256_add_epi32(u0, u1);
+    }
+#else
+    __m256i U0[8], U1[8];
+    for (int v = 0; v < G; v++) { U0[v] = _mm256_abs_epi8(W0[v]); U1[v] = _mm256_abs_epi8(W1[v]); }
+    const __m256i one = _mm256_set1_epi16(1);
+    for (int t = 0; t < nt; t++) {
+        const int8_t *yt = (const int8_t *)a[t] + 32 * b;
+        __m256i s0 = zero, s1 = zero, u0 = zero, u1 = zero;
+        for (int v = 0; v < G; v += 2) {
+            const __m256i y0 = FN(ld256)(yt + 32 * v), y1 = FN(ld256)(yt + 32 * v + 32);
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(U0[v], _mm256_sign_epi8(y0, W0[v])), one));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(U0[v + 1], _mm256_sign_epi8(y1, W0[v + 1])), one));
+            u0 = _mm256_add_epi32(u0, _mm256_madd_epi16(_mm256_maddubs_epi16(U1[v], _mm256_sign_epi8(y0, W1[v])), one));
+            u1 = _mm256_add_epi32(u1, _mm256_madd_epi16(_mm256_maddubs_epi16(U1[v + 1], _mm256_sign_epi8(y1, W1[v + 1])), one));
+        }
+        s[t] = _mm256_add_epi32(s0, s1);
+        s2[t] = _mm256_add_epi32(u0, u1);
+    }
+#endif
+}
+/* lq8r for two rows of the same length (res0[t], res1[t]), w1 = w + rb: the next pair of rows is
+ * fetched ahead at the same offset (NX_PF's 2 KB ahead in each row would leave the start of every
+ * other row cold) */
+NX_FUSED void FN(lq8r2)(const uint8_t *restrict w, const int64_t rb, const int64_t nb, const uint8_t *const *a,
+                        float *res0, float *res1, const int nt) {
+    const uint8_t *w1 = w + rb;
+    const float *dy[NX_LT];
+    __m256 acc[NX_LT], accl[NX_LT], acc1[NX_LT], accl1[NX_LT];
+    __m128 acc4[NX_LT], acc41[NX_LT];
+    for (int t = 0; t < nt; t++) {
+        dy[t] = (const float *)(a[t] + 32 * nb);
+        acc[t] = accl[t] = acc1[t] = accl1[t] = _mm256_setzero_ps();
+        acc4[t] = acc41[t] = _mm_setzero_ps();
+    }
+    const __m256i zero = _mm256_setzero_si256();
+    int64_t b = 0;
+    __m256i s[NX_LT], s2[NX_LT];
+    for (; nb - b >= 8; b += 8, w += 8 * 34, w1 += 8 * 34) {
+        if (NX_PFD > 0)
+            for (int pf = 0; pf < 5; pf++) { __builtin_prefetch(w + 2 * rb + 64 * pf, 0, 0); __builtin_prefetch(w + 3 * rb + 64 * pf, 0, 0); }
+        FN(lq8r_group2)(w + 16, w1 + 16, a, b, s, s2, nt, 8);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
+        const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w1));
+        for (int t = 0; t < nt; t++) {
+            const __m256 y = _mm256_loadu_ps(dy[t] + b);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(dw, y), acc[t]);
+            acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2[t]), _mm256_mul_ps(dw1, y), acc1[t]);
+        }
+    }
+    if (nb - b >= 4) {
+        FN(lq8r_group2)(w + 8, w1 + 8, a, b, s, s2, nt, 4);
+        const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)w));
+        const __m128 dw1 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)w1));
+        for (int t = 0; t < nt; t++) {
+            const __m128 y = _mm_loadu_ps(dy[t] + b);
+            const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s[t]), _mm256_extracti128_si256(s[t], 1));
+            const __m128i h1 = _mm_add_epi32(_mm256_castsi256_si128(s2[t]), _mm256_extracti128_si256(s2[t], 1));
+            acc4[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h), _mm_mul_ps(dw, y), acc4[t]);
+            acc41[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h1), _mm_mul_ps(dw1, y), acc41[t]);
+        }
+        b += 4;
+        w += 4 * 34;
+        w1 += 4 * 34;
+    }
+    for (; b < nb; b++, w += 34, w1 += 34) {   /* the last nb % 4 blocks, ggml blocks */
+        const float d = H2F(FN(rd16)(w)), d1 = H2F(FN(rd16)(w1));
+        const __m256i qv = FN(ld256)(w + 2), qv1 = FN(ld256)(w1 + 2);
+#if NX_PATH == 2
+        const __m256i c80 = _mm256_set1_epi8((char)0x80);
+        const __m256i corr = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, c80, qv));
+        const __m256i corr1 = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, c80, qv1));
+#else
+        const __m256i u = _mm256_abs_epi8(qv), u1 = _mm256_abs_epi8(qv1);
+#endif
+        for (int t = 0; t < nt; t++) {
+            const __m256i yv = FN(ld256)((const int8_t *)a[t] + 32 * b);
+#if NX_PATH == 2
+            const __m256i p = _mm256_dpbusd_epi32(corr, yv, qv), p1 = _mm256_dpbusd_epi32(corr1, yv, qv1);
+#else
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(yv, qv)), _mm256_set1_epi16(1));
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(yv, qv1)), _mm256_set1_epi16(1));
+#endif
+            accl[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * dy[t][b]), accl[t]);
+            accl1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dy[t][b]), accl1[t]);
+        }
+    }
+    (void)zero;
+    for (int t = 0; t < nt; t++) {
+        const float s8 = FN(hsum256)(acc[t]), s4 = FN(hsum128)(acc4[t]), sl = FN(hsum256)(accl[t]);
+        res0[t] = (s8 + s4) + sl;
+        const float t8 = FN(hsum256)(acc1[t]), t4 = FN(hsum128)(acc41[t]), tl = FN(hsum256)(accl1[t]);
+        res1[t] = (t8 + t4) + tl;
+    }
+}
+
 /* Q4_K_R8 against KR activations: register r holds word r of the 8 sub-blocks in lane i, so 8
  * integer dots leave the sub-block sums S_i in the lanes; per token
  *   acc += d_y * (S * (d * sc) - bsum32 * (dmin * m))
@@ -343,7 +468,20 @@ static void FN(dense_rows)(const nx_tensor *w, int64_t r0, int64_t r1, const uin
         const int nt = T - j0 < gs ? (int)(T - j0) : gs;
         const uint8_t *ap[NX_LT], *xp[NX_LT];
         for (int t = 0; t < nt; t++) { ap[t] = a + (size_t)(j0 + t) * sa; xp[t] = aux + (size_t)(j0 + t) * sx; }
-        for (int64_t r = r0; r < r1; r++) {
+        int64_t r = r0;
+        /* Q8_0_R8 rows in pairs where the pass's activations are loaded from L2 (more than
+         * NX_L1_ACT bytes) or there are 8 tokens: one load feeds two dots. GLM-4.5-Air shapes,
+         * against one row at a time (benchmarks/linear_ab.py, 2 threads): attn_output (12288
+         * columns) 1.06-1.26x at 2-16 tokens; the 4096-column weights 1.08-1.13x at 8, but
+         * 0.85-0.94x at 2-4 tokens, where their rows stream from DRAM best one at a time. */
+        if (w->type == NX_Q8_0_R8 && nt > 1 && (nt >= 8 || (size_t)nt * sa > NX_L1_ACT))
+            for (; r + 2 <= r1; r += 2) {
+                float v[NX_LT], v1[NX_LT];
+                const uint8_t *wr = w->data + r * w->row_bytes;
+                NX_LT_SWITCH(FN(lq8r2)(wr, w->row_bytes, H / 32, ap, v, v1, NTC))
+                for (int t = 0; t < nt; t++) { out[(j0 + t) * ld + r] = v[t]; out[(j0 + t) * ld + r + 1] = v1[t]; }
+            }
+        for (; r < r1; r++) {
             float v[NX_LT];
             FN(lin_dot)(w->type, w->data + r * w->row_bytes, H, ap, xp, v, nt);
             for (int t = 0; t < nt; t++) out[(j0 + t) * ld + r] = v[t];
