@@ -343,6 +343,67 @@ NX_FUSED void FN(lq4kr)(const uint8_t *restrict w, const int64_t nb, const uint8
     for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
 }
 
+/* lq4kr for two rows of the same length, w1 = w + rb (as lq8r2: one activation load feeds both
+ * rows' dots; every (row, token) gets lq4kr's integer sums and float operations, so its bits) */
+NX_FUSED void FN(lq4kr2)(const uint8_t *restrict w, const int64_t rb, const int64_t nb, const uint8_t *const *a,
+                         const uint8_t *const *x2, float *res0, float *res1, const int nt) {
+    const uint8_t *w1 = w + rb;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const ak256 *ab[NX_LT];
+    const float *bf[NX_LT];
+    __m256 acc[NX_LT], acc1[NX_LT];
+    for (int t = 0; t < nt; t++) {
+        ab[t] = (const ak256 *)a[t]; bf[t] = (const float *)x2[t];
+        acc[t] = acc1[t] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++, w += 144, w1 += 144) {
+        if (NX_PFD > 0)
+            for (int pf = 0; pf < 3; pf++) { __builtin_prefetch(w + 2 * rb + 64 * pf, 0, 0); __builtin_prefetch(w + 3 * rb + 64 * pf, 0, 0); }
+        __m256i Q[8], P[8];
+        for (int r = 0; r < 8; r += 2) {
+            const __m256i v = FN(ld256)(w + 16 + 16 * r), u = FN(ld256)(w1 + 16 + 16 * r);
+            Q[r] = _mm256_and_si256(v, m4);
+            Q[r + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            P[r] = _mm256_and_si256(u, m4);
+            P[r + 1] = _mm256_and_si256(_mm256_srli_epi16(u, 4), m4);
+        }
+        const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
+        const float d1 = H2F(FN(rd16)(w1)), dmin1 = H2F(FN(rd16)(w1 + 2));
+        const __m256i ms = FN(k4_scales)(w), ms1 = FN(k4_scales)(w1);
+        const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(ms))));
+        const __m256 dmm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(ms, 1))));
+        const __m256 dsc1 = _mm256_mul_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(ms1))));
+        const __m256 dmm1 = _mm256_mul_ps(_mm256_set1_ps(dmin1), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(ms1, 1))));
+        for (int t = 0; t < nt; t++) {
+            const int8_t *y = ab[t][b].y;
+#if NX_PATH == 2
+            __m256i s4[4], u4[4];
+            for (int c = 0; c < 4; c++) {
+                const __m256i y0 = FN(ld256)(y + 64 * c), y1 = FN(ld256)(y + 64 * c + 32);
+                s4[c] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), Q[2 * c], y0), Q[2 * c + 1], y1);
+                u4[c] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), P[2 * c], y0), P[2 * c + 1], y1);
+            }
+            const __m256i s = _mm256_add_epi32(_mm256_add_epi32(s4[0], s4[1]), _mm256_add_epi32(s4[2], s4[3]));
+            const __m256i s1 = _mm256_add_epi32(_mm256_add_epi32(u4[0], u4[1]), _mm256_add_epi32(u4[2], u4[3]));
+#else
+            __m256i yv = FN(ld256)(y);
+            __m256i p = _mm256_maddubs_epi16(Q[0], yv), p1 = _mm256_maddubs_epi16(P[0], yv);
+            for (int r = 1; r < 8; r++) {
+                yv = FN(ld256)(y + 32 * r);
+                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(Q[r], yv));
+                p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(P[r], yv));
+            }
+            const __m256i s = _mm256_madd_epi16(p, _mm256_set1_epi16(1)), s1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(1));
+#endif
+            const __m256 bv = _mm256_loadu_ps(bf[t] + 8 * b), dy = _mm256_set1_ps(ab[t][b].d);
+            const __m256 m = _mm256_mul_ps(bv, dmm), m1 = _mm256_mul_ps(bv, dmm1);
+            acc[t] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(s), dsc, m), dy, acc[t]);
+            acc1[t] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(s1), dsc1, m1), dy, acc1[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) { res0[t] = FN(hsum256)(acc[t]); res1[t] = FN(hsum256)(acc1[t]); }
+}
+
 #define NX_LT_SWITCH(call) \
     switch (nt) { case 1: { const int NTC = 1; call; } break; case 2: { const int NTC = 2; call; } break; \
                   case 3: { const int NTC = 3; call; } break; case 4: { const int NTC = 4; call; } break; \
@@ -469,16 +530,20 @@ static void FN(dense_rows)(const nx_tensor *w, int64_t r0, int64_t r1, const uin
         const uint8_t *ap[NX_LT], *xp[NX_LT];
         for (int t = 0; t < nt; t++) { ap[t] = a + (size_t)(j0 + t) * sa; xp[t] = aux + (size_t)(j0 + t) * sx; }
         int64_t r = r0;
-        /* Q8_0_R8 rows in pairs where the pass's activations are loaded from L2 (more than
-         * NX_L1_ACT bytes) or there are 8 tokens: one load feeds two dots. GLM-4.5-Air shapes,
-         * against one row at a time (benchmarks/linear_ab.py, 2 threads): attn_output (12288
-         * columns) 1.06-1.26x at 2-16 tokens; the 4096-column weights 1.08-1.13x at 8, but
-         * 0.85-0.94x at 2-4 tokens, where their rows stream from DRAM best one at a time. */
-        if (w->type == NX_Q8_0_R8 && nt > 1 && (nt >= 8 || (size_t)nt * sa > NX_L1_ACT))
+        /* Q8_0_R8 and Q4_K_R8 rows in pairs where the pass's activations are loaded from L2
+         * (more than NX_L1_ACT bytes) or there are 8 tokens: one load feeds two dots.
+         * GLM-4.5-Air shapes against one row at a time (benchmarks/linear_ab.py, 2 threads):
+         * attn_output (12288 columns) 1.07-1.23x (Q8_0) and 1.02-1.29x (Q4_K) at 2-16 tokens;
+         * Q8_0's 4096-column weights 1.04-1.08x at 8, but 0.85-0.94x at 2-4 tokens, where
+         * their rows stream from DRAM best one at a time. */
+        if ((w->type == NX_Q8_0_R8 || w->type == NX_Q4_K_R8) && nt > 1 && (nt >= 8 || (size_t)nt * (sa + sx) > NX_L1_ACT))
             for (; r + 2 <= r1; r += 2) {
                 float v[NX_LT], v1[NX_LT];
                 const uint8_t *wr = w->data + r * w->row_bytes;
-                NX_LT_SWITCH(FN(lq8r2)(wr, w->row_bytes, H / 32, ap, v, v1, NTC))
+                if (w->type == NX_Q8_0_R8)
+                    NX_LT_SWITCH(FN(lq8r2)(wr, w->row_bytes, H / 32, ap, v, v1, NTC))
+                else
+                    NX_LT_SWITCH(FN(lq4kr2)(wr, w->row_bytes, H / 256, ap, xp, v, v1, NTC))
                 for (int t = 0; t < nt; t++) { out[(j0 + t) * ld + r] = v[t]; out[(j0 + t) * ld + r + 1] = v1[t]; }
             }
         for (; r < r1; r++) {
