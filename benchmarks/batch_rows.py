@@ -8,7 +8,8 @@ For each batch size n, `Engine.generate_batch` decodes the first n of the batch 
 printed by the rows it carried (decode calls only: n rows), with the distinct routed experts per
 main forward of the batch, and what a batch step costs outside its fused calls (the run's wall
 time less all its fused calls, over its main forwards, prefill included: the step's host work,
-the embedding lookup, the head and sampling).
+the embedding lookup, the head and sampling), and the same over decode steps only (the batch's
+rounds once every sequence has its first token) beside their fused time.
 """
 from __future__ import annotations
 
@@ -46,25 +47,46 @@ def main(argv=None) -> int:
         return out
 
     BlockStack.forward_rows = timed
+    from runtime.batch import Batch
+
+    orig_round = Batch.round
+    dec = [0.0, 0.0, 0]  # decode rounds: wall, fused, steps (rounds with a fused call)
+
+    def round_timed(self):
+        f0 = fused_s[0]
+        t = time.perf_counter()
+        out = orig_round(self)
+        if self.t_decode is not None:
+            dec[0] += time.perf_counter() - t
+            dec[1] += fused_s[0] - f0
+            dec[2] += fused_s[0] > f0
+        return out
+
+    Batch.round = round_timed
     eng = load(a.target, progress=False)
     kw = dict(max_tokens=a.max_tokens, temperature=0.0, repeat_penalty=1.0, mtp=False)
-    print(f"{'seqs':>4} {'ms per fused call':>18} {'calls':>6} {'experts/fwd':>11} {'ms outside/step':>15}")
+    print(f"{'seqs':>4} {'ms per fused call':>18} {'calls':>6} {'experts/fwd':>11} {'ms outside/step':>15} "
+          f"{'decode: fused':>13} {'outside':>8}")
     for n in [int(s) for s in a.sequences.split(",")]:
         eng.generate_batch(PROMPTS[:n], **kw)  # warm-up
         times.clear()
-        experts, outside = [], []
+        experts, outside, dfused, doutside = [], [], [], []
         for _ in range(a.rounds):
             fused_s[0] = 0.0
+            dec[:] = [0.0, 0.0, 0]
             t = time.perf_counter()
             eng.generate_batch(PROMPTS[:n], **kw)
             wall = time.perf_counter() - t
             bs = eng.last_batch.stats
             experts.append(bs.distinct_experts / max(bs.steps, 1))
             outside.append((wall - fused_s[0]) / max(bs.steps, 1))
+            dfused.append(dec[1] / max(dec[2], 1))
+            doutside.append((dec[0] - dec[1]) / max(dec[2], 1))
         ts = times.get(n, [])
         ms = statistics.median(ts) * 1e3 if ts else float("nan")
         print(f"{n:>4} {ms:>18.3f} {len(ts):>6} {statistics.median(experts):>11.1f} "
-              f"{statistics.median(outside) * 1e3:>15.3f}")
+              f"{statistics.median(outside) * 1e3:>15.3f} {statistics.median(dfused) * 1e3:>13.3f} "
+              f"{statistics.median(doutside) * 1e3:>8.3f}")
     return 0
 
 
