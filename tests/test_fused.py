@@ -262,3 +262,36 @@ def test_grouped_attention_matches_the_torch_path(make_test_model, heads):
 
     a, b = steps(), torch_path(eng, steps)
     assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
+
+
+def test_long_context_attention_matches_the_torch_path(make_test_model):
+    """At 16K positions a unit's scores would outgrow their L2 budget (NX_ATT_SCORES), so the fused
+    attention takes fewer heads per unit (8 heads on one kv head: units of 4): one-row and 3-row
+    steps over a cache of random K/V, fused against the torch path from the same cache."""
+    tm = make_test_model(hidden=64, n_layers=2, n_heads=8, n_kv_heads=1, head_dim=32, context_length=16512,
+                         n_nextn=0, seed=7)
+    eng = runtime.load(tm.gguf_path, progress=False, gpu="cpu", context=16512)
+    m = eng.model
+    L = 16400
+    with torch.inference_mode():
+        seq = eng.new_sequence(SamplingParams(), use_mtp=False)
+        seq.cache.reserve(L + 8)
+        g = torch.Generator().manual_seed(1)
+        pool = seq.cache.pool
+        for t in pool.k + pool.v:
+            t.copy_(torch.randn(t.shape, generator=g))
+        k0 = [k.clone() for k in pool.k]
+        v0 = [v.clone() for v in pool.v]
+
+    def step():
+        with torch.inference_mode():
+            for k, v, a, b in zip(pool.k, pool.v, k0, v0):
+                k.copy_(a)
+                v.copy_(b)
+            seq.cache.length = L
+            one = m.logits(m.forward(torch.tensor([5]), seq.cache, L))
+            three = m.logits(m.forward(torch.tensor([6, 7, 8]), seq.cache, L + 1))
+            return torch.cat([one, three]).numpy()
+
+    a, b = step(), torch_path(eng, step)
+    assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
