@@ -32,9 +32,9 @@ d, contexts, rows = Path(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")],
 path = d / "attn.gguf"
 if not path.exists():
     spec = TestModelSpec(hidden=256, n_layers=1, n_dense=1, dense_ffn=256, n_heads=96, n_kv_heads=8, head_dim=128,
-                         context_length=max(contexts) * max(rows) + 64, n_nextn=0)
+                         context_length=131072, n_nextn=0)
     write_test_model(spec, d, types="F16", save_hf_dir=False, gguf_name=path.name)
-eng = runtime.load(str(path), progress=False, gpu="cpu")
+eng = runtime.load(str(path), progress=False, gpu="cpu", context=max(contexts) + max(rows) + 16)
 m = eng.model
 stack = m.fused.main
 L_max, T_max = max(contexts), max(rows)
@@ -67,8 +67,11 @@ for L in contexts:
 
 def _run(checkout: str, d: str, contexts: str, rows: str) -> dict:
     env = dict(os.environ, PYTHONPATH=checkout)
-    out = subprocess.run([sys.executable, "-c", CHILD, checkout, d, contexts, rows], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    r = subprocess.run([sys.executable, "-c", CHILD, checkout, d, contexts, rows], env=env,
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"attention_context: the run in {checkout} failed:\n{r.stderr[-3000:]}")
+    out = r.stdout
     return {(int(a), int(b), c): float(v) for a, b, c, v in (line.split() for line in out.splitlines() if line.strip())}
 
 

@@ -113,7 +113,11 @@ static inline __m256 FN(hsum8x8)(const __m256 *a) {
 #define NX_ATT_KPF 32         /* K rows fetched this many positions ahead, V rows NX_ATT_VPF: about */
 #define NX_ATT_VPF 64         /* 2 us of work ahead at 12 heads a unit (16..96 measured alike) */
 #define NX_ATT_PB 32          /* positions per PV block: 32 rows of V (16 KB at head_dim 128) stay in L1 */
-#define NX_ATT_SCORES (1 << 17) /* score floats per thread (512 KB, in L2): long contexts take fewer heads a unit */
+/* Score floats per thread (8 MB); past it a unit takes fewer heads, and their group's K/V are read
+ * once per unit. Scores are ~5% of a position's traffic (12 heads: 48 B against 1 KB of K/V), so
+ * they may leave L2 sooner than K/V be read twice: at 2M against 128K floats, 1 row at 16K
+ * positions 0.87x the time, at 32K 0.64x (benchmarks/attention_context.py, Air's shape). */
+#define NX_ATT_SCORES (1 << 21)
 
 #if NX_PATH >= 1
 /* acc0/acc1[c0 .. c0 + 8 NC) += sum over positions j0..j1 (j0 even; V row j at vr[j - j0]) of

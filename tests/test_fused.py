@@ -265,9 +265,9 @@ def test_grouped_attention_matches_the_torch_path(make_test_model, heads):
 
 
 def test_long_context_attention_matches_the_torch_path(make_test_model):
-    """At 16K positions a unit's scores would outgrow their L2 budget (NX_ATT_SCORES), so the fused
-    attention takes fewer heads per unit (8 heads on one kv head: units of 4): one-row and 3-row
-    steps over a cache of random K/V, fused against the torch path from the same cache."""
+    """16K positions, 8 heads on one kv head (on 2 threads a one-row step splits them into units of
+    4): one-row and 3-row steps over a cache of random K/V, fused against the torch path from the
+    same cache."""
     tm = make_test_model(hidden=64, n_layers=2, n_heads=8, n_kv_heads=1, head_dim=32, context_length=16512,
                          n_nextn=0, seed=7)
     eng = runtime.load(tm.gguf_path, progress=False, gpu="cpu", context=16512)
