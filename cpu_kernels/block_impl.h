@@ -293,12 +293,13 @@ static void FN(attend_one)(const float *q, const float *kc, const float *vc, con
 /* the most (row, head)s of one unit for rows that see at most smax slots, and the per-thread
  * scratch (floats) they take: their scores (8 floats of slack each, rounded to 16) and PV sums,
  * a block of K rows and one of V rows */
+static int64_t FN(attend_sst)(int64_t smax) { return ((smax + 8 + 15) / 16) * 16; }   /* a score row's floats */
 static int64_t FN(attend_vmax)(int64_t smax) {
-    const int64_t sst = ((smax + 8 + 15) / 16) * 16, v = NX_ATT_SCORES / sst;
+    const int64_t v = NX_ATT_SCORES / FN(attend_sst)(smax);
     return v < 1 ? 1 : v > NX_ATT_HEADS ? NX_ATT_HEADS : v;
 }
 static int64_t FN(attend_scratch)(int64_t smax, int64_t hd) {
-    const int64_t sst = ((smax + 8 + 15) / 16) * 16;
+    const int64_t sst = FN(attend_sst)(smax);
     return FN(attend_vmax)(smax) * (sst + 2 * hd) + (8 + NX_ATT_PB) * hd;
 }
 
@@ -312,7 +313,7 @@ static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const floa
                        int64_t smax, int64_t *rs, int nthreads) {
     const int64_t nh = d->n_heads, nkv = d->n_kv, hd = d->head_dim, group = nh / nkv;
     const int64_t nqkv = (nh + 2 * nkv) * hd;
-    const int64_t sst = ((smax + 8 + 15) / 16) * 16, scr_stride = FN(attend_scratch)(smax, hd);
+    const int64_t sst = FN(attend_sst)(smax), scr_stride = FN(attend_scratch)(smax, hd);
     const int64_t vmax = FN(attend_vmax)(smax);
     double work = 0.0;
     for (int64_t t = 0; t < T; t++) work += (double)(lslot[t] + 1);

@@ -73,335 +73,207 @@ static void FN(lin_prep)(int type, uint8_t *act, int64_t H, uint8_t *aux) {
     }
 }
 
-/* Q8_0_R8 against B32R activations.  A group of 8 blocks: 8 code registers, word v of block i in
- * int32 lane i, so 8 integer dots leave the 8 block sums in the lanes (no horizontal adds) and
- * one FMA per token scales them by d_w * d_y; a group of 4 holds two words per register (lanes i
- * and 4+i), its halves are added; the last nb % 4 blocks are ggml blocks. */
-/* one group of G (8 or 4, a constant after inlining) Q8_0_R8 blocks for nt tokens: the int32 sums */
-NX_FUSED void FN(lq8r_group)(const uint8_t *q, const uint8_t *const *a, const int64_t b, __m256i *s, const int nt, const int G) {
+/* The Q8_0_R8 and Q4_K_R8 kernels take R rows at once (1 or 2, a constant after inlining), rows
+ * rb bytes apart: with 2, each activation vector is loaded once for both rows' integer dots (at 8
+ * tokens, or activations read from L2, the loads and not the dots set the pace; dense_rows picks
+ * R). Every (row, token) gets the same exact integer sums and then the same float operations
+ * whatever R, so the same bits. With 2 the next pair of rows is fetched ahead at the same offset
+ * (NX_PF's 2 KB ahead within a row would leave the start of every other row cold). */
+#define NX_PF_R(w, rb, R, n) do { \
+        if (R == 1) NX_PF(w, n); \
+        else if (NX_PFD > 0) \
+            for (int pf_ = 0; pf_ < (n); pf_++) { \
+                __builtin_prefetch((w) + 2 * (rb) + 64 * pf_, 0, 0); \
+                __builtin_prefetch((w) + 3 * (rb) + 64 * pf_, 0, 0); \
+            } \
+    } while (0)
+
+/* one group of G (8 or 4, a constant after inlining) Q8_0_R8 blocks of R rows for nt tokens: the
+ * int32 sums s[r][t] */
+NX_FUSED void FN(lq8r_group)(const uint8_t *q, const int64_t rb, const uint8_t *const *a, const int64_t b,
+                             __m256i (*s)[NX_LT], const int nt, const int G, const int R) {
     const __m256i zero = _mm256_setzero_si256();
-    __m256i W[8];
-    for (int v = 0; v < G; v++) W[v] = FN(ld256)(q + 32 * v);
+    __m256i W[2][8];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < G; v++) W[r][v] = FN(ld256)(q + r * rb + 32 * v);
 #if NX_PATH == 2
     /* sum((y + 128) * q) - 128 * sum(q) = sum(y * q): the correction once per group */
     const __m256i c80 = _mm256_set1_epi8((char)0x80);
-    __m256i c0 = zero, c1 = zero;
-    for (int v = 0; v < G; v += 2) { c0 = _mm256_dpbusd_epi32(c0, c80, W[v]); c1 = _mm256_dpbusd_epi32(c1, c80, W[v + 1]); }
-    const __m256i corr = _mm256_sub_epi32(zero, _mm256_add_epi32(c0, c1));
+    __m256i corr[2];
+    for (int r = 0; r < R; r++) {
+        __m256i c0 = zero, c1 = zero;
+        for (int v = 0; v < G; v += 2) { c0 = _mm256_dpbusd_epi32(c0, c80, W[r][v]); c1 = _mm256_dpbusd_epi32(c1, c80, W[r][v + 1]); }
+        corr[r] = _mm256_sub_epi32(zero, _mm256_add_epi32(c0, c1));
+    }
     for (int t = 0; t < nt; t++) {
         const int8_t *yt = (const int8_t *)a[t] + 32 * b;
-        /* two independent chains (one chain of 8 dependent dots is latency-bound) */
-        __m256i s0 = corr, s1 = zero;
+        /* two independent chains a row (one chain of 8 dependent dots is latency-bound) */
+        __m256i s0[2], s1[2];
+        for (int r = 0; r < R; r++) { s0[r] = corr[r]; s1[r] = zero; }
         for (int v = 0; v < G; v += 2) {
-            s0 = _mm256_dpbusd_epi32(s0, FN(ld256)(yt + 32 * v), W[v]);
-            s1 = _mm256_dpbusd_epi32(s1, FN(ld256)(yt + 32 * v + 32), W[v + 1]);
+            const __m256i y0 = FN(ld256)(yt + 32 * v), y1 = FN(ld256)(yt + 32 * v + 32);
+            for (int r = 0; r < R; r++) {
+                s0[r] = _mm256_dpbusd_epi32(s0[r], y0, W[r][v]);
+                s1[r] = _mm256_dpbusd_epi32(s1[r], y1, W[r][v + 1]);
+            }
         }
-        s[t] = _mm256_add_epi32(s0, s1);
+        for (int r = 0; r < R; r++) s[r][t] = _mm256_add_epi32(s0[r], s1[r]);
     }
 #else
-    __m256i U[8];
-    for (int v = 0; v < G; v++) U[v] = _mm256_abs_epi8(W[v]);
+    __m256i U[2][8];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < G; v++) U[r][v] = _mm256_abs_epi8(W[r][v]);
+    const __m256i one = _mm256_set1_epi16(1);
     for (int t = 0; t < nt; t++) {
         const int8_t *yt = (const int8_t *)a[t] + 32 * b;
-        __m256i s0 = zero, s1 = zero;
+        __m256i s0[2], s1[2];
+        for (int r = 0; r < R; r++) s0[r] = s1[r] = zero;
         for (int v = 0; v < G; v += 2) {
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(U[v], _mm256_sign_epi8(FN(ld256)(yt + 32 * v), W[v])),
-                                                        _mm256_set1_epi16(1)));
-            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(U[v + 1], _mm256_sign_epi8(FN(ld256)(yt + 32 * v + 32), W[v + 1])),
-                                                        _mm256_set1_epi16(1)));
+            const __m256i y0 = FN(ld256)(yt + 32 * v), y1 = FN(ld256)(yt + 32 * v + 32);
+            for (int r = 0; r < R; r++) {
+                s0[r] = _mm256_add_epi32(s0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(U[r][v], _mm256_sign_epi8(y0, W[r][v])), one));
+                s1[r] = _mm256_add_epi32(s1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(U[r][v + 1], _mm256_sign_epi8(y1, W[r][v + 1])), one));
+            }
         }
-        s[t] = _mm256_add_epi32(s0, s1);
+        for (int r = 0; r < R; r++) s[r][t] = _mm256_add_epi32(s0[r], s1[r]);
     }
 #endif
 }
-/* Q8_0_R8 against B32R activations.  A group of 8 blocks: 8 code registers, word v of block i in
- * int32 lane i, so 8 integer dots leave the 8 block sums in the lanes (no horizontal adds) and
- * one FMA per token scales them by d_w * d_y; a group of 4 holds two words per register (lanes i
- * and 4+i), its halves are added; the last nb % 4 blocks are ggml blocks. */
-NX_FUSED void FN(lq8r)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, float *res, const int nt) {
+/* Q8_0_R8 against B32R activations, R rows: res[r][t].  A group of 8 blocks: 8 code registers,
+ * word v of block i in int32 lane i, so 8 integer dots leave the 8 block sums in the lanes (no
+ * horizontal adds) and one FMA per token scales them by d_w * d_y; a group of 4 holds two words
+ * per register (lanes i and 4+i), its halves are added; the last nb % 4 blocks are ggml blocks. */
+NX_FUSED void FN(lq8r)(const uint8_t *restrict w, const int64_t rb, const int64_t nb, const uint8_t *const *a,
+                       float *const *res, const int nt, const int R) {
     const float *dy[NX_LT];
-    __m256 acc[NX_LT], accl[NX_LT];
-    __m128 acc4[NX_LT];
+    __m256 acc[2][NX_LT], accl[2][NX_LT];
+    __m128 acc4[2][NX_LT];
     for (int t = 0; t < nt; t++) {
         dy[t] = (const float *)(a[t] + 32 * nb);
-        acc[t] = accl[t] = _mm256_setzero_ps(); acc4[t] = _mm_setzero_ps();
+        for (int r = 0; r < R; r++) { acc[r][t] = accl[r][t] = _mm256_setzero_ps(); acc4[r][t] = _mm_setzero_ps(); }
     }
     const __m256i zero = _mm256_setzero_si256();
     int64_t b = 0;
-    __m256i s[NX_LT];
+    __m256i s[2][NX_LT];
     for (; nb - b >= 8; b += 8, w += 8 * 34) {
-        NX_PF(w, 5);
-        FN(lq8r_group)(w + 16, a, b, s, nt, 8);
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
-        for (int t = 0; t < nt; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(dw, _mm256_loadu_ps(dy[t] + b)), acc[t]);
+        NX_PF_R(w, rb, R, 5);
+        FN(lq8r_group)(w + 16, rb, a, b, s, nt, 8, R);
+        __m256 dw[2];
+        for (int r = 0; r < R; r++) dw[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + r * rb)));
+        for (int t = 0; t < nt; t++) {
+            const __m256 y = _mm256_loadu_ps(dy[t] + b);
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][t]), _mm256_mul_ps(dw[r], y), acc[r][t]);
+        }
     }
     if (nb - b >= 4) {
-        FN(lq8r_group)(w + 8, a, b, s, nt, 4);
-        const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)w));
+        FN(lq8r_group)(w + 8, rb, a, b, s, nt, 4, R);
+        __m128 dw[2];
+        for (int r = 0; r < R; r++) dw[r] = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb)));
         for (int t = 0; t < nt; t++) {
-            const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s[t]), _mm256_extracti128_si256(s[t], 1));
-            acc4[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h), _mm_mul_ps(dw, _mm_loadu_ps(dy[t] + b)), acc4[t]);
+            const __m128 y = _mm_loadu_ps(dy[t] + b);
+            for (int r = 0; r < R; r++) {
+                const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s[r][t]), _mm256_extracti128_si256(s[r][t], 1));
+                acc4[r][t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h), _mm_mul_ps(dw[r], y), acc4[r][t]);
+            }
         }
         b += 4;
         w += 4 * 34;
     }
     for (; b < nb; b++, w += 34) {   /* the last nb % 4 blocks, ggml blocks */
-        const float d = H2F(FN(rd16)(w));
-        const __m256i qv = FN(ld256)(w + 2);
+        float d[2];
+        __m256i qv[2], cu[2];   /* cu: the VNNI correction, or the codes' magnitudes (AVX2) */
+        for (int r = 0; r < R; r++) {
+            d[r] = H2F(FN(rd16)(w + r * rb));
+            qv[r] = FN(ld256)(w + r * rb + 2);
 #if NX_PATH == 2
-        const __m256i corr = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, _mm256_set1_epi8((char)0x80), qv));
+            cu[r] = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, _mm256_set1_epi8((char)0x80), qv[r]));
 #else
-        const __m256i u = _mm256_abs_epi8(qv);
+            cu[r] = _mm256_abs_epi8(qv[r]);
 #endif
+        }
         for (int t = 0; t < nt; t++) {
             const __m256i yv = FN(ld256)((const int8_t *)a[t] + 32 * b);
+            for (int r = 0; r < R; r++) {
 #if NX_PATH == 2
-            const __m256i p = _mm256_dpbusd_epi32(corr, yv, qv);
+                const __m256i p = _mm256_dpbusd_epi32(cu[r], yv, qv[r]);
 #else
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(yv, qv)), _mm256_set1_epi16(1));
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(cu[r], _mm256_sign_epi8(yv, qv[r])), _mm256_set1_epi16(1));
 #endif
-            const float sc = d * dy[t][b];
-            accl[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sc), accl[t]);
+                accl[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[r] * dy[t][b]), accl[r][t]);
+            }
         }
     }
     (void)zero;
-    for (int t = 0; t < nt; t++) {
-        const float s8 = FN(hsum256)(acc[t]), s4 = FN(hsum128)(acc4[t]), sl = FN(hsum256)(accl[t]);
-        res[t] = (s8 + s4) + sl;
-    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) {
+            const float s8 = FN(hsum256)(acc[r][t]), s4 = FN(hsum128)(acc4[r][t]), sl = FN(hsum256)(accl[r][t]);
+            res[r][t] = (s8 + s4) + sl;
+        }
 }
 
-/* Two Q8_0_R8 rows (w0, w1) at once: each activation vector is loaded once for both rows' dots
- * (one load fed one integer dot in lq8r, and the loads, not the dots, set its pace at 8 tokens).
- * Every (row, token) gets lq8r's integer sums (exact) and then its float operations in lq8r's
- * order, so the same bits. */
-NX_FUSED void FN(lq8r_group2)(const uint8_t *q0, const uint8_t *q1, const uint8_t *const *a, const int64_t b,
-                              __m256i *s, __m256i *s2, const int nt, const int G) {
-    const __m256i zero = _mm256_setzero_si256();
-    __m256i W0[8], W1[8];
-    for (int v = 0; v < G; v++) { W0[v] = FN(ld256)(q0 + 32 * v); W1[v] = FN(ld256)(q1 + 32 * v); }
-#if NX_PATH == 2
-    const __m256i c80 = _mm256_set1_epi8((char)0x80);
-    __m256i c0 = zero, c1 = zero, d0 = zero, d1 = zero;
-    for (int v = 0; v < G; v += 2) {
-        c0 = _mm256_dpbusd_epi32(c0, c80, W0[v]); c1 = _mm256_dpbusd_epi32(c1, c80, W0[v + 1]);
-        d0 = _mm256_dpbusd_epi32(d0, c80, W1[v]); d1 = _mm256_dpbusd_epi32(d1, c80, W1[v + 1]);
-    }
-    const __m256i corr0 = _mm256_sub_epi32(zero, _mm256_add_epi32(c0, c1));
-    const __m256i corr1 = _mm256_sub_epi32(zero, _mm256_add_epi32(d0, d1));
-    for (int t = 0; t < nt; t++) {
-        const int8_t *yt = (const int8_t *)a[t] + 32 * b;
-        __m256i s0 = corr0, s1 = zero, u0 = corr1, u1 = zero;
-        for (int v = 0; v < G; v += 2) {
-            const __m256i y0 = FN(ld256)(yt + 32 * v), y1 = FN(ld256)(yt + 32 * v + 32);
-            s0 = _mm256_dpbusd_epi32(s0, y0, W0[v]);
-            s1 = _mm256_dpbusd_epi32(s1, y1, W0[v + 1]);
-            u0 = _mm256_dpbusd_epi32(u0, y0, W1[v]);
-            u1 = _mm256_dpbusd_epi32(u1, y1, W1[v + 1]);
-        }
-        s[t] = _mm256_add_epi32(s0, s1);
-        s2[t] = _mm256_add_epi32(u0, u1);
-    }
-#else
-    __m256i U0[8], U1[8];
-    for (int v = 0; v < G; v++) { U0[v] = _mm256_abs_epi8(W0[v]); U1[v] = _mm256_abs_epi8(W1[v]); }
-    const __m256i one = _mm256_set1_epi16(1);
-    for (int t = 0; t < nt; t++) {
-        const int8_t *yt = (const int8_t *)a[t] + 32 * b;
-        __m256i s0 = zero, s1 = zero, u0 = zero, u1 = zero;
-        for (int v = 0; v < G; v += 2) {
-            const __m256i y0 = FN(ld256)(yt + 32 * v), y1 = FN(ld256)(yt + 32 * v + 32);
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(U0[v], _mm256_sign_epi8(y0, W0[v])), one));
-            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(U0[v + 1], _mm256_sign_epi8(y1, W0[v + 1])), one));
-            u0 = _mm256_add_epi32(u0, _mm256_madd_epi16(_mm256_maddubs_epi16(U1[v], _mm256_sign_epi8(y0, W1[v])), one));
-            u1 = _mm256_add_epi32(u1, _mm256_madd_epi16(_mm256_maddubs_epi16(U1[v + 1], _mm256_sign_epi8(y1, W1[v + 1])), one));
-        }
-        s[t] = _mm256_add_epi32(s0, s1);
-        s2[t] = _mm256_add_epi32(u0, u1);
-    }
-#endif
-}
-/* lq8r for two rows of the same length (res0[t], res1[t]), w1 = w + rb: the next pair of rows is
- * fetched ahead at the same offset (NX_PF's 2 KB ahead in each row would leave the start of every
- * other row cold) */
-NX_FUSED void FN(lq8r2)(const uint8_t *restrict w, const int64_t rb, const int64_t nb, const uint8_t *const *a,
-                        float *res0, float *res1, const int nt) {
-    const uint8_t *w1 = w + rb;
-    const float *dy[NX_LT];
-    __m256 acc[NX_LT], accl[NX_LT], acc1[NX_LT], accl1[NX_LT];
-    __m128 acc4[NX_LT], acc41[NX_LT];
-    for (int t = 0; t < nt; t++) {
-        dy[t] = (const float *)(a[t] + 32 * nb);
-        acc[t] = accl[t] = acc1[t] = accl1[t] = _mm256_setzero_ps();
-        acc4[t] = acc41[t] = _mm_setzero_ps();
-    }
-    const __m256i zero = _mm256_setzero_si256();
-    int64_t b = 0;
-    __m256i s[NX_LT], s2[NX_LT];
-    for (; nb - b >= 8; b += 8, w += 8 * 34, w1 += 8 * 34) {
-        if (NX_PFD > 0)
-            for (int pf = 0; pf < 5; pf++) { __builtin_prefetch(w + 2 * rb + 64 * pf, 0, 0); __builtin_prefetch(w + 3 * rb + 64 * pf, 0, 0); }
-        FN(lq8r_group2)(w + 16, w1 + 16, a, b, s, s2, nt, 8);
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
-        const __m256 dw1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w1));
-        for (int t = 0; t < nt; t++) {
-            const __m256 y = _mm256_loadu_ps(dy[t] + b);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(dw, y), acc[t]);
-            acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2[t]), _mm256_mul_ps(dw1, y), acc1[t]);
-        }
-    }
-    if (nb - b >= 4) {
-        FN(lq8r_group2)(w + 8, w1 + 8, a, b, s, s2, nt, 4);
-        const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)w));
-        const __m128 dw1 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)w1));
-        for (int t = 0; t < nt; t++) {
-            const __m128 y = _mm_loadu_ps(dy[t] + b);
-            const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s[t]), _mm256_extracti128_si256(s[t], 1));
-            const __m128i h1 = _mm_add_epi32(_mm256_castsi256_si128(s2[t]), _mm256_extracti128_si256(s2[t], 1));
-            acc4[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h), _mm_mul_ps(dw, y), acc4[t]);
-            acc41[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(h1), _mm_mul_ps(dw1, y), acc41[t]);
-        }
-        b += 4;
-        w += 4 * 34;
-        w1 += 4 * 34;
-    }
-    for (; b < nb; b++, w += 34, w1 += 34) {   /* the last nb % 4 blocks, ggml blocks */
-        const float d = H2F(FN(rd16)(w)), d1 = H2F(FN(rd16)(w1));
-        const __m256i qv = FN(ld256)(w + 2), qv1 = FN(ld256)(w1 + 2);
-#if NX_PATH == 2
-        const __m256i c80 = _mm256_set1_epi8((char)0x80);
-        const __m256i corr = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, c80, qv));
-        const __m256i corr1 = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, c80, qv1));
-#else
-        const __m256i u = _mm256_abs_epi8(qv), u1 = _mm256_abs_epi8(qv1);
-#endif
-        for (int t = 0; t < nt; t++) {
-            const __m256i yv = FN(ld256)((const int8_t *)a[t] + 32 * b);
-#if NX_PATH == 2
-            const __m256i p = _mm256_dpbusd_epi32(corr, yv, qv), p1 = _mm256_dpbusd_epi32(corr1, yv, qv1);
-#else
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(yv, qv)), _mm256_set1_epi16(1));
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(yv, qv1)), _mm256_set1_epi16(1));
-#endif
-            accl[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * dy[t][b]), accl[t]);
-            accl1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dy[t][b]), accl1[t]);
-        }
-    }
-    (void)zero;
-    for (int t = 0; t < nt; t++) {
-        const float s8 = FN(hsum256)(acc[t]), s4 = FN(hsum128)(acc4[t]), sl = FN(hsum256)(accl[t]);
-        res0[t] = (s8 + s4) + sl;
-        const float t8 = FN(hsum256)(acc1[t]), t4 = FN(hsum128)(acc41[t]), tl = FN(hsum256)(accl1[t]);
-        res1[t] = (t8 + t4) + tl;
-    }
-}
-
-/* Q4_K_R8 against KR activations: register r holds word r of the 8 sub-blocks in lane i, so 8
+/* Q4_K_R8 against KR activations, R rows: register r holds word r of the 8 sub-blocks in lane i, so 8
  * integer dots leave the sub-block sums S_i in the lanes; per token
  *   acc += d_y * (S * (d * sc) - bsum32 * (dmin * m))
  * with d*sc and dmin*m (exact in float) formed once per block. */
-NX_FUSED void FN(lq4kr)(const uint8_t *restrict w, const int64_t nb, const uint8_t *const *a, const uint8_t *const *x2,
-                        float *res, const int nt) {
+NX_FUSED void FN(lq4kr)(const uint8_t *restrict w, const int64_t rb, const int64_t nb, const uint8_t *const *a,
+                        const uint8_t *const *x2, float *const *res, const int nt, const int R) {
     const __m256i m4 = _mm256_set1_epi8(15);
     const ak256 *ab[NX_LT];
     const float *bf[NX_LT];
-    __m256 acc[NX_LT];
-    for (int t = 0; t < nt; t++) { ab[t] = (const ak256 *)a[t]; bf[t] = (const float *)x2[t]; acc[t] = _mm256_setzero_ps(); }
-    for (int64_t b = 0; b < nb; b++, w += 144) {
-        NX_PF(w, 3);
-        __m256i Q[8];
-        for (int r = 0; r < 8; r += 2) {
-            const __m256i v = FN(ld256)(w + 16 + 16 * r);
-            Q[r] = _mm256_and_si256(v, m4);
-            Q[r + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        }
-        const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
-        const __m256i ms = FN(k4_scales)(w);
-        const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(ms))));
-        const __m256 dmm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(ms, 1))));
-        for (int t = 0; t < nt; t++) {
-            const int8_t *y = ab[t][b].y;
-#if NX_PATH == 2
-            /* four independent chains of two (integer: any grouping gives the same sum) */
-            __m256i s4[4];
-            for (int c = 0; c < 4; c++)
-                s4[c] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), Q[2 * c], FN(ld256)(y + 64 * c)),
-                                            Q[2 * c + 1], FN(ld256)(y + 64 * c + 32));
-            const __m256i s = _mm256_add_epi32(_mm256_add_epi32(s4[0], s4[1]), _mm256_add_epi32(s4[2], s4[3]));
-#else
-            /* codes <= 15: the 8 registers' products add in int16 (|lane| <= 8*2*15*127 < 2^15) */
-            __m256i p = _mm256_maddubs_epi16(Q[0], FN(ld256)(y));
-            for (int r = 1; r < 8; r++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(Q[r], FN(ld256)(y + 32 * r)));
-            const __m256i s = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-#endif
-            const __m256 m = _mm256_mul_ps(_mm256_loadu_ps(bf[t] + 8 * b), dmm);
-            const __m256 u = _mm256_fmsub_ps(_mm256_cvtepi32_ps(s), dsc, m);
-            acc[t] = _mm256_fmadd_ps(u, _mm256_set1_ps(ab[t][b].d), acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) res[t] = FN(hsum256)(acc[t]);
-}
-
-/* lq4kr for two rows of the same length, w1 = w + rb (as lq8r2: one activation load feeds both
- * rows' dots; every (row, token) gets lq4kr's integer sums and float operations, so its bits) */
-NX_FUSED void FN(lq4kr2)(const uint8_t *restrict w, const int64_t rb, const int64_t nb, const uint8_t *const *a,
-                         const uint8_t *const *x2, float *res0, float *res1, const int nt) {
-    const uint8_t *w1 = w + rb;
-    const __m256i m4 = _mm256_set1_epi8(15);
-    const ak256 *ab[NX_LT];
-    const float *bf[NX_LT];
-    __m256 acc[NX_LT], acc1[NX_LT];
+    __m256 acc[2][NX_LT];
     for (int t = 0; t < nt; t++) {
         ab[t] = (const ak256 *)a[t]; bf[t] = (const float *)x2[t];
-        acc[t] = acc1[t] = _mm256_setzero_ps();
+        for (int r = 0; r < R; r++) acc[r][t] = _mm256_setzero_ps();
     }
-    for (int64_t b = 0; b < nb; b++, w += 144, w1 += 144) {
-        if (NX_PFD > 0)
-            for (int pf = 0; pf < 3; pf++) { __builtin_prefetch(w + 2 * rb + 64 * pf, 0, 0); __builtin_prefetch(w + 3 * rb + 64 * pf, 0, 0); }
-        __m256i Q[8], P[8];
-        for (int r = 0; r < 8; r += 2) {
-            const __m256i v = FN(ld256)(w + 16 + 16 * r), u = FN(ld256)(w1 + 16 + 16 * r);
-            Q[r] = _mm256_and_si256(v, m4);
-            Q[r + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            P[r] = _mm256_and_si256(u, m4);
-            P[r + 1] = _mm256_and_si256(_mm256_srli_epi16(u, 4), m4);
+    for (int64_t b = 0; b < nb; b++, w += 144) {
+        NX_PF_R(w, rb, R, 3);
+        __m256i Q[2][8];
+        __m256 dsc[2], dmm[2];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wr = w + r * rb;
+            for (int k = 0; k < 8; k += 2) {
+                const __m256i v = FN(ld256)(wr + 16 + 16 * k);
+                Q[r][k] = _mm256_and_si256(v, m4);
+                Q[r][k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            const float d = H2F(FN(rd16)(wr)), dmin = H2F(FN(rd16)(wr + 2));
+            const __m256i ms = FN(k4_scales)(wr);
+            dsc[r] = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(ms))));
+            dmm[r] = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(ms, 1))));
         }
-        const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
-        const float d1 = H2F(FN(rd16)(w1)), dmin1 = H2F(FN(rd16)(w1 + 2));
-        const __m256i ms = FN(k4_scales)(w), ms1 = FN(k4_scales)(w1);
-        const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(ms))));
-        const __m256 dmm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(ms, 1))));
-        const __m256 dsc1 = _mm256_mul_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(ms1))));
-        const __m256 dmm1 = _mm256_mul_ps(_mm256_set1_ps(dmin1), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(ms1, 1))));
         for (int t = 0; t < nt; t++) {
             const int8_t *y = ab[t][b].y;
+            __m256i S[2];
 #if NX_PATH == 2
-            __m256i s4[4], u4[4];
+            /* four independent chains of two a row (integer: any grouping gives the same sum) */
+            __m256i s4[2][4];
             for (int c = 0; c < 4; c++) {
                 const __m256i y0 = FN(ld256)(y + 64 * c), y1 = FN(ld256)(y + 64 * c + 32);
-                s4[c] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), Q[2 * c], y0), Q[2 * c + 1], y1);
-                u4[c] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), P[2 * c], y0), P[2 * c + 1], y1);
+                for (int r = 0; r < R; r++)
+                    s4[r][c] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), Q[r][2 * c], y0), Q[r][2 * c + 1], y1);
             }
-            const __m256i s = _mm256_add_epi32(_mm256_add_epi32(s4[0], s4[1]), _mm256_add_epi32(s4[2], s4[3]));
-            const __m256i s1 = _mm256_add_epi32(_mm256_add_epi32(u4[0], u4[1]), _mm256_add_epi32(u4[2], u4[3]));
+            for (int r = 0; r < R; r++)
+                S[r] = _mm256_add_epi32(_mm256_add_epi32(s4[r][0], s4[r][1]), _mm256_add_epi32(s4[r][2], s4[r][3]));
 #else
-            __m256i yv = FN(ld256)(y);
-            __m256i p = _mm256_maddubs_epi16(Q[0], yv), p1 = _mm256_maddubs_epi16(P[0], yv);
-            for (int r = 1; r < 8; r++) {
-                yv = FN(ld256)(y + 32 * r);
-                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(Q[r], yv));
-                p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(P[r], yv));
+            /* codes <= 15: the 8 registers' products add in int16 (|lane| <= 8*2*15*127 < 2^15) */
+            __m256i yv = FN(ld256)(y), p[2];
+            for (int r = 0; r < R; r++) p[r] = _mm256_maddubs_epi16(Q[r][0], yv);
+            for (int k = 1; k < 8; k++) {
+                yv = FN(ld256)(y + 32 * k);
+                for (int r = 0; r < R; r++) p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(Q[r][k], yv));
             }
-            const __m256i s = _mm256_madd_epi16(p, _mm256_set1_epi16(1)), s1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(1));
+            for (int r = 0; r < R; r++) S[r] = _mm256_madd_epi16(p[r], _mm256_set1_epi16(1));
 #endif
             const __m256 bv = _mm256_loadu_ps(bf[t] + 8 * b), dy = _mm256_set1_ps(ab[t][b].d);
-            const __m256 m = _mm256_mul_ps(bv, dmm), m1 = _mm256_mul_ps(bv, dmm1);
-            acc[t] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(s), dsc, m), dy, acc[t]);
-            acc1[t] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(s1), dsc1, m1), dy, acc1[t]);
+            for (int r = 0; r < R; r++) {
+                const __m256 m = _mm256_mul_ps(bv, dmm[r]);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(S[r]), dsc[r], m), dy, acc[r][t]);
+            }
         }
     }
-    for (int t = 0; t < nt; t++) { res0[t] = FN(hsum256)(acc[t]); res1[t] = FN(hsum256)(acc1[t]); }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) res[r][t] = FN(hsum256)(acc[r][t]);
 }
 
 #define NX_LT_SWITCH(call) \
@@ -413,8 +285,8 @@ NX_FUSED void FN(lq4kr2)(const uint8_t *restrict w, const int64_t rb, const int6
 static void FN(lin_dot)(int type, const uint8_t *w, int64_t n, const uint8_t *const *a, const uint8_t *const *x2,
                         float *res, int nt) {
     switch (type) {
-    case NX_Q8_0_R8: NX_LT_SWITCH(FN(lq8r)(w, n / 32, a, res, NTC)) break;
-    case NX_Q4_K_R8: NX_LT_SWITCH(FN(lq4kr)(w, n / 256, a, x2, res, NTC)) break;
+    case NX_Q8_0_R8: NX_LT_SWITCH(FN(lq8r)(w, 0, n / 32, a, &res, NTC, 1)) break;
+    case NX_Q4_K_R8: NX_LT_SWITCH(FN(lq4kr)(w, 0, n / 256, a, x2, &res, NTC, 1)) break;
     }
 }
 
@@ -540,10 +412,11 @@ static void FN(dense_rows)(const nx_tensor *w, int64_t r0, int64_t r1, const uin
             for (; r + 2 <= r1; r += 2) {
                 float v[NX_LT], v1[NX_LT];
                 const uint8_t *wr = w->data + r * w->row_bytes;
+                float *const rv[2] = {v, v1};
                 if (w->type == NX_Q8_0_R8)
-                    NX_LT_SWITCH(FN(lq8r2)(wr, w->row_bytes, H / 32, ap, v, v1, NTC))
+                    NX_LT_SWITCH(FN(lq8r)(wr, w->row_bytes, H / 32, ap, rv, NTC, 2))
                 else
-                    NX_LT_SWITCH(FN(lq4kr2)(wr, w->row_bytes, H / 256, ap, xp, v, v1, NTC))
+                    NX_LT_SWITCH(FN(lq4kr)(wr, w->row_bytes, H / 256, ap, xp, rv, NTC, 2))
                 for (int t = 0; t < nt; t++) { out[(j0 + t) * ld + r] = v[t]; out[(j0 + t) * ld + r + 1] = v1[t]; }
             }
         for (; r < r1; r++) {

@@ -191,6 +191,19 @@ def test_block_stack_rejects_bad_input(engine):
     stack.forward(np.zeros((1, H), np.float32), kv, 0, 0)
 
 
+def _restorer(pool):
+    """A function that puts the KV pool's contents back as they are now (each call starts from
+    the same cache)."""
+    k0, v0 = [k.clone() for k in pool.k], [v.clone() for v in pool.v]
+
+    def restore():
+        with torch.inference_mode():
+            for k, v, a, b in zip(pool.k, pool.v, k0, v0):
+                k.copy_(a)
+                v.copy_(b)
+    return restore
+
+
 @pytest.mark.parametrize("heads", [(8, 1, 32), (16, 4, 128)], ids=["mqa-in-place", "gqa-packed"])
 def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_model, heads):
     """Grouped attention at ~2000 positions, where the fused attention groups rows and heads into
@@ -217,14 +230,7 @@ def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_mode
     # rows: 9 of sequence 0 at its slots 2001.., 3 of sequence 1 at 1500..
     rows = [(0, 2001 + i) for i in range(9)] + [(1, 1500 + i) for i in range(3)]
     x = rng.standard_normal((len(rows), eng.cfg.hidden)).astype(np.float32)
-    k0 = [k.clone() for k in cache.pool.k]
-    v0 = [v.clone() for v in cache.pool.v]
-
-    def reset():
-        with torch.inference_mode():
-            for k, v, a, b in zip(cache.pool.k, cache.pool.v, k0, v0):
-                k.copy_(a)
-                v.copy_(b)
+    reset = _restorer(cache.pool)
 
     def call(sel, threads):
         y = x[sel].copy()
@@ -280,14 +286,11 @@ def test_long_context_attention_matches_the_torch_path(make_test_model):
         pool = seq.cache.pool
         for t in pool.k + pool.v:
             t.copy_(torch.randn(t.shape, generator=g))
-        k0 = [k.clone() for k in pool.k]
-        v0 = [v.clone() for v in pool.v]
+    reset = _restorer(pool)
 
     def step():
+        reset()
         with torch.inference_mode():
-            for k, v, a, b in zip(pool.k, pool.v, k0, v0):
-                k.copy_(a)
-                v.copy_(b)
             seq.cache.length = L
             one = m.logits(m.forward(torch.tensor([5]), seq.cache, L))
             three = m.logits(m.forward(torch.tensor([6, 7, 8]), seq.cache, L + 1))
