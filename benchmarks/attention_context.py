@@ -1,16 +1,17 @@
 """The fused CPU block's attention over long contexts, at GLM-4.5-Air's attention shape.
 
     python benchmarks/attention_context.py [BASE_CHECKOUT] [--contexts 512,2048,4000] [--rows 1,4]
-                                           [--runs 3] [--dir /tmp/nx-attn]
+                                           [--kv float32[,float16]] [--runs 3] [--dir /tmp/nx-attn]
 
 A one-block model (`runtime.testmodel`: hidden 256, 96 query heads on 8 kv heads of 128, F16
 weights, so the call is mostly attention) is written once to --dir. For each cache length L the
 fused call (`BlockStack.forward_rows`) runs T rows at position L over a cache of random K/V:
 "T seq" rows of one sequence (an MTP verify: they share the cache), "T dist" rows of T sequences
 (a batched decode step: each its own L slots). Printed: the median ms of the call and the K/V
-bytes a row's sequence holds over that time. With BASE_CHECKOUT (a checkout with its kernels
-built), processes of BASE and this checkout alternate --runs times and each figure is the median
-of its runs, with the ratio new / base; this machine's speed moves between runs.
+bytes a row's sequence holds over that time. --kv: the cache's element types (float16: the F16
+KV cache, `kv_cache: float16`). With BASE_CHECKOUT (a checkout with its kernels built), or with
+two KV types, processes of each setting alternate --runs times and each figure is the median of
+its runs, with its ratio to the first setting; this machine's speed moves between runs.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import numpy as np, torch
 import runtime
 from runtime.testmodel import TestModelSpec, write_test_model
 d, contexts, rows = Path(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], [int(x) for x in sys.argv[4].split(",")]
+kv_dtype = getattr(torch, sys.argv[5])
 path = d / "attn.gguf"
 if not path.exists():
     spec = TestModelSpec(hidden=256, n_layers=1, n_dense=1, dense_ffn=256, n_heads=96, n_kv_heads=8, head_dim=128,
@@ -40,7 +42,7 @@ stack = m.fused.main
 L_max, T_max = max(contexts), max(rows)
 n = (L_max + T_max) * T_max
 with torch.inference_mode():
-    cache = m.new_cache(n, torch.float32)
+    cache = m.new_cache(n, kv_dtype)
     g = torch.Generator().manual_seed(0)
     for t in cache.pool.k + cache.pool.v:
         t.copy_(torch.randn(t.shape, generator=g))
@@ -65,12 +67,12 @@ for L in contexts:
 """
 
 
-def _run(checkout: str, d: str, contexts: str, rows: str) -> dict:
+def _run(checkout: str, d: str, contexts: str, rows: str, kv: str) -> dict:
     env = dict(os.environ, PYTHONPATH=checkout)
-    r = subprocess.run([sys.executable, "-c", CHILD, checkout, d, contexts, rows], env=env,
+    r = subprocess.run([sys.executable, "-c", CHILD, checkout, d, contexts, rows, kv], env=env,
                        capture_output=True, text=True)
     if r.returncode:
-        raise SystemExit(f"attention_context: the run in {checkout} failed:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"attention_context: the run in {checkout} ({kv} cache) failed:\n{r.stderr[-3000:]}")
     out = r.stdout
     return {(int(a), int(b), c): float(v) for a, b, c, v in (line.split() for line in out.splitlines() if line.strip())}
 
@@ -80,31 +82,41 @@ def main(argv=None) -> int:
     p.add_argument("base", nargs="?")
     p.add_argument("--contexts", default="512,2048,4000")
     p.add_argument("--rows", default="1,4")
+    p.add_argument("--kv", default="float32", help="comma-separated KV cache types: float32, float16")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dir", default="/tmp/nx-attn")
     a = p.parse_args(argv)
+    kvs = [k.strip() for k in a.kv.split(",") if k.strip()]
+    if not kvs or any(k not in ("float32", "float16") for k in kvs):
+        raise SystemExit(f"--kv {a.kv!r}: expected float32 and/or float16")
     here = str(Path(__file__).resolve().parents[1])
     Path(a.dir).mkdir(parents=True, exist_ok=True)
-    trees = ([a.base] if a.base else []) + [here]
-    runs: dict[str, list[dict]] = {t: [] for t in trees}
-    for _ in range(a.runs if a.base else 1):
-        for t in trees:
-            runs[t].append(_run(t, a.dir, a.contexts, a.rows))
-    keys = list(runs[here][0])
-    med = {t: {k: statistics.median(r[k] for r in runs[t]) for k in keys} for t in trees}
-    kvb = 8 * 128 * 4 * 2  # K and V bytes per position of one layer (float32 cache)
-    print("GLM-4.5-Air attention shape (96 heads, 8 kv heads of 128), 1 fused block, float32 cache; "
-          f"median ms of 9 calls{f', median of {a.runs} alternated runs' if a.base else ''}")
-    print(f"{'L':>6} {'rows':>7}" + (f" {'base ms':>9}" if a.base else "") + f" {'ms':>8} {'GB/s of K/V':>12}"
-          + (f" {'new/base':>9}" if a.base else ""))
+    # settings (checkout, KV type), base first: the ratios are to the first
+    sets = [(t, k) for t in ([a.base] if a.base else []) + [here] for k in kvs]
+    names = [("base " if t == a.base else "new " if a.base else "") + k.replace("float", "f") for t, k in sets]
+    runs: dict[tuple, list[dict]] = {s: [] for s in sets}
+    for _ in range(a.runs if len(sets) > 1 else 1):
+        for st in sets:
+            runs[st].append(_run(st[0], a.dir, a.contexts, a.rows, st[1]))
+    keys = list(runs[sets[0]][0])
+    med = {st: {k: statistics.median(r[k] for r in runs[st]) for k in keys} for st in sets}
+    print("GLM-4.5-Air attention shape (96 heads, 8 kv heads of 128), 1 fused block; "
+          f"median ms of 9 calls{f', median of {a.runs} alternated runs' if len(sets) > 1 else ''}; "
+          "GB/s: the K/V bytes the rows' sequences hold over the time")
+    head = f"{'L':>6} {'rows':>7}"
+    for nm in names:
+        head += f" {nm + ' ms':>12} {'GB/s':>6}"
+    for nm in names[1:]:
+        head += f" {nm + '/' + names[0]:>16}"
+    print(head)
     for L, T, kind in keys:
-        new = med[here][(L, T, kind)]
         line = f"{L:>6} {f'{T} {kind}':>7}"
-        if a.base:
-            line += f" {med[a.base][(L, T, kind)]:>9.2f}"
-        line += f" {new:>8.2f} {(T if kind == 'dist' else 1) * L * kvb / new / 1e6:>12.1f}"
-        if a.base:
-            line += f" {new / med[a.base][(L, T, kind)]:>8.2f}x"
+        for st in sets:
+            ms = med[st][(L, T, kind)]
+            kvb = 8 * 128 * 2 * (2 if st[1] == "float16" else 4)  # K and V bytes per position of one layer
+            line += f" {ms:>12.2f} {(T if kind == 'dist' else 1) * L * kvb / ms / 1e6:>6.1f}"
+        for st in sets[1:]:
+            line += f" {med[st][(L, T, kind)] / med[sets[0]][(L, T, kind)]:>15.2f}x"
         print(line)
     return 0
 

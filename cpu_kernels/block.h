@@ -51,13 +51,15 @@ typedef struct {
 /* per-path entry points (suffix = path name; dispatch.c picks one) */
 /* Rows may belong to different sequences (a batched decode step): row t sits at rotary position
  * pos[t] and logical cache slot lslot[t] of its sequence, whose logical slot j lives at physical
- * slot maps[t][j] of the per-layer pools kc/vc ([pool_len, n_kv, head_dim] each).  Row t writes its
- * K/V at maps[t][lslot[t]] and attends over its sequence's slots 0..lslot[t]. */
+ * slot maps[t][j] of the per-layer pools kc/vc ([pool_len, n_kv, head_dim] each, of float32 for
+ * kv_type 0 or float16 for kv_type 1).  Row t writes its K/V at maps[t][lslot[t]] and attends over
+ * its sequence's slots 0..lslot[t].  nx_to_f16: the cache's float32 -> float16 rounding. */
 #define NX_DECL_BLOCKS(sfx) \
-    int nx_blocks_forward_##sfx(const nx_dims *d, const nx_block *blocks, int32_t n_blocks, float **kc, \
-                                float **vc, int64_t pool_len, float *x, int64_t T, const int64_t *pos, \
-                                const int64_t *lslot, const int32_t *const *maps, const float *final_norm, \
-                                double *stats, int nthreads);
+    int nx_blocks_forward_##sfx(const nx_dims *d, const nx_block *blocks, int32_t n_blocks, void **kc, \
+                                void **vc, int64_t pool_len, int32_t kv_type, float *x, int64_t T, \
+                                const int64_t *pos, const int64_t *lslot, const int32_t *const *maps, \
+                                const float *final_norm, double *stats, int nthreads); \
+    int nx_to_f16_##sfx(const float *x, uint16_t *out, int64_t n);
 NX_DECL_BLOCKS(ref)
 NX_DECL_BLOCKS(avx2)
 NX_DECL_BLOCKS(avx512)

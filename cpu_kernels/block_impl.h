@@ -119,6 +119,32 @@ static inline __m256 FN(hsum8x8)(const __m256 *a) {
  * positions 0.87x the time, at 32K 0.64x (benchmarks/attention_context.py, Air's shape). */
 #define NX_ATT_SCORES (1 << 21)
 
+/* The cache holds float32 or float16 (kv_type 1: an F16 cache, half the memory and half the bytes
+ * attention streams; rows are written rounded to nearest even and read back exactly, so every
+ * reader of a slot sees the same values). kv_row: where slot `slot`'s kv group g begins. */
+static inline const char *FN(kv_row)(const void *c, int f16, int64_t slot, int64_t nkv, int64_t g, int64_t hd) {
+    return (const char *)c + (slot * nkv + g) * hd * (f16 ? 2 : 4);
+}
+
+/* slot `slot`'s kv group g as floats: in place (float32), or converted into tmp [hd] (float16) */
+static inline const float *FN(kv_f32)(const void *c, int f16, int64_t slot, int64_t nkv, int64_t g, int64_t hd,
+                                      float *tmp) {
+    const char *r = FN(kv_row)(c, f16, slot, nkv, g, hd);
+    if (!f16) return (const float *)r;
+    for (int64_t i = 0; i < hd; i++) tmp[i] = H2F(FN(rd16)(r + 2 * i));
+    return tmp;
+}
+
+/* n floats -> the cache's float16, rounded to nearest even (FN(f2h), 8 at a time with F16C) */
+static void FN(to_f16)(const float *x, uint16_t *o, int64_t n) {
+    int64_t i = 0;
+#if NX_PATH >= 1
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(o + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; i++) o[i] = FN(f2h)(x[i]);
+}
+
 #if NX_PATH >= 1
 /* acc0/acc1[c0 .. c0 + 8 NC) += sum over positions j0..j1 (j0 even; V row j at vr[j - j0]) of
  * s[j] v_j, even positions into acc0 and odd ones into acc1: two chains of FMAs, so they are not
@@ -154,11 +180,12 @@ static inline __attribute__((always_inline)) void FN(attend_pv)(const float *con
 
 /* rows map[j0..j1) (those below n) of kv group g on their way to the cache: they are a page apart
  * (slot-major cache), so the hardware prefetchers, which stay within a page, do not fetch them */
-static inline void FN(attend_prefetch)(const float *c, const int32_t *map, int64_t j0, int64_t j1, int64_t n,
+static inline void FN(attend_prefetch)(const void *c, int f16, const int32_t *map, int64_t j0, int64_t j1, int64_t n,
                                        int64_t nkv, int64_t g, int64_t hd) {
+    const int64_t es = f16 ? 2 : 4;
     for (int64_t j = j0; j < j1 && j < n; j++) {
-        const float *r = c + ((int64_t)map[j] * nkv + g) * hd;
-        for (int64_t i = 0; i < hd; i += 16) __builtin_prefetch(r + i, 0, 2);
+        const char *r = FN(kv_row)(c, f16, map[j], nkv, g, hd);
+        for (int64_t i = 0; i < hd * es; i += 64) __builtin_prefetch(r + i, 0, 2);
     }
 }
 
@@ -169,15 +196,21 @@ static inline void FN(attend_prefetch)(const float *c, const int32_t *map, int64
  * Rows closer together than NX_ATT_PACK floats are read in place (the demo's 2 x 32: a copy there
  * costs more than the few dots it serves). */
 #define NX_ATT_PACK 512
-static inline void FN(attend_rows)(const float *c, const int32_t *map, int64_t j0, int64_t j1, int64_t n,
+static inline void FN(attend_rows)(const void *c, int f16, const int32_t *map, int64_t j0, int64_t j1, int64_t n,
                                    int64_t nkv, int64_t g, int64_t hd, int pack, float *dst, const float **ptr) {
     for (int64_t j = j0; j < j1; j++) {
-        const float *r = c + ((int64_t)map[j < n ? j : n - 1] * nkv + g) * hd;
-        if (pack) {
-            memcpy(dst + (j - j0) * hd, r, (size_t)hd * sizeof(float));
-            r = dst + (j - j0) * hd;
+        const char *src = FN(kv_row)(c, f16, map[j < n ? j : n - 1], nkv, g, hd);
+        float *to = dst + (j - j0) * hd;
+        if (f16) {   /* an F16 cache is always copied: converted once, for every (row, head) */
+            for (int64_t i = 0; i < hd; i += 8)
+                _mm256_storeu_ps(to + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+            ptr[j - j0] = to;
+        } else if (pack) {
+            memcpy(to, src, (size_t)hd * sizeof(float));
+            ptr[j - j0] = to;
+        } else {
+            ptr[j - j0] = (const float *)src;
         }
-        ptr[j - j0] = r;
     }
 }
 
@@ -187,21 +220,21 @@ static inline void FN(attend_rows)(const float *c, const int32_t *map, int64_t j
  * stores only the valid ones), so every score, weight and sum is the same sequence of operations
  * wherever its position falls and whatever rows share the unit. s: nr * nu * sst floats
  * (sst >= n + 8); acc: (2 nr nu + 8 + NX_ATT_PB) hd floats. */
-static void FN(attend_heads)(const float *q, int64_t qstride, const float *kc, const float *vc, const int32_t *map,
+static void FN(attend_heads)(const float *q, int64_t qstride, const void *kc, const void *vc, int f16, const int32_t *map,
                              const int64_t *n, int64_t nr, int64_t nkv, int64_t g, int64_t hd, float scale, int64_t nu,
                              float *s, int64_t sst, float *acc, float *out, int64_t ostride) {
     const int64_t nv = hd / 8, nvh = nr * nu;   /* (row, head) v = r * nu + u */
     float *kb = acc + 2 * nvh * hd, *vb = kb + 8 * hd;   /* a block of K rows, of V rows (packed) */
     const float *kr[8], *vr[NX_ATT_PB];
-    const int pack = nkv * hd >= NX_ATT_PACK;
+    const int pack = f16 || nkv * hd >= NX_ATT_PACK;
     int64_t nmax = 0;
     for (int64_t r = 0; r < nr; r++) nmax = n[r] > nmax ? n[r] : nmax;
     const __m256 sc = _mm256_set1_ps(scale);
     __m256 mx[NX_ATT_HEADS];
     for (int64_t v = 0; v < nvh; v++) mx[v] = _mm256_set1_ps(-INFINITY);
     for (int64_t j0 = 0; j0 < nmax; j0 += 8) {
-        if (pack) FN(attend_prefetch)(kc, map, j0 + NX_ATT_KPF, j0 + NX_ATT_KPF + 8, nmax, nkv, g, hd);
-        FN(attend_rows)(kc, map, j0, j0 + 8, nmax, nkv, g, hd, pack, kb, kr);
+        if (pack) FN(attend_prefetch)(kc, f16, map, j0 + NX_ATT_KPF, j0 + NX_ATT_KPF + 8, nmax, nkv, g, hd);
+        FN(attend_rows)(kc, f16, map, j0, j0 + 8, nmax, nkv, g, hd, pack, kb, kr);
         for (int64_t r = 0; r < nr; r++) {
             if (j0 >= n[r]) continue;
             const float *kp[8];   /* the block's 8 K rows (4 KB at hd 128) stay in L1 */
@@ -243,8 +276,8 @@ static void FN(attend_heads)(const float *q, int64_t qstride, const float *kc, c
     }
     for (int64_t j0 = 0; j0 < nmax; j0 += NX_ATT_PB) {   /* the block's V rows, then every (row, head) over them */
         const int64_t j1 = j0 + NX_ATT_PB < nmax ? j0 + NX_ATT_PB : nmax;
-        if (pack) FN(attend_prefetch)(vc, map, j0 + NX_ATT_VPF, j0 + NX_ATT_VPF + NX_ATT_PB, nmax, nkv, g, hd);
-        FN(attend_rows)(vc, map, j0, j1, nmax, nkv, g, hd, pack, vb, vr);
+        if (pack) FN(attend_prefetch)(vc, f16, map, j0 + NX_ATT_VPF, j0 + NX_ATT_VPF + NX_ATT_PB, nmax, nkv, g, hd);
+        FN(attend_rows)(vc, f16, map, j0, j1, nmax, nkv, g, hd, pack, vb, vr);
         for (int64_t v = 0; v < nvh; v++) {
             const int64_t nn = n[v / nu], e1 = j1 < nn ? j1 : nn;
             if (j0 >= nn) continue;
@@ -270,19 +303,20 @@ static void FN(attend_heads)(const float *q, int64_t qstride, const float *kc, c
 #endif
 
 /* One (row, head), the reference path (and any head size the SIMD path does not take):
- * o = softmax(scale * q K^T) V over the n slots map[0..n) of kv group g. s: n floats. */
-static void FN(attend_one)(const float *q, const float *kc, const float *vc, const int32_t *map, int64_t n,
-                           int64_t nkv, int64_t g, int64_t hd, float scale, float *s, float *out) {
+ * o = softmax(scale * q K^T) V over the n slots map[0..n) of kv group g. s: n floats; tmp: hd
+ * floats (an F16 cache's row converted). */
+static void FN(attend_one)(const float *q, const void *kc, const void *vc, int f16, const int32_t *map, int64_t n,
+                           int64_t nkv, int64_t g, int64_t hd, float scale, float *s, float *tmp, float *out) {
     float m = -INFINITY;
     for (int64_t j = 0; j < n; j++) {
-        s[j] = FN(dot_f)(q, kc + ((int64_t)map[j] * nkv + g) * hd, hd) * scale;
+        s[j] = FN(dot_f)(q, FN(kv_f32)(kc, f16, map[j], nkv, g, hd, tmp), hd) * scale;
         if (s[j] > m) m = s[j];
     }
     float sum = 0.0f;
     for (int64_t j = 0; j < n; j++) { s[j] = expf(s[j] - m); sum += s[j]; }
     for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
     for (int64_t j = 0; j < n; j++) {
-        const float *v = vc + ((int64_t)map[j] * nkv + g) * hd;
+        const float *v = FN(kv_f32)(vc, f16, map[j], nkv, g, hd, tmp);
         const float p = s[j];
         for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
     }
@@ -308,7 +342,7 @@ static int64_t FN(attend_scratch)(int64_t smax, int64_t hd) {
  * consecutive rows, kv group, run of that group's heads): as many rows and heads per unit as let
  * it read its group's K and V once for all of them, as few as keep every thread busy.
  * rs: T + 1 int64 of scratch. */
-static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const float *kc, const float *vc,
+static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const void *kc, const void *vc, int f16,
                        const int64_t *lslot, const int32_t *const *maps, float *o, float *scr_all,
                        int64_t smax, int64_t *rs, int nthreads) {
     const int64_t nh = d->n_heads, nkv = d->n_kv, hd = d->head_dim, group = nh / nkv;
@@ -333,7 +367,6 @@ static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const floa
         if (t == 0 || maps[t] != maps[t - 1] || t - rs[nrr - 1] >= rmax) rs[nrr++] = t;
     rs[nrr] = T;
     const int simd = NX_PATH >= 1 && hd % 8 == 0 && hd <= 256;
-    (void)sst;
     (void)simd;
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
     for (int64_t u = 0; u < nrr * nkv * hruns; u++) {
@@ -347,15 +380,15 @@ static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const floa
         for (int64_t r = 0; r < nr; r++) n[r] = lslot[t0 + r] + 1;
 #if NX_PATH >= 1
         if (simd) {
-            FN(attend_heads)(q, nqkv, kc, vc, maps[t0], n, nr, nkv, g, hd, d->attn_scale, nu, scr, sst,
+            FN(attend_heads)(q, nqkv, kc, vc, f16, maps[t0], n, nr, nkv, g, hd, d->attn_scale, nu, scr, sst,
                              scr + nr * nu * sst, out, nh * hd);
             continue;
         }
 #endif
         for (int64_t r = 0; r < nr; r++)
             for (int64_t i = 0; i < nu; i++)
-                FN(attend_one)(q + r * nqkv + i * hd, kc, vc, maps[t0], n[r], nkv, g, hd, d->attn_scale, scr,
-                               out + r * nh * hd + i * hd);
+                FN(attend_one)(q + r * nqkv + i * hd, kc, vc, f16, maps[t0], n[r], nkv, g, hd, d->attn_scale, scr,
+                               scr + sst, out + r * nh * hd + i * hd);
     }
 }
 
@@ -412,12 +445,12 @@ static int FN(block_ok)(const nx_dims *d, const nx_block *b) {
 }
 
 int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, int32_t n_blocks,
-                                       float **kc, float **vc, int64_t pool_len, float *x, int64_t T,
+                                       void **kc, void **vc, int64_t pool_len, int32_t kv_type, float *x, int64_t T,
                                        const int64_t *pos, const int64_t *lslot, const int32_t *const *maps,
                                        const float *final_norm, double *stats, int nthreads) {
     if (nthreads < 1) nthreads = 1;
     if (!d || !blocks || n_blocks < 1 || !kc || !vc || !x || T < 1 || T > 4096 || !pos || !lslot || !maps ||
-        pool_len < 1 || d->H < 1 || d->n_heads < 1 || d->n_kv < 1 ||
+        pool_len < 1 || (kv_type != 0 && kv_type != 1) || d->H < 1 || d->n_heads < 1 || d->n_kv < 1 ||
         d->n_heads % d->n_kv || d->head_dim < 1 || d->rope_half < 0 || 2 * d->rope_half > d->head_dim ||
         !d->rope_cos || !d->rope_sin)
         return -4;
@@ -459,7 +492,7 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
 
     for (int32_t li = 0; li < n_blocks && !rc; li++) {
         const nx_block *b = &blocks[li];
-        float *K = kc[li], *V = vc[li];
+        void *K = kc[li], *V = vc[li];
         /* attention */
         for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, b->attn_norm, H, d->eps, h + t * H);
         if ((rc = FN(lin_apply)(&b->qkv, h, T, qkv, nthreads))) break;
@@ -476,11 +509,16 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
                     v[i + half] = c * C[i + half] + a * S[i + half];
                 }
             }
-            const int64_t slot = maps[t][lslot[t]];
-            memcpy(K + slot * nkv * hd, r + nq, (size_t)(nkv * hd) * sizeof(float));
-            memcpy(V + slot * nkv * hd, r + nq + nkv * hd, (size_t)(nkv * hd) * sizeof(float));
+            const int64_t slot = maps[t][lslot[t]], nk = nkv * hd;
+            if (kv_type == 1) {
+                FN(to_f16)(r + nq, (uint16_t *)K + slot * nk, nk);
+                FN(to_f16)(r + nq + nk, (uint16_t *)V + slot * nk, nk);
+            } else {
+                memcpy((float *)K + slot * nk, r + nq, (size_t)nk * sizeof(float));
+                memcpy((float *)V + slot * nk, r + nq + nk, (size_t)nk * sizeof(float));
+            }
         }
-        FN(attend)(d, qkv, T, K, V, lslot, maps, att, ascr, smax, runs, nthreads);
+        FN(attend)(d, qkv, T, K, V, kv_type, lslot, maps, att, ascr, smax, runs, nthreads);
         if ((rc = FN(lin_apply)(&b->wo, att, T, y, nthreads))) break;
         for (int64_t i = 0; i < T * H; i++) x[i] = x[i] + y[i];
         for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, b->post_norm, H, d->eps, h + t * H);
@@ -515,4 +553,11 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
     free(ws);
     if (stats) { stats[0] += exp_s; stats[1] += distinct; }
     return rc;
+}
+
+/* n floats -> float16 bits, as the F16 KV cache stores them (tests check it against numpy) */
+int NX_CAT(nx_to_f16, NX_SFX)(const float *x, uint16_t *out, int64_t n) {
+    if (!x || !out || n < 0) return -4;
+    FN(to_f16)(x, out, n);
+    return 0;
 }

@@ -61,18 +61,32 @@ def _f32(name: str, a, shape: tuple) -> np.ndarray:
     return a
 
 
+# the KV cache element types C reads (kv_type in block.h): float32, or float16 (half the memory
+# and half the bytes attention streams; rows rounded to nearest even when written)
+KV_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
+
+
 class KVView:
-    """Pointer arrays to one KV pool's per-layer K and V ([length, n_kv, head_dim] float32)."""
+    """Pointer arrays to one KV pool's per-layer K and V ([length, n_kv, head_dim], all float32 or
+    all float16)."""
 
     def __init__(self, k: list, v: list, n_kv: int, head_dim: int):
         if len(k) != len(v) or not k:
             raise ValueError("a KV view needs one K and one V array per layer")
         self.length = int(k[0].shape[0])
         want = (self.length, n_kv, head_dim)
-        self.arrays = [_f32(f"kv[{i}]", np.asarray(a), want) for i, a in enumerate(list(k) + list(v))]
+        arrays = [np.asarray(a) for a in list(k) + list(v)]
+        dt = arrays[0].dtype
+        if dt not in KV_TYPES:
+            raise ValueError(f"kv[0]: a KV cache of {dt}, expected float32 or float16")
+        for i, a in enumerate(arrays):
+            if a.dtype != dt or not a.flags.c_contiguous or a.shape != want:
+                raise ValueError(f"kv[{i}]: expected a C-contiguous {dt} array of shape {want}, "
+                                 f"got {a.dtype} {a.shape}")
+        self.arrays, self.kv_type = arrays, KV_TYPES[dt]
         self.n_layers = len(k)
-        self.k = _ffi.new("float *[]", [_ffi.cast("float *", a.ctypes.data) for a in self.arrays[:len(k)]])
-        self.v = _ffi.new("float *[]", [_ffi.cast("float *", a.ctypes.data) for a in self.arrays[len(k):]])
+        self.k = _ffi.new("void *[]", [_ffi.cast("void *", a.ctypes.data) for a in arrays[:len(k)]])
+        self.v = _ffi.new("void *[]", [_ffi.cast("void *", a.ctypes.data) for a in arrays[len(k):]])
         self._identity = None
 
     def identity(self) -> np.ndarray:
@@ -225,7 +239,7 @@ class BlockStack:
         cmaps = _ffi.new("int32_t *[]", ptrs)
         st = self._stats
         st[0] = st[1] = 0.0
-        rc = self._fn(_state["path"], self._d, self._blocks, self.n_blocks, kv.k, kv.v, kv.length,
+        rc = self._fn(_state["path"], self._d, self._blocks, self.n_blocks, kv.k, kv.v, kv.length, kv.kv_type,
                       _ffi.cast("float *", _ffi.from_buffer(x)), T, _ffi.cast("int64_t *", _ffi.from_buffer(pos)),
                       _ffi.cast("int64_t *", _ffi.from_buffer(lslot)), cmaps, self._final, st,
                       _call_threads(threads))
@@ -233,3 +247,13 @@ class BlockStack:
             raise ValueError("cpu_kernels.blocks_forward: a block descriptor is inconsistent, or a position or slot is out of range")
         _check_rc(rc, "blocks_forward")
         return st[0], int(st[1])
+
+
+def to_f16(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16 as the F16 KV cache rounds it (the active path's C conversion)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, np.float16)
+    rc = _lib.nx_to_f16(_state["path"], _ffi.cast("float *", _ffi.from_buffer(x)),
+                        _ffi.cast("uint16_t *", _ffi.from_buffer(out)), x.size)
+    _check_rc(rc, "to_f16")
+    return out

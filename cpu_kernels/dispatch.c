@@ -120,14 +120,24 @@ int nx_dequant_rows(int path, const nx_tensor *w, const int64_t *rows, int64_t n
     return -2;
 }
 
-int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_t n_blocks, float **kc, float **vc,
-                      int64_t pool_len, float *x, int64_t T, const int64_t *pos, const int64_t *lslot,
+int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_t n_blocks, void **kc, void **vc,
+                      int64_t pool_len, int32_t kv_type, float *x, int64_t T, const int64_t *pos, const int64_t *lslot,
                       const int32_t *const *maps, const float *final_norm, double *stats, int nthreads) {
     if (path < 0 || path > 2 || !((nx_cpu_paths() >> path) & 1)) return -2;
     switch (path) {
-    case 0: return nx_blocks_forward_ref(d, blocks, n_blocks, kc, vc, pool_len, x, T, pos, lslot, maps, final_norm, stats, nthreads);
-    case 1: return nx_blocks_forward_avx2(d, blocks, n_blocks, kc, vc, pool_len, x, T, pos, lslot, maps, final_norm, stats, nthreads);
-    case 2: return nx_blocks_forward_avx512(d, blocks, n_blocks, kc, vc, pool_len, x, T, pos, lslot, maps, final_norm, stats, nthreads);
+    case 0: return nx_blocks_forward_ref(d, blocks, n_blocks, kc, vc, pool_len, kv_type, x, T, pos, lslot, maps, final_norm, stats, nthreads);
+    case 1: return nx_blocks_forward_avx2(d, blocks, n_blocks, kc, vc, pool_len, kv_type, x, T, pos, lslot, maps, final_norm, stats, nthreads);
+    case 2: return nx_blocks_forward_avx512(d, blocks, n_blocks, kc, vc, pool_len, kv_type, x, T, pos, lslot, maps, final_norm, stats, nthreads);
+    }
+    return -2;
+}
+
+int nx_to_f16(int path, const float *x, uint16_t *out, int64_t n) {
+    if (path < 0 || path > 2 || !((nx_cpu_paths() >> path) & 1)) return -2;
+    switch (path) {
+    case 0: return nx_to_f16_ref(x, out, n);
+    case 1: return nx_to_f16_avx2(x, out, n);
+    case 2: return nx_to_f16_avx512(x, out, n);
     }
     return -2;
 }

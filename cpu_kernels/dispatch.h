@@ -9,9 +9,10 @@ int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, cons
                    int nthreads);
 int nx_linear(int path, const float *x, int64_t T, const nx_tensor *w, float *out, int64_t ld, int nthreads);
 int nx_dequant_rows(int path, const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads);
-int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_t n_blocks, float **kc, float **vc,
-                      int64_t pool_len, float *x, int64_t T, const int64_t *pos, const int64_t *lslot,
+int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_t n_blocks, void **kc, void **vc,
+                      int64_t pool_len, int32_t kv_type, float *x, int64_t T, const int64_t *pos, const int64_t *lslot,
                       const int32_t *const *maps, const float *final_norm, double *stats, int nthreads);
+int nx_to_f16(int path, const float *x, uint16_t *out, int64_t n);
 int nx_omp_max_threads(void);
 int64_t nx_set_min_work(int64_t bytes);
 int nx_omp_num_procs(void);

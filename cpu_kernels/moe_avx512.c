@@ -21,11 +21,16 @@ int nx_dequant_rows_avx512(const nx_tensor *w, const int64_t *rows, int64_t n, f
     (void)w; (void)rows; (void)n; (void)out; (void)nthreads;
     return -2;
 }
-int nx_blocks_forward_avx512(const nx_dims *d, const nx_block *blocks, int32_t n_blocks, float **kc, float **vc,
-                          int64_t cache_len, float *x, int64_t T, int64_t pos0, int64_t start, const float *final_norm,
-                          double *stats, int nthreads) {
-    (void)d; (void)blocks; (void)n_blocks; (void)kc; (void)vc; (void)cache_len; (void)x; (void)T; (void)pos0;
-    (void)start; (void)final_norm; (void)stats; (void)nthreads;
+int nx_blocks_forward_avx512(const nx_dims *d, const nx_block *blocks, int32_t n_blocks, void **kc, void **vc,
+                          int64_t pool_len, int32_t kv_type, float *x, int64_t T, const int64_t *pos,
+                          const int64_t *lslot, const int32_t *const *maps, const float *final_norm, double *stats,
+                          int nthreads) {
+    (void)d; (void)blocks; (void)n_blocks; (void)kc; (void)vc; (void)pool_len; (void)kv_type; (void)x; (void)T;
+    (void)pos; (void)lslot; (void)maps; (void)final_norm; (void)stats; (void)nthreads;
+    return -2;
+}
+int nx_to_f16_avx512(const float *x, uint16_t *out, int64_t n) {
+    (void)x; (void)out; (void)n;
     return -2;
 }
 #endif

@@ -61,6 +61,26 @@ static inline float FN(h2f)(uint16_t h) {
 }
 #define H2F(x) FN(h2f)(x)
 
+/* binary32 -> binary16, round to nearest even (as torch's .to(float16) and numpy's astype), for
+ * the F16 KV cache. The SIMD paths use F16C's conversion; the reference path forms the same bits:
+ * a subnormal half by one float add whose rounding is the half's (0.5 has the ulp of a half
+ * subnormal, 2^-24), a normal one by adding the rounding bias with the tie broken to even. */
+static inline uint16_t FN(f2h)(float f) {
+#if NX_PATH >= 1
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    const uint32_t x = FN(f2bits)(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);        /* nan: a quiet nan */
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);       /* >= 65520 (or inf): inf */
+    if (ax < 0x38800000u) {                                          /* below 2^-14: subnormal or 0 */
+        const float v = FN(bits2f)(ax) + 0.5f;
+        return (uint16_t)(sign | (FN(f2bits)(v) - 0x3f000000u));
+    }
+    const uint32_t odd = (ax >> 13) & 1u;
+    return (uint16_t)(sign | ((ax + 0xc8000fffu + odd) >> 13));      /* rebias 127 -> 15, round */
+#endif
+}
+
 static inline uint16_t FN(rd16)(const void *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 static const int8_t FN(kvalues)[16] = {-127, -104, -83, -65, -49, -35, -22, -10,

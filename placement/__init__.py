@@ -9,7 +9,7 @@ The format is documented in placement/PLAN_FORMAT.md.
 """
 
 from .memory import (DTYPE_SIZE, GPU_RESERVE_BYTES, MemoryEstimate, estimate_memory, fmt_bytes, format_report,
-                     kv_bytes_per_block, resolve_gpu_device, resolve_gpu_dtype, tensor_load_bytes)
+                     kv_bytes_per_block, resolve_gpu_device, resolve_gpu_dtype, resolve_kv_dtype, tensor_load_bytes)
 from .resolve import Placement, Row, TensorRole, classify, resolve, same_bytes
 from .schema import (DEFAULT_CONTEXT, OVERRIDE_KEYS, Groups, LayerGroup, LayerRange, MtpGroup, Override, Plan,
                      PlanError, Sampling, Speculative, apply_overrides, load_plan, parse_plan_text)
@@ -20,6 +20,6 @@ __all__ = [
     "Override", "Speculative", "Sampling", "PlanError", "OVERRIDE_KEYS", "DEFAULT_CONTEXT",
     "resolve", "Placement", "Row", "TensorRole", "classify", "same_bytes",
     "estimate_memory", "MemoryEstimate", "format_report", "tensor_load_bytes", "kv_bytes_per_block",
-    "resolve_gpu_device", "resolve_gpu_dtype", "fmt_bytes", "DTYPE_SIZE", "GPU_RESERVE_BYTES",
+    "resolve_gpu_device", "resolve_gpu_dtype", "resolve_kv_dtype", "fmt_bytes", "DTYPE_SIZE", "GPU_RESERVE_BYTES",
     "synthetic_model", "synthetic_tensor_table", "SyntheticModel", "GLM_SHAPES",
 ]

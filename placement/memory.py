@@ -58,6 +58,11 @@ def resolve_gpu_dtype(plan: Plan, gpu_device: str) -> str:
     return "bfloat16" if gpu_device.startswith("cuda") else "float32"
 
 
+def resolve_kv_dtype(plan: Plan, gpu_device: str) -> str:
+    """The KV cache's element type: the plan's kv_cache, or (auto) the gpu side's dtype."""
+    return plan.kv_cache if plan.kv_cache != "auto" else resolve_gpu_dtype(plan, gpu_device)
+
+
 _F32 = 0  # ggml type id
 
 
@@ -108,6 +113,7 @@ class MemoryEstimate:
     skipped_bytes: int  # file bytes of tensors not loaded (duplicates)
     file_bytes: int
     row_bytes: list[int] = field(default_factory=list)  # loaded bytes per placement row
+    kv_dtype: str = "float32"  # the KV cache's element type (resolve_kv_dtype)
     tensor_bytes: dict[str, int] = field(default_factory=dict)  # loaded bytes per tensor
     reserve_bytes: int = GPU_RESERVE_BYTES
 
@@ -148,14 +154,15 @@ def estimate_memory(placement: Placement, gguf_file, cfg: ModelConfig, plan: Pla
         if side == "none":
             skipped += int(info.nbytes)
     kv = {"gpu": 0, "cpu": 0}
+    kv_dtype = resolve_kv_dtype(plan, device)
     for b in range(cfg.n_blocks):
         side = placement.units.get(f"blk.{b}.attention", "gpu")
-        kv[side] += kv_bytes_per_block(cfg, context, dtype)
+        kv[side] += kv_bytes_per_block(cfg, context, kv_dtype)
     rows = [sum(per_tensor[n] for n in r.names) for r in placement.rows]
     return MemoryEstimate(gpu_device=device, gpu_dtype=dtype, context=context, gpu_weight_bytes=totals["gpu"],
                           cpu_weight_bytes=totals["cpu"], gpu_kv_bytes=kv["gpu"], cpu_kv_bytes=kv["cpu"],
                           skipped_bytes=skipped, file_bytes=sum(int(t.nbytes) for t in gguf_file.tensors.values()),
-                          row_bytes=rows, tensor_bytes=per_tensor)
+                          row_bytes=rows, tensor_bytes=per_tensor, kv_dtype=kv_dtype)
 
 
 def fmt_bytes(n: int) -> str:
@@ -186,11 +193,11 @@ def format_report(plan: Plan, placement: Placement, est: MemoryEstimate, gpu_fre
         out.append("  ".join(c.rjust(w) if j >= 4 else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
-    kv_blk_gpu = kv_bytes_per_block(cfg, est.context, est.gpu_dtype)
+    kv_blk = kv_bytes_per_block(cfg, est.context, est.kv_dtype)
     out += ["",
             f"KV cache for context {est.context}: {fmt_bytes(est.kv_bytes)} "
             f"({cfg.n_blocks} blocks x {est.context} x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x 2; "
-            f"{fmt_bytes(kv_blk_gpu)} per block at {est.gpu_dtype})",
+            f"{fmt_bytes(kv_blk)} per block at {est.kv_dtype})",
             f"total gpu side: {fmt_bytes(est.gpu_bytes)} = weights {fmt_bytes(est.gpu_weight_bytes)} "
             f"+ KV {fmt_bytes(est.gpu_kv_bytes)}",
             f"total cpu side: {fmt_bytes(est.cpu_bytes)} = weights {fmt_bytes(est.cpu_weight_bytes)} "

@@ -31,6 +31,9 @@ class PlanError(NextnError):
 
 SIDES = ("gpu", "cpu")
 GPU_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# the KV cache's element type: auto (the attention side's dtype: float32 on the CPU, gpu_dtype on
+# CUDA) or float16 (half the memory and, on the CPU, half the bytes attention reads per token)
+KV_CACHE_TYPES = ("auto", "float32", "float16")
 DEFAULT_CONTEXT = 4096  # context when the plan leaves it out: the model's, capped at this
 # Upper bounds that catch a stray digit before it becomes a million OpenMP threads or a KV cache
 # of petabytes (the model's own context_length caps the context again at load).
@@ -169,6 +172,7 @@ class Plan:
     threads: int | str = "auto"
     repack: bool | str = "auto"  # CPU experts: repacked copy at load where a faster layout exists
     gpu_dtype: str = "auto"
+    kv_cache: str = "auto"  # KV_CACHE_TYPES
     context: int | None = None  # None: model's context_length capped at DEFAULT_CONTEXT
     groups: Groups = field(default_factory=Groups)
     overrides: list[Override] = field(default_factory=list)
@@ -292,6 +296,15 @@ def check_dtype(v, where: str) -> str:
     _fail(where, f"unknown dtype {short(v)}; expected one of {', '.join(GPU_DTYPES)}")
 
 
+def check_kv_cache(v, where: str) -> str:
+    aliases = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "float16"}
+    key = v.strip().lower() if isinstance(v, str) else None
+    key = aliases.get(key, key)
+    if key in KV_CACHE_TYPES:
+        return key
+    _fail(where, f"unknown KV cache type {short(v)}; expected one of auto, float32 (f32), float16 (f16)")
+
+
 def check_context(v, where: str) -> int | None:
     if v is None or isinstance(v, str) and v.strip().lower() == "auto":
         return None
@@ -393,7 +406,7 @@ class _Reader:
         return out
 
 
-_TOP = ("description", "model", "gpu", "threads", "repack", "gpu_dtype", "context", "placement", "overrides",
+_TOP = ("description", "model", "gpu", "threads", "repack", "gpu_dtype", "kv_cache", "context", "placement", "overrides",
         "speculative", "sampling", "server")
 _LAYER_KEYS = ("default", "layers", "n_cpu")
 _MTP_KEYS = ("device", "routed_experts")
@@ -580,6 +593,8 @@ def parse_plan_text(text: str, source: str, base_dir: Path | None = None) -> Pla
             plan.repack = check_repack(v, w)
         elif name == "gpu_dtype":
             plan.gpu_dtype = check_dtype(v, w)
+        elif name == "kv_cache":
+            plan.kv_cache = check_kv_cache(v, w)
         elif name == "context":
             plan.context = check_context(v, w)
     return plan
@@ -588,7 +603,7 @@ def parse_plan_text(text: str, source: str, base_dir: Path | None = None) -> Pla
 # ----------------------------------------------------------------------------------------------
 # Flat overrides (CLI flags, runtime.load(**overrides))
 
-OVERRIDE_KEYS = ("model", "gpu", "threads", "repack", "gpu_dtype", "context", "cpu_moe", "n_cpu_moe", "override_tensor",
+OVERRIDE_KEYS = ("model", "gpu", "threads", "repack", "gpu_dtype", "kv_cache", "context", "cpu_moe", "n_cpu_moe", "override_tensor",
                  "mtp", "draft_max", "p_min", "adaptive", "draft_ahead") + _SAMPLING
 
 
@@ -622,6 +637,8 @@ def apply_overrides(plan: Plan, overrides: dict[str, Any] | None) -> Plan:
             plan.repack = check_repack(v, w)
         elif key == "gpu_dtype":
             plan.gpu_dtype = check_dtype(v, w)
+        elif key == "kv_cache":
+            plan.kv_cache = check_kv_cache(v, w)
         elif key == "context":
             plan.context = check_context(v, w)
         elif key == "cpu_moe":

@@ -47,7 +47,7 @@ def engine_from_plan(plan, *, progress=True, use_kernels=True, overlap=None, kv_
     cfg = read_config(f)
     resolved = resolve(plan, f, cfg)
     threads = None if plan.threads in (None, "auto") else int(plan.threads)
-    return Engine(f, side_of=resolved.side_of, gpu=plan.gpu, gpu_dtype=plan.gpu_dtype,
+    return Engine(f, side_of=resolved.side_of, gpu=plan.gpu, gpu_dtype=plan.gpu_dtype, kv_cache=plan.kv_cache,
                   threads=threads, repack=plan.repack, context=plan.context, use_kernels=use_kernels, sampling=plan.sampling,
                   speculative=plan.speculative,
                   progress=progress, plan=plan, placement=resolved, overlap=overlap, kv_slots=kv_slots)

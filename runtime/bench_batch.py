@@ -1,7 +1,7 @@
 """`nextn bench batch`: several sequences decoded in one batched step against one at a time.
 
     nextn bench batch [PLAN.yaml|MODEL.gguf] [--sequences 1,2,4,8] [--mtp] [--max-tokens N]
-                      [--rounds R]
+                      [--rounds R] [--kv-cache float16]
 
 For each batch size n, `Engine.generate_batch` decodes the first n of 8 code prompts (greedy),
 settings interleaved round by round (MTP off and, with --mtp, on). Reported per setting (medians
@@ -80,6 +80,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gpu", default=None)
     p.add_argument("--threads", default=None)
     p.add_argument("--context", type=int, default=None)
+    p.add_argument("--kv-cache", default=None, help="auto | float32 | float16 (the plan's kv_cache)")
     a = p.parse_args(argv)
     try:
         sizes = [int(x) for x in a.sequences.split(",") if x.strip()]
@@ -87,7 +88,8 @@ def main(argv: list[str]) -> int:
         raise NextnError(f"--sequences {a.sequences!r}: expected comma-separated whole numbers") from None
     if not sizes or any(not 1 <= n <= len(PROMPTS) for n in sizes):
         raise NextnError(f"--sequences: batch sizes must be in 1..{len(PROMPTS)}")
-    over = {k: v for k, v in (("gpu", a.gpu), ("threads", a.threads), ("context", a.context)) if v is not None}
+    over = {k: v for k, v in (("gpu", a.gpu), ("threads", a.threads), ("context", a.context),
+                              ("kv_cache", a.kv_cache)) if v is not None}
     eng = load(a.target, progress=False, **over)
     mtps = [False, True] if a.mtp and eng.has_mtp else [False]
     base = dict(max_tokens=a.max_tokens, temperature=0.0, repeat_penalty=1.0)

@@ -20,6 +20,9 @@ def _placement_args(p: argparse.ArgumentParser, context: bool = True) -> None:
     g.add_argument("--gpu", help="auto | cpu | cuda:N (auto falls back to the CPU without CUDA)")
     g.add_argument("--gpu-dtype", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of weights and KV cache on the GPU side")
+    g.add_argument("--kv-cache", choices=["auto", "float32", "f32", "float16", "f16"],
+                   help="KV cache element type: auto (float32 on the CPU, gpu_dtype on CUDA) | float16 "
+                        "(half the KV memory; on the CPU half the bytes attention reads; llama.cpp's default)")
     g.add_argument("--threads", help="CPU expert threads (N or auto)")
     g.add_argument("--repack", choices=["auto", "true", "false"],
                    help="copy CPU experts into a faster layout at load where one exists (Q2_K..Q6_K IQ4_XS Q4_0 "
@@ -37,7 +40,7 @@ def _overrides(a: argparse.Namespace, keys) -> dict:
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
-PLACEMENT_KEYS = ("model", "gpu", "gpu_dtype", "threads", "repack", "context", "cpu_moe", "n_cpu_moe", "override_tensor")
+PLACEMENT_KEYS = ("model", "gpu", "gpu_dtype", "kv_cache", "threads", "repack", "context", "cpu_moe", "n_cpu_moe", "override_tensor")
 
 
 class _Parser(argparse.ArgumentParser):

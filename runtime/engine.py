@@ -73,7 +73,7 @@ class Engine:
                  use_kernels: bool = True, sampling: Sampling | None = None,
                  speculative: Speculative | None = None, progress: bool = True,
                  prefill_chunk: int = 512, plan=None, placement=None, overlap: bool | None = None,
-                 kv_slots: int | None = None):
+                 kv_slots: int | None = None, kv_cache: str = "auto"):
         self.file = model_path if isinstance(model_path, GGUFFile) else GGUFFile(model_path)
         self.cfg: ModelConfig = read_config(self.file)
         check_tensors(self.file, self.cfg)
@@ -110,7 +110,8 @@ class Engine:
         # the KV pools every sequence takes its pages from (runtime/kvpool.py), allocated once:
         # `kv_slots` positions in all (default: one context), never fewer than one context
         self.kv_slots = max(int(kv_slots or self.context), self.context)
-        self.pools = self.model.new_pools(self.kv_slots, self.dtype)
+        self.kv_dtype = self._kv_dtype(kv_cache)
+        self.pools = self.model.new_pools(self.kv_slots, self.kv_dtype)
         # full pages of finished sequences, shared with later prompts that start with the same
         # tokens (a system prompt, a previous turn); evicted when the pools run short
         from .kvpool import PrefixCache
@@ -120,6 +121,24 @@ class Engine:
         self.last_result: GenerationResult | None = None
         self.last_batch = None  # the last generate_batch's Batch (its stats: runtime/runner.py BatchStats)
         self._policies: dict = {}
+
+    def _kv_dtype(self, name: str | None) -> torch.dtype:
+        """The KV cache's element type. auto: the attention side's dtype (float32 on the CPU,
+        gpu_dtype on CUDA). float16 on the CPU: half the KV memory, and half the bytes the
+        attention reads per token, which is what a long context's decode step waits on there
+        (rows are rounded to float16 once, when written; attention computes in float32)."""
+        key = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "float16"}.get(
+            (name or "auto").strip().lower(), (name or "auto").strip().lower())
+        if key not in ("auto", "float32", "float16"):
+            raise NextnError(f"unknown kv_cache {name!r}: expected auto, float32 or float16")
+        if key == "auto":
+            return self.dtype
+        want = DTYPES[key]
+        cuda = any(self.model.bus.devices[b.attn.side].type == "cuda" for b in self.model.blocks)
+        if cuda and want != self.dtype:
+            raise NextnError(f"kv_cache {key}: attention runs on the GPU, where the KV cache takes gpu_dtype "
+                             f"({str(self.dtype).replace('torch.', '')}); set gpu_dtype: {key} for a {key} cache there")
+        return want
 
     def _use_fused_blocks(self) -> None:
         """Decode-sized forwards as one C call for all blocks where every unit runs on the CPU
@@ -252,7 +271,7 @@ class Engine:
                      reuse: Sequence | None = None, prefix: bool = False) -> Sequence:
         """A sequence ready for prefill; with `reuse`, it takes over that finished sequence's
         caches (prompt caching: Sequence.__init__)."""
-        return Sequence(self.model, self.context, self.dtype, use_mtp, params, self.prefill_chunk,
+        return Sequence(self.model, self.context, self.kv_dtype, use_mtp, params, self.prefill_chunk,
                         draft_ahead=draft_ahead, reuse=reuse, pools=self.pools,
                         prefix=self.prefix_cache if prefix else None)
 

@@ -47,8 +47,8 @@ class KVPool:
         self.v = [torch.zeros_like(k) for k in self.k]
         self.n_layers = len(devices)
         self.dtype = dtype
-        # the fused CPU path reads float32 pools in CPU memory; it keeps its pointer view here
-        self.fusable = dtype == torch.float32 and all(torch.device(d).type == "cpu" for d in devices)
+        # the fused CPU path reads float32 or float16 pools in CPU memory; it keeps its pointer view here
+        self.fusable = dtype in (torch.float32, torch.float16) and all(torch.device(d).type == "cpu" for d in devices)
         self.fused_view = None
         self.refs = [0] * self.n_pages
         # free pages, lowest last: `alloc` pops the lowest, so a sequence growing alone gets

@@ -203,3 +203,10 @@ def test_attention_context_script_runs(tmp_path, capsys):
     assert mod.main(["--contexts", "16,40", "--rows", "1,2", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("GLM-4.5-Air attention shape") and len(out) == 2 + 2 * 3  # L x (1 seq, 2 seq, 2 dist)
+    # the two KV cache types side by side, with the F16 cache's time over the float32 cache's
+    assert mod.main(["--contexts", "16", "--rows", "1", "--kv", "float32,float16", "--runs", "1",
+                     "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "f16/f32" in out[1] and len(out) == 3 and out[2].split()[-1].endswith("x")
+    with pytest.raises(SystemExit, match="--kv"):
+        mod.main(["--kv", "int8", "--dir", str(tmp_path)])

@@ -204,14 +204,15 @@ def _restorer(pool):
     return restore
 
 
+@pytest.mark.parametrize("kv", ["float32", "float16"])
 @pytest.mark.parametrize("heads", [(8, 1, 32), (16, 4, 128)], ids=["mqa-in-place", "gqa-packed"])
-def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_model, heads):
+def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_model, heads, kv):
     """Grouped attention at ~2000 positions, where the fused attention groups rows and heads into
     units (by row count, sequences and threads) so a kv group's K and V are read once per unit:
     every row of a call gets the bits of one-row calls on one thread, with rows of two sequences in
     one call and 1, 2 or 3 threads. 8 query heads on one kv head of 32 (K/V rows read in place;
     units of 8, 4 or 3 heads, runs of at most 6 rows), 16 on 4 of 128 (rows copied block by
-    block, as at GLM-4.5-Air's 8 x 128)."""
+    block, as at GLM-4.5-Air's 8 x 128). An F16 cache's rows are converted block by block in both."""
     n_heads, n_kv, hd = heads
     tm = make_test_model(hidden=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd, context_length=4608,
                          n_nextn=0, seed=7)
@@ -219,7 +220,7 @@ def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_mode
     m = eng.model
     stack = m.fused.main
     with torch.inference_mode():
-        cache = m.new_cache(4608, torch.float32)
+        cache = m.new_cache(4608, getattr(torch, kv))
         g = torch.Generator().manual_seed(0)
         for t in cache.pool.k + cache.pool.v:
             t.copy_(torch.randn(t.shape, generator=g))
@@ -247,14 +248,17 @@ def test_gqa_attention_gives_each_row_its_bits_whatever_the_units(make_test_mode
             assert np.array_equal(y[i], alone[i]), (threads, i)
 
 
+@pytest.mark.parametrize("kv", ["float32", "float16"])
 @pytest.mark.parametrize("heads", [(8, 1, 32), (16, 4, 128)], ids=["mqa-in-place", "gqa-packed"])
-def test_grouped_attention_matches_the_torch_path(make_test_model, heads):
+def test_grouped_attention_matches_the_torch_path(make_test_model, heads, kv):
     """The same shapes against the torch path: a 300-token prompt prefilled by it, then one-row
-    steps and a 5-row verify-shaped call, fused against torch over the same cache."""
+    steps and a 5-row verify-shaped call, fused against torch over the same cache (float32, or
+    float16: both paths round the rows they write alike and compute on them in float32)."""
     n_heads, n_kv, hd = heads
     tm = make_test_model(hidden=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd, context_length=4608,
                          n_nextn=0, seed=7)
-    eng = runtime.load(tm.gguf_path, progress=False, gpu="cpu")
+    eng = runtime.load(tm.gguf_path, progress=False, gpu="cpu", kv_cache=kv)
+    assert eng.pools[0].k[0].dtype == getattr(torch, kv) and eng.pools[0].fusable
     m = eng.model
     ids = ids_for(eng, 312, seed=4)
 
