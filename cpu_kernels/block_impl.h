@@ -242,13 +242,15 @@ static void FN(attend_heads)(const float *q, int64_t qstride, const void *kc, co
             for (int64_t u = 0; u < nu; u++) {
                 const int64_t v = r * nu + u;
                 const float *qu = q + r * qstride + u * hd;
-                __m256 qv[32];
-                for (int64_t c = 0; c < nv; c++) qv[c] = _mm256_loadu_ps(qu + 8 * c);
+                /* the 8 positions' dots side by side, chunk by chunk: 8 independent FMA chains
+                 * (one position's chain after another waited on each FMA's latency: 4x the
+                 * time); each chain still sums its chunks in order, so the same bits */
                 __m256 a8[8];
-                for (int p = 0; p < 8; p++) {
-                    __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kp[p]));
-                    for (int64_t c = 1; c < nv; c++) a = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kp[p] + 8 * c), a);
-                    a8[p] = a;
+                const __m256 q0 = _mm256_loadu_ps(qu);
+                for (int p = 0; p < 8; p++) a8[p] = _mm256_mul_ps(q0, _mm256_loadu_ps(kp[p]));
+                for (int64_t c = 1; c < nv; c++) {
+                    const __m256 qc = _mm256_loadu_ps(qu + 8 * c);
+                    for (int p = 0; p < 8; p++) a8[p] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kp[p] + 8 * c), a8[p]);
                 }
                 const __m256 x = _mm256_mul_ps(FN(hsum8x8)(a8), sc);
                 _mm256_storeu_ps(s + v * sst + j0, x);   /* 8 floats of slack past n */
