@@ -146,35 +146,58 @@ static void FN(to_f16)(const float *x, uint16_t *o, int64_t n) {
 }
 
 #if NX_PATH >= 1
-/* acc0/acc1[c0 .. c0 + 8 NC) += sum over positions j0..j1 (j0 even; V row j at vr[j - j0]) of
- * s[j] v_j, even positions into acc0 and odd ones into acc1: two chains of FMAs, so they are not
- * one long dependency through memory; the chains continue from block to block (first: they start
- * at zero) */
+/* For each of NH (row, head)s h (1, or 2 sharing every V load; constants after inlining):
+ * acc0[h]/acc1[h][c0 .. c0 + 8 NC) += sum over positions j0..j1 (j0 even; V row j at vr[j - j0])
+ * of s[h][j] v_j, even positions into acc0 and odd ones into acc1: two chains of FMAs, so they
+ * are not one long dependency through memory; the chains continue from block to block (first:
+ * they start at zero). A (row, head)'s sums are the same operations whether it shares the loads
+ * or not, so the same bits. */
 static inline __attribute__((always_inline)) void FN(attend_pv)(const float *const *vr, int64_t j0, int64_t j1,
-                                                               int64_t c0, const float *s, float *acc0, float *acc1,
-                                                               int first, const int NC) {
-    __m256 a0[4], a1[4];
-    for (int c = 0; c < NC; c++) {
-        a0[c] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc0 + c0 + 8 * c);
-        a1[c] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc1 + c0 + 8 * c);
-    }
+                                                               int64_t c0, const float *const *s, float *const *acc0,
+                                                               float *const *acc1, int first, const int NC, const int NH) {
+    __m256 a0[2][4], a1[2][4];
+    for (int h = 0; h < NH; h++)
+        for (int c = 0; c < NC; c++) {
+            a0[h][c] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc0[h] + c0 + 8 * c);
+            a1[h][c] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc1[h] + c0 + 8 * c);
+        }
     int64_t j = j0;
     for (; j + 2 <= j1; j += 2) {
         const float *v0 = vr[j - j0] + c0, *v1 = vr[j + 1 - j0] + c0;
-        const __m256 p0 = _mm256_set1_ps(s[j]), p1 = _mm256_set1_ps(s[j + 1]);
+        __m256 p0[2], p1[2];
+        for (int h = 0; h < NH; h++) { p0[h] = _mm256_set1_ps(s[h][j]); p1[h] = _mm256_set1_ps(s[h][j + 1]); }
         for (int c = 0; c < NC; c++) {
-            a0[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a0[c]);
-            a1[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 8 * c), a1[c]);
+            const __m256 x0 = _mm256_loadu_ps(v0 + 8 * c), x1 = _mm256_loadu_ps(v1 + 8 * c);
+            for (int h = 0; h < NH; h++) {
+                a0[h][c] = _mm256_fmadd_ps(p0[h], x0, a0[h][c]);
+                a1[h][c] = _mm256_fmadd_ps(p1[h], x1, a1[h][c]);
+            }
         }
     }
     if (j < j1) {
         const float *v0 = vr[j - j0] + c0;
-        const __m256 p0 = _mm256_set1_ps(s[j]);
-        for (int c = 0; c < NC; c++) a0[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a0[c]);
+        for (int h = 0; h < NH; h++) {
+            const __m256 p0 = _mm256_set1_ps(s[h][j]);
+            for (int c = 0; c < NC; c++) a0[h][c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * c), a0[h][c]);
+        }
     }
-    for (int c = 0; c < NC; c++) {
-        _mm256_storeu_ps(acc0 + c0 + 8 * c, a0[c]);
-        _mm256_storeu_ps(acc1 + c0 + 8 * c, a1[c]);
+    for (int h = 0; h < NH; h++)
+        for (int c = 0; c < NC; c++) {
+            _mm256_storeu_ps(acc0[h] + c0 + 8 * c, a0[h][c]);
+            _mm256_storeu_ps(acc1[h] + c0 + 8 * c, a1[h][c]);
+        }
+}
+
+/* attend_pv over a whole head (hd floats, 32 at a time, then the 8..24 left) */
+static inline __attribute__((always_inline)) void FN(attend_pv_head)(const float *const *vr, int64_t j0, int64_t j1,
+                                                                    int64_t hd, const float *const *s, float *const *acc0,
+                                                                    float *const *acc1, int first, const int NH) {
+    int64_t c0 = 0;
+    for (; c0 + 32 <= hd; c0 += 32) FN(attend_pv)(vr, j0, j1, c0, s, acc0, acc1, first, 4, NH);
+    switch ((hd - c0) / 8) {
+    case 1: FN(attend_pv)(vr, j0, j1, c0, s, acc0, acc1, first, 1, NH); break;
+    case 2: FN(attend_pv)(vr, j0, j1, c0, s, acc0, acc1, first, 2, NH); break;
+    case 3: FN(attend_pv)(vr, j0, j1, c0, s, acc0, acc1, first, 3, NH); break;
     }
 }
 
@@ -280,18 +303,18 @@ static void FN(attend_heads)(const float *q, int64_t qstride, const void *kc, co
         const int64_t j1 = j0 + NX_ATT_PB < nmax ? j0 + NX_ATT_PB : nmax;
         if (pack) FN(attend_prefetch)(vc, f16, map, j0 + NX_ATT_VPF, j0 + NX_ATT_VPF + NX_ATT_PB, nmax, nkv, g, hd);
         FN(attend_rows)(vc, f16, map, j0, j1, nmax, nkv, g, hd, pack, vb, vr);
-        for (int64_t v = 0; v < nvh; v++) {
+        /* two heads of a row at a time where the registers allow (AVX-512's 32: 16 sums of
+         * 2 heads x 2 chains x 4 vectors), so each V vector loaded feeds two FMAs */
+        for (int64_t v = 0; v < nvh;) {
             const int64_t nn = n[v / nu], e1 = j1 < nn ? j1 : nn;
-            if (j0 >= nn) continue;
-            const float *sv = s + v * sst;
-            float *a0 = acc + 2 * v * hd, *a1 = a0 + hd;
-            int64_t c0 = 0;
-            for (; c0 + 32 <= hd; c0 += 32) FN(attend_pv)(vr, j0, e1, c0, sv, a0, a1, j0 == 0, 4);
-            switch ((hd - c0) / 8) {
-            case 1: FN(attend_pv)(vr, j0, e1, c0, sv, a0, a1, j0 == 0, 1); break;
-            case 2: FN(attend_pv)(vr, j0, e1, c0, sv, a0, a1, j0 == 0, 2); break;
-            case 3: FN(attend_pv)(vr, j0, e1, c0, sv, a0, a1, j0 == 0, 3); break;
+            const int two = NX_PATH == 2 && v + 1 < nvh && (v + 1) / nu == v / nu;
+            if (j0 < nn) {
+                const float *sv[2] = {s + v * sst, s + (v + two) * sst};
+                float *a0[2] = {acc + 2 * v * hd, acc + 2 * (v + two) * hd}, *a1[2] = {a0[0] + hd, a0[1] + hd};
+                if (two) FN(attend_pv_head)(vr, j0, e1, hd, sv, a0, a1, j0 == 0, 2);
+                else FN(attend_pv_head)(vr, j0, e1, hd, sv, a0, a1, j0 == 0, 1);
             }
+            v += 1 + two;
         }
     }
     for (int64_t v = 0; v < nvh; v++) {
