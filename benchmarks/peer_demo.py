@@ -1,6 +1,6 @@
 """nextn against llama.cpp on the bundled demo model: the same prompts, greedy, interleaved.
 
-    python benchmarks/peer_demo.py [--tokens 128] [--rounds 2] [--threads 2] [--draft 1,2,3]
+    python benchmarks/peer_demo.py [--tokens 128] [--rounds 2] [--threads 2] [--draft 1,2,3] [--kv-cache f16]
     python benchmarks/peer_demo.py --build-only
 
 llama.cpp is built once from the llama-cpp-python 0.3.36 source distribution (its vendor/llama.cpp,
@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--draft", default="1,2,3")
+    ap.add_argument("--kv-cache", default="auto", help="nextn's KV cache: auto (float32 on the CPU) or float16 "
+                    "(llama.cpp's default cache type, which llama-server keeps here)")
     a = ap.parse_args(argv)
     if not shutil.which("cmake"):
         print("cmake is needed to build llama.cpp", file=sys.stderr)
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
 
     cpu_kernels.set_threads(a.threads)
     drafts = [int(x) for x in a.draft.split(",") if x.strip()]
-    eng = runtime.load(progress=False)
+    eng = runtime.load(progress=False, kv_cache=a.kv_cache)
     model = Path(eng.file.path)
     prompts = held_out_prompts(a.prompts, eng.tokenizer)
     servers = {k: LlamaServer(binary, model, a.threads, 1024, k) for k in [0] + drafts}
