@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=None, dest="draft_ahead")
     s.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="run CPU experts beside the shared expert (default: on with CUDA)")
+    # llama-server's names for the KV cache type (one type for K and V here: f32 or f16)
+    s.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", metavar="TYPE",
+                   help="KV cache type as llama-server names it: f16 or f32 (the same as --kv-cache)")
+    s.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", metavar="TYPE", help="must equal -ctk")
     _placement_args(s, context=False)
 
     pl = sub.add_parser("plan", help="validate a plan and print the resolved placement and memory",
@@ -210,12 +214,31 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_type(k: str | None, v: str | None, kv_cache: str | None) -> str | None:
+    """llama-server's -ctk/-ctv as nextn's one kv_cache type (f16 or f32 for both K and V)."""
+    if k is None and v is None:
+        return None
+    given = [(f, t.strip().lower()) for f, t in (("-ctk", k), ("-ctv", v)) if t is not None]
+    for flag, t in given:
+        if t not in ("f16", "f32"):
+            raise NextnError(f"{flag} {t}: nextn's KV cache is f16 or f32 (quantized KV caches are not supported)")
+    if len({t for _, t in given}) > 1:
+        raise NextnError(f"-ctk {k} -ctv {v}: K and V take one type here; give the same for both")
+    t = given[0][1]
+    if kv_cache is not None and kv_cache.strip().lower() not in (t, {"f16": "float16", "f32": "float32"}[t]):
+        raise NextnError(f"--kv-cache {kv_cache} and {given[0][0]} {t} disagree")
+    return t
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from .serve.server import serve
 
     keys = PLACEMENT_KEYS + ("temperature", "top_k", "top_p", "min_p", "seed", "mtp", "draft_max", "p_min",
                              "adaptive", "draft_ahead")
     overrides = _overrides(a, tuple(k for k in keys if k != "context"))
+    kv = _cache_type(a.cache_type_k, a.cache_type_v, a.kv_cache)
+    if kv is not None:
+        overrides["kv_cache"] = kv
     server = {k: getattr(a, k) for k in ("host", "port", "parallel", "ctx_size", "api_key", "alias", "queue")}
     for k in ("parallel", "ctx_size"):
         if server[k] is not None and server[k] < 1:

@@ -140,3 +140,15 @@ def test_memory_estimate_counts_an_f16_cache(engines):
         est[kv] = P.estimate_memory(P.resolve(plan, f, cfg), f, cfg, plan, gpu_device="cpu")
     assert est["auto"].kv_bytes == cfg.n_blocks * 256 * cfg.n_kv_heads * cfg.head_dim * 2 * 4
     assert est["float16"].kv_bytes * 2 == est["auto"].kv_bytes
+
+
+def test_llama_server_cache_type_flags_map_to_kv_cache():
+    from runtime.cli import _cache_type
+
+    assert _cache_type(None, None, None) is None
+    assert _cache_type("f16", None, None) == _cache_type("F16", "f16", "float16") == "f16"
+    assert _cache_type(None, "f32", None) == "f32"
+    for args, words in (((" q4_0", None, None), "quantized"), (("f16", "f32", None), "same for both"),
+                        (("f16", None, "f32"), "disagree")):
+        with pytest.raises(NextnError, match=words):
+            _cache_type(*args)

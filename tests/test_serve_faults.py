@@ -63,6 +63,8 @@ def test_queue_bound_then_sigterm_ends_streams_and_exits_0(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["/nonexistent/model.gguf"], "model.gguf"),
     (["-np", "0"], "--parallel"),
+    (["-ctk", "q8_0"], "quantized KV caches"),
+    (["-ctk", "f16", "-ctv", "f32"], "same for both"),
 ])
 def test_bad_command_line_exits_2_with_one_line(args, words):
     p = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--port", "0", *args], cwd=ROOT,
