@@ -34,7 +34,7 @@ import torch
 
 from .kvpool import KVPool
 from .model import GLM4Model
-from .sampling import SamplingParams
+from .sampling import SamplingParams, argmax_token
 from .scheduler import Oracle, StepSample
 
 # A sequence's steps are generators: they yield the model calls they need as ops and receive each
@@ -368,7 +368,7 @@ class Sequence:
         the tokens before the drafted one, for the repetition penalty (the target's rows get it
         too, so a draft that repeats is one the target would not pick). Ops; returns (d, prob)."""
         logits = self.params.penalise((yield ("mtp_logits", z))[0], history)
-        d = int(logits.argmax())
+        d = argmax_token(logits)
         return d, float(torch.softmax(logits, -1)[d]) if need_prob else float("nan")
 
     def _draft_ahead(self, k: int, p_min: float, pos: int) -> None:
@@ -469,7 +469,7 @@ class Sequence:
         for i, (d, _) in enumerate(drafts):
             hist = self._history(token, *out)  # out == d1..di: all accepted so far
             if params.greedy:
-                t = int(params.penalise(logits[i], hist).argmax())
+                t = argmax_token(params.penalise(logits[i], hist))
                 if t != d:
                     out.append(t)
                     return out

@@ -20,6 +20,16 @@ import torch
 from .errors import NextnError
 
 
+def argmax_token(logits: torch.Tensor) -> int:
+    """The index of the first maximum of a logits row [V] (a NaN counts as the maximum, as in
+    torch.argmax). A float32 CPU row goes through numpy: torch's argmax took 156 us over GLM's
+    151,552 logits on the 2-core VM, numpy's 11, and greedy decoding takes one per sequence and
+    step (and per draft)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1:
+        return int(logits.detach().numpy().argmax())
+    return int(logits.argmax(-1))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
@@ -100,5 +110,5 @@ class SamplingParams:
 
     def sample(self, logits: torch.Tensor, gen: torch.Generator | None, history=()) -> int:
         if self.greedy:
-            return int(self.penalise(logits, history).argmax(-1))
+            return argmax_token(self.penalise(logits, history))
         return int(torch.multinomial(self.probs(logits, history), 1, generator=gen))

@@ -328,6 +328,20 @@ def test_sampling_with_mtp_accepts_some_drafts(copy_engine):
 
 # ---- repetition penalty: the same processed distribution in plain and MTP decoding --------------------
 
+def test_greedy_argmax_is_torchs_argmax():
+    """The numpy argmax greedy decoding takes on CPU float32 rows picks what torch.argmax picks:
+    the first of tied maxima, a NaN as the maximum; other dtypes and devices take torch's."""
+    from runtime.sampling import argmax_token
+
+    rng = np.random.default_rng(0)
+    rows = [torch.from_numpy(rng.standard_normal(151552).astype(np.float32)) for _ in range(3)]
+    rows += [torch.tensor([1.0, 3.0, 3.0, 2.0]), torch.tensor([1.0, float("nan"), 3.0, float("nan")]),
+             torch.full((5,), float("-inf")), torch.tensor([float("nan"), 1.0]),
+             torch.tensor([0.5, 2.0, 2.0]).to(torch.bfloat16), torch.randn(4, 9)[1]]
+    for r in rows:
+        assert argmax_token(r) == int(r.argmax(-1))
+
+
 def test_repeat_penalty_rule():
     sp = SamplingParams(repeat_penalty=2.0, repeat_last_n=2)
     x = torch.tensor([4.0, -1.0, 3.0, 0.5])
