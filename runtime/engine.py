@@ -127,10 +127,9 @@ class Engine:
         gpu_dtype on CUDA). float16 on the CPU: half the KV memory, and half the bytes the
         attention reads per token, which is what a long context's decode step waits on there
         (rows are rounded to float16 once, when written; attention computes in float32)."""
-        key = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "float16"}.get(
-            (name or "auto").strip().lower(), (name or "auto").strip().lower())
-        if key not in ("auto", "float32", "float16"):
-            raise NextnError(f"unknown kv_cache {name!r}: expected auto, float32 or float16")
+        from placement.schema import check_kv_cache
+
+        key = check_kv_cache("auto" if name is None else name, "kv_cache")
         if key == "auto":
             return self.dtype
         want = DTYPES[key]
