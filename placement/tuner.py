@@ -10,7 +10,8 @@
    the CPU, MTP layer's included, down to all on the gpu side), the gpu dtype, CPU threads; each
    measured with MTP off and with MTP at draft bounds 1..3. Plus the shipped configs/ plans that
    apply to the model. `placement.estimate_memory` sizes each one for the context; a plan that does
-   not fit --gpu-mem / --ram is rejected with the reason.
+   not fit --gpu-mem / --ram is rejected with the reason. Without CUDA, a placement whose float32
+   KV cache does not fit --ram is tried with the F16 cache (`kv_cache: float16`, half the KV bytes).
 3. A cost model predicts decode tok/s (bytes read per token / bandwidth per side + a per-layer
    overhead, calibrated by each measurement), prefill tok/s (flops / rate + weight bytes /
    bandwidth) and the MTP speedup (expected tokens per step / cost of draft + verify, a verify batch
@@ -385,7 +386,7 @@ class Tuner:
             return c
         c.est = estimate_memory(c.placement, self.file, self.cfg, plan)
         gpu_side = frozenset(n for n, s in c.placement.tensors.items() if s == "gpu")
-        c.load_key = (gpu_side, c.est.gpu_dtype, c.est.context, plan.gpu)
+        c.load_key = (gpu_side, c.est.gpu_dtype, c.est.kv_dtype, c.est.context, plan.gpu)
         c.reject = self.memory_reject(c.est)
         return c
 
@@ -407,8 +408,16 @@ class Tuner:
         seen = set()
         for dtype in dtypes:
             for n in n_cpus:
-                plan = load_plan(None, {"model": str(self.model), "n_cpu_moe": n, "gpu_dtype": dtype, **ctx})
+                keys = {"model": str(self.model), "n_cpu_moe": n, "gpu_dtype": dtype, **ctx}
+                plan = load_plan(None, keys)
                 base = self._make("", plan, "tuned", self.thread_options[0], n_cpu=n)
+                if not self.cuda and base.reject and base.reject.startswith("RAM needs"):
+                    # CPU attention: an F16 KV cache (half the KV memory) where the float32 one
+                    # does not fit; on CUDA the cache takes gpu_dtype, which the dtypes cover
+                    plan16 = load_plan(None, {**keys, "kv_cache": "float16"})
+                    alt = self._make("", plan16, "tuned", self.thread_options[0], n_cpu=n)
+                    if alt.reject is None:
+                        plan, base = plan16, alt
                 if base.load_key in seen:
                     continue
                 seen.add(base.load_key)
@@ -416,7 +425,8 @@ class Tuner:
                     c = base if t == self.thread_options[0] else self._make("", plan, "tuned", t, n_cpu=n)
                     moved = sum(1 for i in range(cfg.n_dense, cfg.n_blocks)
                                 if c.placement and c.placement.tensors.get(f"blk.{i}.ffn_gate_exps.weight") == "gpu")
-                    c.label = f"n_cpu_moe {n} ({moved} expert layers on gpu), {dtype}, {t} thr"
+                    kv = ", kv f16" if plan.kv_cache == "float16" else ""
+                    c.label = f"n_cpu_moe {n} ({moved} expert layers on gpu), {dtype}{kv}, {t} thr"
                     self.candidates.append(c)
         for path in self.shipped_configs():
             for t in self.thread_options[:1]:
@@ -692,6 +702,7 @@ class Tuner:
             f"gpu: {p.gpu}",
             f"threads: {c.threads}",
             f"gpu_dtype: {c.est.gpu_dtype}",
+            *([f"kv_cache: {p.kv_cache}"] if p.kv_cache != "auto" else []),
             f"context: {c.est.context}",
             "placement:",
             f"  token_embd: {g.token_embd}",

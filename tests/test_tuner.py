@@ -118,3 +118,26 @@ def test_bad_input(tmp_path, model, capsys):
     assert "too small to measure anything" in capsys.readouterr().err
     assert cli(["tune", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "p.yaml")]) == 2
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_f16_kv_cache_where_float32_does_not_fit_the_ram(model, tmp_path):
+    """Without CUDA, a placement whose float32 KV cache does not fit --ram is tried with the F16
+    cache (half the KV bytes); the plan written for it says kv_cache: float16 and loads so."""
+    probe = Tuner(model, tmp_path / "probe.yaml", gpu_mem=None, ram=None, context=512, threads="1", budget=60,
+                  tokens=4, log=lambda s: None)
+    if probe.cuda:
+        pytest.skip("on CUDA the KV cache takes gpu_dtype")
+    probe.enumerate()
+    c = next(c for c in probe.candidates if c.kind == "tuned" and c.est.gpu_dtype == "float32")
+    need = c.est.cpu_bytes + c.est.gpu_bytes
+    limit = need - c.est.kv_bytes // 4  # float32 KV misses by a quarter of itself; F16 saves half
+    t = Tuner(model, tmp_path / "plan.yaml", gpu_mem=None, ram=limit, context=512, threads="1", budget=60, tokens=4,
+              log=lambda s: None, machine=probe.machine)
+    t.enumerate()
+    same = [x for x in t.candidates if x.kind == "tuned" and x.n_cpu == c.n_cpu and x.est.gpu_dtype == "float32"]
+    assert same and all(x.est.kv_dtype == "float16" and x.reject is None and "kv f16" in x.label for x in same)
+    assert same[0].est.kv_bytes * 2 == c.est.kv_bytes
+    text = t.plan_yaml(same[0])
+    assert "kv_cache: float16" in text
+    (tmp_path / "tuned.yaml").write_text(text)
+    assert load_plan(tmp_path / "tuned.yaml").kv_cache == "float16"
