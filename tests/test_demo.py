@@ -74,6 +74,7 @@ def test_nextn_run_prints_code_and_acceptance():
     body = out.split("\n-- ")[0][len("def fibonacci(n):"):]
     assert any(w in body for w in ("return", "if ", "self", "(", "=", ":")), body
     assert "accept" in out.lower() or "accept" in p.stderr.lower()
+    assert "-- KV cache: float32, 8.50 MiB for 1024 positions" in p.stderr  # the demo plan's context
 
 
 # what a table row looks like: "0x00c: 0x00b," / "0x0081: None" entries (commented out too) and
