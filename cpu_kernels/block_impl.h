@@ -469,6 +469,30 @@ static int FN(block_ok)(const nx_dims *d, const nx_block *b) {
     return 1;
 }
 
+/* The fused call's scratch, kept per calling thread between calls and grown when a call needs
+ * more. At long contexts on many threads it is large (the attention's scores: 16 threads at 32K
+ * positions take ~100 MB), past glibc's 32 MB mmap ceiling, where a fresh block per call is
+ * fresh pages: page faults on every step. A thread's block is freed when the thread ends (a
+ * thread-specific key's destructor). Block layout: its size, then the scratch 64 bytes in. */
+static pthread_key_t FN(ws_key);
+static int FN(ws_key_ok);
+static pthread_once_t FN(ws_once) = PTHREAD_ONCE_INIT;
+static void FN(ws_key_make)(void) { FN(ws_key_ok) = pthread_key_create(&FN(ws_key), free) == 0; }
+static void *FN(workspace)(size_t n) {
+    (void)pthread_once(&FN(ws_once), FN(ws_key_make));
+    if (!FN(ws_key_ok)) return NULL;   /* no key left (PTHREAD_KEYS_MAX): the call fails as out of memory */
+    size_t *b = (size_t *)pthread_getspecific(FN(ws_key));
+    if (!b || b[0] < n) {
+        free(b);
+        (void)pthread_setspecific(FN(ws_key), NULL);
+        b = (size_t *)malloc(n + 64);
+        if (!b) return NULL;
+        b[0] = n;
+        if (pthread_setspecific(FN(ws_key), b)) { free(b); return NULL; }
+    }
+    return (char *)b + 64;
+}
+
 int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, int32_t n_blocks,
                                        void **kc, void **vc, int64_t pool_len, int32_t kv_type, float *x, int64_t T,
                                        const int64_t *pos, const int64_t *lslot, const int32_t *const *maps,
@@ -503,8 +527,8 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
     const int64_t ss = FN(attend_scratch)(smax, hd);
     const size_t nf = ((size_t)T * (size_t)(H + nqkv + nq + H + F2max + F2max / 2 + Emax + Kmax + H) +
                        (size_t)ss * (size_t)nthreads + 1) & ~(size_t)1;   /* even: the int64s after it align */
-    float *ws = (float *)malloc(nf * sizeof(float) + (size_t)(T + 1) * sizeof(int64_t) +
-                                (size_t)T * (size_t)Kmax * sizeof(int32_t) + (size_t)Emax + 64);
+    float *ws = (float *)FN(workspace)(nf * sizeof(float) + (size_t)(T + 1) * sizeof(int64_t) +
+                                       (size_t)T * (size_t)Kmax * sizeof(int32_t) + (size_t)Emax + 64);
     if (!ws) return -1;
     float *h = ws, *qkv = h + T * H, *att = qkv + T * nqkv, *y = att + T * nq, *gu = y + T * H;
     float *act = gu + T * F2max, *sc = act + T * (F2max / 2), *wts = sc + T * Emax, *ro = wts + T * Kmax;
@@ -575,7 +599,6 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
     }
     if (!rc && final_norm)
         for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, final_norm, H, d->eps, x + t * H);
-    free(ws);
     if (stats) { stats[0] += exp_s; stats[1] += distinct; }
     return rc;
 }

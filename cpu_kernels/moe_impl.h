@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <pthread.h>
 
 #if NX_PATH >= 1
 #include <immintrin.h>
