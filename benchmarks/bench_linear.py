@@ -12,7 +12,11 @@ copy, torch.set_num_threads = the kernel threads), interleaved call by call in o
 kernel's GB/s of weight bytes; the ratio torch / kernel; "vs 1 row": the kernel's time over its
 time for T=1 of the same weight and type (when --tokens lists 1 first: the cost of extra rows,
 which the multi-token kernels aim to keep near 1x while the weights' bytes dominate). The read bandwidth (C sum over 256 MiB,
-best of 3) is printed first. Several weights of 4-60 MB are cycled so each call reads from DRAM.
+best of 3) and the multiply units' rate (`cpu_kernels.peak_rates`: int8 multiply-adds through the
+kernels' integer dot, float32 FMA lanes) are printed first. "floor ms": the least time this machine
+allows, the larger of the weight bytes over the read bandwidth and the multiply-adds (T x N x K:
+int8 for block types, float32 for F16/BF16) over the multiply rate; "x floor": the kernel's time
+over it; "floor/1 row": the floor over the kernel's 1-row time, the least "vs 1 row" possible. Several weights of 4-60 MB are cycled so each call reads from DRAM.
 --float-path adds a column: the runtime's own path for a float32 weight on the CPU
 (`runtime.linear.linear`: batched one-row products for up to 17 rows, batch-invariant).
 --runtime-path adds the model's own call on the file-form weight (`runtime.linear.KernelLinear`:
@@ -52,8 +56,12 @@ def main() -> int:
     nth = ck.get_threads()
     torch.set_num_threads(nth)
     print(f"# cpu_kernels path={ck.active_path()} threads={nth}")
-    print(f"# read bandwidth: {ck.read_bandwidth(256 << 20, repeats=3):.2f} GB/s")
+    bw = ck.read_bandwidth(256 << 20, repeats=3)
+    rates = ck.peak_rates()
+    print(f"# read bandwidth: {bw:.2f} GB/s; multiply rate: int8 {rates['int8_macs'] / 1e9:.1f} GMAC/s, "
+          f"float32 {rates['f32_fmas'] / 1e9:.1f} GFMA/s")
     print(f"{'weight':<14} {'type':<5} {'T':>4} {'kernel ms':>10} {'torch f32 ms':>12} {'GB/s':>7} {'x torch':>8}"
+          f" {'vs 1 row':>9} {'floor ms':>9} {'x floor':>8} {'floor/1 row':>11}"
           + (f" {'rows f32 ms':>12}" if a.float_path else "") + (f" {'runtime ms':>10}" if a.runtime_path else ""))
     rng = np.random.default_rng(0)
     for wname in a.weights.split(","):
@@ -94,8 +102,12 @@ def main() -> int:
                 if T == 1:
                     one = km
                 vs1 = f"{km / one:.2f}x" if one else "-"
+                rate = rates["f32_fmas"] if tname in ("f16", "bf16") else rates["int8_macs"]
+                floor = max(qs[0].nbytes / (bw * 1e9), T * N * K / rate if rate > 0 else 0.0)
+                f1 = f"{floor / one:.2f}x" if one else "-"
                 print(f"{wname:<14} {tname:<5} {T:>4} {km * 1e3:>10.3f} {tm * 1e3:>12.3f} "
-                      f"{qs[0].nbytes / km / 1e9:>7.2f} {tm / km:>7.2f}x {vs1:>9}"
+                      f"{qs[0].nbytes / km / 1e9:>7.2f} {tm / km:>7.2f}x {vs1:>9} {floor * 1e3:>9.3f} "
+                      f"{km / floor:>7.2f}x {f1:>11}"
                       + (f" {statistics.median(rt) * 1e3:>12.3f}" if a.float_path else "")
                       + (f" {statistics.median(ut) * 1e3:>10.3f}" if a.runtime_path else ""), flush=True)
     return 0

@@ -92,7 +92,8 @@ else:
 
 __all__ = [
     "ExpertTensor", "moe_forward", "linear", "dequantize_rows", "set_threads", "get_threads", "active_path", "available_paths",
-    "SUPPORTED_TYPES", "REPACKED_TYPES", "random_blocks", "dequantize", "reference_moe", "read_bandwidth", "build_info",
+    "SUPPORTED_TYPES", "REPACKED_TYPES", "random_blocks", "dequantize", "reference_moe", "read_bandwidth", "peak_rates",
+    "build_info",
 ]
 
 _PATH_IDS = {"ref": 0, "avx2": 1, "avx512": 2}
@@ -512,6 +513,19 @@ if _IMPORT_ERROR is None:
             _lib.nx_read_bw(p, n, nth)
             best = min(best, time.perf_counter() - t0)
         return n * 8 / best / 1e9
+
+    def peak_rates(threads: int | None = None, steps: int = 1 << 20) -> dict:
+        """The multiply units' rate with the expert threads, for benchmarks' floors: int8
+        multiply-adds a second through the dense kernels' integer dot ("int8_macs") and float32
+        FMA lanes a second ("f32_fmas"), best of 3. 0.0 on the reference path (no SIMD rate)."""
+        nth = _call_threads(threads)
+        out = {}
+        for kind, name in ((0, "int8_macs"), (1, "f32_fmas")):
+            rs = [_lib.nx_peak_rate(_state["path"], kind, steps, nth) for _ in range(3)]
+            if min(rs) < 0:
+                raise RuntimeError("cpu_kernels.peak_rates: the multiply probe failed its check")
+            out[name] = max(rs)
+        return out
 
     def build_info() -> dict:
         return {

@@ -59,7 +59,8 @@ typedef struct {
                                 void **vc, int64_t pool_len, int32_t kv_type, float *x, int64_t T, \
                                 const int64_t *pos, const int64_t *lslot, const int32_t *const *maps, \
                                 const float *final_norm, double *stats, int nthreads); \
-    int nx_to_f16_##sfx(const float *x, uint16_t *out, int64_t n);
+    int nx_to_f16_##sfx(const float *x, uint16_t *out, int64_t n); \
+    double nx_peak_rate_##sfx(int kind, int64_t n, int nthreads);
 NX_DECL_BLOCKS(ref)
 NX_DECL_BLOCKS(avx2)
 NX_DECL_BLOCKS(avx512)

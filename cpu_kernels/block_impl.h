@@ -609,3 +609,58 @@ int NX_CAT(nx_to_f16, NX_SFX)(const float *x, uint16_t *out, int64_t n) {
     FN(to_f16)(x, out, n);
     return 0;
 }
+
+/* The multiply units' rate, for benchmarks' floors (`nextn bench linear`'s "floor" column):
+ * kind 0: int8 multiply-adds a second through the integer dot the dense kernels use (VNNI
+ * vpdpbusd on the AVX-512 path, maddubs + madd + add on AVX2; 32 per 256-bit step), kind 1:
+ * float32 FMA lanes a second (256-bit FMAs). Each of nthreads threads runs n steps of 12
+ * independent chains; the rate is all threads' work over the wall time. 0 on the ref path. */
+double NX_CAT(nx_peak_rate, NX_SFX)(int kind, int64_t n, int nthreads) {
+#if NX_PATH >= 1
+    if ((kind != 0 && kind != 1) || n < 1 || nthreads < 1) return -1.0;
+    const double t0 = FN(now_s)();
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+    {
+        if (kind == 0) {
+            __m256i a[12];
+            __m256i u = _mm256_set1_epi8(3);
+            const __m256i s = _mm256_set1_epi8(5);
+            for (int i = 0; i < 12; i++) a[i] = _mm256_setzero_si256();
+            for (int64_t k = 0; k < n; k++) {
+#pragma GCC unroll 12
+                for (int i = 0; i < 12; i++) {
+#if NX_PATH == 2
+                    a[i] = _mm256_dpbusd_epi32(a[i], u, s);
+#else
+                    a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+                }
+                __asm__ volatile("" : "+x"(u));
+            }
+            __m256i z = a[0];
+            for (int i = 1; i < 12; i++) z = _mm256_add_epi32(z, a[i]);
+            bad |= _mm256_extract_epi32(z, 0) != (int32_t)(12 * 60 * n);   /* 4 lanes of 3 * 5, each chain */
+        } else {
+            __m256 a[12];
+            __m256 u = _mm256_set1_ps(1.0f);
+            const __m256 s = _mm256_set1_ps(0.0f);
+            for (int i = 0; i < 12; i++) a[i] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < n; k++) {
+#pragma GCC unroll 12
+                for (int i = 0; i < 12; i++) a[i] = _mm256_fmadd_ps(u, s, a[i]);
+                __asm__ volatile("" : "+x"(u));
+            }
+            __m256 z = a[0];
+            for (int i = 1; i < 12; i++) z = _mm256_add_ps(z, a[i]);
+            bad |= _mm256_cvtss_f32(z) != 0.0f;
+        }
+    }
+    const double dt = FN(now_s)() - t0;
+    if (bad || dt <= 0) return -1.0;
+    return (double)nthreads * (double)n * 12.0 * (kind == 0 ? 32.0 : 8.0) / dt;
+#else
+    (void)kind; (void)n; (void)nthreads;
+    return 0.0;
+#endif
+}

@@ -132,6 +132,15 @@ int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_
     return -2;
 }
 
+double nx_peak_rate(int path, int kind, int64_t n, int nthreads) {
+    if (path < 0 || path > 2 || !((nx_cpu_paths() >> path) & 1) || nx_check_threads(nthreads)) return -1.0;
+    switch (path) {
+    case 1: return nx_peak_rate_avx2(kind, n, nthreads);
+    case 2: return nx_peak_rate_avx512(kind, n, nthreads);
+    }
+    return 0.0;   /* the reference path: no SIMD rate */
+}
+
 int nx_to_f16(int path, const float *x, uint16_t *out, int64_t n) {
     if (path < 0 || path > 2 || !((nx_cpu_paths() >> path) & 1)) return -2;
     switch (path) {

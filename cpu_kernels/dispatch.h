@@ -13,6 +13,7 @@ int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_
                       int64_t pool_len, int32_t kv_type, float *x, int64_t T, const int64_t *pos, const int64_t *lslot,
                       const int32_t *const *maps, const float *final_norm, double *stats, int nthreads);
 int nx_to_f16(int path, const float *x, uint16_t *out, int64_t n);
+double nx_peak_rate(int path, int kind, int64_t n, int nthreads);
 int nx_omp_max_threads(void);
 int64_t nx_set_min_work(int64_t bytes);
 int nx_omp_num_procs(void);

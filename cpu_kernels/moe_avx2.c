@@ -33,4 +33,8 @@ int nx_to_f16_avx2(const float *x, uint16_t *out, int64_t n) {
     (void)x; (void)out; (void)n;
     return -2;
 }
+double nx_peak_rate_avx2(int kind, int64_t n, int nthreads) {
+    (void)kind; (void)n; (void)nthreads;
+    return -1.0;
+}
 #endif

@@ -111,11 +111,29 @@ def test_bench_linear_runs_through_the_cli(capsys):
     assert [r[2] for r in rows] == ["1", "2"] and all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
     # "vs 1 row": each T's kernel time over T=1's (the cost of the extra rows)
     assert rows[0][7] == "1.00x" and float(rows[1][7].rstrip("x")) > 0
+    # the floor: the larger of the bytes over the read bandwidth and the multiply-adds over the
+    # multiply rate; no kernel beats it by much (timing noise), and the floor grows with T
+    for r in rows:
+        floor, x = float(r[8]), float(r[9].rstrip("x"))
+        assert floor > 0 and x > 0.5 and abs(float(r[3]) / floor - x) < 0.01 * x + 0.01
+    assert float(rows[1][8]) >= float(rows[0][8])
     # a half type on both sides of the runtime's GEMM threshold, with the runtime path's column
     assert main("linear", ["--weights", "shexp_down", "--types", "bf16", "--tokens", "1,64", "--repeats", "1",
                            "--copies", "1", "--runtime-path"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("shexp_down")]
     assert [r[1:3] for r in rows] == [["bf16", "1"], ["bf16", "64"]] and all(float(r[-1]) > 0 for r in rows)
+
+
+def test_peak_rates_probe():
+    """The multiply-rate probe behind bench linear's floor: positive on the SIMD paths (its chains'
+    sums are checked in C), 0 on the reference path."""
+    import cpu_kernels as ck
+
+    if ck.active_path() == "ref":
+        assert ck.peak_rates(threads=1) == {"int8_macs": 0.0, "f32_fmas": 0.0}
+        return
+    one = ck.peak_rates(threads=1, steps=1 << 16)
+    assert one["int8_macs"] > 1e9 and one["f32_fmas"] > 1e8
 
 
 def _script(name):
