@@ -124,9 +124,9 @@ class Engine:
 
     def _kv_dtype(self, name: str | None) -> torch.dtype:
         """The KV cache's element type. auto: the attention side's dtype (float32 on the CPU,
-        gpu_dtype on CUDA). float16 on the CPU: half the KV memory, and half the bytes the
-        attention reads per token, which is what a long context's decode step waits on there
-        (rows are rounded to float16 once, when written; attention computes in float32)."""
+        gpu_dtype on CUDA). float16 on the CPU: half the KV memory and half the bytes attention
+        reads per token (0.6-1.0x its time: the attention is mostly arithmetic; BENCHMARKS.md);
+        rows are rounded to float16 once, when written, and attention computes in float32."""
         from placement.schema import check_kv_cache
 
         key = check_kv_cache("auto" if name is None else name, "kv_cache")

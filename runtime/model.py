@@ -393,10 +393,10 @@ class GLM4Model:
         end = start + T
         sg.cache.write(layer, start, k, v)  # converts to the cache dtype in the same call
         ck, cv = sg.cache.read(layer, end)
-        if ck.dtype == torch.float16 and q.dtype == torch.float32:
-            # an F16 cache on the CPU is storage only: attention computes in float32, as the
-            # fused path does on the same rounded values
-            ck, cv = ck.float(), cv.float()
+        if ck.dtype == torch.float16 and q.dtype != torch.float16:
+            # an F16 cache on the CPU is storage only: attention computes in the side's dtype
+            # (float32: as the fused path does, on the same rounded values)
+            ck, cv = ck.to(q.dtype), cv.to(q.dtype)
         K = ck.transpose(0, 1)[None]  # [1, kv, S, D]
         V = cv.transpose(0, 1)[None]
         Q = _as(q.transpose(0, 1)[None], K.dtype)  # [1, heads, T, D]
