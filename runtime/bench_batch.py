@@ -120,8 +120,8 @@ def main(argv: list[str]) -> int:
                     "seqs": bs.sequences / max(bs.steps, 1),
                     "rows": bs.rows / max(bs.steps, 1),
                     "experts": bs.distinct_experts / max(bs.steps, 1),
-                    "accept": (sum(r.stats["accepted"] for r in res) / max(sum(r.stats["drafted"] for r in res), 1))
-                    if mtp else None,
+                    "drafted": sum(r.stats["drafted"] for r in res) if mtp else 0,
+                    "accepted": sum(r.stats["accepted"] for r in res) if mtp else 0,
                 })
     print(f"# {eng.file.path.name}: {a.rounds} rounds, {a.max_tokens} tokens per sequence, greedy; "
           f"weights read per forward: {dense / 1e6:.1f} MB + {per_expert / 1e6:.2f} MB per distinct expert")
@@ -136,7 +136,10 @@ def main(argv: list[str]) -> int:
             agg = med(r["agg"] for r in rs)
             dec = med(r["dec"] for r in rs)
             ex = med(r["experts"] for r in rs)
-            acc = rs[0]["accept"]
+            # acceptance over every round's drafts (after the first rounds the policy may have
+            # turned drafting off: "-" when nothing was drafted)
+            drafted = sum(r["drafted"] for r in rs)
+            acc = sum(r["accepted"] for r in rs) / drafted if mtp and drafted else None
             print(f"{n:>4} {'on' if mtp else 'off':>4} {agg:>10.1f} "
                   f"{(f'{agg / one:.2f}x' if one else '-'):>8} {dec:>8.1f} "
                   f"{(f'{dec / one_d:.2f}x' if one_d else '-'):>8} {med(r['per_seq'] for r in rs):>10.1f} "

@@ -228,3 +228,22 @@ def test_attention_context_script_runs(tmp_path, capsys):
     assert "f16/f32" in out[1] and len(out) == 3 and out[2].split()[-1].endswith("x")
     with pytest.raises(SystemExit, match="--kv"):
         mod.main(["--kv", "int8", "--dir", str(tmp_path)])
+
+
+def test_bench_batch_runs_and_checks_every_output(capsys):
+    """`nextn bench batch` on the demo: one row per (batch size, MTP setting) with the rows and
+    experts per forward, the MTP acceptance over every round's drafts, the on/off ratios, and
+    every sequence checked equal to its lone run."""
+    from runtime.bench_batch import main
+
+    assert main(["--sequences", "1,2", "--mtp", "--rounds", "2", "--max-tokens", "12", "--kv-cache", "f16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out if line.split()[:1] in (["1"], ["2"])]
+    assert [r[:2] for r in rows] == [["1", "off"], ["2", "off"], ["1", "on"], ["2", "on"]]
+    for r in rows:
+        n, seqs, fwd_rows, experts = int(r[0]), float(r[7]), float(r[8]), float(r[9])
+        assert float(r[2]) > 0 and 0 < seqs <= n and fwd_rows >= seqs and experts > 0
+        # acceptance only with MTP: a percentage, or "-" when the policy drafted nothing
+        assert r[-1] == "-" if r[1] == "off" else (r[-1] == "-" or 0 <= float(r[-1].rstrip("%")) <= 100)
+    assert any(line.startswith("# 2 sequences: MTP on / off = ") for line in out)
+    assert out[-1] == "# outputs equal to each prompt decoded alone: all"
