@@ -263,7 +263,7 @@ class Engine:
             moe_cpu = sum(1 for b in self.model.blocks
                           if getattr(b.ffn, "routed", None) is not None and b.ffn.routed.side == "cpu")
             self._policies[key] = DraftPolicy(draft_max, adaptive, moe_cpu * self.cfg.n_experts,
-                                              relative_costs=bucket == 1)
+                                              relative_costs=bucket == 1, batch=bucket)
         return self._policies[key]
 
     def new_sequence(self, params: SamplingParams, use_mtp: bool, draft_ahead: bool = False,

@@ -211,8 +211,13 @@ class DraftPolicy:
 
     def __init__(self, draft_max: int, adaptive: bool, total_experts: int,
                  explore_every: int = 16, explore_max: int = 256, prior_accept: float = 0.5,
-                 prior_weight: float = 2.0, relative_costs: bool = True):
+                 prior_weight: float = 2.0, relative_costs: bool = True, batch: int = 1):
         self.draft_max = draft_max
+        # sequences per step of the batches this policy decides for: its back-off after a give-up
+        # is counted in batches (RETRY_AFTER x batch sequences), so a re-measure is spread over as
+        # many steps in a batch as alone (at 8 sequences a back-off of 8 sequences was one batch:
+        # the demo re-measured every 2-5 batches and MTP on ran 0.87-0.97x MTP off)
+        self.batch = max(1, int(batch))
         self.adaptive = adaptive
         self.total = total_experts
         self.relative_costs = relative_costs  # CostModel.relative
@@ -241,7 +246,7 @@ class DraftPolicy:
         # counts are kept, so both tests of `mtp_loses` need one single-draft sample, not 2 and 4
         self._remeasure = False
         self._cold = True
-        self._retry = self.RETRY_AFTER  # sequences without MTP after a give-up; doubles each time
+        self._retry = self.RETRY_AFTER * self.batch  # sequences without MTP after a give-up; doubles each time
         self._again = 0  # a length to run once more: its last step's cost was not steady-state
         self._flip = False  # while undecided: draft on every other step (see `choose`)
 
@@ -428,15 +433,16 @@ class DraftPolicy:
         without MTP: a re-measure's first sequence beside others still off kept MTP unjudged, and
         its end reset the wait, so the demo model at 4 sequences re-measured every other batch.)"""
         if not turned_off and self.model.gpu_by_k.get(0) and not self._drafts_short():
-            self._retry = self.RETRY_AFTER
+            self._retry = self.RETRY_AFTER * self.batch
 
     def give_up(self) -> None:
         """Drafting lost: run the next `_retry - 1` sequences without MTP, then measure again.
-        Each give-up doubles the wait (8, 16, ... 64 sequences), so a placement where MTP never
-        pays spends ever less on re-measuring it; a finding that it pays resets the wait."""
+        Each give-up doubles the wait (8, 16, ... 64 sequences, times the batch size), so a
+        placement where MTP never pays spends ever less on re-measuring it; a finding that it pays
+        resets the wait."""
         self.gave_up = self._cost_line("drafting off")  # the costs are reset before the re-measure
         self.off_for = self._retry - 1
-        self._retry = min(self._retry * 2, self.RETRY_MAX)
+        self._retry = min(self._retry * 2, self.RETRY_MAX * self.batch)
 
     def measured_accept(self) -> float | None:
         """Acceptance of first drafts so far (no prior), None before any."""

@@ -172,6 +172,20 @@ def test_policy_gives_up_when_drafting_loses_and_retries_later():
     assert good.off_for == DraftPolicy.RETRY_AFTER - 1
 
 
+def test_a_batch_policy_backs_off_in_batches():
+    """A policy that decides for batches of n sequences waits RETRY_AFTER batches after a give-up
+    (RETRY_AFTER x n sequences start without MTP), so its re-measure is spread over as many steps
+    as a lone sequence's; the wait doubles up to RETRY_MAX batches."""
+    p = DraftPolicy(draft_max=2, adaptive=True, total_experts=100, relative_costs=False, batch=8)
+    p.give_up()
+    assert p.off_for == 8 * DraftPolicy.RETRY_AFTER - 1
+    runs = [p.start_sequence() for _ in range(8 * DraftPolicy.RETRY_AFTER)]
+    assert runs == [False] * (8 * DraftPolicy.RETRY_AFTER - 1) + [True]
+    for _ in range(10):
+        p.give_up()
+    assert p.off_for == 8 * DraftPolicy.RETRY_MAX - 1
+
+
 def test_policy_gives_up_after_two_draft_steps_where_drafting_can_never_pay():
     # a CPU-only machine: a single-draft step costs 2.6 plain steps, more than the 2 tokens it could
     # yield; the warm-up (a cold plain step, a draft, a plain step, a draft) is enough to see it
