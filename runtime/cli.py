@@ -228,8 +228,11 @@ def _cache_type(k: str | None, v: str | None, kv_cache: str | None) -> str | Non
     if len({t for _, t in given}) > 1:
         raise NextnError(f"-ctk {k} -ctv {v}: K and V take one type here; give the same for both")
     t = given[0][1]
-    if kv_cache is not None and kv_cache.strip().lower() not in (t, {"f16": "float16", "f32": "float32"}[t]):
-        raise NextnError(f"--kv-cache {kv_cache} and {given[0][0]} {t} disagree")
+    if kv_cache is not None:
+        from placement.schema import check_kv_cache  # the plan's names (f16 = float16, ...)
+
+        if check_kv_cache(kv_cache, "--kv-cache") != check_kv_cache(t, given[0][0]):
+            raise NextnError(f"--kv-cache {kv_cache} and {given[0][0]} {t} disagree")
     return t
 
 

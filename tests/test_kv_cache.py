@@ -12,6 +12,7 @@ import runtime
 from placement import schema as S
 from runtime.errors import NextnError
 from runtime.sampling import SamplingParams
+from test_fused import torch_path
 
 
 @pytest.mark.parametrize("path", ["ref", "avx2", "avx512"])
@@ -105,12 +106,7 @@ def test_fused_logits_with_an_f16_cache_match_the_torch_path(engines):
             seq.release()
             return torch.cat([torch.stack(rows), three]).numpy()
 
-    fused = run()
-    saved, m.fused = m.fused, None
-    try:
-        ref = run()
-    finally:
-        m.fused = saved
+    fused, ref = run(), torch_path(eng, run)
     assert np.abs(fused - ref).max() < 1e-4 * np.abs(ref).max()
 
 
