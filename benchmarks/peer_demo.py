@@ -153,7 +153,8 @@ def held_out_prompts(n: int, tok) -> list[list[int]]:
 
 
 def reference_model(path: Path):
-    """The file's model in float64 (transformers, the GGUF's weights dequantized exactly)."""
+    """The file's model in float64 (transformers, the GGUF's weights dequantized exactly; its
+    router's scores alone are float32, as transformers computes them in any dtype)."""
     import warnings
 
     from runtime.testmodel import hf_from_gguf

@@ -247,3 +247,30 @@ def test_bench_batch_runs_and_checks_every_output(capsys):
         assert r[-1] == "-" if r[1] == "off" else (r[-1] == "-" or 0 <= float(r[-1].rstrip("%")) <= 100)
     assert any(line.startswith("# 2 sequences: MTP on / off = ") for line in out)
     assert out[-1] == "# outputs equal to each prompt decoded alone: all"
+
+
+def test_peer_demo_reference_decodes_in_float64_and_finds_routing_ties():
+    """peer_demo --reference: its float64 greedy tokens with a KV cache are the argmax chain of
+    whole-sequence logits, its margins are top-1 less top-2, and the routing tie is a margin of a
+    routed block's router (checked against its own scores here)."""
+    import torch
+
+    from runtime.api import DEMO_MODEL
+
+    mod = _script("peer_demo")
+    assert mod.departs([1, 2, 3], [1, 2, 3, 4]) is None and mod.departs([1, 5], [1, 2]) == 1
+    assert mod.departs([1, 2, 3], [1, 2]) == 2
+    model = mod.reference_model(Path(DEMO_MODEL))
+    assert next(model.parameters()).dtype == torch.float64
+    prompt = [5, 17, 99, 3]
+    toks, margins = mod.reference_tokens(model, [prompt], 4)
+    ids = list(prompt)
+    with torch.no_grad():
+        for t, m in zip(toks[0], margins[0]):
+            row = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            top = torch.topk(row, 2).values
+            assert t == int(torch.argmax(row)) and abs(m - float(top[0] - top[1])) < 1e-6  # its router runs in float32
+            ids.append(t)
+    block, margin = mod.routing_tie(model, ids)
+    n_dense = model.config.first_k_dense_replace
+    assert n_dense <= block < model.config.num_hidden_layers and 0.0 <= margin < 1.0
