@@ -18,7 +18,7 @@ import argparse
 from runtime.api import load
 from runtime.bench import PROMPTS, explain_divergence
 from runtime.engine import _Run
-from runtime.scheduler import Oracle
+from runtime.draft_policy import Oracle
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ import argparse
 
 from runtime.api import load
 from runtime.bench import PROMPTS
-from runtime.scheduler import DraftPolicy
+from runtime.draft_policy import DraftPolicy
 
 
 def describe(p: DraftPolicy) -> str:

@@ -384,7 +384,7 @@ class _BatchDrafts:
         self.runs, self.policy = [], None
         if policy is None:
             return
-        from .scheduler import StepSample
+        from .draft_policy import StepSample
 
         # per sequence in the step: a step's cost grows with the sequences in it, and the policy
         # compares lengths by tokens per sequence

@@ -38,7 +38,7 @@ PROMPTS = [
 def bench_model(argv: list[str]) -> int:
     from .api import load
     from .engine import _Run
-    from .scheduler import Oracle
+    from .draft_policy import Oracle
 
     p = argparse.ArgumentParser(prog="nextn bench model", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

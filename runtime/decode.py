@@ -35,7 +35,7 @@ import torch
 from .kvpool import KVPool
 from .model import GLM4Model
 from .sampling import SamplingParams, argmax_token
-from .scheduler import Oracle, StepSample
+from .draft_policy import Oracle, StepSample
 
 # A sequence's steps are generators: they yield the model calls they need as ops and receive each
 # call's result, so a runner can serve the same op of many sequences in one batched call

@@ -28,7 +28,7 @@ from .errors import NextnError, UnsupportedError
 from .gguf_file import GGUFFile
 from .loader import LoadReport, build_model, default_side_of
 from .sampling import SamplingParams
-from .scheduler import DraftPolicy
+from .draft_policy import DraftPolicy
 from .tokenizer import Tokenizer, TokenizerError
 from .trace import Timeline
 
@@ -413,7 +413,7 @@ class _Run:
             raise NextnError(f"invalid stop={stop!r}: expected non-empty strings")
         self.stop = stop
         self.trace = trace
-        self.oracle = oracle  # scheduler.Oracle (benchmarks only)
+        self.oracle = oracle  # draft_policy.Oracle (benchmarks only)
         # a finished sequence whose caches this run takes over, keeping the KV of the longest
         # common prefix (prompt caching): see Sequence.__init__
         self.reuse = reuse

@@ -41,7 +41,7 @@ class RunContext:
     timeline: Timeline = NULL_TIMELINE
     activation_bytes: int = 0
     weight_bytes: int = 0  # stays 0: no code path copies a weight after load
-    cpu_expert_s: float = 0.0  # CPU-side routed-expert time, read by the scheduler's cost model
+    cpu_expert_s: float = 0.0  # CPU-side routed-expert time, read by the draft policy's step costs
     cpu_experts_read: int = 0  # distinct (layer, expert) pairs those calls read
 
 

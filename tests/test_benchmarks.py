@@ -180,7 +180,7 @@ def test_cuda_graph_probe_says_so_without_cuda(capsys):
 
 
 def test_policy_giveups_script_runs_and_describes_the_policy(capsys):
-    from runtime.scheduler import DraftPolicy, StepSample
+    from runtime.draft_policy import DraftPolicy, StepSample
     mod = _script("policy_giveups")
     assert mod.main(["--rounds", "1", "--prompts", "1", "--max-tokens", "8"]) == 0
     out = capsys.readouterr().out

@@ -206,7 +206,7 @@ def test_draft_ahead_with_oracle_full_acceptance(random_engine):
     """Oracle acceptance 1: every draft and every guess is the true token, so every other step
     verifies drafts made ahead (the one after drafts for itself), and the output is plain's."""
     from runtime.engine import _Run
-    from runtime.scheduler import Oracle
+    from runtime.draft_policy import Oracle
 
     eng = random_engine
     ids = prompt(6, eng.cfg.n_vocab, seed=2)

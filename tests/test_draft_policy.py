@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.scheduler import CostModel, DraftPolicy, Oracle, StepSample
+from runtime.draft_policy import StepCosts, DraftPolicy, Oracle, StepSample
 
 
 def prompt(n, vocab, seed=0):
@@ -269,7 +269,7 @@ def test_cost_model_prices_old_draft_samples_at_todays_plain_cost():
     assert p.rate(1) > 1.2 * p.rate(0)
     assert not p.mtp_loses() and p.choose(8) == 1
     # a draft step seen before any plain step is referenced by the first plain step after it
-    q = CostModel()
+    q = StepCosts()
     q.observe(StepSample(1, 0.006, 0.0, 0))
     q.observe(StepSample(0, 0.004, 0.0, 0))
     assert q.gpu(1) == pytest.approx(0.006)
@@ -478,7 +478,7 @@ def test_a_batch_policy_prices_drafts_against_the_plain_steps_beside_them():
     """relative=False (a batch's policy): on a machine whose speed moves 2x over the run, a draft
     length is priced at its ratio to the adjacent plain steps (whole steps, CPU experts included),
     not at samples taken at another speed."""
-    m = CostModel(relative=False)
+    m = StepCosts(relative=False)
     speed = 1.0
     for i in range(40):
         speed = 1.0 + i / 40  # the machine slows down steadily

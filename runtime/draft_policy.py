@@ -17,7 +17,7 @@ out (16, 32, ... 256 steps apart) while they confirm the choice.
 
 A batch's policy (runtime/batch.py: one step of several sequences, priced per sequence) prices
 whole steps instead, CPU experts included: each draft length at its measured ratio to the plain
-steps beside it, times what plain steps cost lately (CostModel.relative False).
+steps beside it, times what plain steps cost lately (StepCosts.relative False).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _median(xs) -> float:
 
 
 @dataclass
-class CostModel:
+class StepCosts:
     """Medians of recent samples: a noisy machine (other processes, the first call's one-time
     costs) adds delays; a median of the last few steps ignores the odd slow one.
 
@@ -220,9 +220,9 @@ class DraftPolicy:
         self.batch = max(1, int(batch))
         self.adaptive = adaptive
         self.total = total_experts
-        self.relative_costs = relative_costs  # CostModel.relative
+        self.relative_costs = relative_costs  # StepCosts.relative
         self.margin = 1.0 if relative_costs else self.BATCH_MARGIN  # a batch's policy: see BATCH_MARGIN
-        self.model = CostModel(relative=relative_costs)
+        self.model = StepCosts(relative=relative_costs)
         self.reached = [0] * (draft_max + 1)  # position j was verified (all earlier accepted)
         self.accepted = [0] * (draft_max + 1)
         self.prior = (prior_accept, prior_weight)
@@ -286,7 +286,7 @@ class DraftPolicy:
             return k
         k = self._best(hi)
         if k > 0 and not self.relative_costs and len(self.model.gpu_by_k.get(0, ())) < self.MEASURED_PLAIN:
-            # a batch's policy prices drafts against its plain steps (CostModel.relative False):
+            # a batch's policy prices drafts against its plain steps (StepCosts.relative False):
             # with fewer than 3 plain steps behind the plain price, one noisy step decided that
             # drafting paid (demo model, 4 sequences: one plain sample, drafts run at 2-3 lengths
             # for whole batches, 11-22% slower than MTP off). Plain on every other step until then
@@ -418,7 +418,7 @@ class DraftPolicy:
             if self.off_for == 0:
                 # the sequence after this one measures again from scratch: costs drift with the
                 # machine and the context (the acceptance counts are kept: they describe the model)
-                self.model = CostModel(relative=self.relative_costs)
+                self.model = StepCosts(relative=self.relative_costs)
                 self._warm = [0, 1, 0]  # popped from the end: plain, one draft, plain
                 self._remeasure = True
                 self._cold = True
