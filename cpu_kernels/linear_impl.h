@@ -79,12 +79,17 @@ static void FN(lin_prep)(int type, uint8_t *act, int64_t H, uint8_t *aux) {
  * R). Every (row, token) gets the same exact integer sums and then the same float operations
  * whatever R, so the same bits. With 2 the next pair of rows is fetched ahead at the same offset
  * (NX_PF's 2 KB ahead within a row would leave the start of every other row cold). */
-#define NX_PF_R(w, rb, R, n) do { \
-        if (R == 1) NX_PF(w, n); \
+#define NX_PF_R(w, rb, R, n, l2) do { \
+        if (R == 1) NX_PF(w, n, l2); \
         else if (NX_PFD > 0) \
             for (int pf_ = 0; pf_ < (n); pf_++) { \
-                __builtin_prefetch((w) + 2 * (rb) + 64 * pf_, 0, 0); \
-                __builtin_prefetch((w) + 3 * (rb) + 64 * pf_, 0, 0); \
+                if (l2) { \
+                    __builtin_prefetch((w) + 2 * (rb) + 64 * pf_, 0, 2); \
+                    __builtin_prefetch((w) + 3 * (rb) + 64 * pf_, 0, 2); \
+                } else { \
+                    __builtin_prefetch((w) + 2 * (rb) + 64 * pf_, 0, 0); \
+                    __builtin_prefetch((w) + 3 * (rb) + 64 * pf_, 0, 0); \
+                } \
             } \
     } while (0)
 
@@ -156,7 +161,7 @@ NX_FUSED void FN(lq8r)(const uint8_t *restrict w, const int64_t rb, const int64_
     int64_t b = 0;
     __m256i s[2][NX_LT];
     for (; nb - b >= 8; b += 8, w += 8 * 34) {
-        NX_PF_R(w, rb, R, 5);
+        NX_PF_R(w, rb, R, 5, NX_PF_L2(nt, nb * 32, 1));
         FN(lq8r_group)(w + 16, rb, a, b, s, nt, 8, R);
         __m256 dw[2];
         for (int r = 0; r < R; r++) dw[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + r * rb)));
@@ -227,7 +232,7 @@ NX_FUSED void FN(lq4kr)(const uint8_t *restrict w, const int64_t rb, const int64
         for (int r = 0; r < R; r++) acc[r][t] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++, w += 144) {
-        NX_PF_R(w, rb, R, 3);
+        NX_PF_R(w, rb, R, 3, NX_PF_L2(nt, nb * 256, 1));
         __m256i Q[2][8];
         __m256 dsc[2], dmm[2];
         for (int r = 0; r < R; r++) {
@@ -339,7 +344,10 @@ NX_FUSED void FN(lf16)(const uint8_t *restrict w, size_t rb, const float *const 
     for (; i + NX_FV <= n; i += NX_FV) {
         nx_fv h[NX_FR];
         for (int r = 0; r < R; r++) {
-            if (NX_PFD > 0 && !(i & 31)) __builtin_prefetch(w + r * rb + 2 * i + NX_PFD, 0, 0);
+            if (NX_PFD > 0 && !(i & 31)) {   /* float activations: into L2 past NX_PF_ACT (NX_PF) */
+                if (NX_PF_L2(NT, n, 4)) __builtin_prefetch(w + r * rb + 2 * i + NX_PFD, 0, 2);
+                else __builtin_prefetch(w + r * rb + 2 * i + NX_PFD, 0, 0);
+            }
             h[r] = NX_FLDH(w + r * rb + 2 * i);
         }
         for (int t = 0; t < NT; t++) {

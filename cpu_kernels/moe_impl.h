@@ -714,11 +714,29 @@ static inline float FN(dot_row)(int fam, int sgn, const void *w, const void *a, 
 #define NX_FUSED static inline __attribute__((always_inline))
 /* software prefetch NX_PFD bytes ahead in the weight stream, `n` cache lines per step (about one
  * step's bytes); measured +10-15% per CPU-second with DRAM-resident weights over hardware
- * prefetch alone (a whole-row prefetch burst was slower).  -DNX_PFD=0 disables it. */
+ * prefetch alone (a whole-row prefetch burst was slower).  -DNX_PFD=0 disables it.
+ * Where: non-temporally (prefetchnta), or into L2 (prefetcht1) when the pass's activations take
+ * more than NX_PF_ACT bytes of L1 (l2: NX_PF_L2(tokens, elements per token, bytes per element)).
+ * Past that, the activations streaming through L1 evicted non-temporal lines before their use,
+ * which then came from DRAM again: the multiplies and the weight reads did not overlap
+ * (GLM-4.5-Air's Q8_0 attn_qkv, 8 rows on 1 thread: 6.7 ms, the sum of its compute and its DRAM
+ * time). `benchmarks/linear_ab.py`, into L2 against non-temporal, 2 threads: 8 rows of that
+ * weight 1.37x faster, attn_output (12288 columns) 1.12-1.91x at 2-16 rows, F16 1.18-1.45x from
+ * 2 rows; but attn_qkv at 2-3 rows (8-12 KB of activations) 0.73-0.92x and one row up to 0.85x,
+ * hence the threshold. */
 #ifndef NX_PFD
 #define NX_PFD 2048
 #endif
-#define NX_PF(p, n) do { if (NX_PFD > 0) for (int pf_ = 0; pf_ < (n); pf_++) __builtin_prefetch((p) + NX_PFD + 64 * pf_, 0, 0); } while (0)
+#ifndef NX_PF_ACT
+#define NX_PF_ACT (16 * 1024)
+#endif
+#define NX_PF_L2(nt, n, eb) ((size_t)(nt) * (size_t)(n) * (size_t)(eb) > (size_t)NX_PF_ACT)
+#define NX_PF(p, n, l2) do { \
+        if (NX_PFD > 0) for (int pf_ = 0; pf_ < (n); pf_++) { \
+            if (l2) __builtin_prefetch((p) + NX_PFD + 64 * pf_, 0, 2); \
+            else __builtin_prefetch((p) + NX_PFD + 64 * pf_, 0, 0); \
+        } \
+    } while (0)
 #define NX_NT 4
 
 static inline int FN(has_fused)(int type) {
@@ -781,7 +799,7 @@ NX_FUSED void FN(fb32)(const int type, const uint8_t *restrict w, const int64_t 
     }
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4, w += 4 * bs) {
-        NX_PF(w, 3);
+        NX_PF(w, 3, NX_PF_L2(nt, nb * 32, 1));
         /* the four fp16 scales in one vector, one conversion */
         const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16((short)FN(rd16)(w), (short)FN(rd16)(w + bs), (short)FN(rd16)(w + 2 * bs),
                                                       (short)FN(rd16)(w + 3 * bs), 0, 0, 0, 0));
@@ -859,7 +877,7 @@ NX_FUSED void FN(fq5r8)(const uint8_t *restrict w, const int64_t nb, const uint8
     const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8, w += 176) {
-        NX_PF(w, 3);
+        NX_PF(w, 3, NX_PF_L2(nt, nb * 32, 1));
         const __m256i hb = FN(ld256)(w + 16);
         __m256i s16[NX_NT], s32[NX_NT];
         /* register pair by pair, every token (as fq4kr: the pair and the tokens' sums stay in
@@ -939,7 +957,7 @@ NX_FUSED void FN(fb32r)(const int type, const uint8_t *restrict w, const int64_t
     int64_t b = 0;
     while (nb - b >= 4) {
         const int G = nb - b >= 8 ? 8 : 4, nv = G == 8 ? 8 : 4;   /* vectors of 32 code bytes */
-        NX_PF(w, (int)((size_t)G * bs / 64) + 1);   /* a step's bytes: 272 for Q8_0's group of 8 */
+        NX_PF(w, (int)((size_t)G * bs / 64) + 1, NX_PF_L2(nt, nb * 32, 1));   /* a step's bytes: 272 for Q8_0's group of 8 */
         const uint8_t *q = w + 2 * G;
         __m256i s[NX_NT];
         for (int v = 0; v < nv; v++) {
@@ -1042,7 +1060,7 @@ NX_FUSED void FN(fq45k)(const int type, const uint8_t *restrict w, const int64_t
     for (int t = 0; t < nt; t++) { acc1[t] = _mm256_setzero_ps(); accm1[t] = _mm_setzero_ps(); }
     int32_t scp[16];
     for (int64_t b = 0; b < nb; b++, w += bs) {
-        NX_PF(w, 3);
+        NX_PF(w, 3, NX_PF_L2(nt, nb * 256, 1));
         const float d = H2F(FN(rd16)(w)), dmin = H2F(FN(rd16)(w + 2));
         const __m256i ms = FN(k4_scales)(w);
         const __m128i mins = _mm256_extracti128_si256(ms, 1), sc = _mm256_castsi256_si128(ms);
@@ -1105,7 +1123,7 @@ NX_FUSED void FN(fq4kr)(const int type, const uint8_t *restrict w, const int64_t
     __m256 acc[NX_NT];
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += bs) {
-        NX_PF(w, q5 ? 4 : 3);
+        NX_PF(w, q5 ? 4 : 3, NX_PF_L2(nt, nb * 256, 1));
         /* register by register, every token: 4 int16 sums + 4 accumulators + the register in use
          * stay in the 16 ymm registers (all 8 code registers at once spilled to the stack) */
         const __m256i hb = q5 ? FN(ld256)(w + 16) : _mm256_setzero_si256();
@@ -1150,7 +1168,7 @@ NX_FUSED void FN(fq6k)(const uint8_t *restrict w, const int64_t nb, const uint8_
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 210) {
-        NX_PF(w, 4);
+        NX_PF(w, 4, NX_PF_L2(nt, nb * 256, 1));
         const float d = H2F(FN(rd16)(w + 208));
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
@@ -1206,7 +1224,7 @@ NX_FUSED void FN(fq23k)(const int type, const uint8_t *restrict w, const int64_t
     for (int t = 0; t < nt; t++) ab[t] = (const ak256 *)a[t];
     __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += bs) {
-        NX_PF(w, 2);
+        NX_PF(w, 2, NX_PF_L2(nt, nb * 256, 1));
         __m256i sc16, mn16 = _mm256_setzero_si256(), hm = _mm256_setzero_si256();
         float d, dmin = 0.0f;
         const uint8_t *qs;
@@ -1268,7 +1286,7 @@ NX_FUSED void FN(fq23kr)(const int type, const uint8_t *restrict w, const int64_
     __m256 acc[NX_NT];
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += bs) {
-        NX_PF(w, 2);
+        NX_PF(w, 2, NX_PF_L2(nt, nb * 256, 1));
         const uint8_t *qs = w + (q3 ? 32 : 16);
         const __m256i hb = q3 ? FN(ld256)(w) : _mm256_setzero_si256();
         __m256i s16[NX_NT];
@@ -1320,7 +1338,7 @@ NX_FUSED void FN(fq6kr)(const uint8_t *restrict w, const int64_t nb, const uint8
     __m256 acc[NX_NT];
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 210) {
-        NX_PF(w, 4);
+        NX_PF(w, 4, NX_PF_L2(nt, nb * 256, 1));
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
         __m256i s32[NX_NT];
         for (int r = 0; r < 8; r += 2) {
@@ -1371,7 +1389,7 @@ NX_FUSED void FN(fiq4xs)(const uint8_t *restrict w, const int64_t nb, const uint
     __m256 acc = _mm256_setzero_ps();
     int32_t scp[8];
     for (int64_t b = 0; b < nb; b++, w += 136) {
-        NX_PF(w, 3);
+        NX_PF(w, 3, NX_PF_L2(nt, nb * 256, 1));
         const float d = H2F(FN(rd16)(w));
         const uint8_t *qs = w + 8;
         /* stored as int16 pairs, read back as broadcast loads */
@@ -1406,7 +1424,7 @@ NX_FUSED void FN(fiq4xsr)(const uint8_t *restrict w, const int64_t nb, const uin
     __m256 acc[NX_NT];
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 136) {
-        NX_PF(w, 3);
+        NX_PF(w, 3, NX_PF_L2(nt, nb * 256, 1));
         const __m256i scv = FN(iq4xs_scales)(w);
         __m256i s32[NX_NT];
         for (int r = 0; r < 8; r += 2) {
