@@ -29,12 +29,12 @@
  * Q4_K_R8 rows whose 4 tokens' activations fit in NX_L1_ACT bytes (4096 columns: 23 KB) go in
  * passes of 4: one pass of 8 (45 KB, more than a 32 KB L1) ran at 1.6x the time per row-token of
  * two of 4 with the rows in L2 (benchmarks/lin_rate.c: 55.5 against 35.2 ns), and a whole 8-row
- * call on GLM-4.5-Air's attn_qkv 1.15-1.32x faster (benchmarks/linear_ab.py, 2 threads).  Q8_0_R8
- * gained as much in L2 (49.6 against 33.9 ns) but not in the whole call (the same time in 6 A/B
- * runs, 0.89-0.91x in 2: its DRAM time, 1.8x Q4_K's, hides the compute), so it keeps one pass
- * at 8 and passes of 4 from 9 (16 rows in passes of 8 ran 0.90x).  Wider rows (attn_output,
- * 12288 columns, where no 4 tokens fit) go in passes of NX_LT: at 16 tokens 1.04-1.06x (Q4_K)
- * and 1.19-1.26x (Q8_0) faster than passes of 4. */
+ * call on GLM-4.5-Air's attn_qkv 1.15-1.32x faster (benchmarks/linear_ab.py, 2 threads); with
+ * the L2 prefetches (NX_PF) one pass of 8 still ran 0.93-0.98x.  Q8_0_R8 goes in passes of
+ * NX_LT: each pass reads the weights again, and once its prefetches go to L2 for such passes,
+ * 12-16 rows of attn_qkv in passes of 8 ran 1.15-1.19x faster than in passes of 4 (before them,
+ * 0.90x).  Wider rows (attn_output, 12288 columns, where no 4 tokens fit) go in passes of NX_LT:
+ * at 16 tokens 1.04-1.06x (Q4_K) and 1.19-1.26x (Q8_0) faster than passes of 4. */
 #ifndef NX_L1_ACT
 #define NX_L1_ACT (24 * 1024)
 #endif
@@ -401,10 +401,10 @@ static void FN(dense_rows)(const nx_tensor *w, int64_t r0, int64_t r1, const uin
         }
         return;
     }
-    /* passes (NX_L1_ACT): up to 7 tokens in one; where 4 tokens' activations fit in L1, passes
-     * of 4 from 9 tokens on (and from 8 in Q4_K_R8); elsewhere passes of NX_LT */
+    /* passes (NX_L1_ACT): Q4_K_R8 rows whose 4 tokens' activations fit in L1 in passes of 4 from
+     * 8 tokens on; everything else in passes of NX_LT */
     const int fit4 = 4 * (sa + sx) <= NX_L1_ACT;
-    const int gs = !fit4 || T < NX_LT || (T == NX_LT && w->type != NX_Q4_K_R8) ? NX_LT : 4;
+    const int gs = fit4 && T >= NX_LT && w->type == NX_Q4_K_R8 ? 4 : NX_LT;
     for (int64_t j0 = 0; j0 < T; j0 += gs) {
         const int nt = T - j0 < gs ? (int)(T - j0) : gs;
         const uint8_t *ap[NX_LT], *xp[NX_LT];
