@@ -7,6 +7,7 @@
  *
  *   gcc -O3 -std=gnu11 -fopenmp -fno-strict-aliasing -Icpu_kernels benchmarks/lin_rate.c -o /tmp/lin_rate -lm
  *   /tmp/lin_rate            # needs AVX-512 VNNI (the path the kernels take on such CPUs)
+ *   gcc ... -DLIN_AVX2 ... -o /tmp/lin_rate2    # the AVX2 path (floor: maddubs + madd pairs)
  *
  * Weights are random bytes with small fp16 scales (timing does not depend on values). One thread
  * (nx_linear with nthreads = 1); the 2-thread, whole-call figures are `nextn bench linear`'s. */
@@ -14,9 +15,17 @@
 #include "block.h"
 int64_t nx_min_work_per_thread = 0;
 #if defined(__x86_64__)
+#ifdef LIN_AVX2
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#define NX_PATH 1
+#define NX_SFX avx2
+#define LIN_CALL nx_linear_avx2
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")
 #define NX_PATH 2
 #define NX_SFX avx512
+#define LIN_CALL nx_linear_avx512
+#endif
 #include "moe_impl.h"
 #include <stdio.h>
 #include <time.h>
@@ -27,7 +36,8 @@ static double now(void) {
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
-/* vpdpbusd (ymm) per second on one core, 12 independent accumulators */
+/* int8 dots of 32 bytes (ymm) per second on one core, 12 independent accumulators: vpdpbusd, or
+ * on the AVX2 path the maddubs + madd + add it stands for */
 static double vnni_rate(void) {
     __m256i a[12];
     const __m256i u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(5);
@@ -36,7 +46,7 @@ static double vnni_rate(void) {
     const double t0 = now();
     for (long k = 0; k < n; k++) {
 #pragma GCC unroll 12
-        for (int i = 0; i < 12; i++) a[i] = _mm256_dpbusd_epi32(a[i], u, s);
+        for (int i = 0; i < 12; i++) a[i] = NX_DP(a[i], u, s);
         __asm__ volatile("" : : "x"(u), "x"(s));
     }
     const double dt = now() - t0;
@@ -77,7 +87,7 @@ static void call_times(int type, int64_t N, const int *Ts, int nT, double *best)
         best[k] = 1e30;
         for (int r = 0; r < reps; r++) {
             const double t0 = now();
-            nx_linear_avx512(x, T, &t, out, N, 1);
+            LIN_CALL(x, T, &t, out, N, 1);
             const double dt = now() - t0;
             if (dt < best[k]) best[k] = dt;
         }
@@ -101,13 +111,20 @@ static void rate(const char *name, int type, size_t rowb, const int *Ts, int nT)
 }
 
 int main(void) {
-    if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512vl")) {
-        printf("lin_rate: this CPU has no AVX-512 VNNI\n");
+#ifdef LIN_AVX2
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+        printf("lin_rate: this CPU has no AVX2\n");
         return 0;
     }
+#else
+    if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512vl")) {
+        printf("lin_rate: this CPU has no AVX-512 VNNI (build with -DLIN_AVX2 for the AVX2 path)\n");
+        return 0;
+    }
+#endif
     const int Ts[] = {1, 2, 4, 8, 16};
     const double v = vnni_rate();
-    printf("vpdpbusd: %.2f G/s per core; floor %.1f ns per 4096-column int8 row-token\n", v / 1e9, 128.0 / v * 1e9);
+    printf("int8 dot (32 bytes): %.2f G/s per core; floor %.1f ns per 4096-column int8 row-token\n", v / 1e9, 128.0 / v * 1e9);
     printf("ns per row-token, one thread, T = 1, 2, 4, 8, 16\n");
     const struct { const char *name; int type; size_t rowb; } ty[] = {
         {"q8_0_r8", NX_Q8_0_R8, 4096 / 32 * 34}, {"q4_k_r8", NX_Q4_K_R8, 4096 / 256 * 144}, {"f16", NX_F16, 4096 * 2}};

@@ -35,6 +35,9 @@
  * 12-16 rows of attn_qkv in passes of 8 ran 1.15-1.19x faster than in passes of 4 (before them,
  * 0.90x).  Wider rows (attn_output, 12288 columns, where no 4 tokens fit) go in passes of NX_LT:
  * at 16 tokens 1.04-1.06x (Q4_K) and 1.19-1.26x (Q8_0) faster than passes of 4. */
+#ifndef NX_R2MAX
+#define NX_R2MAX 4   /* most tokens of a Q8_0_R8 pass in row pairs on the AVX2 path (lq8r_group: registers) */
+#endif
 #ifndef NX_L1_ACT
 #define NX_L1_ACT (24 * 1024)
 #endif
@@ -98,10 +101,10 @@ static void FN(lin_prep)(int type, uint8_t *act, int64_t H, uint8_t *aux) {
 NX_FUSED void FN(lq8r_group)(const uint8_t *q, const int64_t rb, const uint8_t *const *a, const int64_t b,
                              __m256i (*s)[NX_LT], const int nt, const int G, const int R) {
     const __m256i zero = _mm256_setzero_si256();
+#if NX_PATH == 2
     __m256i W[2][8];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < G; v++) W[r][v] = FN(ld256)(q + r * rb + 32 * v);
-#if NX_PATH == 2
     /* sum((y + 128) * q) - 128 * sum(q) = sum(y * q): the correction once per group */
     const __m256i c80 = _mm256_set1_epi8((char)0x80);
     __m256i corr[2];
@@ -125,22 +128,24 @@ NX_FUSED void FN(lq8r_group)(const uint8_t *q, const int64_t rb, const uint8_t *
         for (int r = 0; r < R; r++) s[r][t] = _mm256_add_epi32(s0[r], s1[r]);
     }
 #else
-    __m256i U[2][8];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < G; v++) U[r][v] = _mm256_abs_epi8(W[r][v]);
+    /* AVX2: a dot is sign + maddubs + madd + add, and the sum (not the multiply) is the only
+     * dependency, so one accumulator per (row, token) and the words outermost: a word's codes and
+     * their magnitudes are 2 registers a row and R * nt <= 8 accumulators stay in registers.
+     * Holding a whole group's codes and magnitudes (16 registers a row) spilled on AVX2's 16 ymm
+     * registers: 8-16 rows of GLM-4.5-Air's attn_qkv / attn_output ran 1.16-1.28x faster this way
+     * (benchmarks/linear_ab.py, Zen 3, 2 threads). */
     const __m256i one = _mm256_set1_epi16(1);
-    for (int t = 0; t < nt; t++) {
-        const int8_t *yt = (const int8_t *)a[t] + 32 * b;
-        __m256i s0[2], s1[2];
-        for (int r = 0; r < R; r++) s0[r] = s1[r] = zero;
-        for (int v = 0; v < G; v += 2) {
-            const __m256i y0 = FN(ld256)(yt + 32 * v), y1 = FN(ld256)(yt + 32 * v + 32);
-            for (int r = 0; r < R; r++) {
-                s0[r] = _mm256_add_epi32(s0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(U[r][v], _mm256_sign_epi8(y0, W[r][v])), one));
-                s1[r] = _mm256_add_epi32(s1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(U[r][v + 1], _mm256_sign_epi8(y1, W[r][v + 1])), one));
-            }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) s[r][t] = zero;
+#pragma GCC unroll 1
+    for (int v = 0; v < G; v++) {
+        __m256i W[2], U[2];
+        for (int r = 0; r < R; r++) { W[r] = FN(ld256)(q + r * rb + 32 * v); U[r] = _mm256_abs_epi8(W[r]); }
+        for (int t = 0; t < nt; t++) {
+            const __m256i y = FN(ld256)((const int8_t *)a[t] + 32 * b + 32 * v);
+            for (int r = 0; r < R; r++)
+                s[r][t] = _mm256_add_epi32(s[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(U[r], _mm256_sign_epi8(y, W[r])), one));
         }
-        for (int r = 0; r < R; r++) s[r][t] = _mm256_add_epi32(s0[r], s1[r]);
     }
 #endif
 }
@@ -415,8 +420,11 @@ static void FN(dense_rows)(const nx_tensor *w, int64_t r0, int64_t r1, const uin
          * GLM-4.5-Air shapes against one row at a time (benchmarks/linear_ab.py, 2 threads):
          * attn_output (12288 columns) 1.07-1.23x (Q8_0) and 1.02-1.29x (Q4_K) at 2-16 tokens;
          * Q8_0's 4096-column weights 1.04-1.08x at 8, but 0.85-0.94x at 2-4 tokens, where
-         * their rows stream from DRAM best one at a time. */
-        if ((w->type == NX_Q8_0_R8 || w->type == NX_Q4_K_R8) && nt > 1 && (nt >= 8 || (size_t)nt * (sa + sx) > NX_L1_ACT))
+         * their rows stream from DRAM best one at a time.  On AVX2, Q8_0_R8 pairs up to NX_R2MAX
+         * tokens: lq8r_group holds R * nt accumulators, and 16 spill (benchmarks/lin_rate.c,
+         * Zen 3, 8 tokens, rows in L2: 78 against 85 ns a row-token). */
+        const int r2 = !(NX_PATH == 1 && w->type == NX_Q8_0_R8 && nt > NX_R2MAX);
+        if ((w->type == NX_Q8_0_R8 || w->type == NX_Q4_K_R8) && nt > 1 && r2 && (nt >= 8 || (size_t)nt * (sa + sx) > NX_L1_ACT))
             for (; r + 2 <= r1; r += 2) {
                 float v[NX_LT], v1[NX_LT];
                 const uint8_t *wr = w->data + r * w->row_bytes;
