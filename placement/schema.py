@@ -438,7 +438,8 @@ def _check_server(name: str, v, where: str):
 def _check_spec(name: str, v, where: str):
     return {
         "mtp": check_mtp,
-        "draft_max": lambda v, w: check_int(v, w, lo=1, hi=16, what="a draft length"),
+        # 0 drafts nothing (MTP off), as --draft-max 0 and the API's draft_max=0 do.
+        "draft_max": lambda v, w: check_int(v, w, lo=0, hi=16, what="a draft length"),
         "p_min": lambda v, w: check_float(v, w, 0.0, 1.0),
         "adaptive": check_bool,
         "draft_ahead": check_mtp,  # auto | true | false

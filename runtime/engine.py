@@ -337,8 +337,13 @@ class Engine:
         return bool(want)
 
     def stream(self, prompt, **kw) -> Iterator[str]:
-        """Yield text pieces as they are produced (never a broken UTF-8 character)."""
+        """Yield text pieces as they are produced (never a broken UTF-8 character). The settings
+        are checked here, when it is called: a bad one raises before any text (nextn run prints
+        the prompt only after this)."""
         run = _Run(self, prompt, **kw)
+        return self._stream(run)
+
+    def _stream(self, run: "_Run") -> Iterator[str]:
         yield from run
         self.last_result = run.result
 

@@ -151,3 +151,17 @@ def test_cli_help_for_every_command(cmd):
     r = subprocess.run([sys.executable, "-m", "runtime.cli", *cmd], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout
+
+
+def test_stream_checks_its_settings_when_called(eng):
+    """A bad setting raises from stream() itself, before any text: a caller that prints the prompt
+    and then iterates (nextn run) never shows a prompt followed by an error."""
+    with pytest.raises(NextnError, match="draft_max"):
+        eng.stream("hi", draft_max=17)
+
+
+def test_cli_bad_draft_max_prints_no_prompt(capsys):
+    from runtime.cli import main
+    assert main(["run", str(FIX), "--prompt", "hello there", "--draft-max", "17", "--max-tokens", "2"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip().startswith("error:") and "draft" in out.err

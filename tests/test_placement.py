@@ -245,7 +245,7 @@ def test_default_placement_agrees_with_the_loader_units(models):
     ("gpu: auto\ncontext: 4\n", r"^{f}:2: context: expected auto or a context length >= 16, got 4"),
     ("sampling:\n  temperature: hot\n", r"^{f}:2: sampling\.temperature: expected a number"),
     ("sampling:\n\n  top_p: 0\n", r"^{f}:3: sampling\.top_p: expected a number in \(0\.0, 1\.0\], got 0"),
-    ("speculative:\n  draft_max: 0\n", r"^{f}:2: speculative\.draft_max: expected a draft length in 1\.\.16, got 0"),
+    ("speculative:\n  draft_max: 17\n", r"^{f}:2: speculative\.draft_max: expected a draft length in 0\.\.16, got 17"),
     ("speculative:\n  adaptive: maybe\n", r"^{f}:2: speculative\.adaptive: expected true or false"),
     ("gpu_dtype: int8\n", r"^{f}:1: gpu_dtype: unknown dtype 'int8'"),
     ("gpu: tpu\n", r"^{f}:1: gpu: unknown device 'tpu'; expected auto, cpu, cuda or cuda:N"),
@@ -661,3 +661,8 @@ def test_tied_head_and_embedding_in_gguf_form_on_the_cpu(models):
     span = want[0].max() - want[0].min()
     assert np.median(np.abs(got[0] - want[0]).max(-1)) <= 0.02 * span
     assert torch.equal(got[1], want[1])  # the lookup itself is exact: the same decoder as the float copy
+
+
+def test_draft_max_zero_means_no_drafts(tmp_path):
+    """A plan's draft_max takes what --draft-max and the API take (0..16); 0 drafts nothing."""
+    assert plan_from(tmp_path, "speculative:\n  draft_max: 0\n").speculative.draft_max == 0
