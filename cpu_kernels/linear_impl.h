@@ -38,6 +38,9 @@
 #ifndef NX_R2MAX
 #define NX_R2MAX 4   /* most tokens of a Q8_0_R8 pass in row pairs on the AVX2 path (lq8r_group: registers) */
 #endif
+#ifndef NX_IND
+#define NX_IND 2   /* most tokens of a Q8_0_R8 pass with independent dots on AVX-512 (lq8r_group) */
+#endif
 #ifndef NX_L1_ACT
 #define NX_L1_ACT (24 * 1024)
 #endif
@@ -102,6 +105,30 @@ NX_FUSED void FN(lq8r_group)(const uint8_t *q, const int64_t rb, const uint8_t *
                              __m256i (*s)[NX_LT], const int nt, const int G, const int R) {
     const __m256i zero = _mm256_setzero_si256();
 #if NX_PATH == 2
+    if (nt <= NX_IND) {
+        /* 1-2 tokens: every dot starts from zero and the results are summed with adds (1 cycle,
+         * exact), no chain of dependent dots and no group preload: at so few dots per weight
+         * byte the chains' latency, not the multiply rate, set the pace.  2 tokens from DRAM, one
+         * core: 83-102 against 120-131 ns a row-token (benchmarks/lin_rate.c, Zen 4); at 4
+         * tokens, rows in L2, 0.84x as fast, so from 3 tokens the chains stay. */
+        const __m256i c80 = _mm256_set1_epi8((char)0x80);
+        __m256i cs[2];
+        for (int r = 0; r < R; r++) { cs[r] = zero; for (int t = 0; t < nt; t++) s[r][t] = zero; }
+        for (int v = 0; v < G; v++) {
+            __m256i W[2];
+            for (int r = 0; r < R; r++) {
+                W[r] = FN(ld256)(q + r * rb + 32 * v);
+                cs[r] = _mm256_add_epi32(cs[r], _mm256_dpbusd_epi32(zero, c80, W[r]));
+            }
+            for (int t = 0; t < nt; t++) {
+                const __m256i y = FN(ld256)((const int8_t *)a[t] + 32 * b + 32 * v);
+                for (int r = 0; r < R; r++) s[r][t] = _mm256_add_epi32(s[r][t], _mm256_dpbusd_epi32(zero, y, W[r]));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < nt; t++) s[r][t] = _mm256_sub_epi32(s[r][t], cs[r]);
+        return;
+    }
     __m256i W[2][8];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < G; v++) W[r][v] = FN(ld256)(q + r * rb + 32 * v);
