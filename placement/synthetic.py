@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from runtime.config import ARCH, ModelConfig, expected_tensors
 
-# The published shapes (DESIGN.md section 2; Hugging Face config.json of each model).
+# The published shapes (the Hugging Face config.json of each model).
 _COMMON = dict(n_vocab=151552, n_nextn=1, n_heads=96, n_kv_heads=8, head_dim=128, rope_dim=64,
                rope_base=1e6, rms_eps=1e-5, n_experts_used=8, n_shared=1, weights_norm=True, attn_bias=True)
 GLM_SHAPES: dict[str, ModelConfig] = {

@@ -3,7 +3,7 @@
 `Sequence` owns the two KV caches (main model, MTP layer) and the state between steps. Each
 `step()` returns the tokens it emits (one for a plain step; the accepted drafts plus the main
 model's own next token for an MTP step). Stop conditions live in the engine; this file is the
-speculative algorithm of DESIGN.md §2:
+speculative algorithm (MTP drafts, one verify batch, exact rollback):
 
 - WARMUP: after each prompt chunk, the MTP layer runs the same chunk with rows (h_p, x_{p+1}) at
   position p+1 (MTP cache slot p), so its cache covers the prompt.

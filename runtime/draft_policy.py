@@ -207,7 +207,7 @@ class StepCosts:
 
 
 class DraftPolicy:
-    """Fixed draft length, or adaptive (DESIGN.md §5): `choose()` before a step, `observe()` after."""
+    """Fixed draft length, or adaptive (the step-cost model in this file): `choose()` before a step, `observe()` after."""
 
     def __init__(self, draft_max: int, adaptive: bool, total_experts: int,
                  explore_every: int = 16, explore_max: int = 256, prior_accept: float = 0.5,

@@ -1,4 +1,4 @@
-"""The Engine: the public Python API over one loaded model (DESIGN.md §6).
+"""The Engine: the public Python API over one loaded model.
 
     engine = runtime.load("plan.yaml" or "model.gguf", **overrides)
     engine.generate("def fib(n):", max_tokens=64).text

@@ -7,9 +7,10 @@ unit's side before it runs, through `Bus`, which counts every byte that crosses 
 — also on a machine without CUDA, where both sides are the CPU — so "no weight moves after load"
 can be checked anywhere.
 
-Semantics (DESIGN.md §2): x += attn(attn_norm(x)); x += ffn(post_attention_norm(x)); final
-output_norm and output. Attention has q/k/v bias, optional per-head RMSNorm of q and k before RoPE,
-partial NEOX RoPE on the first rope_dim dims of each head, GQA, scale head_dim^-0.5. The router is
+Semantics (llama.cpp's glm4moe, transformers' Glm4MoeForCausalLM): x += attn(attn_norm(x));
+x += ffn(post_attention_norm(x)); final output_norm and output. Attention has q/k/v bias,
+optional per-head RMSNorm of q and k before RoPE, partial NEOX RoPE on the first rope_dim dims
+of each head, GQA, scale head_dim^-0.5. The router is
 fp32 sigmoid; the selection bias only selects; weights are the unbiased scores, normalised and
 scaled. MTP: eh_proj(concat[enorm(embed(x_{p+1})), hnorm(h_p)]) -> a full MoE block ->
 shared_head_norm -> head; the row sits at position p+1.

@@ -4,7 +4,7 @@ Order: the repetition penalty on the raw logits (llama.cpp's rule: a token among
 `repeat_last_n` of the sequence has a positive logit divided by `repeat_penalty`, a negative one
 multiplied by it), then (as vLLM) temperature, then top-k, top-p, min-p on the tempered
 distribution. Greedy decoding takes the argmax of the penalised logits. `probs()` is the processed
-target distribution that speculative acceptance needs (DESIGN.md §2): a draft d is accepted with
+target distribution that speculative acceptance needs: a draft d is accepted with
 probability p(d), otherwise the replacement is sampled from p with d removed. The penalty depends
 on the tokens before the row, so every caller passes that row's history: a verification row after
 drafts d1..di sees them as plain decoding would have, and MTP stays lossless under it.

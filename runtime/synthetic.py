@@ -5,7 +5,7 @@ benchmarks of models that are not on this machine.
     python -m runtime.synthetic air.gguf --shape glm45-air --layers 4 --mix q4k_q5_0
     write_synthetic("air.gguf", shape="glm45-air", layers=4)        # -> Path
 
-Shapes come from `placement.GLM_SHAPES` (DESIGN.md section 2) with the main layer count replaced
+Shapes come from `placement.GLM_SHAPES` (the published config.json shapes) with the main layer count replaced
 (the leading dense blocks of the real model kept while `layers` leaves room for at least one MoE
 block) and one nextn (MTP) block. Mixes (what published llama.cpp quants hold; rows that are not a
 multiple of 256, like GLM-4.5-Air's expert width 1408 in ffn_down_exps, fall back to 32-element
