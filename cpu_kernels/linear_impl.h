@@ -283,15 +283,19 @@ NX_FUSED void FN(lq4kr)(const uint8_t *restrict w, const int64_t rb, const int64
             const int8_t *y = ab[t][b].y;
             __m256i S[2];
 #if NX_PATH == 2
-            /* four independent chains of two a row (integer: any grouping gives the same sum) */
-            __m256i s4[2][4];
+            /* two chains of four dependent dots a row (integer: any grouping gives the same sum);
+             * four chains of two cost two more adds a token and block, and ran 0.86-0.93x as
+             * fast on GLM-4.5-Air's attn_output at 8-16 tokens (benchmarks/linear_ab.py) */
+            __m256i s2[2][2];
+            for (int r = 0; r < R; r++) s2[r][0] = s2[r][1] = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
                 const __m256i y0 = FN(ld256)(y + 64 * c), y1 = FN(ld256)(y + 64 * c + 32);
-                for (int r = 0; r < R; r++)
-                    s4[r][c] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), Q[r][2 * c], y0), Q[r][2 * c + 1], y1);
+                for (int r = 0; r < R; r++) {
+                    s2[r][0] = _mm256_dpbusd_epi32(s2[r][0], Q[r][2 * c], y0);
+                    s2[r][1] = _mm256_dpbusd_epi32(s2[r][1], Q[r][2 * c + 1], y1);
+                }
             }
-            for (int r = 0; r < R; r++)
-                S[r] = _mm256_add_epi32(_mm256_add_epi32(s4[r][0], s4[r][1]), _mm256_add_epi32(s4[r][2], s4[r][3]));
+            for (int r = 0; r < R; r++) S[r] = _mm256_add_epi32(s2[r][0], s2[r][1]);
 #else
             /* codes <= 15: the 8 registers' products add in int16 (|lane| <= 8*2*15*127 < 2^15) */
             __m256i yv = FN(ld256)(y), p[2];
@@ -449,7 +453,8 @@ static void FN(dense_rows)(const nx_tensor *w, int64_t r0, int64_t r1, const uin
          * Q8_0's 4096-column weights 1.04-1.08x at 8, but 0.85-0.94x at 2-4 tokens, where
          * their rows stream from DRAM best one at a time.  On AVX2, Q8_0_R8 pairs up to NX_R2MAX
          * tokens: lq8r_group holds R * nt accumulators, and 16 spill (benchmarks/lin_rate.c,
-         * Zen 3, 8 tokens, rows in L2: 78 against 85 ns a row-token). */
+         * Zen 3, 8 tokens, rows in L2: 78 against 85 ns a row-token).  Q4_K_R8's passes of 4 from 8
+         * tokens stay single: pairs there ran 0.97-1.03x (4096-column weights, AVX-512). */
         const int r2 = !(NX_PATH == 1 && w->type == NX_Q8_0_R8 && nt > NX_R2MAX);
         if ((w->type == NX_Q8_0_R8 || w->type == NX_Q4_K_R8) && nt > 1 && r2 && (nt >= 8 || (size_t)nt * (sa + sx) > NX_L1_ACT))
             for (; r + 2 <= r1; r += 2) {
