@@ -92,7 +92,10 @@ def _key(f: GGUFFile, name: str, default=None, required=True):
 def read_config(f: GGUFFile) -> ModelConfig:
     arch = f.architecture
     if arch != ARCH:
-        raise ModelFileError(f"{f.path}: architecture is {short(arch)}, nextn runs '{ARCH}' (GLM-4.5/4.6/4.7) models")
+        # llama.cpp converts GLM-4.7-Flash (Glm4MoeLiteForCausalLM) to deepseek2: DeepSeek's
+        # multi-head latent attention, which this model code does not implement
+        why = " (GLM-4.7-Flash and DeepSeek files use it: latent attention, not supported yet)" if arch == "deepseek2" else ""
+        raise ModelFileError(f"{f.path}: architecture is {short(arch)}{why}, nextn runs '{ARCH}' (GLM-4.5/4.6/4.7) models")
     blocks = int(_key(f, "block_count"))
     n_nextn = int(_key(f, "nextn_predict_layers", 0))
     hidden = int(_key(f, "embedding_length"))

@@ -92,6 +92,13 @@ def test_other_architecture(tmp_path):
     assert "architecture is 'llama'" in err(p)
 
 
+def test_glm47_flash_architecture_is_named(tmp_path):
+    """GLM-4.7-Flash's GGUF files say deepseek2: the error says why such a file does not load."""
+    p = rewrite(FIX, tmp_path / "flash.gguf", arch="deepseek2")
+    e = err(p)
+    assert "architecture is 'deepseek2' (GLM-4.7-Flash" in e and "not supported yet" in e and "\n" not in e.strip()
+
+
 def test_missing_tensor(tmp_path):
     p = rewrite(FIX, tmp_path / "m.gguf", drop="blk.1.ffn_up_exps.weight")
     assert "missing tensor blk.1.ffn_up_exps.weight" in err(p)
