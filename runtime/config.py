@@ -94,7 +94,8 @@ def read_config(f: GGUFFile) -> ModelConfig:
     if arch != ARCH:
         # llama.cpp converts GLM-4.7-Flash (Glm4MoeLiteForCausalLM) to deepseek2: DeepSeek's
         # multi-head latent attention, which this model code does not implement
-        why = " (GLM-4.7-Flash and DeepSeek files use it: latent attention, not supported yet)" if arch == "deepseek2" else ""
+        why = (" (GLM-4.7-Flash and DeepSeek files use it: latent attention, not supported yet)"
+               if arch == "deepseek2" else "")
         raise ModelFileError(f"{f.path}: architecture is {short(arch)}{why}, nextn runs '{ARCH}' (GLM-4.5/4.6/4.7) models")
     blocks = int(_key(f, "block_count"))
     n_nextn = int(_key(f, "nextn_predict_layers", 0))
