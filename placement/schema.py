@@ -130,6 +130,11 @@ def bounded_search(rx, name: str, where: str):
                      f"'blk\\.[0-9]+\\.ffn_.*_exps=cpu'")
 
 
+# The longest draft a step may make, for plans, --draft-max, the API and the server: 0..DRAFT_MAX_LIMIT
+# (0 drafts nothing: MTP off).
+DRAFT_MAX_LIMIT = 16
+
+
 @dataclass
 class Speculative:
     mtp: bool | None = None  # None ("auto"): on when the model has a nextn layer
@@ -438,8 +443,7 @@ def _check_server(name: str, v, where: str):
 def _check_spec(name: str, v, where: str):
     return {
         "mtp": check_mtp,
-        # 0 drafts nothing (MTP off), as --draft-max 0 and the API's draft_max=0 do.
-        "draft_max": lambda v, w: check_int(v, w, lo=0, hi=16, what="a draft length"),
+        "draft_max": lambda v, w: check_int(v, w, lo=0, hi=DRAFT_MAX_LIMIT, what="a draft length"),
         "p_min": lambda v, w: check_float(v, w, 0.0, 1.0),
         "adaptive": check_bool,
         "draft_ahead": check_mtp,  # auto | true | false

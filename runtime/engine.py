@@ -22,7 +22,7 @@ import torch
 
 from .config import ModelConfig, check_tensors, read_config
 from .decode import STEP_END, Sequence, run_alone
-from placement.schema import Sampling, Speculative
+from placement.schema import DRAFT_MAX_LIMIT, Sampling, Speculative
 
 from .errors import NextnError, UnsupportedError
 from .gguf_file import GGUFFile
@@ -405,8 +405,8 @@ class _Run:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise NextnError(f"invalid max_tokens={self.max_tokens!r}: expected an integer >= 0")
         self.draft_max = pick(draft_max, sp.draft_max)
-        if not isinstance(self.draft_max, int) or not 0 <= self.draft_max <= 16:
-            raise NextnError(f"invalid draft_max={self.draft_max!r}: expected an integer in 0..16")
+        if not isinstance(self.draft_max, int) or not 0 <= self.draft_max <= DRAFT_MAX_LIMIT:
+            raise NextnError(f"invalid draft_max={self.draft_max!r}: expected an integer in 0..{DRAFT_MAX_LIMIT}")
         self.p_min = float(pick(p_min, sp.p_min))
         if not 0 <= self.p_min <= 1:
             raise NextnError(f"invalid p_min={self.p_min!r}: expected a number in [0, 1]")

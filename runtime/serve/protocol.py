@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from placement.schema import DRAFT_MAX_LIMIT
+
 
 class ApiError(Exception):
     """An error answered in OpenAI's shape."""
@@ -97,7 +99,7 @@ class _Sampling(_Model):
     cache_prompt: bool = True
     # nextn's extensions: MTP speculative decoding per request (default: the server's setting)
     mtp: bool | None = None
-    draft_max: int | None = Field(None, ge=0, le=16)
+    draft_max: int | None = Field(None, ge=0, le=DRAFT_MAX_LIMIT)
 
     @model_validator(mode="after")
     def _check(self):
