@@ -98,7 +98,8 @@ def tensor_load_bytes(info, side: str, role_part: str, gpu_dtype: str, use_kerne
 
 
 def kv_bytes_per_block(cfg: ModelConfig, context: int, dtype: str) -> int:
-    return context * cfg.n_kv_heads * cfg.head_dim * 2 * DTYPE_SIZE[dtype]
+    # latent attention (GLM-4.7-Flash) keeps one latent row a position and no V
+    return context * cfg.n_kv_heads * (cfg.head_dim + cfg.cache_v_dim) * DTYPE_SIZE[dtype]
 
 
 @dataclass
@@ -196,7 +197,8 @@ def format_report(plan: Plan, placement: Placement, est: MemoryEstimate, gpu_fre
     kv_blk = kv_bytes_per_block(cfg, est.context, est.kv_dtype)
     out += ["",
             f"KV cache for context {est.context}: {fmt_bytes(est.kv_bytes)} "
-            f"({cfg.n_blocks} blocks x {est.context} x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x 2; "
+            f"({cfg.n_blocks} blocks x {est.context} x {cfg.n_kv_heads} kv heads x "
+            f"{f'{cfg.head_dim} latent' if cfg.mla else f'{cfg.head_dim} x 2'}; "
             f"{fmt_bytes(kv_blk)} per block at {est.kv_dtype})",
             f"total gpu side: {fmt_bytes(est.gpu_bytes)} = weights {fmt_bytes(est.gpu_weight_bytes)} "
             f"+ KV {fmt_bytes(est.gpu_kv_bytes)}",

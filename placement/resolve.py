@@ -9,7 +9,9 @@ only. A unit split across sides would need a weight copied at every step, so it 
   token_embd                       token_embd.weight
   output (the head)                output_norm.weight, output.weight (or token_embd when tied)
   blk.N attention                  attn_norm, attn_q/k/v (+bias), attn_q_norm/attn_k_norm, attn_output,
-                                   post_attention_norm
+                                   post_attention_norm; with latent attention (deepseek2) attn_q_a,
+                                   attn_q_a_norm, attn_q_b, attn_kv_a_mqa, attn_kv_a_norm, attn_k_b,
+                                   attn_v_b, attn_output, ffn_norm
   blk.N dense_ffn                  ffn_gate, ffn_up, ffn_down
   blk.N shared_experts             ffn_gate_shexp, ffn_up_shexp, ffn_down_shexp
   blk.N routed_experts             ffn_gate_exps, ffn_up_exps, ffn_down_exps
@@ -37,7 +39,7 @@ _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _EXPS = re.compile(r"^ffn_(gate|up|down)_exps\.")
 _SHEXP = re.compile(r"^ffn_(gate|up|down)_shexp\.")
 _DENSE = re.compile(r"^ffn_(gate|up|down)\.")
-_ATTN = re.compile(r"^(attn_|post_attention_norm\.)")
+_ATTN = re.compile(r"^(attn_|post_attention_norm\.|ffn_norm\.)")  # ffn_norm: deepseek2's post-attention norm
 _ROUTER = re.compile(r"^(ffn_gate_inp|exp_probs_b)\.")
 
 
@@ -158,6 +160,7 @@ def same_bytes(a, b, chunk: int = 1 << 24) -> bool:
 
 _FOLLOW = (
     (re.compile(r"^(blk\.\d+\.)post_attention_norm\.weight$"), r"\1attn_q.weight"),
+    (re.compile(r"^(blk\.\d+\.)ffn_norm\.weight$"), r"\1attn_q_a.weight"),  # deepseek2
     (re.compile(r"^(blk\.\d+\.)exp_probs_b\.bias$"), r"\1ffn_gate_inp.weight"),
 )
 

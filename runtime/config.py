@@ -1,5 +1,10 @@
-"""The GLM-4.x (`glm4moe`) model contract: hyperparameters from GGUF metadata and the tensors a
-file must hold, with their shapes. Loading checks a file against this before touching weights.
+"""The GLM-4.x model contract: hyperparameters from GGUF metadata and the tensors a file must hold,
+with their shapes. Loading checks a file against this before touching weights.
+
+Two architectures, as llama.cpp's converter writes them: `glm4moe` (GLM-4.5/4.6/4.7: GQA
+attention) and `deepseek2` (GLM-4.7-Flash, `Glm4MoeLiteForCausalLM`: multi-head latent
+attention, MLA). Both have the same sigmoid-routed MoE, shared expert, leading dense blocks and
+MTP block; only the attention and a norm's name differ.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from .errors import ModelFileError, short
 from .gguf_file import GGUFFile
 
 ARCH = "glm4moe"
+MLA_ARCH = "deepseek2"  # GLM-4.7-Flash
 
 # Tensor types accepted anywhere in a model file (issue 2).
 SUPPORTED_TYPES = frozenset({
@@ -45,6 +51,26 @@ class ModelConfig:
     context_length: int
     qk_norm: bool
     attn_bias: bool
+    # multi-head latent attention (deepseek2 files: GLM-4.7-Flash). The KV cache holds one latent
+    # "head" a position: the normed kv latent (kv_lora_rank) and the rotated shared rope key
+    # (rope_dim), which is `head_dim` (the file's key_length) with n_kv_heads = 1; the values are
+    # the latent itself, so the cache keeps no V (cache_v_dim 0)
+    mla: bool = False
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    nope_dim: int = 0  # per-head q/k dims without RoPE (key_length_mla - rope_dim)
+    v_dim: int = 0  # per-head value dims after the latent's up-projection (value_length_mla)
+    arch: str = ARCH
+
+    @property
+    def cache_v_dim(self) -> int:
+        return 0 if self.mla else self.head_dim
+
+    @property
+    def attn_scale(self) -> float:
+        """Softmax scale: head_dim^-0.5; with MLA (nope + rope dims)^-0.5, the size of the
+        per-head q.k product the latent form computes."""
+        return (self.nope_dim + self.rope_dim) ** -0.5 if self.mla else self.head_dim ** -0.5
 
     @property
     def n_blocks(self) -> int:
@@ -61,7 +87,10 @@ _INT_MAX = {"block_count": 4096, "nextn_predict_layers": 16, "embedding_length":
             "rope.dimension_count": 1 << 16, "feed_forward_length": 1 << 24,
             "expert_feed_forward_length": 1 << 24, "expert_count": 1 << 16, "expert_used_count": 1 << 16,
             "expert_shared_count": 1 << 10, "leading_dense_block_count": 4096, "context_length": 1 << 32,
-            "expert_gating_func": 1 << 10, "expert_group_count": 1 << 16}
+            "expert_gating_func": 1 << 10, "expert_group_count": 1 << 16,
+            "attention.q_lora_rank": 1 << 16, "attention.kv_lora_rank": 1 << 16,
+            "attention.key_length_mla": 1 << 16, "attention.value_length_mla": 1 << 16,
+            "attention.value_length": 1 << 16}
 _POSITIVE = {"block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
              "attention.key_length", "expert_count", "expert_used_count", "context_length"}
 
@@ -69,7 +98,7 @@ _POSITIVE = {"block_count", "embedding_length", "attention.head_count", "attenti
 def _key(f: GGUFFile, name: str, default=None, required=True):
     """A metadata value of the right kind: a whole number within _INT_MAX for the sizes above, a
     finite number for the floats (a bool for expert_weights_norm), else a one-line error."""
-    k = f"{ARCH}.{name}"
+    k = f"{f.architecture}.{name}"
     if k not in f.metadata:
         if required and default is None:
             raise ModelFileError(f"{f.path}: missing metadata key {k}")
@@ -91,23 +120,25 @@ def _key(f: GGUFFile, name: str, default=None, required=True):
 
 def read_config(f: GGUFFile) -> ModelConfig:
     arch = f.architecture
-    if arch != ARCH:
-        # llama.cpp converts GLM-4.7-Flash (Glm4MoeLiteForCausalLM) to deepseek2: DeepSeek's
-        # multi-head latent attention, which this model code does not implement
-        why = (" (GLM-4.7-Flash and DeepSeek files use it: latent attention, not supported yet)"
-               if arch == "deepseek2" else "")
-        raise ModelFileError(f"{f.path}: architecture is {short(arch)}{why}, nextn runs '{ARCH}' (GLM-4.5/4.6/4.7) models")
+    if arch not in (ARCH, MLA_ARCH):
+        raise ModelFileError(f"{f.path}: architecture is {short(arch)}, nextn runs '{ARCH}' (GLM-4.5/4.6/4.7) and "
+                             f"'{MLA_ARCH}' (GLM-4.7-Flash) models")
+    mla = arch == MLA_ARCH
     blocks = int(_key(f, "block_count"))
     n_nextn = int(_key(f, "nextn_predict_layers", 0))
     hidden = int(_key(f, "embedding_length"))
     n_heads = int(_key(f, "attention.head_count"))
     head_dim = int(_key(f, "attention.key_length", max(hidden // n_heads, 1)))
+    # GLM-4.7-Flash files carry no expert_gating_func (its config.json has no scoring_func):
+    # sigmoid, as llama.cpp assumes for them
     gating = int(_key(f, "expert_gating_func", 2))
     if gating != 2:
-        raise ModelFileError(f"{f.path}: {ARCH}.expert_gating_func is {gating}; GLM-4.x uses 2 (sigmoid)")
+        why = " (DeepSeek-V2's softmax router: only GLM-4.7-Flash's deepseek2 files are supported)" if mla else ""
+        raise ModelFileError(f"{f.path}: {arch}.expert_gating_func is {gating}; GLM-4.x uses 2 (sigmoid){why}")
     groups = int(_key(f, "expert_group_count", 1))
     if groups > 1:
-        raise ModelFileError(f"{f.path}: {ARCH}.expert_group_count {groups} > 1 (grouped routing) is not supported")
+        raise ModelFileError(f"{f.path}: {arch}.expert_group_count {groups} > 1 (grouped routing) is not supported")
+    mla_dims = _mla_dims(f, head_dim) if mla else {}
     emb = f.tensors.get("token_embd.weight")
     if emb is None:
         raise ModelFileError(f"{f.path}: missing tensor token_embd.weight")
@@ -144,10 +175,17 @@ def read_config(f: GGUFFile) -> ModelConfig:
         context_length=int(_key(f, "context_length", 4096)),
         qk_norm="blk.0.attn_q_norm.weight" in f.tensors,
         attn_bias="blk.0.attn_q.bias" in f.tensors,
+        arch=arch,
+        **mla_dims,
     )
     if cfg.rope_base <= 0 or cfg.rms_eps < 0:
         raise ModelFileError(f"{f.path}: rope.freq_base {cfg.rope_base} / layer_norm_rms_epsilon {cfg.rms_eps} "
                              f"out of range")
+    if cfg.mla and (cfg.n_kv_heads != 1 or cfg.rope_dim % 2 or cfg.rope_dim >= cfg.head_dim
+                    or cfg.head_dim != cfg.kv_lora_rank + cfg.rope_dim):
+        raise ModelFileError(f"{f.path}: {arch}.attention.head_count_kv {cfg.n_kv_heads}, key_length {cfg.head_dim} "
+                             f"and rope.dimension_count {cfg.rope_dim} do not describe latent attention (expected 1 "
+                             f"and kv_lora_rank {cfg.kv_lora_rank} + an even rope dimension)")
     if cfg.n_heads % cfg.n_kv_heads:
         raise ModelFileError(f"{f.path}: head_count {cfg.n_heads} is not a multiple of head_count_kv {cfg.n_kv_heads}")
     if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
@@ -157,11 +195,61 @@ def read_config(f: GGUFFile) -> ModelConfig:
     return cfg
 
 
+def _mla_dims(f: GGUFFile, key_length: int) -> dict:
+    """The latent attention's sizes (llama.cpp's converter: key_length = kv_lora_rank + rope dims,
+    value_length = kv_lora_rank, key_length_mla = nope + rope dims, value_length_mla = v dims)."""
+    arch = f.architecture
+    q_rank = int(_key(f, "attention.q_lora_rank", 0, required=False) or 0)
+    if q_rank < 1:  # as llama.cpp, which refuses a GLM deepseek2 file without it
+        raise ModelFileError(f"{f.path}: missing metadata key {arch}.attention.q_lora_rank (GLM-4.7-Flash has a "
+                             f"low-rank query projection)")
+    kv_rank = int(_key(f, "attention.kv_lora_rank"))
+    if int(_key(f, "attention.value_length", kv_rank)) != kv_rank:
+        raise ModelFileError(f"{f.path}: {arch}.attention.value_length is not kv_lora_rank {kv_rank}: not a file of "
+                             f"llama.cpp's latent-attention layout")
+    rope = int(_key(f, "rope.dimension_count"))
+    k_mla = int(_key(f, "attention.key_length_mla"))
+    v_mla = int(_key(f, "attention.value_length_mla"))
+    if k_mla <= rope or v_mla < 1 or kv_rank < 1:
+        raise ModelFileError(f"{f.path}: {arch}.attention.key_length_mla {k_mla} must exceed rope.dimension_count "
+                             f"{rope}, and value_length_mla {v_mla} and kv_lora_rank {kv_rank} be positive")
+    scaling = f.metadata.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ModelFileError(f"{f.path}: {arch}.rope.scaling.type {short(scaling)} (YaRN context extension) is not "
+                             f"supported yet")
+    return {"mla": True, "q_lora_rank": q_rank, "kv_lora_rank": kv_rank, "nope_dim": k_mla - rope, "v_dim": v_mla}
+
+
+def post_norm_name(cfg: ModelConfig) -> str:
+    """The norm before a block's FFN: post_attention_norm (glm4moe), ffn_norm (deepseek2)."""
+    return "ffn_norm.weight" if cfg.mla else "post_attention_norm.weight"
+
+
 def block_tensors(cfg: ModelConfig, layer: int) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Expected tensors of block `layer`: name -> (numpy shape, required)."""
     H, D = cfg.hidden, cfg.head_dim
     q, kv = cfg.n_heads * D, cfg.n_kv_heads * D
     p = f"blk.{layer}."
+    if cfg.mla:
+        nh, R, rope = cfg.n_heads, cfg.kv_lora_rank, cfg.rope_dim
+        t = {
+            p + "attn_norm.weight": ((H,), True),
+            p + "attn_q_a.weight": ((cfg.q_lora_rank, H), True),
+            p + "attn_q_a_norm.weight": ((cfg.q_lora_rank,), True),
+            p + "attn_q_b.weight": ((nh * (cfg.nope_dim + rope), cfg.q_lora_rank), True),
+            p + "attn_kv_a_mqa.weight": ((R + rope, H), True),
+            p + "attn_kv_a_norm.weight": ((R,), True),
+            p + "attn_k_b.weight": ((nh, R, cfg.nope_dim), True),  # per head: latent <- nope (transposed)
+            p + "attn_v_b.weight": ((nh, cfg.v_dim, R), True),  # per head: v <- latent
+            p + "attn_output.weight": ((H, nh * cfg.v_dim), True),
+            p + "ffn_norm.weight": ((H,), True),
+        }
+    else:
+        t = _gqa_tensors(cfg, p, H, D, q, kv)
+    return _ffn_tensors(cfg, layer, p, t)
+
+
+def _gqa_tensors(cfg: ModelConfig, p: str, H: int, D: int, q: int, kv: int) -> dict:
     t = {
         p + "attn_norm.weight": ((H,), True),
         p + "attn_q.weight": ((q, H), True),
@@ -174,6 +262,11 @@ def block_tensors(cfg: ModelConfig, layer: int) -> dict[str, tuple[tuple[int, ..
         t.update({p + "attn_q.bias": ((q,), True), p + "attn_k.bias": ((kv,), True), p + "attn_v.bias": ((kv,), True)})
     if cfg.qk_norm:
         t.update({p + "attn_q_norm.weight": ((D,), True), p + "attn_k_norm.weight": ((D,), True)})
+    return t
+
+
+def _ffn_tensors(cfg: ModelConfig, layer: int, p: str, t: dict) -> dict:
+    H = cfg.hidden
     if not cfg.is_moe(layer):
         F = cfg.dense_ffn
         t.update({p + "ffn_gate.weight": ((F, H), True), p + "ffn_up.weight": ((F, H), True),

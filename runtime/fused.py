@@ -117,6 +117,8 @@ class FusedLayers:
             import cpu_kernels.blocks  # noqa: F401
         except ImportError as e:
             return None, f"the CPU kernels are not built ({e})"
+        if model.cfg.mla:
+            return None, "latent attention (GLM-4.7-Flash) runs on the torch path"
         try:
             return cls(model), ""
         except NotFusable as e:

@@ -310,6 +310,8 @@ class GraphedLayers:
             return None, "off (NEXTN_CUDA_GRAPHS=1 turns it on)" if cuda else ""
         if not cuda:
             return None, "off: the gpu side is not CUDA"
+        if model.cfg.mla:
+            return None, "off: latent attention (GLM-4.7-Flash) is not captured yet"
         blocks = list(model.blocks) + ([model.nextn.block] if model.nextn is not None else [])
         if not any(cls.eligible(model, b) for b in blocks):
             return None, "off: no MoE block with attention, router and shared expert on the GPU"

@@ -34,17 +34,20 @@ class PoolFull(Exception):
 
 
 class KVPool:
-    """K/V tensors [n_pages * page_size, n_kv, head_dim] per layer, each on its layer's device."""
+    """K/V tensors [n_pages * page_size, n_kv, head_dim] per layer, each on its layer's device.
+    `v_dim` 0 (latent attention, whose values are the keys' first dims): no V memory; V reads are
+    [.., 0] and writes take None."""
 
     def __init__(self, devices: list, n_slots: int, n_kv: int, head_dim: int, dtype,
-                 page_size: int = PAGE_SIZE):
+                 page_size: int = PAGE_SIZE, v_dim: int | None = None):
         if n_slots < 1 or page_size < 1:
             raise ValueError(f"a KV pool needs at least one slot and page (got {n_slots}, {page_size})")
         self.page_size = page_size
         self.n_pages = -(-n_slots // page_size)
         self.n_slots = self.n_pages * page_size
         self.k = [torch.zeros(self.n_slots, n_kv, head_dim, dtype=dtype, device=d) for d in devices]
-        self.v = [torch.zeros_like(k) for k in self.k]
+        v_dim = head_dim if v_dim is None else v_dim
+        self.v = [torch.zeros(self.n_slots, n_kv, v_dim, dtype=dtype, device=d) for d in devices]
         self.n_layers = len(devices)
         self.dtype = dtype
         # the fused CPU path reads float32 or float16 pools in CPU memory; it keeps its pointer view here
@@ -65,7 +68,7 @@ class KVPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(2 * k.numel() * k.element_size() for k in self.k)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def pages_for(self, n_slots: int) -> int:
         return -(-n_slots // self.page_size)
@@ -222,11 +225,13 @@ class SeqKV:
         base = self._base(end)
         if base is not None:
             ck[base + start:base + end].copy_(k)
-            cv[base + start:base + end].copy_(v)
+            if v is not None:
+                cv[base + start:base + end].copy_(v)
         else:
             idx = self._slots(ck.device, start, end)
             ck.index_copy_(0, idx, k.to(ck.dtype))
-            cv.index_copy_(0, idx, v.to(cv.dtype))
+            if v is not None:
+                cv.index_copy_(0, idx, v.to(cv.dtype))
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of logical slots 0..end-1 [end, n_kv, head_dim]: views when consecutive."""
@@ -338,9 +343,9 @@ class PrefixCache:
         self.entries.clear()
 
 
-def private_cache(devices: list, max_len: int, n_kv: int, head_dim: int, dtype) -> SeqKV:
+def private_cache(devices: list, max_len: int, n_kv: int, head_dim: int, dtype, v_dim: int | None = None) -> SeqKV:
     """A cache with a pool of its own, all of it held (tools, tests, one-off forwards)."""
-    pool = KVPool(devices, max_len, n_kv, head_dim, dtype, page_size=max(1, max_len))
+    pool = KVPool(devices, max_len, n_kv, head_dim, dtype, page_size=max(1, max_len), v_dim=v_dim)
     c = SeqKV(pool, max_len)
     c.reserve(max_len)
     return c

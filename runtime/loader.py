@@ -25,8 +25,8 @@ from .errors import ModelFileError
 from .experts import KernelExperts, TorchExperts
 from .gguf_file import GGUFFile, TensorInfo
 from .linear import KernelLinear, QuantizedTable
-from .model import (Attention, Block, Bus, DenseFFN, Embedding, GLM4Model, Head, MoE, NextnHead, RoPE,
-                    RoutedExperts, Router)
+from .model import (Attention, Block, Bus, DenseFFN, Embedding, GLM4Model, Head, MLAttention, MoE, NextnHead,
+                    RoPE, RoutedExperts, Router)
 
 SideOf = Callable[[str], str]
 
@@ -114,7 +114,20 @@ class _Builder:
     def opt(self, name: str, side: str, dtype=None):
         return self.tensor(name, side, dtype) if name in self.f.tensors else None
 
-    def attention(self, p: str) -> Attention:
+    def mla_attention(self, p: str) -> MLAttention:
+        names = [p + s for s in ("attn_norm.weight", "attn_q_a.weight", "attn_q_a_norm.weight", "attn_q_b.weight",
+                                 "attn_kv_a_mqa.weight", "attn_kv_a_norm.weight", "attn_k_b.weight",
+                                 "attn_v_b.weight", "attn_output.weight", "ffn_norm.weight")]
+        side = self.unit_side(names)
+        m = lambda i: self.matrix([names[i]], side)  # noqa: E731
+        t = lambda i: self.tensor(names[i], side)  # noqa: E731
+        # k_b / v_b: one small matrix a head (GLM-4.7-Flash: 20 x 512 x 192 and 20 x 256 x 512),
+        # multiplied per head in the side's dtype
+        return MLAttention(side, t(0), m(1), t(2), m(3), m(4), t(5), t(6), t(7), m(8), t(9))
+
+    def attention(self, p: str) -> Attention | MLAttention:
+        if self.cfg.mla:
+            return self.mla_attention(p)
         names = [p + s for s in ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
                                  "attn_output.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
                                  "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight")]
@@ -287,7 +300,10 @@ def build_model(f: GGUFFile, cfg: ModelConfig, *, side_of: SideOf = default_side
     norm_side = side_of("output_norm.weight")
     output_norm = b.tensor("output_norm.weight", norm_side)
     blocks = [b.block(layer) for layer in range(cfg.n_layers)]
-    rope = RoPE(cfg.rope_dim, cfg.rope_base, max_context + 2, b.devices["gpu"], head_dim=cfg.head_dim)
+    if cfg.mla:  # rotates the rope part of q and the shared rope key, each on its own
+        rope = RoPE(cfg.rope_dim, cfg.rope_base, max_context + 2, b.devices["gpu"], interleaved=True)
+    else:
+        rope = RoPE(cfg.rope_dim, cfg.rope_base, max_context + 2, b.devices["gpu"], head_dim=cfg.head_dim)
 
     nextn = None
     if load_mtp and cfg.n_nextn > 0:

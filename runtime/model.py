@@ -127,6 +127,15 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+def _per_head(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] through each head's own matrix w [heads, n, d]: [T, heads, n]. On the CPU,
+    up to ROWWISE_MAX rows go one at a time (the same batched one-column product for every row),
+    so a row's bits do not depend on the rows beside it: a verify row gets a plain step's bits."""
+    if x.device.type == "cpu" and x.shape[0] <= ROWWISE_MAX:
+        return torch.cat([torch.bmm(w, _as(x[t], w.dtype).unsqueeze(-1)).squeeze(-1)[None] for t in range(x.shape[0])])
+    return torch.einsum("hnd,thd->thn", w, _as(x, w.dtype))
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if w.dim() == 1 and w.dtype == x.dtype:
         # one call (torch computes bfloat16 in float32 inside, as below: bit-identical results on
@@ -144,9 +153,12 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 class RoPE:
     """Partial NEOX rotary embedding: rotate the first `dim` dims of each head (of `head_dim`),
-    half-split order; the rest pass through."""
+    half-split order; the rest pass through. `interleaved` (GLM-4.7-Flash's latent attention, as
+    llama.cpp's deepseek2 and transformers' rope_interleave): pairs of adjacent dims (x0, x1),
+    (x2, x3), ..., pair i rotated by frequency i, over the whole head."""
 
-    def __init__(self, dim: int, base: float, max_pos: int, device, head_dim: int | None = None):
+    def __init__(self, dim: int, base: float, max_pos: int, device, head_dim: int | None = None,
+                 interleaved: bool = False):
         head_dim = dim if head_dim is None else head_dim
         inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         t = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
@@ -156,10 +168,19 @@ class RoPE:
         # that swaps the rotated halves, so (x1, x2, x3) -> (x1 c - x2 s, x2 c + x1 s, x3) is
         # x * C + x[perm] * S: three calls per layer (two concatenations fewer, and no split of
         # the head), with the tables made once here
-        self.cos = torch.cat([c, c, torch.ones(max_pos, rest)], dim=-1).to(device)  # [max_pos, head_dim]
-        self.sin = torch.cat([-s, s, torch.zeros(max_pos, rest)], dim=-1).to(device)
-        half = dim // 2
-        self.perm = torch.cat([torch.arange(half, dim), torch.arange(half), torch.arange(dim, head_dim)]).to(device)
+        if interleaved:
+            if rest:
+                raise ValueError("interleaved RoPE covers the whole head")
+            # (x0, x1) -> (x0 c - x1 s, x1 c + x0 s): C = [c0, c0, c1, c1, ...], S = [-s0, s0, ...],
+            # and the order that swaps each pair
+            self.cos = c.repeat_interleave(2, dim=-1).to(device)
+            self.sin = torch.stack([-s, s], dim=-1).reshape(max_pos, dim).to(device)
+            self.perm = torch.arange(dim).view(-1, 2).flip(-1).reshape(-1).to(device)
+        else:
+            self.cos = torch.cat([c, c, torch.ones(max_pos, rest)], dim=-1).to(device)  # [max_pos, head_dim]
+            self.sin = torch.cat([-s, s, torch.zeros(max_pos, rest)], dim=-1).to(device)
+            half = dim // 2
+            self.perm = torch.cat([torch.arange(half, dim), torch.arange(half), torch.arange(dim, head_dim)]).to(device)
         self.dim, self.head_dim = dim, head_dim
         # A plan may put some layers' attention on the CPU while others are on the GPU: one copy of
         # the (small) tables per device, made on first use there.
@@ -237,6 +258,34 @@ class Attention:
     # head_dim], so one RMSNorm (and one rotation) covers q and k, which lie side by side in qkv
     qk_norm: torch.Tensor | None = None
     post_norm: torch.Tensor | None = None  # post_attention_norm: prepares the FFN input on this side
+
+
+@dataclass
+class MLAttention:
+    """Multi-head latent attention (GLM-4.7-Flash; llama.cpp's deepseek2, transformers'
+    Glm4MoeLiteAttention), computed in the latent ("absorbed") form llama.cpp uses:
+
+      q = q_b(rms_norm(q_a(h)))                  per head: q_nope [nope], q_rope [rope]
+      c, k_rope = kv_a(h)                        latent [R], one rope key shared by the heads
+      cache row = [rms_norm(c), rope(k_rope)]    R + rope floats a position, no values
+      score_j = (k_b q_nope) . c_j + rope(q_rope) . k_rope_j     (k_b: [R, nope] a head)
+      o = v_b (softmax(score * scale) . c)                       (v_b: [v, R] a head)
+      out = wo(o)
+
+    equal to expanding every position's keys and values (k_nope = k_b^T c, v = v_b c) by
+    associativity, at a cache of R + rope floats a position instead of heads * (nope + rope + v)."""
+
+    side: str
+    norm: torch.Tensor
+    wq_a: torch.Tensor | KernelLinear  # [q_lora_rank, H]
+    q_a_norm: torch.Tensor
+    wq_b: torch.Tensor | KernelLinear  # [heads * (nope + rope), q_lora_rank]
+    wkv_a: torch.Tensor | KernelLinear  # [R + rope, H]
+    kv_a_norm: torch.Tensor
+    k_b: torch.Tensor  # [heads, R, nope]
+    v_b: torch.Tensor  # [heads, v, R]
+    wo: torch.Tensor | KernelLinear  # [H, heads * v]
+    post_norm: torch.Tensor | None = None  # ffn_norm: the FFN input, on this side
 
 
 @dataclass
@@ -361,7 +410,9 @@ class GLM4Model:
 
     # ---- building blocks -------------------------------------------------------------------
 
-    def _attention(self, a: Attention, x: torch.Tensor, layer: int, pos: Positions) -> torch.Tensor:
+    def _attention(self, a: Attention | MLAttention, x: torch.Tensor, layer: int, pos: Positions) -> torch.Tensor:
+        if isinstance(a, MLAttention):
+            return self._mla(a, x, layer, pos)
         cfg = self.cfg
         T = x.shape[0]
         h = rms_norm(x, a.norm, cfg.rms_eps)
@@ -385,7 +436,30 @@ class GLM4Model:
         o = _as(o.reshape(T, cfg.n_heads * cfg.head_dim), x.dtype)
         return linear(o, a.wo)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, sg: Seg,
+    def _mla(self, a: MLAttention, x: torch.Tensor, layer: int, pos: Positions) -> torch.Tensor:
+        cfg = self.cfg
+        T, nh, R, rope, nope = x.shape[0], cfg.n_heads, cfg.kv_lora_rank, cfg.rope_dim, cfg.nope_dim
+        eps = cfg.rms_eps
+        h = rms_norm(x, a.norm, eps)
+        q = linear(rms_norm(linear(h, a.wq_a), a.q_a_norm, eps), a.wq_b).view(T, nh, nope + rope)
+        kv = linear(h, a.wkv_a)  # [T, R + rope]
+        cs = pos.cos_sin(x.device)
+        k_row = torch.cat([rms_norm(kv[:, :R], a.kv_a_norm, eps), self.rope(kv[:, None, R:], cs)[:, 0]], dim=-1)
+        q_lat = _per_head(a.k_b, q[..., :nope])  # the query in latent form [T, heads, R]
+        Q = torch.cat([_as(q_lat, k_row.dtype), self.rope(q[..., nope:], cs)], dim=-1)  # [T, heads, R + rope]
+        segs = pos.segs
+        if len(segs) == 1:
+            o = self._attend(Q, k_row[:, None], None, layer, segs[0], pos)
+        else:
+            outs, r = [], 0
+            for sg in segs:
+                outs.append(self._attend(Q[r:r + sg.n], k_row[r:r + sg.n, None], None, layer, sg, pos))
+                r += sg.n
+            o = torch.cat(outs)
+        o = _per_head(a.v_b, _as(o, a.v_b.dtype))  # [T, heads, R] -> [T, heads, v]
+        return linear(_as(o.reshape(T, nh * cfg.v_dim), x.dtype), a.wo)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: int, sg: Seg,
                 pos: Positions) -> torch.Tensor:
         """One sequence's rows: K/V written at its slots start..start+T-1, then attention of row t
         over slots 0..start+t; returns [T, heads, head_dim]."""
@@ -394,6 +468,8 @@ class GLM4Model:
         end = start + T
         sg.cache.write(layer, start, k, v)  # converts to the cache dtype in the same call
         ck, cv = sg.cache.read(layer, end)
+        if v is None:  # latent attention: the values are the first kv_lora_rank dims of the keys
+            cv = ck[..., :cfg.kv_lora_rank]
         if ck.dtype == torch.float16 and q.dtype != torch.float16:
             # an F16 cache on the CPU is storage only: attention computes in the side's dtype
             # (float32: as the fused path does, on the same rounded values)
@@ -401,7 +477,7 @@ class GLM4Model:
         K = ck.transpose(0, 1)[None]  # [1, kv, S, D]
         V = cv.transpose(0, 1)[None]
         Q = _as(q.transpose(0, 1)[None], K.dtype)  # [1, heads, T, D]
-        scale = cfg.head_dim ** -0.5
+        scale = cfg.attn_scale
         if T == 1:  # a decode step: the one-row call itself (no list, no concatenation)
             o = F.scaled_dot_product_attention(Q, K, V, scale=scale, enable_gqa=True)
         elif T <= ROWWISE_MAX:
@@ -513,19 +589,19 @@ class GLM4Model:
         `n_slots` positions, allocated once."""
         cfg = self.cfg
         main = KVPool([self.bus.devices[b.attn.side] for b in self.blocks], n_slots, cfg.n_kv_heads,
-                      cfg.head_dim, dtype)
+                      cfg.head_dim, dtype, v_dim=cfg.cache_v_dim)
         mtp = None if self.nextn is None else KVPool([self.bus.devices[self.nextn.block.attn.side]], n_slots,
-                                                     cfg.n_kv_heads, cfg.head_dim, dtype)
+                                                     cfg.n_kv_heads, cfg.head_dim, dtype, v_dim=cfg.cache_v_dim)
         return main, mtp
 
     def new_cache(self, max_len: int, dtype) -> KVCache:
         """A main-model cache with a pool of its own (one-off forwards, tools, tests)."""
         devs = [self.bus.devices[b.attn.side] for b in self.blocks]
-        return private_cache(devs, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+        return private_cache(devs, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, self.cfg.cache_v_dim)
 
     def new_mtp_cache(self, max_len: int, dtype) -> KVCache:
         dev = self.bus.devices[self.nextn.block.attn.side]
-        return private_cache([dev], max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+        return private_cache([dev], max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, self.cfg.cache_v_dim)
 
     @staticmethod
     def _segs(items, what: str, shift: int) -> list[Seg]:
