@@ -204,8 +204,10 @@ def cmd_run(a: argparse.Namespace) -> int:
                          + (f" ({rep.repack_skipped})" if rep.repack_skipped else ""))
         if rep.kernel_weights:
             lines.append(f"-- dense weights run by the CPU kernels in GGUF form: {rep.kernel_weights}")
+        if eng.cfg.gating_assumed:
+            lines.append("-- router: sigmoid assumed (the file has no expert_gating_func, as GLM-4.7-Flash's GGUFs)")
         kv = sum(pool.nbytes for pool in eng.pools if pool is not None)
-        lines.append(f"-- KV cache: {str(eng.kv_dtype).replace('torch.', '')}, {kv / 2**20:.2f} MiB for "
+        lines.append(f"-- KV cache{' (latent rows)' if eng.cfg.mla else ''}: {str(eng.kv_dtype).replace('torch.', '')}, {kv / 2**20:.2f} MiB for "
                      f"{eng.kv_slots} positions (main model and MTP layer)")
         if rep.fused_blocks:
             lines.append(f"-- decode steps as one C call for all blocks: {rep.fused_blocks}")

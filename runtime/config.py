@@ -61,6 +61,7 @@ class ModelConfig:
     nope_dim: int = 0  # per-head q/k dims without RoPE (key_length_mla - rope_dim)
     v_dim: int = 0  # per-head value dims after the latent's up-projection (value_length_mla)
     arch: str = ARCH
+    gating_assumed: bool = False  # no expert_gating_func in the file: sigmoid assumed (GLM-4.7-Flash)
 
     @property
     def cache_v_dim(self) -> int:
@@ -130,8 +131,14 @@ def read_config(f: GGUFFile) -> ModelConfig:
     n_heads = int(_key(f, "attention.head_count"))
     head_dim = int(_key(f, "attention.key_length", max(hidden // n_heads, 1)))
     # GLM-4.7-Flash files carry no expert_gating_func (its config.json has no scoring_func):
-    # sigmoid, as llama.cpp assumes for them
-    gating = int(_key(f, "expert_gating_func", 2))
+    # sigmoid, as llama.cpp assumes for them (it tells them by 47/48 layers and a 154,880-token
+    # vocabulary; here by the GLM tokenizer). DeepSeek-V2's files lack the key too, and mean softmax.
+    gating_key = _key(f, "expert_gating_func", None, required=False)
+    if gating_key is None and mla and f.metadata.get("tokenizer.ggml.pre") != "glm4":
+        raise ModelFileError(f"{f.path}: a {arch} file with no {arch}.expert_gating_func and no GLM tokenizer "
+                             f"(tokenizer.ggml.pre 'glm4'): DeepSeek-V2's softmax router, not supported "
+                             f"(GLM-4.7-Flash files load)")
+    gating = 2 if gating_key is None else int(gating_key)
     if gating != 2:
         why = " (DeepSeek-V2's softmax router: only GLM-4.7-Flash's deepseek2 files are supported)" if mla else ""
         raise ModelFileError(f"{f.path}: {arch}.expert_gating_func is {gating}; GLM-4.x uses 2 (sigmoid){why}")
@@ -176,6 +183,7 @@ def read_config(f: GGUFFile) -> ModelConfig:
         qk_norm="blk.0.attn_q_norm.weight" in f.tensors,
         attn_bias="blk.0.attn_q.bias" in f.tensors,
         arch=arch,
+        gating_assumed=gating_key is None,
         **mla_dims,
     )
     if cfg.rope_base <= 0 or cfg.rms_eps < 0:

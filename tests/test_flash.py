@@ -31,12 +31,26 @@ def test_config_reads_the_latent_sizes(eng):
     assert c.attn_scale == pytest.approx(40 ** -0.5)
     assert (c.n_layers, c.n_nextn, c.n_dense, c.weights_scale) == (3, 1, 1, pytest.approx(1.8))
     assert "latent attention" in eng.load_report.fused_blocks
+    assert c.gating_assumed  # the converter writes no expert_gating_func for GLM-4.7-Flash
+
+
+def test_a_deepseek_v2_file_without_the_glm_tokenizer_is_refused(tmp_path):
+    """No gating key means sigmoid for GLM-4.7-Flash but softmax for DeepSeek-V2's files."""
+    e = err(rewrite(tmp_path / "dsv2.gguf", keys={"tokenizer.ggml.pre": "deepseek-llm"}))
+    assert "softmax router" in e and "expert_gating_func" in e
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_logits_match_transformers(eng, i):
     ids = REF[f"ids{i}"].tolist()
     np.testing.assert_allclose(eng.logits(ids), REF[f"hf{i}"], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_logits_match_llama_cpp(eng, i):
+    """llama.cpp's own logits on the same file (make.py: F32 KV cache, the router said sigmoid)."""
+    ids = REF[f"ids{i}"].tolist()
+    np.testing.assert_allclose(eng.logits(ids), REF[f"llama{i}"], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])

@@ -17,7 +17,11 @@ told "glm4" (what it writes for GLM-4.7-Flash). Written next to this file:
 - `reference.npz`: `ids{i}` and `hf{i}` ([len, vocab] logits of Glm4MoeLiteForCausalLM), and
   `mtp{i}` ([len-1, vocab]): the MTP block run with transformers' own modules, row p from the
   main model's final-norm hidden state at p and token ids[p+1] at position p+1 (the contract of
-  `Engine.mtp_logits`).
+  `Engine.mtp_logits`); with llama-cpp-python installed (0.3.36, built from the same source),
+  `llama{i}`: llama.cpp's logits (F32 KV cache). llama.cpp takes a deepseek2 file without
+  expert_gating_func for sigmoid only at 47/48 layers and a 154,880-token vocabulary (real
+  GLM-4.7-Flash files), softmax otherwise, so it reads a copy that says sigmoid (2).
+  `--llama-only` adds these to an existing reference.npz.
 """
 from __future__ import annotations
 
@@ -126,6 +130,45 @@ def build(glm4moe: Path, llama_cpp: Path) -> None:
                 ref[f"mtp{i}"] = mtp_reference(model, mtp_layer, eh, en, hn, sn, h, ids).numpy()
         np.savez(HERE / "reference.npz", **ref)
         print(f"wrote {out} ({out.stat().st_size} bytes) and reference.npz")
+    llama_reference()
+
+
+def llama_reference() -> None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama_cpp not installed: no llama{i} references")
+        return
+    import gguf
+
+    ref = dict(np.load(HERE / "reference.npz"))
+    with tempfile.TemporaryDirectory() as d:
+        src = gguf.GGUFReader(HERE / "glm47flash-tiny-f32.gguf")
+        dst = Path(d) / "sigmoid.gguf"
+        w = gguf.GGUFWriter(dst, "deepseek2")
+        for k, f in src.fields.items():
+            if k.startswith("GGUF.") or k == "general.architecture":
+                continue
+            if f.types[0] == gguf.GGUFValueType.ARRAY:
+                w.add_array(k, f.contents())
+            else:
+                w.add_key_value(k, f.contents(), f.types[0])
+        w.add_uint32("deepseek2.expert_gating_func", 2)
+        for t in src.tensors:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        m = Llama(model_path=str(dst), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0)
+        for i in range(len(PROMPTS)):
+            ids = ref[f"ids{i}"].tolist()
+            m.reset()
+            m.eval(ids)
+            ref[f"llama{i}"] = np.array(m.scores[:len(ids)], dtype=np.float32)
+            print(f"prompt {i}: llama.cpp against transformers {np.abs(ref[f'llama{i}'] - ref[f'hf{i}']).max():.2e}")
+        del m
+    np.savez(HERE / "reference.npz", **ref)
 
 
 def mtp_reference(model, layer, eh, en, hn, sn, h, ids):
@@ -155,8 +198,14 @@ def mtp_reference(model, layer, eh, en, hn, sn, h, ids):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-cpp", required=True, type=Path)
+    ap.add_argument("--llama-cpp", type=Path)
+    ap.add_argument("--llama-only", action="store_true")
     ap.add_argument("--glm4moe-fixture", type=Path,
                     default=HERE.parents[3] / "shared" / "fixtures" / "glm4moe-tiny" / "glm4moe-tiny-f32.gguf")
     a = ap.parse_args()
-    build(a.glm4moe_fixture, a.llama_cpp)
+    if a.llama_only:
+        llama_reference()
+    elif a.llama_cpp is None:
+        ap.error("--llama-cpp DIR is needed to convert")
+    else:
+        build(a.glm4moe_fixture, a.llama_cpp)
