@@ -85,13 +85,13 @@ except ImportError as _e:  # pragma: no cover - exercised only without a build
     def _missing(*a, **k):
         __getattr__("")
 
-    moe_forward = linear = dequantize_rows = set_threads = get_threads = active_path = available_paths = _missing
+    moe_forward = linear = linear_heads = dequantize_rows = set_threads = get_threads = active_path = available_paths = _missing
     ExpertTensor = _missing
 else:
     _IMPORT_ERROR = None
 
 __all__ = [
-    "ExpertTensor", "moe_forward", "linear", "dequantize_rows", "set_threads", "get_threads", "active_path", "available_paths",
+    "ExpertTensor", "moe_forward", "linear", "linear_heads", "dequantize_rows", "set_threads", "get_threads", "active_path", "available_paths",
     "SUPPORTED_TYPES", "REPACKED_TYPES", "random_blocks", "dequantize", "reference_moe", "read_bandwidth", "peak_rates",
     "build_info",
 ]
@@ -443,6 +443,29 @@ if _IMPORT_ERROR is None:
             raise ValueError("out must not overlap x")
         rc = _c_linear(_state["path"], _from_buffer("float[]", x), T, w._c, _cast("float *", o0), ld, nth)
         _check_rc(rc, "linear")
+        return out
+
+    _c_heads = _lib.nx_linear_heads
+
+    def linear_heads(x, w, threads=None):
+        """Per-head matmuls: float32 [T, E, N], head e of x [T, E, K] times matrix e of W [E, N, K]
+        (an ExpertTensor of E matrices, in its GGUF blocks), each head as `linear` computes it
+        (latent attention's k_b and v_b: one small matrix a head)."""
+        if not isinstance(w, ExpertTensor):
+            raise TypeError(f"w must be a cpu_kernels.ExpertTensor, got {type(w).__name__}")
+        E, N, K = w.shape
+        x = np.asarray(x)
+        if x.dtype != _F32:
+            raise TypeError(f"x must be float32, got {x.dtype}")
+        if x.ndim != 3 or x.shape[1:] != (E, K):
+            raise ValueError(f"x must be [T, {E}, {K}] for {E} matrices of {K} columns, got shape {x.shape}")
+        x = np.ascontiguousarray(x)
+        T = x.shape[0]
+        out = np.empty((T, E, N), dtype=_F32)
+        if T:
+            rc = _c_heads(_state["path"], _from_buffer("float[]", x), T, w._c, _from_buffer("float[]", out),
+                          _call_threads(threads))
+            _check_rc(rc, "linear_heads")
         return out
 
     _c_dequant = _lib.nx_dequant_rows

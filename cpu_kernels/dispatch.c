@@ -101,6 +101,19 @@ int nx_linear(int path, const float *x, int64_t T, const nx_tensor *w, float *ou
     return -2;
 }
 
+/* x [T, E, K] -> out [T, E, N], head e through matrix e of w (E matrices [N, K]) */
+int nx_linear_heads(int path, const float *x, int64_t T, const nx_tensor *w, float *out, int nthreads) {
+    if (path < 0 || path > 2 || !((nx_cpu_paths() >> path) & 1)) return -2;
+    if (T < 0 || nx_check_threads(nthreads) || nx_check_tensor(w)) return NX_EINVAL;
+    if (T > 0 && (!x || !out)) return NX_EINVAL;
+    switch (path) {
+    case 0: return nx_linear_heads_ref(x, T, w, out, nthreads);
+    case 1: return nx_linear_heads_avx2(x, T, w, out, nthreads);
+    case 2: return nx_linear_heads_avx512(x, T, w, out, nthreads);
+    }
+    return -2;
+}
+
 int nx_dequant_rows(int path, const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads) {
     if (path < 0 || path > 2 || !((nx_cpu_paths() >> path) & 1)) return -2;
     if (n < 0 || nx_check_threads(nthreads) || nx_check_tensor(w)) return NX_EINVAL;

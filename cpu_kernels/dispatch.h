@@ -8,6 +8,7 @@ int nx_moe_forward(int path, const float *x, int64_t T, const int32_t *ids, cons
                    const nx_tensor *gate, const nx_tensor *up, const nx_tensor *down, float *out,
                    int nthreads);
 int nx_linear(int path, const float *x, int64_t T, const nx_tensor *w, float *out, int64_t ld, int nthreads);
+int nx_linear_heads(int path, const float *x, int64_t T, const nx_tensor *w, float *out, int nthreads);
 int nx_dequant_rows(int path, const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads);
 int nx_blocks_forward(int path, const nx_dims *d, const nx_block *blocks, int32_t n_blocks, void **kc, void **vc,
                       int64_t pool_len, int32_t kv_type, float *x, int64_t T, const int64_t *pos, const int64_t *lslot,

@@ -432,6 +432,7 @@ static inline void nx_repack_row(int type, const uint8_t *src, int64_t nb, uint8
                              int64_t K, const nx_tensor *gate, const nx_tensor *up, \
                              const nx_tensor *down, float *out, int nthreads); \
     int nx_linear_##sfx(const float *x, int64_t T, const nx_tensor *w, float *out, int64_t ld, int nthreads); \
+    int nx_linear_heads_##sfx(const float *x, int64_t T, const nx_tensor *w, float *out, int nthreads); \
     int nx_dequant_rows_##sfx(const nx_tensor *w, const int64_t *rows, int64_t n, float *out, int nthreads);
 
 NX_DECL_PATH(ref)

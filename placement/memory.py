@@ -77,8 +77,12 @@ def in_gguf_form(info, side: str, role_part: str, use_kernels: bool = True, gpu_
         return False
     if role_part == "routed_experts":
         return True
-    return (int(info.ggml_type) != _F32 and len(info.shape) == 2
+    # 2-D weights, and latent attention's per-head k_b / v_b ([heads, N, K]: runtime/linear.py's HeadLinear)
+    return (int(info.ggml_type) != _F32 and (len(info.shape) == 2 or info.name.endswith(_PER_HEAD))
             and info.name.endswith(".weight") and not info.name.endswith(_FLOAT32_ALWAYS))
+
+
+_PER_HEAD = ("attn_k_b.weight", "attn_v_b.weight")
 
 
 def tensor_load_bytes(info, side: str, role_part: str, gpu_dtype: str, use_kernels: bool = True,

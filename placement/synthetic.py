@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from runtime.config import ARCH, ModelConfig, expected_tensors
+from runtime.config import MLA_ARCH, ModelConfig, expected_tensors
 
 # The published shapes (the Hugging Face config.json of each model).
 _COMMON = dict(n_vocab=151552, n_nextn=1, n_heads=96, n_kv_heads=8, head_dim=128, rope_dim=64,
@@ -27,6 +27,13 @@ GLM_SHAPES: dict[str, ModelConfig] = {
 }
 GLM_SHAPES["glm46"] = replace(GLM_SHAPES["glm45"], context_length=202752)
 GLM_SHAPES["glm47"] = GLM_SHAPES["glm46"]
+# GLM-4.7-Flash (Glm4MoeLiteForCausalLM, a deepseek2 file): latent attention, the cache's one
+# "head" the kv latent (512) and the shared rope key (64)
+GLM_SHAPES["glm47-flash"] = ModelConfig(
+    n_vocab=154880, n_nextn=1, n_heads=20, n_kv_heads=1, head_dim=576, rope_dim=64, rope_base=1e6, rms_eps=1e-5,
+    n_experts_used=4, n_shared=1, weights_norm=True, attn_bias=False, hidden=2048, n_layers=47, dense_ffn=10240,
+    expert_ffn=1536, n_experts=64, n_dense=1, weights_scale=1.8, context_length=202752, qk_norm=False,
+    mla=True, q_lora_rank=768, kv_lora_rank=512, nope_dim=192, v_dim=256, arch=MLA_ARCH)
 
 MIXES = ("Q4_K_M", "Q8_0", "BF16")
 
@@ -102,8 +109,11 @@ class SyntheticModel:
 
 
 def config_metadata(cfg: ModelConfig) -> dict:
-    a = ARCH
-    return {
+    a = cfg.arch
+    mla = {f"{a}.attention.q_lora_rank": cfg.q_lora_rank, f"{a}.attention.kv_lora_rank": cfg.kv_lora_rank,
+           f"{a}.attention.key_length_mla": cfg.nope_dim + cfg.rope_dim,
+           f"{a}.attention.value_length_mla": cfg.v_dim} if cfg.mla else {}
+    return mla | {
         "general.architecture": a,
         f"{a}.block_count": cfg.n_blocks, f"{a}.nextn_predict_layers": cfg.n_nextn,
         f"{a}.embedding_length": cfg.hidden, f"{a}.feed_forward_length": cfg.dense_ffn,
@@ -112,7 +122,8 @@ def config_metadata(cfg: ModelConfig) -> dict:
         f"{a}.leading_dense_block_count": cfg.n_dense, f"{a}.expert_gating_func": 2,
         f"{a}.expert_weights_scale": cfg.weights_scale, f"{a}.expert_weights_norm": cfg.weights_norm,
         f"{a}.attention.head_count": cfg.n_heads, f"{a}.attention.head_count_kv": cfg.n_kv_heads,
-        f"{a}.attention.key_length": cfg.head_dim, f"{a}.attention.value_length": cfg.head_dim,
+        f"{a}.attention.key_length": cfg.head_dim,
+        f"{a}.attention.value_length": cfg.kv_lora_rank if cfg.mla else cfg.head_dim,
         f"{a}.attention.layer_norm_rms_epsilon": cfg.rms_eps, f"{a}.rope.dimension_count": cfg.rope_dim,
         f"{a}.rope.freq_base": cfg.rope_base, f"{a}.context_length": cfg.context_length,
     }

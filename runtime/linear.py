@@ -64,6 +64,30 @@ class KernelLinear:
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+class HeadLinear:
+    """One small matrix a head in its GGUF blocks (latent attention's k_b [heads, R, nope] and
+    v_b [heads, v, R]): `w(x)` = [T, heads, N] from x [T, heads, K], head e by matrix e, all heads
+    in one kernel call (`cpu_kernels.linear_heads`; a float32 copy would read 2-4x the bytes,
+    18 MB a layer at GLM-4.7-Flash's sizes)."""
+
+    def __init__(self, tensor, threads: int | None = None):
+        import cpu_kernels
+
+        self._heads = cpu_kernels.linear_heads
+        self.tensor = tensor  # cpu_kernels.ExpertTensor (heads, N, K)
+        self.threads = threads
+        self.shape = tuple(tensor.shape)
+        self.nbytes = tensor.nbytes
+        self.dtype = torch.float32
+
+    def __repr__(self):
+        return f"HeadLinear({self.tensor.ggml_type.name}, shape={self.shape})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        return torch.from_numpy(self._heads(xs.numpy(), self.tensor, threads=self.threads))
+
+
 # F16/BF16 weights meet calls of at least this many rows (prefill chunks) as torch float32 GEMMs
 # over row chunks converted on the fly: the kernels' float path dots each row with each token in
 # turn, 3x slower than torch's GEMM at 512 rows, while at a few rows it is 1.5-3.7x faster than

@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .errors import ModelFileError
 from .experts import KernelExperts, TorchExperts
 from .gguf_file import GGUFFile, TensorInfo
-from .linear import KernelLinear, QuantizedTable
+from .linear import HeadLinear, KernelLinear, QuantizedTable
 from .model import (Attention, Block, Bus, DenseFFN, Embedding, GLM4Model, Head, MLAttention, MoE, NextnHead,
                     RoPE, RoutedExperts, Router)
 
@@ -121,9 +121,22 @@ class _Builder:
         side = self.unit_side(names)
         m = lambda i: self.matrix([names[i]], side)  # noqa: E731
         t = lambda i: self.tensor(names[i], side)  # noqa: E731
-        # k_b / v_b: one small matrix a head (GLM-4.7-Flash: 20 x 512 x 192 and 20 x 256 x 512),
-        # multiplied per head in the side's dtype
-        return MLAttention(side, t(0), m(1), t(2), m(3), m(4), t(5), t(6), t(7), m(8), t(9))
+        return MLAttention(side, t(0), m(1), t(2), m(3), m(4), t(5), self.heads(names[6], side),
+                           self.heads(names[7], side), m(8), t(9))
+
+    def heads(self, name: str, side: str):
+        """k_b / v_b, one small matrix a head (GLM-4.7-Flash: 20 x 512 x 192, 20 x 256 x 512): in
+        GGUF form on the kernels (a HeadLinear) where in_gguf_form says so, else a float tensor
+        [heads, N, K] in the side's dtype."""
+        info = self.f.tensors[name]
+        if not in_gguf_form(info, side, "attention", self.use_kernels, self.devices["gpu"].type == "cpu"):
+            return self.tensor(name, side)
+        import cpu_kernels
+
+        self.report.bytes_by_side[side] += info.nbytes
+        self.report.kernel_weights += 1
+        self._tick(info)
+        return HeadLinear(cpu_kernels.ExpertTensor(info.raw(), int(info.ggml_type), info.shape), threads=self.threads)
 
     def attention(self, p: str) -> Attention | MLAttention:
         if self.cfg.mla:

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .kvpool import KVPool, SeqKV, private_cache
-from .linear import ROWWISE_MAX, KernelLinear, QuantizedTable, linear, rowwise
+from .linear import ROWWISE_MAX, HeadLinear, KernelLinear, QuantizedTable, linear, rowwise
 from .trace import NULL_TIMELINE, Timeline
 
 
@@ -127,10 +127,13 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _per_head(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, d] through each head's own matrix w [heads, n, d]: [T, heads, n]. On the CPU,
-    up to ROWWISE_MAX rows go one at a time (the same batched one-column product for every row),
-    so a row's bits do not depend on the rows beside it: a verify row gets a plain step's bits."""
+def _per_head(w, x: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] through each head's own matrix w [heads, n, d]: [T, heads, n]. A HeadLinear
+    (GGUF blocks on the CPU) runs on the kernels, whose rows keep their bits in any batch; a float
+    weight on the CPU takes up to ROWWISE_MAX rows one at a time (the same batched one-column
+    product for every row), so a verify row gets a plain step's bits there too."""
+    if isinstance(w, HeadLinear):
+        return w(x)
     if x.device.type == "cpu" and x.shape[0] <= ROWWISE_MAX:
         return torch.cat([torch.bmm(w, _as(x[t], w.dtype).unsqueeze(-1)).squeeze(-1)[None] for t in range(x.shape[0])])
     return torch.einsum("hnd,thd->thn", w, _as(x, w.dtype))
@@ -282,8 +285,8 @@ class MLAttention:
     wq_b: torch.Tensor | KernelLinear  # [heads * (nope + rope), q_lora_rank]
     wkv_a: torch.Tensor | KernelLinear  # [R + rope, H]
     kv_a_norm: torch.Tensor
-    k_b: torch.Tensor  # [heads, R, nope]
-    v_b: torch.Tensor  # [heads, v, R]
+    k_b: torch.Tensor | HeadLinear  # [heads, R, nope]
+    v_b: torch.Tensor | HeadLinear  # [heads, v, R]
     wo: torch.Tensor | KernelLinear  # [H, heads * v]
     post_norm: torch.Tensor | None = None  # ffn_norm: the FFN input, on this side
 
@@ -474,10 +477,17 @@ class GLM4Model:
             # an F16 cache on the CPU is storage only: attention computes in the side's dtype
             # (float32: as the fused path does, on the same rounded values)
             ck, cv = ck.to(q.dtype), cv.to(q.dtype)
+        scale = cfg.attn_scale
+        if v is None and T <= ROWWISE_MAX:
+            # latent attention's decode rows: every head against the one latent "head", as two
+            # matmuls a row (SDPA's GQA path broadcast the 576-wide keys to every head: 0.6 ms a
+            # call on the CPU at 3 layers of GLM-4.7-Flash, most of a layer's attention)
+            k2, v2, qv = ck[:, 0], cv[:, 0], _as(q, ck.dtype)  # [S, R + rope], [S, R], [T, heads, D]
+            return torch.stack([torch.softmax((qv[t] @ k2[:start + t + 1].T) * scale, dim=-1) @ v2[:start + t + 1]
+                                for t in range(T)])
         K = ck.transpose(0, 1)[None]  # [1, kv, S, D]
         V = cv.transpose(0, 1)[None]
         Q = _as(q.transpose(0, 1)[None], K.dtype)  # [1, heads, T, D]
-        scale = cfg.attn_scale
         if T == 1:  # a decode step: the one-row call itself (no list, no concatenation)
             o = F.scaled_dot_product_attention(Q, K, V, scale=scale, enable_gqa=True)
         elif T <= ROWWISE_MAX:

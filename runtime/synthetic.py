@@ -5,7 +5,8 @@ benchmarks of models that are not on this machine.
     python -m runtime.synthetic air.gguf --shape glm45-air --layers 4 --mix q4k_q5_0
     write_synthetic("air.gguf", shape="glm45-air", layers=4)        # -> Path
 
-Shapes come from `placement.GLM_SHAPES` (the published config.json shapes) with the main layer count replaced
+Shapes come from `placement.GLM_SHAPES` (the published config.json shapes; glm47-flash is a
+deepseek2 file with latent attention) with the main layer count replaced
 (the leading dense blocks of the real model kept while `layers` leaves room for at least one MoE
 block) and one nextn (MTP) block. Mixes (what published llama.cpp quants hold; rows that are not a
 multiple of 256, like GLM-4.5-Air's expert width 1408 in ffn_down_exps, fall back to 32-element
@@ -35,11 +36,11 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from .config import ARCH, ModelConfig, expected_tensors
+from .config import ModelConfig, expected_tensors
 from .errors import NextnError
 from .testmodel import add_tokenizer_metadata
 
-SHAPES = ("glm45-air", "glm47")
+SHAPES = ("glm45-air", "glm47", "glm47-flash")
 MIXES = ("q4k_q5_0", "q8_0", "iq4xs_iq4nl", "q2k_q3k")
 _MIX_ALIASES = {"q4_k_m": "q4k_q5_0", "q4k": "q4k_q5_0", "iq4_xs": "iq4xs_iq4nl", "q2_k": "q2k_q3k"}
 _FILE_TYPE = {"q4k_q5_0": 15, "q8_0": 7, "iq4xs_iq4nl": 30, "q2k_q3k": 10}
@@ -237,10 +238,10 @@ def write_synthetic(path, shape: str = "glm45-air", layers: int = 4, mix: str = 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = tensor_plan(cfg, mix, nextn_copies and nextn)
 
-    w = gguf.GGUFWriter(path, ARCH)
+    A = cfg.arch
+    w = gguf.GGUFWriter(path, A)
     w.add_type("model")
     w.add_name(f"synthetic {shape} {layers}L {mix}")
-    A = ARCH
     w.add_uint32(f"{A}.block_count", cfg.n_blocks)
     w.add_uint32(f"{A}.context_length", cfg.context_length)
     w.add_uint32(f"{A}.embedding_length", cfg.hidden)
@@ -254,12 +255,20 @@ def write_synthetic(path, shape: str = "glm45-air", layers: int = 4, mix: str = 
     w.add_uint32(f"{A}.expert_group_count", 1)
     w.add_uint32(f"{A}.expert_group_used_count", 1)
     w.add_uint32(f"{A}.attention.key_length", cfg.head_dim)
-    w.add_uint32(f"{A}.attention.value_length", cfg.head_dim)
+    w.add_uint32(f"{A}.attention.value_length", cfg.kv_lora_rank if cfg.mla else cfg.head_dim)
+    if cfg.mla:  # GLM-4.7-Flash as llama.cpp's converter writes it (runtime/config.py, _mla_dims)
+        w.add_uint32(f"{A}.attention.q_lora_rank", cfg.q_lora_rank)
+        w.add_uint32(f"{A}.attention.kv_lora_rank", cfg.kv_lora_rank)
+        w.add_uint32(f"{A}.attention.key_length_mla", cfg.nope_dim + cfg.rope_dim)
+        w.add_uint32(f"{A}.attention.value_length_mla", cfg.v_dim)
+        w.add_uint32(f"{A}.vocab_size", cfg.n_vocab)
     w.add_uint32("general.file_type", _FILE_TYPE[mix])
     w.add_uint32(f"{A}.rope.dimension_count", cfg.rope_dim)
     w.add_uint32(f"{A}.expert_feed_forward_length", cfg.expert_ffn)
     w.add_uint32(f"{A}.expert_shared_count", cfg.n_shared)
     w.add_uint32(f"{A}.leading_dense_block_count", cfg.n_dense)
+    # written for deepseek2 too (real GLM-4.7-Flash files lack it): llama.cpp would read a file
+    # without it at fewer than 47 layers as softmax-routed, and a peer benchmark must run one model
     w.add_uint32(f"{A}.expert_gating_func", 2)
     w.add_float32(f"{A}.expert_weights_scale", float(cfg.weights_scale))
     w.add_bool(f"{A}.expert_weights_norm", bool(cfg.weights_norm))

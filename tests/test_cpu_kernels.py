@@ -753,6 +753,41 @@ def test_linear_bad_arguments(case, exc, match):
         ck.linear(x, W, **kw)
 
 
+@pytest.mark.parametrize("t", [QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.Q5_0, QT.F16, QT.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("T", [1, 4, 17])
+def test_linear_heads_each_head_its_own_matrix(path, t, T):
+    """out[t, e] = W[e] x[t, e] (latent attention's per-head k_b / v_b): against float64 over
+    gguf's dequantization, and bit for bit against `linear` on each head's matrix alone (so a row
+    keeps its bits in any batch, as `linear` does). 5 heads of 37 rows: odd sizes."""
+    rng = np.random.default_rng(int(t) + T)
+    E, N, K = 5, 37, 2 * _bs(t)
+    raw = ck.random_blocks(t, (E, N, K), rng)
+    W = ck.ExpertTensor(raw, t, (E, N, K))
+    wf = ck.dequantize(raw, t, (E, N, K)).astype(np.float64)
+    x = rng.standard_normal((T, E, K), dtype=np.float32)
+    out = ck.linear_heads(x, W)
+    ref = np.einsum("end,ted->ten", wf, x.astype(np.float64))
+    assert out.shape == (T, E, N) and np.isfinite(out).all()
+    assert np.abs(out - ref).max() / np.abs(ref).max() < TOL_EXACT[t]
+    for e in range(E):
+        alone = ck.linear(np.ascontiguousarray(x[:, e]), ck.ExpertTensor(raw[e:e + 1], t, (1, N, K)))
+        assert np.array_equal(out[:, e], alone), e
+    if T > 1:
+        assert np.array_equal(ck.linear_heads(x[:1], W)[0], out[0])
+
+
+def test_linear_heads_bad_arguments():
+    rng = np.random.default_rng(2)
+    W = ck.ExpertTensor(ck.random_blocks(QT.Q8_0, (3, 8, 64), rng), QT.Q8_0, (3, 8, 64))
+    with pytest.raises(ValueError, match=r"x must be \[T, 3, 64\]"):
+        ck.linear_heads(np.zeros((2, 4, 64), np.float32), W)
+    with pytest.raises(TypeError, match="float32"):
+        ck.linear_heads(np.zeros((2, 3, 64)), W)
+    with pytest.raises(TypeError, match="ExpertTensor"):
+        ck.linear_heads(np.zeros((2, 3, 64), np.float32), np.zeros((3, 8, 64), np.float32))
+    assert ck.linear_heads(np.zeros((0, 3, 64), np.float32), W).shape == (0, 3, 8)
+
+
 FUSED_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.IQ4_NL, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS]
 
 
