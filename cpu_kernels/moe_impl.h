@@ -1886,25 +1886,32 @@ int NX_CAT(nx_linear, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, flo
 }
 
 /* Per-head matrices (latent attention's k_b / v_b: one small matrix a head): out [T, E, N] =
- * x [T, E, K] through w's matrix e for head e. Each head is nx_linear over its own matrix and
- * its T rows (gathered into scratch), so a head's row gets the bits nx_linear gives it, in any
- * batch. One call for all heads: a head's matrix (GLM-4.7-Flash: 512 x 192, 256 x 512) is too
- * small for a call from Python of its own (20 heads, 2 matrices, every layer). Returns 0 or -1. */
+ * x [T, E, K] through w's matrix e for head e. Each head is lin_multi over its own matrix and its
+ * T rows (gathered into scratch), so a head's row gets the bits nx_linear gives it, in any batch
+ * and on any number of threads. One call for all heads: a head's matrix (GLM-4.7-Flash: 512 x
+ * 192, 256 x 512) is too small for a call from Python of its own (20 heads, 2 matrices, every
+ * layer), and too small to split between threads: with at least as many heads as threads, the
+ * threads take whole heads (one parallel region, not one a head). Returns 0 or -1. */
 int NX_CAT(nx_linear_heads, NX_SFX)(const float *x, int64_t T, const nx_tensor *w, float *out, int nthreads) {
     const int64_t E = w->n_expert, N = w->rows, K = w->cols;
+    if (nthreads < 1) nthreads = 1;
     if (T <= 0) return 0;
-    float *xe = (float *)malloc((size_t)T * (size_t)K * sizeof(float));
-    if (!xe) return -1;
+    const int by_head = E >= nthreads && nthreads > 1;
+    const int nth = by_head ? nthreads : 1;
+    float *xe_all = (float *)malloc((size_t)nth * (size_t)T * (size_t)K * sizeof(float));
+    if (!xe_all) return -1;
     int rc = 0;
-    for (int64_t e = 0; e < E && !rc; e++) {
+#pragma omp parallel for num_threads(nth) if (by_head) schedule(dynamic, 1) reduction(| : rc)
+    for (int64_t e = 0; e < E; e++) {
+        float *xe = xe_all + (size_t)omp_get_thread_num() * (size_t)T * (size_t)K;
         nx_tensor part = *w;
         part.n_expert = 1;
         part.data = w->data + (size_t)e * (size_t)N * (size_t)w->row_bytes;
         for (int64_t t = 0; t < T; t++) memcpy(xe + t * K, x + (t * E + e) * K, (size_t)K * sizeof(float));
-        rc = FN(lin_multi)(xe, T, &part, 1, out + e * N, E * N, nthreads);
+        rc |= FN(lin_multi)(xe, T, &part, 1, out + e * N, E * N, by_head ? 1 : nthreads) != 0;
     }
-    free(xe);
-    return rc;
+    free(xe_all);
+    return rc ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------ dequantization to float32

@@ -776,6 +776,18 @@ def test_linear_heads_each_head_its_own_matrix(path, t, T):
         assert np.array_equal(ck.linear_heads(x[:1], W)[0], out[0])
 
 
+def test_linear_heads_independent_of_thread_count(all_threads):
+    """Heads split between threads (as many heads as threads or more) or threads within a head
+    (fewer heads): the same bits either way."""
+    rng = np.random.default_rng(4)
+    for E in (2, 7):
+        W = ck.ExpertTensor(ck.random_blocks(QT.Q4_K, (E, 48, 512), rng), QT.Q4_K, (E, 48, 512))
+        x = rng.standard_normal((3, E, 512), dtype=np.float32)
+        one = ck.linear_heads(x, W, threads=1)
+        for n in (2, 3, 8):
+            assert np.array_equal(ck.linear_heads(x, W, threads=n), one), (E, n)
+
+
 def test_linear_heads_bad_arguments():
     rng = np.random.default_rng(2)
     W = ck.ExpertTensor(ck.random_blocks(QT.Q8_0, (3, 8, 64), rng), QT.Q8_0, (3, 8, 64))

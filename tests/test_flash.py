@@ -189,3 +189,22 @@ def test_bad_metadata_is_named(tmp_path, keys, words):
 @pytest.mark.parametrize("name", ["blk.1.attn_k_b.weight", "blk.0.attn_q_a_norm.weight", "blk.2.ffn_norm.weight"])
 def test_missing_latent_tensor_is_named(tmp_path, name):
     assert f"missing tensor {name}" in err(rewrite(tmp_path / "bad.gguf", drop=(name,)))
+
+
+def test_rows_of_several_sequences_in_one_forward(eng):
+    """The batched forward (one call over several sequences' rows, each over its own cache: what
+    a GPU runs for a batch step) against each sequence's rows alone."""
+    m = eng.model
+    prompts = [REF[f"ids{i}"].tolist()[:n] for i, n in ((0, 9), (1, 5), (2, 12))]
+    alone, caches = [], []
+    with torch.inference_mode():
+        for p in prompts:
+            c = m.new_cache(64, torch.float32)
+            alone.append(m.forward(torch.tensor(p), c, 0))
+        caches = [m.new_cache(64, torch.float32) for _ in prompts]
+        # first chunks of different lengths together, then one decode row each together
+        split = [4, 2, 7]
+        outs = m.forward_batch([(torch.tensor(p[:s]), c, 0) for p, s, c in zip(prompts, split, caches)])
+        rest = m.forward_batch([(torch.tensor(p[s:]), c, s) for p, s, c in zip(prompts, split, caches)])
+    for a, o, r, s in zip(alone, outs, rest, split):
+        torch.testing.assert_close(torch.cat([o, r]), a, atol=2e-5, rtol=0)
