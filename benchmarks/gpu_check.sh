@@ -15,7 +15,7 @@
 # Stages run one after another; a failing stage is reported and the next one still runs, so one
 # call gives everything it can. Environment: GPU (default cuda:0), LAYERS (4), VOCAB, TOKENS (32),
 # TESTS (test paths), STAGES (a subset of "kernels bench trace demo profile tests kbench", in the
-# order they run; "steps" and "graphs" are not in the default list), OUT (where logs go). On an H200: every stage, 372 s;
+# order they run; "steps", "graphs" and "flash" are not in the default list), OUT (where logs go). On an H200: every stage, 372 s;
 # "bench trace demo profile tests" with a test subset, 389 s, and "bench trace demo tests", 354 s;
 # results in BENCHMARKS.md, "GPU check". A fresh machine takes ~35 s to start.
 set -uo pipefail
@@ -76,6 +76,15 @@ stage trace 90 python3 -m runtime.cli run /tmp/air.gguf --gpu "$GPU" --max-token
   --trace "$OUT/trace_air.json" --prompt "def main():"
 stage bench 90 python3 -m runtime.cli bench model /tmp/air.gguf --gpu "$GPU" --oracle 0.6 --draft 1 \
   --max-tokens "$TOKENS" --repeats 2 --prompts 2 --no-overlap
+# GLM-4.7-Flash (deepseek2, latent attention): the fixture's references on CUDA (float32 gpu
+# side), then a synthetic 4-block Flash with its routed experts on the CPU: plain and MTP speed.
+# Not in the default list: STAGES=flash (never run on a GPU yet).
+stage flash 60 python3 -m pytest -q -p no:cacheprovider tests/test_flash.py
+if [[ " $STAGES " == *" flash "* ]]; then
+  python3 -m runtime.synthetic /tmp/flash.gguf --shape glm47-flash --layers 4 --mix q4k_q5_0 --vocab 16384
+fi
+stage flash 120 python3 -m runtime.cli bench model /tmp/flash.gguf --gpu "$GPU" --oracle 0,0.9 --draft 1 \
+  --max-tokens "$TOKENS" --repeats 2 --prompts 2
 # The bundled demo model on the GPU (its real acceptance).
 stage demo 45 python3 -m runtime.cli bench model --gpu "$GPU" --max-tokens 64 --repeats 2
 # Verify batches and drafts as ratios to a plain step (medians from one cache state): the
