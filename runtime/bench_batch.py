@@ -49,7 +49,8 @@ def _weight_bytes(eng) -> tuple[int, float]:
     dense, expert, layers = 0, 0.0, 0
     for b in m.blocks:
         a = b.attn
-        dense += nb(a.wqkv) + nb(a.wo)
+        mats = (a.wq_a, a.wq_b, a.wkv_a, a.k_b, a.v_b, a.wo) if hasattr(a, "wkv_a") else (a.wqkv, a.wo)
+        dense += sum(nb(w) for w in mats)
         ffn = b.ffn
         if hasattr(ffn, "gate_up"):
             dense += nb(ffn.gate_up) + nb(ffn.down)

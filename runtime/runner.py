@@ -26,14 +26,39 @@ KINDS = ("mtp", "mtp_logits", "fwd", "logits")  # the order a round serves them 
 
 
 def one_forward(model, caches) -> bool:
-    """Whether decode-shaped rows of these sequences may run as one forward: on a GPU, or where
-    the fused CPU path takes them all (float32 caches of one pool)."""
+    """Whether decode-shaped rows of these sequences may run as one forward: on a GPU, where the
+    fused CPU path takes them all (float32 caches of one pool), or on the torch path of latent
+    attention (GLM-4.7-Flash), whose every op keeps a row's bits in a forward of up to
+    ROWWISE_MAX rows (kernel matrices, row-wise float matmuls, norms and transcendentals,
+    attention row by row; tests/test_flash.py checks it), in forwards of at most that many rows."""
     if len(caches) < 2:
         return False
     if model.bus.devices["gpu"].type == "cuda":
         return True
     pool = caches[0].pool
-    return model.fused is not None and pool.fusable and all(c.pool is pool for c in caches)
+    if not all(c.pool is pool for c in caches):
+        return False
+    return (model.fused is not None and pool.fusable) or rowwise_torch_path(model)
+
+
+def rowwise_torch_path(model) -> bool:
+    """The CPU torch path of a latent-attention model (no fused C blocks for it)."""
+    return model.cfg.mla and model.fused is None and model.bus.devices["gpu"].type == "cpu"
+
+
+def _row_chunks(group: list, rows_at: int) -> list[list]:
+    """Consecutive ops whose rows add up to at most ROWWISE_MAX (each op has at most that many)."""
+    chunks, cur, n = [], [], 0
+    for op in group:
+        r = op[rows_at].shape[0]
+        if cur and n + r > ROWWISE_MAX:
+            chunks.append(cur)
+            cur, n = [], 0
+        cur.append(op)
+        n += r
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def execute(model, ops: list) -> list:
@@ -53,13 +78,16 @@ def execute(model, ops: list) -> list:
         out = [None if i in small else alone(op) for i, op in enumerate(ops)]
         group = [ops[i] for i in small]
         if one_forward(model, [op[cache_at] for op in group]):
-            if kind == "fwd":
-                res = model.forward_batch([op[1:4] for op in group])
-                for op in group:  # draft-ahead hooks: after the batch (nothing to overlap with)
-                    if op[4] is not None:
-                        op[4]()
-            else:
-                res = model.mtp_forward_batch([op[1:] for op in group])
+            chunks = _row_chunks(group, rows_at) if rowwise_torch_path(model) else [group]
+            res = []
+            for chunk in chunks:
+                if kind == "fwd":
+                    res += model.forward_batch([op[1:4] for op in chunk])
+                    for op in chunk:  # draft-ahead hooks: after the batch (nothing to overlap with)
+                        if op[4] is not None:
+                            op[4]()
+                else:
+                    res += model.mtp_forward_batch([op[1:] for op in chunk])
         else:
             res = [alone(op) for op in group]
         for i, r in zip(small, res):
