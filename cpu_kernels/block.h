@@ -36,6 +36,15 @@ typedef struct {
     int32_t n_expert, top_k, norm_topk;
     float scale;
     nx_tensor exp_gate, exp_up, exp_down;
+    /* latent attention (nx_dims.kv_rank > 0, GLM-4.7-Flash): qkv holds attn_q_a's rows, then
+     * attn_kv_a_mqa's [q_rank + kv_rank + rope, H]; q_b [n_heads (nope + rope), q_rank]; k_b
+     * [n_heads][kv_rank, nope] and v_b [n_heads][v_dim, kv_rank] (one matrix a head); wo
+     * [H, n_heads v_dim]. The cache row of a position: the normed latent, then the rotated rope key
+     * (head_dim = kv_rank + rope floats, n_kv 1); no V. */
+    const float *q_a_norm;    /* [q_rank] */
+    const float *kv_a_norm;   /* [kv_rank] */
+    nx_lin q_b;
+    nx_tensor k_b, v_b;
 } nx_block;
 
 typedef struct {
@@ -46,6 +55,9 @@ typedef struct {
     const float *rope_cos, *rope_sin;
     int64_t rope_len;
     int32_t rope_half;        /* rope_dim / 2 */
+    /* latent attention: kv_rank > 0; the rope tables are then [positions, rope_dim] in adjacent
+     * pairs: C = [c0, c0, c1, c1, ...], S = [-s0, s0, -s1, s1, ...] (x * C + x[swap each pair] * S) */
+    int32_t q_rank, kv_rank, nope, v_dim;
 } nx_dims;
 
 /* per-path entry points (suffix = path name; dispatch.c picks one) */

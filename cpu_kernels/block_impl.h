@@ -417,6 +417,121 @@ static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const void
     }
 }
 
+/* Latent attention of T rows (GLM-4.7-Flash, runtime/model.py's MLAttention; the same operations
+ * row by row, so a row's bits do not depend on the rows beside it):
+ *   [q_a | kv] = qkv(h); q = q_b(rms_norm(q_a)); cache row = [rms_norm(kv latent), rope(kv rope)]
+ *   Q_head = [k_b_head q_nope, rope(q_rope)]; o_lat = softmax(scale Q . K_j) . latent_j
+ *   att = v_b_head o_lat  (att [T, n_heads v_dim], for wo)
+ * Attention units are (row, run of heads): a unit reads each cache row once for its heads, in
+ * position order, and every (row, head)'s sums are the same whatever unit holds it. Scratch is
+ * allocated here (a few KB a row). Returns 0, -1 (allocation failed). */
+static int FN(mla_rows)(const nx_dims *d, const nx_block *b, const float *h, int64_t T, void *K, int f16,
+                        const int64_t *pos, const int64_t *lslot, const int32_t *const *maps, int64_t smax,
+                        float *att, int nthreads) {
+    const int64_t nh = d->n_heads, R = d->kv_rank, rope = 2 * (int64_t)d->rope_half, nope = d->nope;
+    const int64_t qr = d->q_rank, D = R + rope, qd = nope + rope, nqa = qr + R + rope;
+    const size_t nf = (size_t)T * (size_t)(nqa + qr + nh * qd + nh * nope + nh * R + nh * D + nh * R);
+    float *buf = (float *)malloc(nf * sizeof(float));
+    if (!buf) return -1;
+    float *qkv = buf, *qa = qkv + T * nqa, *qb = qa + T * qr, *qn = qb + T * nh * qd, *ql = qn + T * nh * nope;
+    float *Q = ql + T * nh * R, *ol = Q + T * nh * D;
+    int rc = FN(lin_apply)(&b->qkv, h, T, qkv, nthreads);
+    for (int64_t t = 0; t < T && !rc; t++) {
+        const float *r = qkv + t * nqa;
+        FN(rms_norm_row)(r, b->q_a_norm, qr, d->eps, qa + t * qr);
+        float row[4096];   /* kv_rank + rope <= 4096 (checked by the caller) */
+        FN(rms_norm_row)(r + qr, b->kv_a_norm, R, d->eps, row);
+        const float *C = d->rope_cos + pos[t] * rope, *S = d->rope_sin + pos[t] * rope;
+        const float *kr = r + qr + R;
+        for (int64_t i = 0; i < rope; i++) row[R + i] = kr[i] * C[i] + kr[i ^ 1] * S[i];
+        const int64_t slot = maps[t][lslot[t]];
+        if (f16) FN(to_f16)(row, (uint16_t *)K + slot * D, D);
+        else memcpy((float *)K + slot * D, row, (size_t)D * sizeof(float));
+    }
+    if (!rc) rc = FN(lin_apply)(&b->q_b, qa, T, qb, nthreads);
+    if (!rc) {
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t hh = 0; hh < nh; hh++) {
+                const float *q = qb + (t * nh + hh) * qd;
+                memcpy(qn + (t * nh + hh) * nope, q, (size_t)nope * sizeof(float));
+                const float *C = d->rope_cos + pos[t] * rope, *S = d->rope_sin + pos[t] * rope;
+                float *o = Q + (t * nh + hh) * D + R;
+                for (int64_t i = 0; i < rope; i++) o[i] = q[nope + i] * C[i] + q[nope + (i ^ 1)] * S[i];
+            }
+        rc = NX_CAT(nx_linear_heads, NX_SFX)(qn, T, &b->k_b, ql, nthreads);
+    }
+    if (!rc) {
+        for (int64_t v = 0; v < T * nh; v++) memcpy(Q + v * D, ql + v * R, (size_t)R * sizeof(float));
+        /* units: (row, run of heads), as many runs as keep the threads busy */
+        int64_t runs = 1;
+        while (runs < nh && T * runs < nthreads) runs++;
+        const int64_t per = (nh + runs - 1) / runs;
+        runs = (nh + per - 1) / per;
+        double work = (double)T * (double)nh * (double)(smax + 1) * (double)(D + R) * 2.0;
+        int nth = nthreads;
+        const double mw = (double)nx_min_work_per_thread;
+        if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
+        if (nth > nthreads) nth = nthreads;
+        int bad = 0;
+#pragma omp parallel num_threads(nth) if (nth > 1) reduction(| : bad)
+        {
+            float *s = (float *)malloc(((size_t)per * (size_t)(smax + 1) + (size_t)D) * sizeof(float));
+            if (!s) bad = 1;
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < T * runs; u++) {
+                if (!s) continue;
+                const int64_t t = u / runs, h0 = (u % runs) * per, nu = h0 + per <= nh ? per : nh - h0;
+                const int64_t n = lslot[t] + 1;
+                float *tmp = s + per * (smax + 1);
+                float m[64];
+                for (int64_t k = 0; k < nu; k++) m[k] = -INFINITY;
+                for (int64_t j = 0; j < n; j++) {
+                    const float *kj = FN(kv_f32)(K, f16, maps[t][j], 1, 0, D, tmp);
+                    for (int64_t k = 0; k < nu; k++) {
+                        const float x = FN(dot_f)(Q + (t * nh + h0 + k) * D, kj, D) * d->attn_scale;
+                        s[k * (smax + 1) + j] = x;
+                        if (x > m[k]) m[k] = x;
+                    }
+                }
+                for (int64_t k = 0; k < nu; k++) {
+                    float *sk = s + k * (smax + 1), sum = 0.0f;
+                    for (int64_t j = 0; j < n; j++) { sk[j] = expf(sk[j] - m[k]); sum += sk[j]; }
+                    const float inv = 1.0f / sum;
+                    for (int64_t j = 0; j < n; j++) sk[j] *= inv;
+                    float *o = ol + (t * nh + h0 + k) * R;
+                    for (int64_t i = 0; i < R; i++) o[i] = 0.0f;
+                }
+                for (int64_t j = 0; j < n; j++) {
+                    const float *kj = FN(kv_f32)(K, f16, maps[t][j], 1, 0, D, tmp);
+                    for (int64_t k = 0; k < nu; k++) {
+                        const float p = s[k * (smax + 1) + j];
+                        float *o = ol + (t * nh + h0 + k) * R;
+                        for (int64_t i = 0; i < R; i++) o[i] += p * kj[i];
+                    }
+                }
+            }
+            free(s);
+        }
+        if (bad) rc = -1;
+    }
+    if (!rc) rc = NX_CAT(nx_linear_heads, NX_SFX)(ol, T, &b->v_b, att, nthreads);
+    free(buf);
+    return rc;
+}
+
+static int FN(mla_ok)(const nx_dims *d, const nx_block *b) {
+    const int64_t nh = d->n_heads, R = d->kv_rank, rope = 2 * (int64_t)d->rope_half;
+    const nx_tensor *kb = &b->k_b, *vb = &b->v_b;
+    if (d->n_kv != 1 || d->q_rank < 1 || d->nope < 1 || d->v_dim < 1 || d->head_dim != R + rope || R + rope > 4096)
+        return 0;
+    if (nh > 64 || !b->q_a_norm || !b->kv_a_norm || !kb->data || !vb->data) return 0;
+    if (!FN(lin_ok)(&b->qkv, d->q_rank + R + rope, d->H) || !FN(lin_ok)(&b->q_b, nh * (d->nope + rope), d->q_rank))
+        return 0;
+    if (kb->n_expert != nh || kb->rows != R || kb->cols != d->nope) return 0;
+    if (vb->n_expert != nh || vb->rows != d->v_dim || vb->cols != R) return 0;
+    return FN(lin_ok)(&b->wo, d->H, nh * d->v_dim);
+}
+
 /* top-k of s + b (ties: the lower expert id), weights the unbiased s of the chosen */
 static void FN(route_row)(const float *s, const float *b, int64_t E, int64_t K, int norm, float scale,
                           int32_t *ids, float *w, uint8_t *taken) {
@@ -454,7 +569,8 @@ static int FN(ffn)(const nx_block *b, const float *h, int64_t T, float *gu, floa
 static int FN(block_ok)(const nx_dims *d, const nx_block *b) {
     const int64_t H = d->H, nq = (int64_t)d->n_heads * d->head_dim, nkv = (int64_t)d->n_kv * d->head_dim;
     if (!b->attn_norm || !b->post_norm) return 0;
-    if (!FN(lin_ok)(&b->qkv, nq + 2 * nkv, H) || !FN(lin_ok)(&b->wo, H, nq)) return 0;
+    if (d->kv_rank > 0 ? !FN(mla_ok)(d, b) : (!FN(lin_ok)(&b->qkv, nq + 2 * nkv, H) || !FN(lin_ok)(&b->wo, H, nq)))
+        return 0;
     const int has_ffn = b->ffn_gate_up.n_parts > 0;
     if (has_ffn) {
         const int64_t F2 = FN(lin_rows)(&b->ffn_gate_up);
@@ -512,7 +628,10 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
         if (lslot[t] + 1 > smax) smax = lslot[t] + 1;
     }
     const int64_t H = d->H, nh = d->n_heads, nkv = d->n_kv, hd = d->head_dim;
-    const int64_t nq = nh * hd, nqkv = (nh + 2 * nkv) * hd;
+    if (d->kv_rank < 0 || (d->kv_rank > 0 && (d->v_dim < 1 || d->v_dim > (1 << 16)))) return -4;
+    /* att holds the attention's output for wo: n_heads head_dim floats a row, or n_heads v_dim */
+    const int64_t nq = d->kv_rank > 0 && nh * d->v_dim > nh * hd ? nh * d->v_dim : nh * hd;
+    const int64_t nqkv = (nh + 2 * nkv) * hd;
     int64_t F2max = 0, Emax = 0, Kmax = 0;
     for (int32_t i = 0; i < n_blocks; i++) {
         const nx_block *b = &blocks[i];
@@ -544,6 +663,11 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
         void *K = kc[li], *V = vc[li];
         /* attention */
         for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, b->attn_norm, H, d->eps, h + t * H);
+        if (d->kv_rank > 0) {   /* latent: att [T, n_heads v_dim] */
+            if ((rc = FN(mla_rows)(d, b, h, T, K, kv_type, pos, lslot, maps, smax, att, nthreads))) break;
+            if ((rc = FN(lin_apply)(&b->wo, att, T, y, nthreads))) break;
+            goto attended;
+        }
         if ((rc = FN(lin_apply)(&b->qkv, h, T, qkv, nthreads))) break;
         for (int64_t t = 0; t < T; t++) {
             float *r = qkv + t * nqkv;
@@ -569,6 +693,7 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
         }
         FN(attend)(d, qkv, T, K, V, kv_type, lslot, maps, att, ascr, smax, runs, nthreads);
         if ((rc = FN(lin_apply)(&b->wo, att, T, y, nthreads))) break;
+    attended:
         for (int64_t i = 0; i < T * H; i++) x[i] = x[i] + y[i];
         for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, b->post_norm, H, d->eps, h + t * H);
         /* FFN */

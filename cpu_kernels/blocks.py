@@ -30,6 +30,13 @@ class Dims:
     rope_cos: np.ndarray  # [positions, head_dim] float32: C = [c, c, 1...]
     rope_sin: np.ndarray  # [positions, head_dim] float32: S = [-s, s, 0...]
     rope_half: int        # rope_dim / 2
+    # latent attention (kv_rank > 0, GLM-4.7-Flash): n_kv 1, head_dim = kv_rank + rope dims (the
+    # cache row), rope tables [positions, rope dims] in adjacent pairs, softmax scale attn_scale
+    q_rank: int = 0
+    kv_rank: int = 0
+    nope: int = 0
+    v_dim: int = 0
+    attn_scale: float | None = None  # default head_dim^-0.5
 
 
 @dataclass
@@ -51,6 +58,12 @@ class BlockWeights:
     norm_topk: bool = True
     scale: float = 1.0
     experts: tuple | None = None           # (gate, up, down) ExpertTensor
+    # latent attention: qkv is then q_a's parts and kv_a's, stacked by rows
+    q_a_norm: np.ndarray | None = None     # [q_rank]
+    kv_a_norm: np.ndarray | None = None    # [kv_rank]
+    q_b: list | None = None                # [heads (nope + rope), q_rank]
+    k_b: object | None = None              # ExpertTensor (heads, kv_rank, nope)
+    v_b: object | None = None              # ExpertTensor (heads, v_dim, kv_rank)
 
 
 def _f32(name: str, a, shape: tuple) -> np.ndarray:
@@ -70,11 +83,13 @@ class KVView:
     """Pointer arrays to one KV pool's per-layer K and V ([length, n_kv, head_dim], all float32 or
     all float16)."""
 
-    def __init__(self, k: list, v: list, n_kv: int, head_dim: int):
+    def __init__(self, k: list, v: list, n_kv: int, head_dim: int, latent: bool = False):
         if len(k) != len(v) or not k:
             raise ValueError("a KV view needs one K and one V array per layer")
         self.length = int(k[0].shape[0])
         want = (self.length, n_kv, head_dim)
+        if latent:  # latent attention keeps no V: C reads the K rows for both
+            v = k
         arrays = [np.asarray(a) for a in list(k) + list(v)]
         dt = arrays[0].dtype
         if dt not in KV_TYPES:
@@ -103,27 +118,46 @@ class BlockStack:
         if not blocks:
             raise ValueError("a block stack needs at least one block")
         H, nh, nkv, hd = dims.H, dims.n_heads, dims.n_kv, dims.head_dim
-        if min(H, nh, nkv, hd) < 1 or nh % nkv or not 0 <= 2 * dims.rope_half <= hd:
+        mla, rope = dims.kv_rank > 0, 2 * dims.rope_half
+        if min(H, nh, nkv, hd) < 1 or nh % nkv or not 0 <= rope <= hd:
             raise ValueError(f"bad dimensions {dims}")
+        if mla and (nkv != 1 or hd != dims.kv_rank + rope or min(dims.q_rank, dims.nope, dims.v_dim) < 1
+                    or nh > 64 or hd > 4096):
+            raise ValueError(f"bad latent attention dimensions {dims}")
         keep = []  # every array a descriptor points into, kept alive with the stack
-        cos = _f32("rope_cos", dims.rope_cos, (dims.rope_cos.shape[0], hd))
+        cos = _f32("rope_cos", dims.rope_cos, (dims.rope_cos.shape[0], rope if mla else hd))
         sin = _f32("rope_sin", dims.rope_sin, cos.shape)
         keep += [cos, sin]
         d = _ffi.new("nx_dims *")
         d.H, d.n_heads, d.n_kv, d.head_dim = H, nh, nkv, hd
-        d.eps, d.attn_scale = float(dims.eps), float(hd) ** -0.5
+        d.eps = float(dims.eps)
+        d.attn_scale = float(hd) ** -0.5 if dims.attn_scale is None else float(dims.attn_scale)
         d.rope_cos, d.rope_sin = self._ptr(cos), self._ptr(sin)
         d.rope_len, d.rope_half = cos.shape[0], int(dims.rope_half)
+        d.q_rank, d.kv_rank, d.nope, d.v_dim = dims.q_rank, dims.kv_rank, dims.nope, dims.v_dim
         arr = _ffi.new("nx_block[]", len(blocks))
         nq, nkvd = nh * hd, nkv * hd
         for i, b in enumerate(blocks):
             c = arr[i]
             c.attn_norm = self._vec(f"block {i} attn_norm", b.attn_norm, H, keep)
-            self._lin(f"block {i} qkv", c.qkv, b.qkv, nq + 2 * nkvd, H, b.qkv_bias, keep)
-            if b.qk_norm is not None:
-                keep.append(_f32(f"block {i} qk_norm", b.qk_norm, (nh + nkv, hd)))
-                c.qk_norm = self._ptr(b.qk_norm)
-            self._lin(f"block {i} wo", c.wo, b.wo, H, nq, None, keep)
+            if mla:
+                self._lin(f"block {i} q_a + kv_a", c.qkv, b.qkv, dims.q_rank + hd, H, None, keep)
+                c.q_a_norm = self._vec(f"block {i} q_a_norm", b.q_a_norm, dims.q_rank, keep)
+                c.kv_a_norm = self._vec(f"block {i} kv_a_norm", b.kv_a_norm, dims.kv_rank, keep)
+                self._lin(f"block {i} q_b", c.q_b, b.q_b, nh * (dims.nope + rope), dims.q_rank, None, keep)
+                for nm, t, shape in (("k_b", b.k_b, (nh, dims.kv_rank, dims.nope)),
+                                     ("v_b", b.v_b, (nh, dims.v_dim, dims.kv_rank))):
+                    if not isinstance(t, ExpertTensor) or tuple(t.shape) != shape:
+                        raise ValueError(f"block {i} {nm}: expected an ExpertTensor {shape}, got {t!r}")
+                    keep.append(t)
+                c.k_b, c.v_b = b.k_b._c[0], b.v_b._c[0]
+                self._lin(f"block {i} wo", c.wo, b.wo, H, nh * dims.v_dim, None, keep)
+            else:
+                self._lin(f"block {i} qkv", c.qkv, b.qkv, nq + 2 * nkvd, H, b.qkv_bias, keep)
+                if b.qk_norm is not None:
+                    keep.append(_f32(f"block {i} qk_norm", b.qk_norm, (nh + nkv, hd)))
+                    c.qk_norm = self._ptr(b.qk_norm)
+                self._lin(f"block {i} wo", c.wo, b.wo, H, nq, None, keep)
             c.post_norm = self._vec(f"block {i} post_norm", b.post_norm, H, keep)
             if b.ffn_gate_up is not None:
                 f2 = sum(p.shape[1] for p in b.ffn_gate_up)
@@ -185,7 +219,7 @@ class BlockStack:
     def cache(self, k: list, v: list) -> KVView:
         if len(k) != self.n_blocks:
             raise ValueError(f"a KV cache of {len(k)} layers for {self.n_blocks} blocks")
-        return KVView(k, v, self.dims.n_kv, self.dims.head_dim)
+        return KVView(k, v, self.dims.n_kv, self.dims.head_dim, latent=self.dims.kv_rank > 0)
 
     def forward(self, x, kv: KVView, pos0: int, start: int, threads: int | None = None) -> tuple[float, int]:
         """Rows x [T, H] of one sequence whose cache is the whole of `kv`, in order: positions pos0..

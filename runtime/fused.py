@@ -28,8 +28,8 @@ from time import perf_counter
 import numpy as np
 import torch
 
-from .linear import ROWWISE_MAX, KernelLinear
-from .model import MoE, GLM4Model, RunContext, Seg
+from .linear import ROWWISE_MAX, HeadLinear, KernelLinear
+from .model import MoE, GLM4Model, MLAttention, RunContext, Seg
 from .trace import NULL_TIMELINE
 
 
@@ -64,16 +64,40 @@ def _f32(t: torch.Tensor | None, what: str) -> np.ndarray | None:
     return t.detach().contiguous().numpy()
 
 
+def _heads(w):
+    """k_b / v_b as an ExpertTensor of one matrix a head."""
+    from cpu_kernels import ExpertTensor
+
+    if isinstance(w, HeadLinear):
+        return w.tensor
+    if w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 3:
+        raise NotFusable(f"a {w.dtype} per-head weight on {w.device}")
+    a = w.detach().contiguous().numpy()
+    return ExpertTensor(a, "F32", a.shape)
+
+
 def _weights(b, cfg):
     from cpu_kernels.blocks import BlockWeights
 
     a = b.attn
+    if isinstance(a, MLAttention):
+        w = BlockWeights(attn_norm=_f32(a.norm, "attn_norm"), qkv=_parts(a.wq_a) + _parts(a.wkv_a),
+                         wo=_parts(a.wo), post_norm=_f32(a.post_norm, "ffn_norm"),
+                         q_a_norm=_f32(a.q_a_norm, "q_a_norm"), kv_a_norm=_f32(a.kv_a_norm, "kv_a_norm"),
+                         q_b=_parts(a.wq_b), k_b=_heads(a.k_b), v_b=_heads(a.v_b))
+        if len(w.qkv) > 4:
+            raise NotFusable("q_a and kv_a in more than 4 parts")
+        return _ffn_weights(b, w)
     qkn = _f32(a.qk_norm, "qk_norm")
     if qkn is not None and qkn.shape != (cfg.n_heads + cfg.n_kv_heads, cfg.head_dim):
         raise NotFusable(f"qk_norm of shape {qkn.shape}")
     w = BlockWeights(attn_norm=_f32(a.norm, "attn_norm"), qkv=_parts(a.wqkv), wo=_parts(a.wo),
                      post_norm=_f32(a.post_norm, "post_attention_norm"), qkv_bias=_f32(a.bqkv, "qkv bias"),
                      qk_norm=qkn)
+    return _ffn_weights(b, w)
+
+
+def _ffn_weights(b, w):
     ffn = b.ffn
     if isinstance(ffn, MoE):
         ex = ffn.routed.experts
@@ -100,7 +124,9 @@ class FusedLayers:
             raise NotFusable("a side is not the CPU in float32")
         rope = model.rope
         cos, sin = _f32(rope.cos, "rope table"), _f32(rope.sin, "rope table")
-        dims = Dims(cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, cos, sin, rope.dim // 2)
+        dims = Dims(cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, cos, sin, rope.dim // 2,
+                    q_rank=cfg.q_lora_rank, kv_rank=cfg.kv_lora_rank, nope=cfg.nope_dim, v_dim=cfg.v_dim,
+                    attn_scale=cfg.attn_scale)
         self.model = model
         self.main = BlockStack(dims, [_weights(b, cfg) for b in model.blocks],
                                final_norm=_f32(model.output_norm, "output_norm"))
@@ -117,8 +143,6 @@ class FusedLayers:
             import cpu_kernels.blocks  # noqa: F401
         except ImportError as e:
             return None, f"the CPU kernels are not built ({e})"
-        if model.cfg.mla:
-            return None, "latent attention (GLM-4.7-Flash) runs on the torch path"
         try:
             return cls(model), ""
         except NotFusable as e:

@@ -17,9 +17,26 @@ FLASH = D / "glm47flash-tiny-f32.gguf"
 REF = np.load(D / "reference.npz")
 
 
-@pytest.fixture(scope="module")
-def eng():
-    e = runtime.load(FLASH, progress=False)
+@pytest.fixture(scope="module", params=["fused", "torch"])
+def eng(request):
+    """The fixture's engine on the fused C blocks (decode-sized forwards), and on the torch path
+    (NEXTN_FUSED=0), which is also what a GPU runs."""
+    import os
+
+    old = os.environ.get("NEXTN_FUSED")
+    if request.param == "torch":
+        os.environ["NEXTN_FUSED"] = "0"
+    try:
+        e = runtime.load(FLASH, progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("NEXTN_FUSED", None)
+        else:
+            os.environ["NEXTN_FUSED"] = old
+    want = "on" if request.param == "fused" else "off (NEXTN_FUSED=0)"
+    if request.param == "fused" and e.load_report.fused_blocks != "on":
+        pytest.skip(f"fused blocks: {e.load_report.fused_blocks}")
+    assert e.load_report.fused_blocks == want
     yield e
     e.close()
 
@@ -30,7 +47,6 @@ def test_config_reads_the_latent_sizes(eng):
     assert (c.q_lora_rank, c.kv_lora_rank, c.nope_dim, c.rope_dim, c.v_dim) == (32, 32, 24, 16, 16)
     assert c.attn_scale == pytest.approx(40 ** -0.5)
     assert (c.n_layers, c.n_nextn, c.n_dense, c.weights_scale) == (3, 1, 1, pytest.approx(1.8))
-    assert "latent attention" in eng.load_report.fused_blocks
     assert c.gating_assumed  # the converter writes no expert_gating_func for GLM-4.7-Flash
 
 
@@ -170,6 +186,25 @@ def test_q8_0_file_runs_on_the_kernels_as_its_dequantized_weights(q8_path):
         ref.close()
 
 
+def test_fused_blocks_against_the_torch_path(q8_path, monkeypatch):
+    """The fused C blocks (decode-sized forwards: these prompts of 8 and 11 tokens) against the
+    torch path on the same Q8_0 file, both with the matrices on the kernels: the latent attention,
+    norms and rotations written twice agree to float32 rounding."""
+    pytest.importorskip("cpu_kernels")
+    fused = runtime.load(q8_path, progress=False)
+    monkeypatch.setenv("NEXTN_FUSED", "0")
+    ref = runtime.load(q8_path, progress=False)
+    try:
+        assert fused.load_report.fused_blocks == "on" and ref.load_report.fused_blocks.startswith("off")
+        for i in (0, 1):
+            ids = REF[f"ids{i}"].tolist()
+            np.testing.assert_allclose(fused.logits(ids), ref.logits(ids), atol=2e-5, rtol=0)
+            np.testing.assert_allclose(fused.mtp_logits(ids), ref.mtp_logits(ids), atol=2e-5, rtol=0)
+    finally:
+        fused.close()
+        ref.close()
+
+
 # ---- bad files: one line that names the key or tensor --------------------------------------------
 
 def err(path) -> str:
@@ -200,14 +235,16 @@ def test_missing_latent_tensor_is_named(tmp_path, name):
 def test_rows_of_several_sequences_in_one_forward(eng):
     """The batched forward (one call over several sequences' rows, each over its own cache: a
     batch step) against each sequence's rows alone."""
+    from runtime.kvpool import SeqKV
+
     m = eng.model
+    pool, _ = m.new_pools(6 * 64, torch.float32)  # one pool, as an engine's sequences share
     prompts = [REF[f"ids{i}"].tolist()[:n] for i, n in ((0, 9), (1, 5), (2, 12))]
     alone, caches = [], []
     with torch.inference_mode():
         for p in prompts:
-            c = m.new_cache(64, torch.float32)
-            alone.append(m.forward(torch.tensor(p), c, 0))
-        caches = [m.new_cache(64, torch.float32) for _ in prompts]
+            alone.append(m.forward(torch.tensor(p), SeqKV(pool, 64), 0))
+        caches = [SeqKV(pool, 64) for _ in prompts]
         # first chunks of different lengths together, then one decode row each together
         split = [4, 2, 7]
         outs = m.forward_batch([(torch.tensor(p[:s]), c, 0) for p, s, c in zip(prompts, split, caches)])
