@@ -6,7 +6,7 @@ same file, same prompt, same threads, interleaved rounds; medians of decode and 
 
 llama.cpp runs through llama-cpp-python 0.3.36 (the source distribution DESIGN names for the
 peers, built here: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 diskcache),
-F32 KV cache as nextn's default, one token per eval for decode, the prompt in one batch.
+F32 KV cache as nextn's default, one token per eval for decode, the prompt in batches of 512.
 Greedy decoding, MTP off on both (llama.cpp has no MTP for deepseek2 files). Synthetic files say
 expert_gating_func 2 (sigmoid) so llama.cpp runs the same router as nextn.
 """
@@ -52,11 +52,12 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         lm.eval(ids)
         prefill = len(ids) / (time.perf_counter() - t)
-        tok = int(lm.scores[len(ids) - 1].argmax())
         t = time.perf_counter()
-        for _ in range(a.tokens - 1):  # as nextn: the first token comes with the prefill
-            lm.eval([tok])
-            tok = int(lm.scores[lm.n_tokens - 1].argmax())
+        # as nextn: the first token comes with the prefill. The bindings keep logits only with
+        # logits_all (a copy of every row), so the tokens fed are the prompt's again, not
+        # llama.cpp's greedy choices: the same work a token
+        for i in range(a.tokens - 1):
+            lm.eval([ids[i % len(ids)]])
         return (a.tokens - 1) / (time.perf_counter() - t), prefill
 
     run_nextn(), run_llama()  # warm-up
