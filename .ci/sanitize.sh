@@ -3,7 +3,7 @@
 # temporary copy of the tree (the working tree's own build is left alone) and run the kernel tests
 # with each SIMD path this CPU has forced in turn (NEXTN_KERNEL_PATH). Any out-of-bounds access,
 # use after free or undefined behaviour aborts the run.
-#   .ci/sanitize.sh            # tests/test_kernel_args.py, test_fused.py and test_kv_cache.py per path, test_cpu_kernels.py once
+#   .ci/sanitize.sh            # tests/test_kernel_args.py, test_fused.py, test_kv_cache.py and test_flash.py per path, test_cpu_kernels.py once
 #   SANITIZE_FULL=1 .ci/sanitize.sh   # tests/test_cpu_kernels.py per path too (its own `path`
 #                                     # fixture already runs every path: ~3x longer, same coverage
 #                                     # of the SIMD code)
@@ -32,7 +32,7 @@ PY
 paths=$(python -c "import cpu_kernels; print(' '.join(cpu_kernels.available_paths()))")
 for p in $paths; do
     echo "== path $p"
-    tests="tests/test_kernel_args.py tests/test_fused.py tests/test_kv_cache.py"  # the fused block call takes the forced path too
+    tests="tests/test_kernel_args.py tests/test_fused.py tests/test_kv_cache.py tests/test_flash.py"  # the fused block call takes the forced path too
     [ -n "${SANITIZE_FULL:-}" ] && tests="$tests tests/test_cpu_kernels.py"
     NEXTN_KERNEL_PATH=$p python -m pytest -q -x -p no:cacheprovider $tests
 done
