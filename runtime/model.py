@@ -1,4 +1,5 @@
-"""The GLM-4.x MoE model (`glm4moe`) and its MTP (nextn) layer, in torch.
+"""The GLM-4.x MoE model (`glm4moe`; `deepseek2` for GLM-4.7-Flash, whose attention is
+`MLAttention`) and its MTP (nextn) layer, in torch.
 
 Everything here is compute on weights that already sit where the placement put them. The model
 is a list of "units" (embedding, attention of layer N, dense FFN, shared expert, routed experts,
