@@ -417,17 +417,114 @@ static void FN(attend)(const nx_dims *d, const float *qkv, int64_t T, const void
     }
 }
 
+/* Latent attention over the cache: ol [T, n_heads, R] = softmax(scale Q . K_j) . K_j[0..R) for
+ * row t over its slots 0..lslot[t] (Q [T, n_heads, D], D = R + rope; the values are the rows'
+ * first R floats). A row's positions go in chunks of NX_MLA_CHUNK from position 0, and a unit is
+ * (row, chunk, run of heads): it reads each of its cache rows once (scores, then again from
+ * cache for the sums), so threads split the positions rather than each reading every row, and
+ * leaves the chunk's max, sum and unnormalised output per head; the chunks are then merged in
+ * order. Chunk bounds depend only on the position and runs of heads only change which unit does
+ * a head, so a row's bits are the same in any batch and on any number of threads.
+ * At 4,000 positions split by heads instead, two threads read every row twice each. */
+#define NX_MLA_CHUNK 256
+static int FN(mla_attend)(const nx_dims *d, const float *Q, int64_t T, const void *K, int f16, const int64_t *lslot,
+                          const int32_t *const *maps, float *ol, int nthreads) {
+    const int64_t nh = d->n_heads, R = d->kv_rank, D = d->head_dim, C = NX_MLA_CHUNK;
+    int64_t nc = 0;   /* chunks of all rows; row t's start at c0[t] */
+    int64_t *c0 = (int64_t *)malloc((size_t)(T + 1) * sizeof(int64_t));
+    if (!c0) return -1;
+    double work = 0.0;
+    for (int64_t t = 0; t < T; t++) {
+        c0[t] = nc;
+        nc += (lslot[t] + 1 + C - 1) / C;
+        work += (double)(lslot[t] + 1);
+    }
+    c0[T] = nc;
+    work *= (double)nh * (double)(D + R) * 2.0;
+    int64_t runs = 1;   /* runs of heads: as many as keep the threads busy */
+    while (runs < nh && nc * runs < nthreads) runs++;
+    const int64_t per = (nh + runs - 1) / runs;
+    runs = (nh + per - 1) / per;
+    int nth = nthreads;
+    const double mw = (double)nx_min_work_per_thread;
+    if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
+    if (nth > nthreads) nth = nthreads;
+    /* per (chunk, head): max, sum, then R unnormalised sums */
+    float *part = (float *)malloc((size_t)nc * (size_t)nh * (size_t)(R + 2) * sizeof(float));
+    if (!part) { free(c0); return -1; }
+    int bad = 0;
+#pragma omp parallel num_threads(nth) if (nth > 1) reduction(| : bad)
+    {
+        float *s = (float *)malloc(((size_t)per * (size_t)C + (size_t)D) * sizeof(float));
+        if (!s) bad = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < nc * runs; u++) {
+            if (!s) continue;
+            const int64_t c = u / runs, h0 = (u % runs) * per, nu = h0 + per <= nh ? per : nh - h0;
+            int64_t t = 0;
+            while (c >= c0[t + 1]) t++;
+            const int64_t j0 = (c - c0[t]) * C, n = lslot[t] + 1, j1 = j0 + C < n ? j0 + C : n;
+            float *tmp = s + per * C;
+            float m[64];
+            for (int64_t k = 0; k < nu; k++) m[k] = -INFINITY;
+            for (int64_t j = j0; j < j1; j++) {
+                const float *kj = FN(kv_f32)(K, f16, maps[t][j], 1, 0, D, tmp);
+                for (int64_t k = 0; k < nu; k++) {
+                    const float x = FN(dot_f)(Q + (t * nh + h0 + k) * D, kj, D) * d->attn_scale;
+                    s[k * C + j - j0] = x;
+                    if (x > m[k]) m[k] = x;
+                }
+            }
+            for (int64_t k = 0; k < nu; k++) {
+                float *sk = s + k * C, sum = 0.0f, *pk = part + (c * nh + h0 + k) * (R + 2);
+                for (int64_t j = 0; j < j1 - j0; j++) { sk[j] = expf(sk[j] - m[k]); sum += sk[j]; }
+                pk[0] = m[k];
+                pk[1] = sum;
+                for (int64_t i = 0; i < R; i++) pk[2 + i] = 0.0f;
+            }
+            for (int64_t j = j0; j < j1; j++) {
+                const float *kj = FN(kv_f32)(K, f16, maps[t][j], 1, 0, D, tmp);
+                for (int64_t k = 0; k < nu; k++) {
+                    const float p = s[k * C + j - j0];
+                    float *o = part + (c * nh + h0 + k) * (R + 2) + 2;
+                    for (int64_t i = 0; i < R; i++) o[i] += p * kj[i];
+                }
+            }
+        }
+        free(s);
+#pragma omp barrier
+        /* merge a (row, head)'s chunks in order: o = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c */
+#pragma omp for schedule(static)
+        for (int64_t v = 0; v < T * nh; v++) {
+            const int64_t t = v / nh, k = v % nh;
+            float M = -INFINITY;
+            for (int64_t c = c0[t]; c < c0[t + 1]; c++) M = part[(c * nh + k) * (R + 2)] > M ? part[(c * nh + k) * (R + 2)] : M;
+            float L = 0.0f, *o = ol + v * R;
+            for (int64_t i = 0; i < R; i++) o[i] = 0.0f;
+            for (int64_t c = c0[t]; c < c0[t + 1]; c++) {
+                const float *pk = part + (c * nh + k) * (R + 2), w = expf(pk[0] - M);
+                L += w * pk[1];
+                for (int64_t i = 0; i < R; i++) o[i] += w * pk[2 + i];
+            }
+            const float inv = 1.0f / L;
+            for (int64_t i = 0; i < R; i++) o[i] *= inv;
+        }
+    }
+    free(part);
+    free(c0);
+    return bad ? -1 : 0;
+}
+
 /* Latent attention of T rows (GLM-4.7-Flash, runtime/model.py's MLAttention; the same operations
  * row by row, so a row's bits do not depend on the rows beside it):
  *   [q_a | kv] = qkv(h); q = q_b(rms_norm(q_a)); cache row = [rms_norm(kv latent), rope(kv rope)]
  *   Q_head = [k_b_head q_nope, rope(q_rope)]; o_lat = softmax(scale Q . K_j) . latent_j
  *   att = v_b_head o_lat  (att [T, n_heads v_dim], for wo)
- * Attention units are (row, run of heads): a unit reads each cache row once for its heads, in
- * position order, and every (row, head)'s sums are the same whatever unit holds it. Scratch is
- * allocated here (a few KB a row). Returns 0, -1 (allocation failed). */
+ * Attention: mla_attend. Scratch is allocated here (a few KB a row). Returns 0, -1 (allocation
+ * failed). */
 static int FN(mla_rows)(const nx_dims *d, const nx_block *b, const float *h, int64_t T, void *K, int f16,
-                        const int64_t *pos, const int64_t *lslot, const int32_t *const *maps, int64_t smax,
-                        float *att, int nthreads) {
+                        const int64_t *pos, const int64_t *lslot, const int32_t *const *maps, float *att,
+                        int nthreads) {
     const int64_t nh = d->n_heads, R = d->kv_rank, rope = 2 * (int64_t)d->rope_half, nope = d->nope;
     const int64_t qr = d->q_rank, D = R + rope, qd = nope + rope, nqa = qr + R + rope;
     const size_t nf = (size_t)T * (size_t)(nqa + qr + nh * qd + nh * nope + nh * R + nh * D + nh * R);
@@ -462,57 +559,7 @@ static int FN(mla_rows)(const nx_dims *d, const nx_block *b, const float *h, int
     }
     if (!rc) {
         for (int64_t v = 0; v < T * nh; v++) memcpy(Q + v * D, ql + v * R, (size_t)R * sizeof(float));
-        /* units: (row, run of heads), as many runs as keep the threads busy */
-        int64_t runs = 1;
-        while (runs < nh && T * runs < nthreads) runs++;
-        const int64_t per = (nh + runs - 1) / runs;
-        runs = (nh + per - 1) / per;
-        double work = (double)T * (double)nh * (double)(smax + 1) * (double)(D + R) * 2.0;
-        int nth = nthreads;
-        const double mw = (double)nx_min_work_per_thread;
-        if (mw > 0 && work < (double)nth * mw) nth = (int)(work / mw) + 1;
-        if (nth > nthreads) nth = nthreads;
-        int bad = 0;
-#pragma omp parallel num_threads(nth) if (nth > 1) reduction(| : bad)
-        {
-            float *s = (float *)malloc(((size_t)per * (size_t)(smax + 1) + (size_t)D) * sizeof(float));
-            if (!s) bad = 1;
-#pragma omp for schedule(static)
-            for (int64_t u = 0; u < T * runs; u++) {
-                if (!s) continue;
-                const int64_t t = u / runs, h0 = (u % runs) * per, nu = h0 + per <= nh ? per : nh - h0;
-                const int64_t n = lslot[t] + 1;
-                float *tmp = s + per * (smax + 1);
-                float m[64];
-                for (int64_t k = 0; k < nu; k++) m[k] = -INFINITY;
-                for (int64_t j = 0; j < n; j++) {
-                    const float *kj = FN(kv_f32)(K, f16, maps[t][j], 1, 0, D, tmp);
-                    for (int64_t k = 0; k < nu; k++) {
-                        const float x = FN(dot_f)(Q + (t * nh + h0 + k) * D, kj, D) * d->attn_scale;
-                        s[k * (smax + 1) + j] = x;
-                        if (x > m[k]) m[k] = x;
-                    }
-                }
-                for (int64_t k = 0; k < nu; k++) {
-                    float *sk = s + k * (smax + 1), sum = 0.0f;
-                    for (int64_t j = 0; j < n; j++) { sk[j] = expf(sk[j] - m[k]); sum += sk[j]; }
-                    const float inv = 1.0f / sum;
-                    for (int64_t j = 0; j < n; j++) sk[j] *= inv;
-                    float *o = ol + (t * nh + h0 + k) * R;
-                    for (int64_t i = 0; i < R; i++) o[i] = 0.0f;
-                }
-                for (int64_t j = 0; j < n; j++) {
-                    const float *kj = FN(kv_f32)(K, f16, maps[t][j], 1, 0, D, tmp);
-                    for (int64_t k = 0; k < nu; k++) {
-                        const float p = s[k * (smax + 1) + j];
-                        float *o = ol + (t * nh + h0 + k) * R;
-                        for (int64_t i = 0; i < R; i++) o[i] += p * kj[i];
-                    }
-                }
-            }
-            free(s);
-        }
-        if (bad) rc = -1;
+        rc = FN(mla_attend)(d, Q, T, K, f16, lslot, maps, ol, nthreads);
     }
     if (!rc) rc = NX_CAT(nx_linear_heads, NX_SFX)(ol, T, &b->v_b, att, nthreads);
     free(buf);
@@ -664,7 +711,7 @@ int NX_CAT(nx_blocks_forward, NX_SFX)(const nx_dims *d, const nx_block *blocks, 
         /* attention */
         for (int64_t t = 0; t < T; t++) FN(rms_norm_row)(x + t * H, b->attn_norm, H, d->eps, h + t * H);
         if (d->kv_rank > 0) {   /* latent: att [T, n_heads v_dim] */
-            if ((rc = FN(mla_rows)(d, b, h, T, K, kv_type, pos, lslot, maps, smax, att, nthreads))) break;
+            if ((rc = FN(mla_rows)(d, b, h, T, K, kv_type, pos, lslot, maps, att, nthreads))) break;
             if ((rc = FN(lin_apply)(&b->wo, att, T, y, nthreads))) break;
             goto attended;
         }

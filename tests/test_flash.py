@@ -205,6 +205,34 @@ def test_fused_blocks_against_the_torch_path(q8_path, monkeypatch):
         ref.close()
 
 
+def test_fused_attention_over_several_chunks(monkeypatch):
+    """600 positions: the fused latent attention's chunks of 256 positions, merged. Decode rows
+    against the torch path, and a verify batch's rows bit for bit against the same rows one at a
+    time."""
+    pytest.importorskip("cpu_kernels")
+    ids = np.random.default_rng(0).integers(300, 390, 600).tolist()
+    fused = runtime.load(FLASH, progress=False)
+    monkeypatch.setenv("NEXTN_FUSED", "0")
+    ref = runtime.load(FLASH, progress=False)
+    try:
+        assert fused.load_report.fused_blocks == "on"
+        outs = []
+        for e in (fused, ref):
+            m = e.model
+            with torch.inference_mode():
+                c = m.new_cache(640, torch.float32)
+                m.forward(torch.tensor(ids[:597]), c, 0)  # prefill chunks: the torch path in both
+                rows = torch.cat([m.forward(torch.tensor(ids[597 + i:598 + i]), c, 597 + i) for i in range(3)])
+                c.truncate(597)
+                batch = m.forward(torch.tensor(ids[597:600]), c, 597)
+            assert torch.equal(batch, rows)
+            outs.append(rows)
+        torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=0)
+    finally:
+        fused.close()
+        ref.close()
+
+
 # ---- bad files: one line that names the key or tensor --------------------------------------------
 
 def err(path) -> str:
